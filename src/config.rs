@@ -1,0 +1,407 @@
+//! Configuration: flags, `FRESHD_*` environment variables and an optional
+//! TOML file, resolved into one typed [`Config`].
+//!
+//! Precedence, highest first: a flag, its environment variable, the file,
+//! the default. Every setting has the same name in all three places
+//! (`--max-key-bytes`, `FRESHD_MAX_KEY_BYTES`, `max_key_bytes`). A bad value
+//! is a [`ConfigError`] that names the setting; `main` exits with code 64.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::store::StoreConfig;
+use crate::validate::Limits;
+
+/// Command-line flags. Each also reads its `FRESHD_*` environment variable.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "freshd",
+    version,
+    about = "freshd: a gRPC cache-coordination server"
+)]
+pub struct Args {
+    /// A TOML file with any of the settings below (same names, snake_case).
+    #[arg(long, env = "FRESHD_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051]
+    #[arg(long, env = "FRESHD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Shards of the key map, a power of two [default: 64]
+    #[arg(long, env = "FRESHD_SHARDS", value_name = "N")]
+    pub shards: Option<String>,
+    /// TTL of a fill that asks for none [default: 5m]
+    #[arg(long, env = "FRESHD_DEFAULT_TTL", value_name = "DURATION")]
+    pub default_ttl: Option<String>,
+    /// Longest TTL a fill is granted [default: 24h]
+    #[arg(long, env = "FRESHD_MAX_TTL", value_name = "DURATION")]
+    pub max_ttl: Option<String>,
+    /// How long a change to a key nobody registered is remembered [default: 60s]
+    #[arg(long, env = "FRESHD_CHANGE_RETENTION", value_name = "DURATION")]
+    pub change_retention: Option<String>,
+    /// How often expired registrations are swept [default: 100ms]
+    #[arg(long, env = "FRESHD_EXPIRY_INTERVAL", value_name = "DURATION")]
+    pub expiry_interval: Option<String>,
+    /// Most registrations removed per sweep step [default: 1000]
+    #[arg(long, env = "FRESHD_EXPIRY_BATCH", value_name = "N")]
+    pub expiry_batch: Option<String>,
+    /// Longest key, in bytes [default: 1024]
+    #[arg(long, env = "FRESHD_MAX_KEY_BYTES", value_name = "BYTES")]
+    pub max_key_bytes: Option<String>,
+    /// Most dependencies per fill [default: 1024]
+    #[arg(long, env = "FRESHD_MAX_DEPENDENCIES", value_name = "N")]
+    pub max_dependencies: Option<String>,
+    /// Most items per CheckBatch and changes per Publish [default: 10000]
+    #[arg(long, env = "FRESHD_MAX_BATCH_ITEMS", value_name = "N")]
+    pub max_batch_items: Option<String>,
+    /// Transitive invalidations per publish above which it is logged and counted [default: 100000]
+    #[arg(long, env = "FRESHD_MAX_INVALIDATIONS_PER_PUBLISH", value_name = "N")]
+    pub max_invalidations_per_publish: Option<String>,
+    /// Largest gRPC message, in bytes, either way [default: 16777216]
+    #[arg(long, env = "FRESHD_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<String>,
+    /// How long in-flight requests may finish after SIGTERM or SIGINT [default: 10s]
+    #[arg(long, env = "FRESHD_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+    /// Log format: text or json [default: text]; the filter comes from RUST_LOG
+    #[arg(long, env = "FRESHD_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole, validated configuration of a server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Store settings.
+    pub store: StoreConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// Period of the expiry sweep.
+    pub expiry_interval: Duration,
+    /// Most registrations removed per sweep step.
+    pub expiry_batch: usize,
+    /// Largest gRPC message either way.
+    pub max_message_bytes: usize,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            store: StoreConfig::default(),
+            limits: Limits::default(),
+            expiry_interval: Duration::from_millis(100),
+            expiry_batch: 1000,
+            max_message_bytes: 16 << 20,
+            shutdown_grace: Duration::from_secs(10),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A setting that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting `{setting}` (from {origin}): {message}")]
+pub struct ConfigError {
+    /// The setting's name.
+    pub setting: String,
+    /// Where the value came from.
+    pub origin: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+/// The settings a TOML file may hold.
+const FILE_SETTINGS: &[&str] = &[
+    "listen",
+    "shards",
+    "default_ttl",
+    "max_ttl",
+    "change_retention",
+    "expiry_interval",
+    "expiry_batch",
+    "max_key_bytes",
+    "max_dependencies",
+    "max_batch_items",
+    "max_invalidations_per_publish",
+    "max_message_bytes",
+    "shutdown_grace",
+    "log_format",
+];
+
+/// Values from the file, by setting name.
+struct FileValues {
+    path: Option<PathBuf>,
+    table: toml::Table,
+}
+
+impl FileValues {
+    fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Self {
+                path: None,
+                table: toml::Table::new(),
+            });
+        };
+        let fail = |message: String| ConfigError {
+            setting: "config".into(),
+            origin: format!("--config / FRESHD_CONFIG = {}", path.display()),
+            message,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| fail(format!("not valid TOML: {e}")))?;
+        if let Some(unknown) = table.keys().find(|k| !FILE_SETTINGS.contains(&k.as_str())) {
+            return Err(fail(format!(
+                "unknown setting `{unknown}`; known settings: {}",
+                FILE_SETTINGS.join(", ")
+            )));
+        }
+        Ok(Self {
+            path: Some(path.to_owned()),
+            table,
+        })
+    }
+
+    /// The raw value of `name` and where it came from: the flag or
+    /// environment value when given, else the file's.
+    fn pick(&self, name: &str, cli: Option<String>) -> Result<Option<Raw>, ConfigError> {
+        if let Some(value) = cli {
+            return Ok(Some(Raw {
+                value,
+                origin: format!(
+                    "--{} / FRESHD_{}",
+                    name.replace('_', "-"),
+                    name.to_uppercase()
+                ),
+            }));
+        }
+        let Some(value) = self.table.get(name) else {
+            return Ok(None);
+        };
+        let origin = format!(
+            "{} in {}",
+            name,
+            self.path.as_deref().unwrap_or(Path::new("?")).display()
+        );
+        let value = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            other => {
+                return Err(ConfigError {
+                    setting: name.into(),
+                    origin,
+                    message: format!("expected a string or an integer, got {}", other.type_str()),
+                })
+            }
+        };
+        Ok(Some(Raw { value, origin }))
+    }
+}
+
+struct Raw {
+    value: String,
+    origin: String,
+}
+
+impl Raw {
+    fn error(&self, setting: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            setting: setting.into(),
+            origin: self.origin.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+fn parse_duration(setting: &str, raw: &Raw) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(&raw.value).map_err(|e| {
+        raw.error(
+            setting,
+            format!(
+                "{:?} is not a duration ({e}); write it like 500ms, 30s, 5m or 24h",
+                raw.value
+            ),
+        )
+    })
+}
+
+fn parse_int(setting: &str, raw: &Raw, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let n: u64 = raw
+        .value
+        .trim()
+        .parse()
+        .map_err(|_| raw.error(setting, format!("{:?} is not a whole number", raw.value)))?;
+    if n < min || n > max {
+        return Err(raw.error(
+            setting,
+            format!("{n} is out of range; allowed: {min} to {max}"),
+        ));
+    }
+    Ok(n)
+}
+
+impl Config {
+    /// Resolves flags, environment and file into a validated configuration.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let file = FileValues::load(args.config.as_deref())?;
+        let mut config = Config::default();
+
+        if let Some(raw) = file.pick("listen", args.listen)? {
+            config.listen = raw.value.parse().map_err(|_| {
+                raw.error(
+                    "listen",
+                    format!("{:?} is not an address like 127.0.0.1:50051", raw.value),
+                )
+            })?;
+        }
+        if let Some(raw) = file.pick("shards", args.shards)? {
+            let n = parse_int("shards", &raw, 1, 4096)?;
+            if !n.is_power_of_two() {
+                return Err(raw.error("shards", format!("{n} is not a power of two")));
+            }
+            config.store.shards = n as usize;
+        }
+        let durations: [(&str, Option<String>, &mut Duration); 5] = [
+            (
+                "default_ttl",
+                args.default_ttl,
+                &mut config.store.default_ttl,
+            ),
+            ("max_ttl", args.max_ttl, &mut config.store.max_ttl),
+            (
+                "change_retention",
+                args.change_retention,
+                &mut config.store.change_retention,
+            ),
+            (
+                "expiry_interval",
+                args.expiry_interval,
+                &mut config.expiry_interval,
+            ),
+            (
+                "shutdown_grace",
+                args.shutdown_grace,
+                &mut config.shutdown_grace,
+            ),
+        ];
+        for (name, cli, slot) in durations {
+            if let Some(raw) = file.pick(name, cli)? {
+                let d = parse_duration(name, &raw)?;
+                if d.is_zero() && name != "shutdown_grace" {
+                    return Err(raw.error(name, "must be above zero"));
+                }
+                *slot = d;
+            }
+        }
+        let mut expiry_batch = config.expiry_batch as u64;
+        let mut max_key_bytes = config.limits.max_key_bytes as u64;
+        let mut max_dependencies = config.limits.max_dependencies as u64;
+        let mut max_batch_items = config.limits.max_batch_items as u64;
+        let mut max_message_bytes = config.max_message_bytes as u64;
+        let ints: [(&str, Option<String>, &mut u64, u64, u64); 6] = [
+            (
+                "expiry_batch",
+                args.expiry_batch,
+                &mut expiry_batch,
+                1,
+                1 << 20,
+            ),
+            (
+                "max_key_bytes",
+                args.max_key_bytes,
+                &mut max_key_bytes,
+                1,
+                1 << 20,
+            ),
+            (
+                "max_dependencies",
+                args.max_dependencies,
+                &mut max_dependencies,
+                0,
+                1 << 20,
+            ),
+            (
+                "max_batch_items",
+                args.max_batch_items,
+                &mut max_batch_items,
+                1,
+                1 << 24,
+            ),
+            (
+                "max_invalidations_per_publish",
+                args.max_invalidations_per_publish,
+                &mut config.store.max_invalidations_per_publish,
+                1,
+                u64::MAX,
+            ),
+            (
+                "max_message_bytes",
+                args.max_message_bytes,
+                &mut max_message_bytes,
+                1024,
+                1 << 30,
+            ),
+        ];
+        for (name, cli, slot, min, max) in ints {
+            if let Some(raw) = file.pick(name, cli)? {
+                *slot = parse_int(name, &raw, min, max)?;
+            }
+        }
+        config.expiry_batch = expiry_batch as usize;
+        config.limits.max_key_bytes = max_key_bytes as usize;
+        config.limits.max_dependencies = max_dependencies as usize;
+        config.limits.max_batch_items = max_batch_items as usize;
+        config.max_message_bytes = max_message_bytes as usize;
+
+        if let Some(raw) = file.pick("log_format", args.log_format)? {
+            config.log_format = match raw.value.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(
+                        raw.error("log_format", format!("{other:?} is not one of: text, json"))
+                    )
+                }
+            };
+        }
+        if config.store.default_ttl > config.store.max_ttl {
+            return Err(ConfigError {
+                setting: "default_ttl".into(),
+                origin: "default_ttl and max_ttl".into(),
+                message: format!(
+                    "default_ttl ({:?}) is above max_ttl ({:?})",
+                    config.store.default_ttl, config.store.max_ttl
+                ),
+            });
+        }
+        Ok(config)
+    }
+
+    /// A configuration for tests and embedding: defaults, listening on an
+    /// ephemeral loopback port.
+    pub fn ephemeral() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Self::default()
+        }
+    }
+}

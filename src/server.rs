@@ -1,0 +1,196 @@
+//! Serving: the router (Coordinator, health, reflection), the expiry task,
+//! readiness, and graceful shutdown.
+//!
+//! `grpc.health.v1` answers NOT_SERVING, overall ("") and for
+//! `freshd.v1.Coordinator`, until the server is ready and again from the moment
+//! shutdown begins; in-flight requests then get `shutdown_grace` to finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::log::MemoryLog;
+use crate::pb::coordinator_server::CoordinatorServer;
+use crate::service::CoordinatorService;
+use crate::store::Store;
+
+/// The gRPC name of the Coordinator service, as health checks name it.
+pub const COORDINATOR_SERVICE: &str = "freshd.v1.Coordinator";
+
+/// Serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listener could not be set up.
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let store = Arc::new(Store::new(config.store.clone(), Box::new(MemoryLog::new())));
+    serve_store(config, listener, store, shutdown).await
+}
+
+/// Serves `store` on `listener` until `shutdown` completes, then drains.
+pub async fn serve_store(
+    config: Config,
+    listener: TcpListener,
+    store: Arc<Store>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let coordinator = CoordinatorServer::new(CoordinatorService::new(
+        store.clone(),
+        config.limits.clone(),
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
+
+    let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(coordinator);
+    let local = listener.local_addr()?;
+    let mut serving: JoinHandle<Result<(), tonic::transport::Error>> = tokio::spawn(
+        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = drain_rx.await;
+        }),
+    );
+    let expiry = tokio::spawn(expire_forever(
+        store.clone(),
+        config.expiry_interval,
+        config.expiry_batch,
+    ));
+
+    set_health(&health, ServingStatus::Serving).await;
+    tracing::info!(addr = %local, epoch = store.epoch(), shards = config.store.shards, "freshd serving");
+
+    let result = tokio::select! {
+        // The transport ended on its own: report it.
+        r = &mut serving => Some(r),
+        () = shutdown => None,
+    };
+    expiry.abort();
+    let result = match result {
+        Some(r) => r.unwrap_or(Ok(())),
+        None => {
+            set_health(&health, ServingStatus::NotServing).await;
+            tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
+            let _ = drain_tx.send(());
+            match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
+                Ok(r) => r.unwrap_or(Ok(())),
+                Err(_) => {
+                    tracing::warn!(
+                        grace = ?config.shutdown_grace,
+                        "shutdown grace period ran out; closing the remaining connections"
+                    );
+                    serving.abort();
+                    Ok(())
+                }
+            }
+        }
+    };
+    tracing::info!("freshd stopped");
+    result.map_err(ServeError::from)
+}
+
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(COORDINATOR_SERVICE, status).await;
+}
+
+/// Sweeps expired registrations: `batch` at a time, back to back while there
+/// is a backlog, then every `interval`.
+async fn expire_forever(store: Arc<Store>, interval: std::time::Duration, batch: usize) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        while store.expire(batch) == batch {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// A server running in the background, for tests and embedding.
+pub struct RunningServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its store.
+    pub store: Arc<Store>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl RunningServer {
+    /// Binds `config.listen` (port 0 picks a free port) and serves in the
+    /// background. The server is ready when this returns.
+    pub async fn start(config: Config) -> Result<Self, ServeError> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let store = Arc::new(Store::new(config.store.clone(), Box::new(MemoryLog::new())));
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve_store(config, listener, store.clone(), async {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            addr,
+            store,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// `http://addr`, for gRPC clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Begins shutdown and waits for the server to stop.
+    pub async fn stop(mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

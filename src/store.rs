@@ -1,0 +1,1000 @@
+//! The state: a version, a last change and the dependency edges of every key,
+//! in shards.
+//!
+//! # Shape
+//! One node per key, whether the key is a cached entry, a changing entity or
+//! both. A node holds its forward edges (its dependencies) and its reverse
+//! edges (its dependents), and lives in the shard chosen by its key's hash.
+//!
+//! # Locking
+//! - `sequencer` (a mutex) serialises every mutation: log append, then apply,
+//!   in seq order. There is one writer at a time, so a writer may read shards
+//!   and rely on what it read until it lets go of the sequencer.
+//! - Each shard is a `parking_lot::RwLock`. A mutation write-locks every shard
+//!   it will touch, always in ascending shard order, before changing anything,
+//!   and releases them all after it has published its seq (two-phase locking).
+//!   Readers lock one shard (`check`) or several in ascending order
+//!   (`check_batch`), so a reader sees all of a mutation or none of it, and
+//!   the ordered acquisition cannot deadlock.
+//! - No lock is held across an `.await`: nothing here is async.
+//!
+//! # Invariants
+//! - A node's `version` is the seq of the mutation that last changed it: a
+//!   publish that reached it, the fill that created it, or a fill that
+//!   changed its dependency set. Seqs are never reused within an epoch, so a
+//!   cached copy whose version matches is the current one.
+//! - For a key without a node, every change it ever had is at or below its
+//!   shard's `forgotten_seq`; a new node starts with that bound as its
+//!   `last_change_seq`. This is what lets a fill with an old `observed_seq` be
+//!   refused even for keys freshd has since forgotten.
+//! - A node with dependents is never removed, so reverse edges are never lost.
+//!   A node whose registration ended and that nobody depends on has an entry
+//!   in its shard's expiry index and is removed by [`Store::expire`].
+
+use std::collections::{BTreeSet, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hashbrown::{HashMap, HashSet, HashTable};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::error::{Error, Result};
+use crate::log::{Log, Record};
+
+/// A key as the store holds it: shared between the map and every edge.
+pub type Key = Arc<str>;
+
+static SEED: LazyLock<u64> = LazyLock::new(rand::random);
+
+/// The hasher for keys: foldhash with a per-process random seed, so that key
+/// names chosen by a client cannot be made to collide on purpose across runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KeyHash;
+
+impl BuildHasher for KeyHash {
+    type Hasher = foldhash::fast::FoldHasher<'static>;
+
+    fn build_hasher(&self) -> Self::Hasher {
+        foldhash::fast::FixedState::with_seed(*SEED).build_hasher()
+    }
+}
+
+fn hash_key(key: &str) -> u64 {
+    KeyHash.hash_one(key)
+}
+
+/// Settings of the store, resolved from the configuration.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Number of shards; a power of two.
+    pub shards: usize,
+    /// TTL of a fill that asks for none.
+    pub default_ttl: Duration,
+    /// The longest TTL a fill is granted.
+    pub max_ttl: Duration,
+    /// How long the change of a key that nobody registered is remembered.
+    pub change_retention: Duration,
+    /// Transitive invalidations per publish above which the publish is logged
+    /// and counted (it still completes).
+    pub max_invalidations_per_publish: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            shards: 64,
+            default_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(86_400),
+            change_retention: Duration::from_secs(60),
+            max_invalidations_per_publish: 100_000,
+        }
+    }
+}
+
+/// One change of a publish, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishChange {
+    /// The key that changed.
+    pub key: String,
+    /// A monotonic number from the source; see the proto.
+    pub external_version: Option<u64>,
+    /// Whether the change is critical.
+    pub critical: bool,
+    /// Producer event time in Unix ms; 0 when unknown.
+    pub event_time_ms: u64,
+}
+
+/// What a publish did with one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeOutcome {
+    /// Keys this change bumped that no earlier change of the call had bumped.
+    pub invalidated: u64,
+    /// The change was a duplicate by external version and had no effect.
+    pub duplicate: bool,
+    /// The key's version after the call.
+    pub version: u64,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The publish's seq, or the current seq when every change was a duplicate.
+    pub seq: u64,
+    /// One outcome per change, in order.
+    pub results: Vec<ChangeOutcome>,
+}
+
+/// A fill, validated: dependencies sorted, without duplicates or the key
+/// itself, and the TTL resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FillSpec {
+    /// The key the caller cached.
+    pub key: String,
+    /// Its dependencies, sorted and unique.
+    pub dependencies: Vec<String>,
+    /// The TTL to grant, in ms, already defaulted and capped.
+    pub ttl_ms: u64,
+    /// The seq the caller observed before reading the origin.
+    pub observed_seq: u64,
+}
+
+/// What a fill did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillOutcome {
+    /// The version to store beside the cached value.
+    pub version: u64,
+    /// The fill's seq.
+    pub seq: u64,
+    /// The TTL granted, in ms.
+    pub ttl_ms: u64,
+}
+
+/// Whether a cached copy is still right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// The cached version is the current one.
+    Fresh,
+    /// The key changed since the cached version.
+    Stale,
+    /// No live registration for the key.
+    Unknown,
+}
+
+/// The answer to one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckAnswer {
+    /// Fresh, stale or unknown.
+    pub freshness: Freshness,
+    /// The current version (0 when unknown).
+    pub version: u64,
+    /// The critical bit of the key's last change.
+    pub critical: bool,
+}
+
+const UNKNOWN: CheckAnswer = CheckAnswer {
+    freshness: Freshness::Unknown,
+    version: 0,
+    critical: false,
+};
+
+/// Everything the store holds for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key.
+    pub key: String,
+    /// Its version.
+    pub version: u64,
+    /// The seq of the last publish that reached it (an upper bound when it
+    /// was forgotten and registered again); 0 when none.
+    pub last_change_seq: u64,
+    /// When that change was applied, Unix ms; 0 when none.
+    pub last_change_unix_ms: u64,
+    /// The producer's event time of that change, Unix ms; 0 when none.
+    pub event_time_unix_ms: u64,
+    /// The critical bit of that change.
+    pub critical: bool,
+    /// Its dependencies, sorted.
+    pub dependencies: Vec<String>,
+    /// How many keys depend on it.
+    pub dependents: u64,
+    /// Whether a live registration answers checks.
+    pub registered: bool,
+    /// ms until the registration ends; 0 when not registered.
+    pub ttl_left_ms: u64,
+    /// The last external version seen.
+    pub external_version: Option<u64>,
+}
+
+/// Store-wide counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Nodes held.
+    pub keys: u64,
+    /// Dependency edges.
+    pub edges: u64,
+    /// Shard count.
+    pub shards: u32,
+    /// Last applied seq.
+    pub seq: u64,
+    /// The epoch.
+    pub epoch: u64,
+    /// Keys removed by expiry since start.
+    pub expired: u64,
+    /// Publishes over `max_invalidations_per_publish` since start.
+    pub oversized_publishes: u64,
+}
+
+const CRITICAL: u8 = 1;
+const HAS_EXTERNAL: u8 = 2;
+
+/// One key.
+struct Node {
+    key: Key,
+    version: u64,
+    last_change_seq: u64,
+    changed_at_ms: u64,
+    event_time_ms: u64,
+    external_version: u64,
+    /// Clock ms until which the key answers checks; 0 when it does not and has
+    /// no expiry entry. A non-zero value has exactly one expiry entry.
+    expires_at: u64,
+    flags: u8,
+    /// Forward edges, sorted by key.
+    deps: Box<[Key]>,
+    /// Reverse edges.
+    dependents: HashSet<Key, KeyHash>,
+}
+
+impl Node {
+    fn new(key: Key, version: u64, last_change_seq: u64) -> Self {
+        Self {
+            key,
+            version,
+            last_change_seq,
+            changed_at_ms: 0,
+            event_time_ms: 0,
+            external_version: 0,
+            expires_at: 0,
+            flags: 0,
+            deps: Box::new([]),
+            dependents: HashSet::with_hasher(KeyHash),
+        }
+    }
+
+    fn critical(&self) -> bool {
+        self.flags & CRITICAL != 0
+    }
+
+    fn live(&self, now: u64) -> bool {
+        now < self.expires_at
+    }
+
+    fn answer(&self, version: u64) -> CheckAnswer {
+        CheckAnswer {
+            freshness: if self.version == version {
+                Freshness::Fresh
+            } else {
+                Freshness::Stale
+            },
+            version: self.version,
+            critical: self.critical(),
+        }
+    }
+}
+
+/// What visiting a node during a publish did.
+#[derive(PartialEq, Eq)]
+enum Bump {
+    /// First reached in this publish.
+    New,
+    /// Reached before by a non-critical change, now by a critical one.
+    Upgraded,
+    /// Nothing to do.
+    Seen,
+}
+
+/// One shard of nodes, with its expiry index.
+#[derive(Default)]
+struct Shard {
+    nodes: HashTable<Node>,
+    /// `(expires_at, key)` for every node with a non-zero `expires_at`.
+    expiry: BTreeSet<(u64, Key)>,
+    /// Upper bound of the last change of every key not held here.
+    forgotten_seq: u64,
+    /// Forward edges of the nodes held here.
+    edges: u64,
+}
+
+impl Shard {
+    fn get(&self, hash: u64, key: &str) -> Option<&Node> {
+        self.nodes.find(hash, |n| &*n.key == key)
+    }
+
+    fn get_mut(&mut self, hash: u64, key: &str) -> Option<&mut Node> {
+        self.nodes.find_mut(hash, |n| &*n.key == key)
+    }
+
+    fn insert(&mut self, hash: u64, node: Node) {
+        if node.expires_at != 0 {
+            self.expiry.insert((node.expires_at, node.key.clone()));
+        }
+        self.edges += node.deps.len() as u64;
+        self.nodes.insert_unique(hash, node, |n| hash_key(&n.key));
+    }
+
+    fn remove(&mut self, hash: u64, key: &str) -> Option<Node> {
+        let entry = self.nodes.find_entry(hash, |n| &*n.key == key).ok()?;
+        let (node, _) = entry.remove();
+        self.edges -= node.deps.len() as u64;
+        self.forgotten_seq = self.forgotten_seq.max(node.last_change_seq);
+        Some(node)
+    }
+
+    /// The node for `key`, created as a dependency-only node if absent.
+    fn get_or_placeholder(&mut self, hash: u64, key: &str, seq: u64) -> &mut Node {
+        if self.get(hash, key).is_none() {
+            let node = Node::new(Key::from(key), seq, self.forgotten_seq);
+            self.insert(hash, node);
+        }
+        self.get_mut(hash, key).expect("inserted above")
+    }
+
+    /// Moves a node's expiry to `expires_at` (0: none).
+    fn set_expiry(&mut self, hash: u64, key: &str, expires_at: u64) {
+        let Shard { nodes, expiry, .. } = self;
+        let Some(node) = nodes.find_mut(hash, |n| &*n.key == key) else {
+            return;
+        };
+        if node.expires_at != 0 {
+            expiry.remove(&(node.expires_at, node.key.clone()));
+        }
+        node.expires_at = expires_at;
+        if expires_at != 0 {
+            expiry.insert((expires_at, node.key.clone()));
+        }
+    }
+
+    /// Removes the reverse edge `dependent -> key`; a key left with no
+    /// dependents and no registration is scheduled for removal.
+    fn drop_dependent(&mut self, hash: u64, key: &str, dependent: &str, now: u64) {
+        let Some(node) = self.get_mut(hash, key) else {
+            return;
+        };
+        node.dependents.remove(dependent);
+        if node.dependents.is_empty() && node.expires_at == 0 {
+            self.set_expiry(hash, key, now);
+        }
+    }
+
+    /// The last change of `key` as far as this shard can tell.
+    fn last_change(&self, hash: u64, key: &str) -> u64 {
+        self.get(hash, key)
+            .map_or(self.forgotten_seq, |n| n.last_change_seq)
+    }
+}
+
+/// The shards one mutation holds, write-locked in ascending order.
+struct WriteSet<'a> {
+    store: &'a Store,
+    guards: Vec<(usize, RwLockWriteGuard<'a, Shard>)>,
+}
+
+impl<'a> WriteSet<'a> {
+    /// Locks the shards marked in `needed`, in ascending order.
+    fn lock(store: &'a Store, needed: &[bool]) -> Self {
+        let guards = needed
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n)
+            .map(|(i, _)| (i, store.shards[i].write()))
+            .collect();
+        Self { store, guards }
+    }
+
+    fn shard(&mut self, index: usize) -> &mut Shard {
+        match self.guards.binary_search_by_key(&index, |(i, _)| *i) {
+            Ok(pos) => &mut self.guards[pos].1,
+            Err(pos) => {
+                // The read phase of the mutation names every shard it will
+                // touch; reaching here is a bug, but taking the lock late is
+                // still correct for single-shard readers.
+                debug_assert!(false, "shard {index} was not locked up front");
+                self.guards
+                    .insert(pos, (index, self.store.shards[index].write()));
+                &mut self.guards[pos].1
+            }
+        }
+    }
+}
+
+/// The single writer's state, behind the sequencer mutex.
+struct Sequencer {
+    log: Box<dyn Log>,
+    /// Scratch for the read phase of a publish: keys seen.
+    visited: HashSet<Key, KeyHash>,
+    /// Scratch for the breadth-first walks.
+    queue: VecDeque<(Key, bool)>,
+    /// Scratch: which shards the current mutation touches.
+    needed: Vec<bool>,
+    /// Where the next expiry pass starts.
+    expiry_cursor: usize,
+}
+
+impl Sequencer {
+    fn reset_needed(&mut self) {
+        self.needed.iter_mut().for_each(|n| *n = false);
+    }
+}
+
+/// Milliseconds since the store started, from tokio's clock (so tests can
+/// pause time); never 0, which means "no expiry".
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64 + 1
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The versioned keys and dependency graph. Cheap to share behind an `Arc`.
+pub struct Store {
+    shards: Box<[RwLock<Shard>]>,
+    mask: usize,
+    /// The last applied seq: every mutation up to it is fully visible.
+    applied: AtomicU64,
+    epoch: u64,
+    sequencer: Mutex<Sequencer>,
+    clock: Clock,
+    config: StoreConfig,
+    expired: AtomicU64,
+    oversized: AtomicU64,
+}
+
+impl Store {
+    /// A store over `log`. `config.shards` must be a power of two.
+    pub fn new(config: StoreConfig, log: Box<dyn Log>) -> Self {
+        assert!(
+            config.shards.is_power_of_two(),
+            "shard count must be a power of two"
+        );
+        let shards = (0..config.shards)
+            .map(|_| RwLock::new(Shard::default()))
+            .collect();
+        let applied = AtomicU64::new(log.last_seq());
+        let epoch = log.epoch();
+        Self {
+            shards,
+            mask: config.shards - 1,
+            applied,
+            epoch,
+            sequencer: Mutex::new(Sequencer {
+                log,
+                visited: HashSet::with_hasher(KeyHash),
+                queue: VecDeque::new(),
+                needed: vec![false; config.shards],
+                expiry_cursor: 0,
+            }),
+            clock: Clock {
+                start: tokio::time::Instant::now(),
+            },
+            config,
+            expired: AtomicU64::new(0),
+            oversized: AtomicU64::new(0),
+        }
+    }
+
+    /// The epoch of this store's history.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The last applied seq.
+    pub fn seq(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// The store's settings.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    fn shard_index(&self, hash: u64) -> usize {
+        // hashbrown uses the low bits for the bucket and the top seven for the
+        // tag; the middle bits pick the shard without weakening either.
+        (hash >> 32) as usize & self.mask
+    }
+
+    fn read(&self, hash: u64) -> RwLockReadGuard<'_, Shard> {
+        self.shards[self.shard_index(hash)].read()
+    }
+
+    /// Publishes changes: bumps every changed key and every transitive
+    /// dependent once, atomically with respect to checks.
+    pub fn publish(&self, changes: &[PublishChange]) -> Result<PublishOutcome> {
+        let mut sequencer = self.sequencer.lock();
+        let sequencer = &mut *sequencer;
+        let hashes: Vec<u64> = changes.iter().map(|c| hash_key(&c.key)).collect();
+
+        // Duplicates by external version, taking the changes in order.
+        let mut duplicate = vec![false; changes.len()];
+        if changes.iter().any(|c| c.external_version.is_some()) {
+            let mut seen: HashMap<&str, u64> = HashMap::new();
+            for (i, change) in changes.iter().enumerate() {
+                let Some(ext) = change.external_version else {
+                    continue;
+                };
+                let last = match seen.get(change.key.as_str()) {
+                    Some(&v) => Some(v),
+                    None => self
+                        .read(hashes[i])
+                        .get(hashes[i], &change.key)
+                        .filter(|n| n.flags & HAS_EXTERNAL != 0)
+                        .map(|n| n.external_version),
+                };
+                if last.is_some_and(|last| ext <= last) {
+                    duplicate[i] = true;
+                } else {
+                    seen.insert(&change.key, ext);
+                }
+            }
+        }
+        if duplicate.iter().all(|&d| d) {
+            let seq = self.seq();
+            let results = changes
+                .iter()
+                .zip(&hashes)
+                .map(|(c, &h)| ChangeOutcome {
+                    invalidated: 0,
+                    duplicate: true,
+                    version: self.read(h).get(h, &c.key).map_or(0, |n| n.version),
+                })
+                .collect();
+            return Ok(PublishOutcome { seq, results });
+        }
+
+        // Read phase: which shards the walk will touch. The state cannot
+        // change under us: we are the only writer.
+        self.mark_publish_shards(sequencer, changes, &hashes, &duplicate);
+
+        let seq = sequencer
+            .log
+            .append(&Record::Publish {
+                changes,
+                duplicate: &duplicate,
+            })
+            .map_err(|e| Error::Log(e.to_string()))?;
+
+        let mut shards = WriteSet::lock(self, &sequencer.needed);
+        let now = self.clock.now();
+        let now_unix = unix_ms();
+        let retention = now + self.config.change_retention.as_millis() as u64;
+        let mut results = Vec::with_capacity(changes.len());
+        let mut total = 0u64;
+        for (i, change) in changes.iter().enumerate() {
+            if duplicate[i] {
+                results.push(ChangeOutcome {
+                    invalidated: 0,
+                    duplicate: true,
+                    version: 0,
+                });
+                continue;
+            }
+            let hash = hashes[i];
+            let event_time = if change.event_time_ms == 0 {
+                now_unix
+            } else {
+                change.event_time_ms
+            };
+            let shard = shards.shard(self.shard_index(hash));
+            if shard.get(hash, &change.key).is_none() {
+                // Remember the change of a key nobody registered, so that a
+                // fill that raced it is refused.
+                let mut node = Node::new(Key::from(change.key.as_str()), 0, 0);
+                node.expires_at = retention;
+                shard.insert(hash, node);
+            }
+            let node = shard.get_mut(hash, &change.key).expect("present");
+            if let Some(ext) = change.external_version {
+                node.external_version = ext;
+                node.flags |= HAS_EXTERNAL;
+            }
+            let mut invalidated = 0;
+            let queue = &mut sequencer.queue;
+            let visit = bump(node, seq, change.critical, now_unix, event_time);
+            if visit == Bump::New {
+                invalidated += 1;
+            }
+            if visit != Bump::Seen {
+                queue.extend(node.dependents.iter().map(|k| (k.clone(), change.critical)));
+            }
+            while let Some((key, critical)) = queue.pop_front() {
+                let hash = hash_key(&key);
+                let shard = shards.shard(self.shard_index(hash));
+                let Some(node) = shard.get_mut(hash, &key) else {
+                    continue;
+                };
+                let visit = bump(node, seq, critical, now_unix, event_time);
+                if visit == Bump::New {
+                    invalidated += 1;
+                }
+                if visit != Bump::Seen {
+                    queue.extend(node.dependents.iter().map(|k| (k.clone(), critical)));
+                }
+            }
+            total += invalidated;
+            results.push(ChangeOutcome {
+                invalidated,
+                duplicate: false,
+                version: seq,
+            });
+        }
+        self.applied.store(seq, Ordering::Release);
+        drop(shards);
+
+        for (i, result) in results.iter_mut().enumerate() {
+            if duplicate[i] {
+                let h = hashes[i];
+                result.version = self
+                    .read(h)
+                    .get(h, &changes[i].key)
+                    .map_or(0, |n| n.version);
+            }
+        }
+        if total > self.config.max_invalidations_per_publish {
+            self.oversized.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                seq,
+                invalidated = total,
+                limit = self.config.max_invalidations_per_publish,
+                first_key = %changes[0].key,
+                "publish invalidated more keys than max_invalidations_per_publish"
+            );
+        }
+        Ok(PublishOutcome { seq, results })
+    }
+
+    /// Marks in `sequencer.needed` every shard a publish of the accepted
+    /// changes will touch.
+    fn mark_publish_shards(
+        &self,
+        sequencer: &mut Sequencer,
+        changes: &[PublishChange],
+        hashes: &[u64],
+        duplicate: &[bool],
+    ) {
+        sequencer.reset_needed();
+        let needed = &mut sequencer.needed;
+        let mut marked = 0;
+        let mut mark = |needed: &mut Vec<bool>, index: usize| {
+            if !needed[index] {
+                needed[index] = true;
+                marked += 1;
+            }
+            marked == needed.len()
+        };
+        let visited = &mut sequencer.visited;
+        let queue = &mut sequencer.queue;
+        visited.clear();
+        queue.clear();
+        'walk: for (i, change) in changes.iter().enumerate() {
+            if duplicate[i] {
+                continue;
+            }
+            let index = self.shard_index(hashes[i]);
+            if mark(needed, index) {
+                break;
+            }
+            let shard = self.shards[index].read();
+            let Some(node) = shard.get(hashes[i], &change.key) else {
+                continue;
+            };
+            if !visited.insert(node.key.clone()) {
+                continue;
+            }
+            for dependent in &node.dependents {
+                if visited.insert(dependent.clone()) {
+                    queue.push_back((dependent.clone(), false));
+                }
+            }
+            drop(shard);
+            while let Some((key, _)) = queue.pop_front() {
+                let hash = hash_key(&key);
+                let index = self.shard_index(hash);
+                if mark(needed, index) {
+                    break 'walk;
+                }
+                let shard = self.shards[index].read();
+                if let Some(node) = shard.get(hash, &key) {
+                    for dependent in &node.dependents {
+                        if visited.insert(dependent.clone()) {
+                            queue.push_back((dependent.clone(), false));
+                        }
+                    }
+                }
+            }
+        }
+        visited.clear();
+        queue.clear();
+    }
+
+    /// Registers a cached key with its dependencies and TTL, unless the key or
+    /// a dependency changed after `spec.observed_seq`.
+    pub fn fill(&self, spec: &FillSpec) -> Result<FillOutcome> {
+        let mut sequencer = self.sequencer.lock();
+        let sequencer = &mut *sequencer;
+        let hash = hash_key(&spec.key);
+        let key_index = self.shard_index(hash);
+        let dep_hashes: Vec<u64> = spec.dependencies.iter().map(|d| hash_key(d)).collect();
+
+        let old_deps: Option<Vec<Key>> = self.shards[key_index]
+            .read()
+            .get(hash, &spec.key)
+            .map(|n| n.deps.to_vec());
+
+        sequencer.reset_needed();
+        sequencer.needed[key_index] = true;
+        for &h in &dep_hashes {
+            sequencer.needed[self.shard_index(h)] = true;
+        }
+        for dep in old_deps.iter().flatten() {
+            sequencer.needed[self.shard_index(hash_key(dep))] = true;
+        }
+        let mut shards = WriteSet::lock(self, &sequencer.needed);
+
+        // Refuse a fill that raced a change.
+        let raced = |key: &str, changed: u64| Error::FillRaced {
+            key: key.to_owned(),
+            changed_seq: changed,
+            observed_seq: spec.observed_seq,
+        };
+        let changed = shards.shard(key_index).last_change(hash, &spec.key);
+        if changed > spec.observed_seq {
+            return Err(raced(&spec.key, changed));
+        }
+        for (dep, &h) in spec.dependencies.iter().zip(&dep_hashes) {
+            let changed = shards.shard(self.shard_index(h)).last_change(h, dep);
+            if changed > spec.observed_seq {
+                return Err(raced(dep, changed));
+            }
+        }
+
+        let seq = sequencer
+            .log
+            .append(&Record::Fill(spec))
+            .map_err(|e| Error::Log(e.to_string()))?;
+        let now = self.clock.now();
+        let expires_at = now + spec.ttl_ms;
+
+        let deps_changed = match &old_deps {
+            None => true,
+            Some(old) => {
+                old.len() != spec.dependencies.len()
+                    || old.iter().zip(&spec.dependencies).any(|(a, b)| **a != **b)
+            }
+        };
+
+        let key: Key = match shards.shard(key_index).get(hash, &spec.key) {
+            Some(node) => node.key.clone(),
+            None => {
+                let shard = shards.shard(key_index);
+                let node = Node::new(Key::from(spec.key.as_str()), seq, shard.forgotten_seq);
+                shard.insert(hash, node);
+                shard.get(hash, &spec.key).expect("inserted").key.clone()
+            }
+        };
+
+        if deps_changed {
+            // Reverse edges: drop the ones no longer wanted, add the new ones.
+            for old in old_deps.iter().flatten() {
+                if spec
+                    .dependencies
+                    .binary_search_by(|d| d.as_str().cmp(&**old))
+                    .is_err()
+                {
+                    let h = hash_key(old);
+                    shards
+                        .shard(self.shard_index(h))
+                        .drop_dependent(h, old, &key, now);
+                }
+            }
+            let mut new_deps = Vec::with_capacity(spec.dependencies.len());
+            for (dep, &h) in spec.dependencies.iter().zip(&dep_hashes) {
+                let node = shards
+                    .shard(self.shard_index(h))
+                    .get_or_placeholder(h, dep, seq);
+                node.dependents.insert(key.clone());
+                new_deps.push(node.key.clone());
+            }
+            let shard = shards.shard(key_index);
+            let node = shard.get_mut(hash, &spec.key).expect("present");
+            let (old_len, new_len) = (node.deps.len() as u64, new_deps.len() as u64);
+            node.deps = new_deps.into_boxed_slice();
+            node.version = seq;
+            shard.edges = shard.edges - old_len + new_len;
+        }
+        let shard = shards.shard(key_index);
+        shard.set_expiry(hash, &spec.key, expires_at);
+        let version = shard.get(hash, &spec.key).expect("present").version;
+        self.applied.store(seq, Ordering::Release);
+        Ok(FillOutcome {
+            version,
+            seq,
+            ttl_ms: spec.ttl_ms,
+        })
+    }
+
+    /// Checks one cached copy. Returns the answer and the seq it reflects.
+    pub fn check(&self, key: &str, version: u64) -> (CheckAnswer, u64) {
+        let hash = hash_key(key);
+        let now = self.clock.now();
+        let shard = self.read(hash);
+        let answer = match shard.get(hash, key) {
+            Some(node) if node.live(now) => node.answer(version),
+            _ => UNKNOWN,
+        };
+        // Loaded under the shard lock: every mutation up to this seq that
+        // touched the shard is visible, and none after it is.
+        (answer, self.seq())
+    }
+
+    /// Checks many cached copies against one consistent state. `item` gives
+    /// the key and cached version of each element. Returns the answers in
+    /// order and the seq they reflect.
+    pub fn check_batch<T>(
+        &self,
+        items: &[T],
+        item: impl Fn(&T) -> (&str, u64),
+    ) -> (Vec<CheckAnswer>, u64) {
+        let hashes: Vec<u64> = items.iter().map(|t| hash_key(item(t).0)).collect();
+        let mut needed = vec![false; self.shards.len()];
+        for &h in &hashes {
+            needed[self.shard_index(h)] = true;
+        }
+        // Ascending order, like writers: no deadlock, and a consistent cut.
+        let guards: Vec<(usize, RwLockReadGuard<'_, Shard>)> = needed
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n)
+            .map(|(i, _)| (i, self.shards[i].read()))
+            .collect();
+        let now = self.clock.now();
+        let answers = items
+            .iter()
+            .zip(&hashes)
+            .map(|(t, &h)| {
+                let (key, version) = item(t);
+                let index = self.shard_index(h);
+                let pos = guards
+                    .binary_search_by_key(&index, |(i, _)| *i)
+                    .expect("locked above");
+                match guards[pos].1.get(h, key) {
+                    Some(node) if node.live(now) => node.answer(version),
+                    _ => UNKNOWN,
+                }
+            })
+            .collect();
+        let seq = self.seq();
+        drop(guards);
+        (answers, seq)
+    }
+
+    /// Everything held for `key`, or `None`.
+    pub fn inspect(&self, key: &str) -> Option<KeyInfo> {
+        let hash = hash_key(key);
+        let now = self.clock.now();
+        let shard = self.read(hash);
+        let node = shard.get(hash, key)?;
+        let registered = node.live(now);
+        Some(KeyInfo {
+            key: key.to_owned(),
+            version: node.version,
+            last_change_seq: node.last_change_seq,
+            last_change_unix_ms: node.changed_at_ms,
+            event_time_unix_ms: node.event_time_ms,
+            critical: node.critical(),
+            dependencies: node.deps.iter().map(|d| d.to_string()).collect(),
+            dependents: node.dependents.len() as u64,
+            registered,
+            ttl_left_ms: if registered { node.expires_at - now } else { 0 },
+            external_version: (node.flags & HAS_EXTERNAL != 0).then_some(node.external_version),
+        })
+    }
+
+    /// Store-wide counters (each shard read in turn, not one snapshot).
+    pub fn stats(&self) -> StoreStats {
+        let (mut keys, mut edges) = (0, 0);
+        for shard in self.shards.iter() {
+            let shard = shard.read();
+            keys += shard.nodes.len() as u64;
+            edges += shard.edges;
+        }
+        StoreStats {
+            keys,
+            edges,
+            shards: self.shards.len() as u32,
+            seq: self.seq(),
+            epoch: self.epoch,
+            expired: self.expired.load(Ordering::Relaxed),
+            oversized_publishes: self.oversized.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Removes at most `budget` expired registrations; returns how many
+    /// expiry entries it processed. Work is bounded per call and per lock
+    /// hold, so no call pauses the server; call again while it returns
+    /// `budget`.
+    pub fn expire(&self, budget: usize) -> usize {
+        let mut sequencer = self.sequencer.lock();
+        let now = self.clock.now();
+        let mut processed = 0;
+        let mut released: Vec<(Key, Key)> = Vec::new();
+        for _ in 0..self.shards.len() {
+            let index = sequencer.expiry_cursor;
+            {
+                let mut shard = self.shards[index].write();
+                while processed < budget {
+                    match shard.expiry.first() {
+                        Some((at, _)) if *at <= now => {}
+                        _ => break,
+                    }
+                    let (at, key) = shard.expiry.pop_first().expect("checked");
+                    processed += 1;
+                    let hash = hash_key(&key);
+                    let Some(node) = shard.get_mut(hash, &key) else {
+                        continue;
+                    };
+                    if node.expires_at != at {
+                        continue;
+                    }
+                    node.expires_at = 0;
+                    if node.dependents.is_empty() {
+                        let node = shard.remove(hash, &key).expect("present");
+                        self.expired.fetch_add(1, Ordering::Relaxed);
+                        released.extend(node.deps.iter().map(|d| (d.clone(), key.clone())));
+                    }
+                }
+            }
+            // Reverse edges of removed keys, one shard lock at a time: no
+            // reader looks at reverse edges, and no writer runs meanwhile.
+            for (dep, removed) in released.drain(..) {
+                let h = hash_key(&dep);
+                self.shards[self.shard_index(h)]
+                    .write()
+                    .drop_dependent(h, &dep, &removed, now);
+            }
+            if processed >= budget {
+                break;
+            }
+            sequencer.expiry_cursor = (index + 1) & self.mask;
+        }
+        processed
+    }
+}
+
+/// Marks `node` as changed by `seq`.
+fn bump(node: &mut Node, seq: u64, critical: bool, now_unix: u64, event_time: u64) -> Bump {
+    if node.last_change_seq != seq {
+        node.version = seq;
+        node.last_change_seq = seq;
+        node.changed_at_ms = now_unix;
+        node.event_time_ms = event_time;
+        node.flags = (node.flags & !CRITICAL) | if critical { CRITICAL } else { 0 };
+        Bump::New
+    } else if critical && !node.critical() {
+        node.flags |= CRITICAL;
+        Bump::Upgraded
+    } else {
+        Bump::Seen
+    }
+}
