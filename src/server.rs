@@ -155,9 +155,15 @@ impl RunningServer {
     /// Binds `config.listen` (port 0 picks a free port) and serves in the
     /// background. The server is ready when this returns.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
+        let store = Arc::new(Store::new(config.store.clone(), Box::new(MemoryLog::new())));
+        Self::start_with_store(config, store).await
+    }
+
+    /// Like [`RunningServer::start`], serving a store built by the caller
+    /// (over another [`crate::log::Log`], say).
+    pub async fn start_with_store(config: Config, store: Arc<Store>) -> Result<Self, ServeError> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
-        let store = Arc::new(Store::new(config.store.clone(), Box::new(MemoryLog::new())));
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(serve_store(config, listener, store.clone(), async {
             let _ = rx.await;

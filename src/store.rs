@@ -998,3 +998,324 @@ fn bump(node: &mut Node, seq: u64, critical: bool, now_unix: u64, event_time: u6
         Bump::Seen
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::MemoryLog;
+
+    fn store() -> Store {
+        Store::new(StoreConfig::default(), Box::new(MemoryLog::with_epoch(7)))
+    }
+
+    fn change(key: &str) -> PublishChange {
+        PublishChange {
+            key: key.into(),
+            external_version: None,
+            critical: false,
+            event_time_ms: 0,
+        }
+    }
+
+    fn fill(s: &Store, key: &str, deps: &[&str]) -> FillOutcome {
+        let mut dependencies: Vec<String> = deps.iter().map(|d| d.to_string()).collect();
+        dependencies.sort();
+        dependencies.dedup();
+        s.fill(&FillSpec {
+            key: key.into(),
+            dependencies,
+            ttl_ms: 60_000,
+            observed_seq: s.seq(),
+        })
+        .expect("fill")
+    }
+
+    fn version(s: &Store, key: &str) -> u64 {
+        s.inspect(key).map_or(0, |i| i.version)
+    }
+
+    #[test]
+    fn chain_bumps_every_transitive_dependent_once() {
+        let s = store();
+        fill(&s, "b", &["a"]);
+        fill(&s, "c", &["b"]);
+        let out = s.publish(&[change("a")]).unwrap();
+        assert_eq!(out.results[0].invalidated, 3);
+        for k in ["a", "b", "c"] {
+            assert_eq!(version(&s, k), out.seq, "{k}");
+        }
+    }
+
+    #[test]
+    fn diamond_bumps_the_shared_dependent_once() {
+        let s = store();
+        fill(&s, "b", &["a"]);
+        fill(&s, "c", &["a"]);
+        fill(&s, "d", &["b", "c"]);
+        let out = s.publish(&[change("a")]).unwrap();
+        assert_eq!(out.results[0].invalidated, 4);
+        assert_eq!(version(&s, "d"), out.seq);
+    }
+
+    #[test]
+    fn cycles_terminate_and_bump_each_member_once() {
+        let s = store();
+        fill(&s, "a", &["c"]);
+        fill(&s, "b", &["a"]);
+        fill(&s, "c", &["b"]);
+        let out = s.publish(&[change("b")]).unwrap();
+        assert_eq!(out.results[0].invalidated, 3);
+        for k in ["a", "b", "c"] {
+            assert_eq!(version(&s, k), out.seq);
+        }
+    }
+
+    #[test]
+    fn deep_chain_and_wide_fan_out() {
+        let s = store();
+        let n = 5_000;
+        for i in 1..=n {
+            fill(&s, &format!("chain:{i}"), &[&format!("chain:{}", i - 1)]);
+        }
+        let out = s.publish(&[change("chain:0")]).unwrap();
+        assert_eq!(out.results[0].invalidated, n + 1);
+        assert_eq!(version(&s, &format!("chain:{n}")), out.seq);
+
+        for i in 0..10_000 {
+            fill(&s, &format!("feed:{i}"), &["posts:77"]);
+        }
+        let out = s.publish(&[change("posts:77")]).unwrap();
+        assert_eq!(out.results[0].invalidated, 10_001);
+        assert_eq!(s.inspect("posts:77").unwrap().dependents, 10_000);
+    }
+
+    #[test]
+    fn one_call_bumps_each_key_once_and_attributes_counts_in_order() {
+        let s = store();
+        fill(&s, "feed", &["follows", "posts"]);
+        let out = s
+            .publish(&[change("follows"), change("posts"), change("follows")])
+            .unwrap();
+        let counts: Vec<u64> = out.results.iter().map(|r| r.invalidated).collect();
+        // follows + feed, then posts alone, then nothing new.
+        assert_eq!(counts, vec![2, 1, 0]);
+        assert!(out
+            .results
+            .iter()
+            .all(|r| r.version == out.seq && !r.duplicate));
+    }
+
+    #[test]
+    fn critical_bit_propagates_and_upgrades_within_a_call() {
+        let s = store();
+        fill(&s, "feed", &["posts"]);
+        let mut critical = change("posts");
+        critical.critical = true;
+        s.publish(&[change("posts"), critical]).unwrap();
+        assert!(s.inspect("feed").unwrap().critical);
+        s.publish(&[change("posts")]).unwrap();
+        assert!(
+            !s.inspect("feed").unwrap().critical,
+            "the bit is the last change's"
+        );
+    }
+
+    #[test]
+    fn external_versions_drop_duplicates() {
+        let s = store();
+        let with = |v| PublishChange {
+            external_version: Some(v),
+            ..change("row:1")
+        };
+        let first = s.publish(&[with(10)]).unwrap();
+        assert!(!first.results[0].duplicate);
+        let again = s.publish(&[with(10)]).unwrap();
+        assert!(again.results[0].duplicate);
+        assert_eq!(again.seq, first.seq, "a duplicate logs nothing");
+        assert_eq!(again.results[0].version, first.seq);
+        let older = s.publish(&[with(9), with(11), with(11)]).unwrap();
+        let dup: Vec<bool> = older.results.iter().map(|r| r.duplicate).collect();
+        assert_eq!(dup, vec![true, false, true]);
+        assert_eq!(s.inspect("row:1").unwrap().external_version, Some(11));
+        assert!(older.results.iter().all(|r| r.version == older.seq));
+    }
+
+    #[test]
+    fn check_answers_fresh_stale_and_unknown() {
+        let s = store();
+        let f = fill(&s, "feed", &["posts"]);
+        assert_eq!(s.check("feed", f.version).0.freshness, Freshness::Fresh);
+        assert_eq!(s.check("nope", 1).0.freshness, Freshness::Unknown);
+        let p = s.publish(&[change("posts")]).unwrap();
+        let (answer, seq) = s.check("feed", f.version);
+        assert_eq!(answer.freshness, Freshness::Stale);
+        assert_eq!(answer.version, p.seq);
+        assert_eq!(seq, p.seq);
+        // A dependency-only key is not registered: it answers UNKNOWN.
+        let (answer, _) = s.check("missing-dep", 0);
+        assert_eq!(answer.freshness, Freshness::Unknown);
+    }
+
+    #[test]
+    fn refill_with_same_dependencies_keeps_the_version() {
+        let s = store();
+        let a = fill(&s, "feed", &["posts", "follows"]);
+        let b = fill(&s, "feed", &["follows", "posts", "posts"]);
+        assert_eq!(
+            a.version, b.version,
+            "two cachers do not invalidate each other"
+        );
+        assert!(b.seq > a.seq);
+        let c = fill(&s, "feed", &["posts"]);
+        assert_eq!(c.version, c.seq, "a new dependency set is a new version");
+        let info = s.inspect("feed").unwrap();
+        assert_eq!(info.dependencies, vec!["posts".to_owned()]);
+        assert_eq!(s.inspect("follows").map(|i| i.dependents), Some(0));
+        assert_eq!(s.stats().edges, 1);
+    }
+
+    #[test]
+    fn fill_that_raced_a_change_is_refused() {
+        let s = store();
+        let observed = s.seq();
+        fill(&s, "feed", &["posts"]);
+        // Another filler with the same observed seq is fine: nothing changed.
+        s.fill(&FillSpec {
+            key: "feed".into(),
+            dependencies: vec!["posts".into()],
+            ttl_ms: 1000,
+            observed_seq: observed,
+        })
+        .unwrap();
+        let p = s.publish(&[change("posts")]).unwrap();
+        let stale = FillSpec {
+            key: "feed".into(),
+            dependencies: vec!["posts".into()],
+            ttl_ms: 1000,
+            observed_seq: p.seq - 1,
+        };
+        match s.fill(&stale) {
+            Err(Error::FillRaced {
+                key, changed_seq, ..
+            }) => {
+                assert_eq!(key, "feed");
+                assert_eq!(changed_seq, p.seq);
+            }
+            other => panic!("expected FillRaced, got {other:?}"),
+        }
+        // A change to a key nobody registered is remembered too.
+        let before = s.seq();
+        s.publish(&[change("user:9")]).unwrap();
+        let e = s
+            .fill(&FillSpec {
+                key: "profile:9".into(),
+                dependencies: vec!["user:9".into()],
+                ttl_ms: 1000,
+                observed_seq: before,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::FillRaced { ref key, .. } if key == "user:9"),
+            "{e}"
+        );
+        // A refused fill changed nothing.
+        assert!(s.inspect("profile:9").is_none());
+        assert_eq!(s.seq(), before + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registrations_expire_and_memory_returns() {
+        let s = store();
+        s.fill(&FillSpec {
+            key: "feed".into(),
+            dependencies: vec!["follows".into(), "posts".into()],
+            ttl_ms: 1_000,
+            observed_seq: 0,
+        })
+        .unwrap();
+        let v = version(&s, "feed");
+        assert_eq!(s.stats().keys, 3);
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert_eq!(s.check("feed", v).0.freshness, Freshness::Fresh);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            s.check("feed", v).0.freshness,
+            Freshness::Unknown,
+            "expired answers UNKNOWN before the sweep"
+        );
+        // The sweep removes the key; its dependency-only keys go next.
+        while s.expire(10) > 0 {}
+        let stats = s.stats();
+        assert_eq!((stats.keys, stats.edges), (0, 0));
+        assert_eq!(stats.expired, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forgotten_changes_still_refuse_old_fills() {
+        let s = store();
+        let before = s.seq();
+        s.publish(&[change("user:1")]).unwrap();
+        tokio::time::advance(s.config().change_retention + Duration::from_millis(1)).await;
+        while s.expire(100) > 0 {}
+        assert!(
+            s.inspect("user:1").is_none(),
+            "an unregistered change is forgotten"
+        );
+        let e = s.fill(&FillSpec {
+            key: "user:1".into(),
+            dependencies: vec![],
+            ttl_ms: 1000,
+            observed_seq: before,
+        });
+        assert!(matches!(e, Err(Error::FillRaced { .. })), "{e:?}");
+        fill(&s, "user:1", &[]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_with_dependents_outlives_its_registration() {
+        let s = store();
+        s.fill(&FillSpec {
+            key: "posts".into(),
+            dependencies: vec!["author".into()],
+            ttl_ms: 10,
+            observed_seq: 0,
+        })
+        .unwrap();
+        fill(&s, "feed", &["posts"]);
+        tokio::time::advance(Duration::from_millis(20)).await;
+        while s.expire(100) > 0 {}
+        let posts = s.inspect("posts").expect("kept for its dependent");
+        assert!(!posts.registered);
+        assert_eq!(posts.dependencies, vec!["author".to_owned()]);
+        // Transitivity still holds through the unregistered key.
+        let out = s.publish(&[change("author")]).unwrap();
+        assert_eq!(out.results[0].invalidated, 3);
+        assert_eq!(version(&s, "feed"), out.seq);
+    }
+
+    #[test]
+    fn check_batch_sees_whole_publishes() {
+        let s = Arc::new(store());
+        let keys: Vec<String> = (0..64).map(|i| format!("feed:{i}")).collect();
+        for k in &keys {
+            fill(&s, k, &["posts"]);
+        }
+        // From here on every feed key has the version of the last publish.
+        s.publish(&[change("posts")]).unwrap();
+        let writer = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for _ in 0..300 {
+                    s.publish(&[change("posts")]).unwrap();
+                }
+            })
+        };
+        for _ in 0..300 {
+            let (answers, seq) = s.check_batch(&keys, |k| (k.as_str(), 0));
+            let first = answers[0].version;
+            assert!(answers.iter().all(|a| a.version == first), "torn batch");
+            assert!(first <= seq);
+        }
+        writer.join().unwrap();
+    }
+}

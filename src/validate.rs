@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn fill_normalises_dependencies_and_ttl() {
-        let l = limits();
+        let l = Limits::default();
         let store = StoreConfig::default();
         let spec = l
             .fill(

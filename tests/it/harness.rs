@@ -1,0 +1,59 @@
+//! Starts real servers and connects real clients; servers stop on drop.
+
+use std::time::Duration;
+
+use freshd::config::Config;
+use freshd::pb::{self, coordinator_client::CoordinatorClient};
+use freshd::server::RunningServer;
+use tonic::transport::Channel;
+
+/// A running server and a client connected to it.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub client: CoordinatorClient<Channel>,
+}
+
+pub async fn start() -> TestServer {
+    start_with(Config::ephemeral()).await
+}
+
+pub async fn start_with(config: Config) -> TestServer {
+    let server = RunningServer::start(config).await.expect("server starts");
+    let client = connect(&server).await;
+    TestServer { server, client }
+}
+
+pub async fn connect(server: &RunningServer) -> CoordinatorClient<Channel> {
+    let channel = Channel::from_shared(server.url())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("client connects");
+    CoordinatorClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+pub fn change(key: &str) -> pb::Change {
+    pb::Change {
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
+pub fn publish_req(keys: &[&str]) -> pb::PublishRequest {
+    pb::PublishRequest {
+        changes: keys.iter().map(|k| change(k)).collect(),
+    }
+}
+
+pub fn fill_req(key: &str, deps: &[&str], observed_seq: u64) -> pb::FillRequest {
+    pb::FillRequest {
+        key: key.into(),
+        dependencies: deps.iter().map(|d| d.to_string()).collect(),
+        ttl_ms: 60_000,
+        observed_seq,
+        epoch: 0,
+    }
+}

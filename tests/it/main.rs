@@ -1,0 +1,8 @@
+//! Integration tests: real freshd servers on loopback port 0, real gRPC
+//! clients. One binary, one module per area.
+
+mod concurrency;
+mod errors;
+mod harness;
+mod ops;
+mod rpc;
