@@ -58,6 +58,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 key: "posts:author:77".into(),
                 ..Default::default()
             }],
+            client_id: "walkthrough".into(),
         })
         .await?
         .into_inner();

@@ -65,6 +65,21 @@ pub struct Args {
     /// How long in-flight requests may finish after SIGTERM or SIGINT [default: 10s]
     #[arg(long, env = "FRESHD_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+    /// Notices kept so that Watch streams resume exactly [default: 100000]
+    #[arg(long, env = "FRESHD_HISTORY_NOTICES", value_name = "N")]
+    pub history_notices: Option<String>,
+    /// Bytes of notices kept for resumes [default: 67108864]
+    #[arg(long, env = "FRESHD_HISTORY_BYTES", value_name = "BYTES")]
+    pub history_bytes: Option<String>,
+    /// Notices queued per Watch stream before it is caught up instead [default: 10000]
+    #[arg(long, env = "FRESHD_QUEUE_NOTICES", value_name = "N")]
+    pub queue_notices: Option<String>,
+    /// Keys one Watch stream may track [default: 100000]
+    #[arg(long, env = "FRESHD_MAX_TRACKED_KEYS", value_name = "N")]
+    pub max_tracked_keys: Option<String>,
+    /// Prefixes one Watch stream may watch [default: 1000]
+    #[arg(long, env = "FRESHD_MAX_PREFIXES", value_name = "N")]
+    pub max_prefixes: Option<String>,
     /// Log format: text or json [default: text]; the filter comes from RUST_LOG
     #[arg(long, env = "FRESHD_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -142,6 +157,11 @@ const FILE_SETTINGS: &[&str] = &[
     "max_invalidations_per_publish",
     "max_message_bytes",
     "shutdown_grace",
+    "history_notices",
+    "history_bytes",
+    "queue_notices",
+    "max_tracked_keys",
+    "max_prefixes",
     "log_format",
 ];
 
@@ -317,7 +337,48 @@ impl Config {
         let mut max_dependencies = config.limits.max_dependencies as u64;
         let mut max_batch_items = config.limits.max_batch_items as u64;
         let mut max_message_bytes = config.max_message_bytes as u64;
-        let ints: [(&str, Option<String>, &mut u64, u64, u64); 6] = [
+        let hub = &mut config.store.hub;
+        let mut history_notices = hub.history_notices as u64;
+        let mut history_bytes = hub.history_bytes as u64;
+        let mut queue_notices = hub.queue_notices as u64;
+        let mut max_tracked_keys = hub.max_tracked_keys as u64;
+        let mut max_prefixes = hub.max_prefixes as u64;
+        let ints: [(&str, Option<String>, &mut u64, u64, u64); 11] = [
+            (
+                "history_notices",
+                args.history_notices,
+                &mut history_notices,
+                0,
+                1 << 32,
+            ),
+            (
+                "history_bytes",
+                args.history_bytes,
+                &mut history_bytes,
+                0,
+                1 << 40,
+            ),
+            (
+                "queue_notices",
+                args.queue_notices,
+                &mut queue_notices,
+                1,
+                1 << 32,
+            ),
+            (
+                "max_tracked_keys",
+                args.max_tracked_keys,
+                &mut max_tracked_keys,
+                0,
+                1 << 32,
+            ),
+            (
+                "max_prefixes",
+                args.max_prefixes,
+                &mut max_prefixes,
+                0,
+                1 << 20,
+            ),
             (
                 "expiry_batch",
                 args.expiry_batch,
@@ -366,6 +427,12 @@ impl Config {
                 *slot = parse_int(name, &raw, min, max)?;
             }
         }
+        let hub = &mut config.store.hub;
+        hub.history_notices = history_notices as usize;
+        hub.history_bytes = history_bytes as usize;
+        hub.queue_notices = queue_notices as usize;
+        hub.max_tracked_keys = max_tracked_keys as usize;
+        hub.max_prefixes = max_prefixes as usize;
         config.expiry_batch = expiry_batch as usize;
         config.limits.max_key_bytes = max_key_bytes as usize;
         config.limits.max_dependencies = max_dependencies as usize;

@@ -14,11 +14,13 @@
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod fanout;
 pub mod log;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod validate;
+pub mod watch;
 
 /// Generated protobuf types and gRPC stubs of `freshd.v1`.
 pub mod pb {

@@ -105,6 +105,8 @@ pub async fn serve_store(
         None => {
             set_health(&health, ServingStatus::NotServing).await;
             tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
+            // Watch streams send a final progress watermark and end.
+            store.hub().begin_shutdown();
             let _ = drain_tx.send(());
             match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
                 Ok(r) => r.unwrap_or(Ok(())),

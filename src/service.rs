@@ -1,10 +1,13 @@
 //! The gRPC handlers of `freshd.v1.Coordinator`: validate, call the store,
 //! convert. Nothing else lives here.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::pb::{self, coordinator_server::Coordinator};
@@ -56,14 +59,31 @@ const UNKNOWN: pb::CheckResult = pb::CheckResult {
     critical: false,
 };
 
+/// The response stream of Watch.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.next().await.transpose()?;
+        let rx = crate::watch::start(self.store.clone(), self.limits.clone(), first, inbound)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn publish(
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let changes = self.limits.publish(request.into_inner())?;
-        let outcome = self.store.publish(&changes)?;
+        let request = request.into_inner();
+        let client_id = request.client_id.clone();
+        let changes = self.limits.publish(request)?;
+        let outcome = self.store.publish_from(&changes, &client_id)?;
         Ok(Response::new(pb::PublishResponse {
             seq: outcome.seq,
             epoch: self.store.epoch(),
@@ -173,6 +193,21 @@ impl Coordinator for CoordinatorService {
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let s = self.store.stats();
+        let hub = self.store.hub();
+        let (history_notices, history_floor_seq) = hub.history_stats();
+        let subscribers = hub
+            .subscriber_stats()
+            .into_iter()
+            .map(|s| pb::SubscriberStats {
+                client_id: s.client_id,
+                acked_seq: s.acked_seq,
+                lag: s.lag,
+                queued: s.queued,
+                tracked_keys: s.tracked_keys,
+                prefixes: s.prefixes,
+                overflows: s.overflows,
+            })
+            .collect();
         Ok(Response::new(pb::StatsResponse {
             keys: s.keys,
             edges: s.edges,
@@ -182,6 +217,9 @@ impl Coordinator for CoordinatorService {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             expired: s.expired,
             oversized_publishes: s.oversized_publishes,
+            subscribers,
+            history_notices,
+            history_floor_seq,
         }))
     }
 }

@@ -41,6 +41,7 @@ use hashbrown::{HashMap, HashSet, HashTable};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
+use crate::fanout::{Hub, HubConfig, Notice};
 use crate::log::{Log, Record};
 
 /// A key as the store holds it: shared between the map and every edge.
@@ -79,6 +80,8 @@ pub struct StoreConfig {
     /// Transitive invalidations per publish above which the publish is logged
     /// and counted (it still completes).
     pub max_invalidations_per_publish: u64,
+    /// Fan-out limits: history, queues, per-stream filters.
+    pub hub: HubConfig,
 }
 
 impl Default for StoreConfig {
@@ -89,6 +92,7 @@ impl Default for StoreConfig {
             max_ttl: Duration::from_secs(86_400),
             change_retention: Duration::from_secs(60),
             max_invalidations_per_publish: 100_000,
+            hub: HubConfig::default(),
         }
     }
 }
@@ -459,6 +463,7 @@ pub struct Store {
     config: StoreConfig,
     expired: AtomicU64,
     oversized: AtomicU64,
+    hub: Hub,
 }
 
 impl Store {
@@ -471,7 +476,8 @@ impl Store {
         let shards = (0..config.shards)
             .map(|_| RwLock::new(Shard::default()))
             .collect();
-        let applied = AtomicU64::new(log.last_seq());
+        let last_seq = log.last_seq();
+        let applied = AtomicU64::new(last_seq);
         let epoch = log.epoch();
         Self {
             shards,
@@ -488,10 +494,16 @@ impl Store {
             clock: Clock {
                 start: tokio::time::Instant::now(),
             },
+            hub: Hub::new(config.hub.clone(), last_seq),
             config,
             expired: AtomicU64::new(0),
             oversized: AtomicU64::new(0),
         }
+    }
+
+    /// The fan-out hub that Watch streams subscribe to.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     /// The epoch of this store's history.
@@ -522,6 +534,12 @@ impl Store {
     /// Publishes changes: bumps every changed key and every transitive
     /// dependent once, atomically with respect to checks.
     pub fn publish(&self, changes: &[PublishChange]) -> Result<PublishOutcome> {
+        self.publish_from(changes, "")
+    }
+
+    /// [`Store::publish`] on behalf of `origin`, a client id: Watch streams of
+    /// that client with no-loop get no notices of it.
+    pub fn publish_from(&self, changes: &[PublishChange], origin: &str) -> Result<PublishOutcome> {
         let mut sequencer = self.sequencer.lock();
         let sequencer = &mut *sequencer;
         let hashes: Vec<u64> = changes.iter().map(|c| hash_key(&c.key)).collect();
@@ -581,6 +599,8 @@ impl Store {
         let retention = now + self.config.change_retention.as_millis() as u64;
         let mut results = Vec::with_capacity(changes.len());
         let mut total = 0u64;
+        // (key, index of the change that first reached it), in bump order.
+        let mut bumped: Vec<(Key, usize, u64)> = Vec::new();
         for (i, change) in changes.iter().enumerate() {
             if duplicate[i] {
                 results.push(ChangeOutcome {
@@ -614,6 +634,7 @@ impl Store {
             let visit = bump(node, seq, change.critical, now_unix, event_time);
             if visit == Bump::New {
                 invalidated += 1;
+                bumped.push((node.key.clone(), i, hash));
             }
             if visit != Bump::Seen {
                 queue.extend(node.dependents.iter().map(|k| (k.clone(), change.critical)));
@@ -627,6 +648,7 @@ impl Store {
                 let visit = bump(node, seq, critical, now_unix, event_time);
                 if visit == Bump::New {
                     invalidated += 1;
+                    bumped.push((node.key.clone(), i, hash));
                 }
                 if visit != Bump::Seen {
                     queue.extend(node.dependents.iter().map(|k| (k.clone(), critical)));
@@ -639,8 +661,31 @@ impl Store {
                 version: seq,
             });
         }
+        // Notices carry each key's final critical bit of this publish.
+        let origin: Option<Arc<str>> = (!origin.is_empty()).then(|| Arc::from(origin));
+        let causes: Vec<Key> = changes.iter().map(|c| Key::from(c.key.as_str())).collect();
+        let notices: Vec<Notice> = bumped
+            .into_iter()
+            .map(|(key, i, hash)| {
+                let node = shards
+                    .shard(self.shard_index(hash))
+                    .get(hash, &key)
+                    .expect("bumped above");
+                Notice {
+                    seq,
+                    version: seq,
+                    critical: node.critical(),
+                    event_time_ms: node.event_time_ms,
+                    cause: causes[i].clone(),
+                    key,
+                    origin: origin.clone(),
+                }
+            })
+            .collect();
         self.applied.store(seq, Ordering::Release);
         drop(shards);
+        // Still under the sequencer: fan-outs run in seq order.
+        self.hub.fanout(seq, notices);
 
         for (i, result) in results.iter_mut().enumerate() {
             if duplicate[i] {
@@ -909,6 +954,18 @@ impl Store {
             ttl_left_ms: if registered { node.expires_at - now } else { 0 },
             external_version: (node.flags & HAS_EXTERNAL != 0).then_some(node.external_version),
         })
+    }
+
+    /// The last change of `key` for a repair: `(last_change_seq, version,
+    /// critical)`. For a key not held, the shard's bound of forgotten changes
+    /// and version 0.
+    pub fn last_change(&self, key: &str) -> (u64, u64, bool) {
+        let hash = hash_key(key);
+        let shard = self.read(hash);
+        match shard.get(hash, key) {
+            Some(node) => (node.last_change_seq, node.version, node.critical()),
+            None => (shard.forgotten_seq, 0, false),
+        }
     }
 
     /// Store-wide counters (each shard read in turn, not one snapshot).

@@ -152,7 +152,10 @@ mod tests {
     fn publish_needs_changes_within_the_batch_limit() {
         let l = limits();
         let e = l
-            .publish(pb::PublishRequest { changes: vec![] })
+            .publish(pb::PublishRequest {
+                changes: vec![],
+                ..Default::default()
+            })
             .unwrap_err();
         assert!(e.to_string().starts_with("changes must not be empty"));
         let change = |k: &str| pb::Change {
@@ -162,6 +165,7 @@ mod tests {
         let e = l
             .publish(pb::PublishRequest {
                 changes: vec![change("a"), change("b"), change("c")],
+                ..Default::default()
             })
             .unwrap_err();
         assert_eq!(
@@ -171,6 +175,7 @@ mod tests {
         let e = l
             .publish(pb::PublishRequest {
                 changes: vec![change("a"), change("")],
+                ..Default::default()
             })
             .unwrap_err();
         assert_eq!(e.to_string(), "changes[1].key must not be empty");
@@ -182,6 +187,7 @@ mod tests {
                     critical: true,
                     event_time_unix_ms: 99,
                 }],
+                ..Default::default()
             })
             .unwrap();
         assert_eq!(

@@ -27,9 +27,12 @@ async fn invalid_argument_names_the_field_and_the_limit() {
     let c = &mut t.client;
     let cases: Vec<(tonic::Status, &str)> = vec![
         (
-            c.publish(pb::PublishRequest { changes: vec![] })
-                .await
-                .unwrap_err(),
+            c.publish(pb::PublishRequest {
+                changes: vec![],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
             "changes must not be empty",
         ),
         (
@@ -251,6 +254,7 @@ async fn internal_when_the_log_fails_and_nothing_is_applied() {
     let status = c
         .publish(pb::PublishRequest {
             changes: vec![change("k")],
+            ..Default::default()
         })
         .await
         .unwrap_err();

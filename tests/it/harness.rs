@@ -45,6 +45,7 @@ pub fn change(key: &str) -> pb::Change {
 pub fn publish_req(keys: &[&str]) -> pb::PublishRequest {
     pb::PublishRequest {
         changes: keys.iter().map(|k| change(k)).collect(),
+        ..Default::default()
     }
 }
 

@@ -6,3 +6,4 @@ mod errors;
 mod harness;
 mod ops;
 mod rpc;
+mod watch;

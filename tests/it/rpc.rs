@@ -51,6 +51,7 @@ async fn fill_publish_check_turns_stale() {
     let published = c
         .publish(pb::PublishRequest {
             changes: vec![critical],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -159,6 +160,7 @@ async fn publish_reports_per_change_counts_and_duplicates() {
     let out = c
         .publish(pb::PublishRequest {
             changes: vec![lsn.clone(), change("follows:1")],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -166,7 +168,10 @@ async fn publish_reports_per_change_counts_and_duplicates() {
     let counts: Vec<u64> = out.results.iter().map(|r| r.invalidated).collect();
     assert_eq!(counts, vec![3, 1]);
     let replay = c
-        .publish(pb::PublishRequest { changes: vec![lsn] })
+        .publish(pb::PublishRequest {
+            changes: vec![lsn],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

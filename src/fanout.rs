@@ -1,0 +1,672 @@
+//! Fan-out: routing notices to Watch streams through bounded, conflating
+//! queues, the resume history, and catch-up after a resume or an overflow.
+//!
+//! # Flow
+//! A publish, still holding the store's sequencer (so fan-outs run in seq
+//! order), calls [`Hub::fanout`]: the notices go into the history, then into
+//! the queue of every subscriber that tracks the key or watches a prefix of
+//! it, then `fanned` moves to the publish's seq. Each stream's task drains its
+//! queue and writes batches to the network at the client's pace.
+//!
+//! # Slow consumers
+//! A queue holds at most `queue_notices` live notices; a newer notice for a
+//! key already queued replaces it (conflation: the latest version wins, and
+//! it moves to the tail so seq order holds). A queue that is still full goes
+//! *behind*: it is emptied, publishers only note the highest seq it missed,
+//! and the stream's task catches it up from the history when the history
+//! still covers the gap, or else by repair (a notice for each tracked key that
+//! changed, a reset for each prefix). Publishers never wait for a stream.
+//!
+//! # Locks
+//! Order: store sequencer -> `routes` -> `history` -> one subscriber's
+//! `queue` or `filters`. The stream task takes a queue lock alone, or
+//! `history` alone, or the store's shard locks alone. No lock is held across
+//! an `.await`.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hashbrown::{HashMap, HashSet};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{watch, Notify};
+
+use crate::store::{Key, KeyHash};
+
+/// One key changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The seq of the change.
+    pub seq: u64,
+    /// The key.
+    pub key: Key,
+    /// Its version after the change.
+    pub version: u64,
+    /// The published key that caused it; empty in a repair.
+    pub cause: Key,
+    /// The critical bit.
+    pub critical: bool,
+    /// The producer's event time, Unix ms.
+    pub event_time_ms: u64,
+    /// The publishing client's id, for no-loop.
+    pub origin: Option<Arc<str>>,
+}
+
+impl Notice {
+    /// Rough heap and inline size, for the history's byte bound.
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Notice>() + self.key.len() + self.cause.len() + 32
+    }
+}
+
+/// Limits of the fan-out. Each is a setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubConfig {
+    /// Most notices kept for resumes.
+    pub history_notices: usize,
+    /// Most bytes of notices kept for resumes.
+    pub history_bytes: usize,
+    /// Most notices queued for one stream before it is caught up instead.
+    pub queue_notices: usize,
+    /// Most keys one stream may track.
+    pub max_tracked_keys: usize,
+    /// Most prefixes one stream may watch.
+    pub max_prefixes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            history_notices: 100_000,
+            history_bytes: 64 << 20,
+            queue_notices: 10_000,
+            max_tracked_keys: 100_000,
+            max_prefixes: 1_000,
+        }
+    }
+}
+
+/// Why a stream must be caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behind {
+    /// A resume from this seq of the current epoch.
+    Resume,
+    /// A resume from another epoch.
+    NewEpoch,
+    /// The queue overflowed.
+    SlowConsumer,
+}
+
+/// What a stream's queue is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Live,
+    /// Everything in `(since, through]` that matches must be caught up.
+    Behind {
+        since: u64,
+        through: u64,
+        why: Behind,
+    },
+}
+
+struct Queue {
+    items: VecDeque<Option<Arc<Notice>>>,
+    /// Absolute position of `items[0]`.
+    base: u64,
+    /// Key -> absolute position of its queued notice.
+    latest: HashMap<Key, u64, KeyHash>,
+    live: usize,
+    state: State,
+    /// The highest seq handed to the stream's writer.
+    drained_through: u64,
+    overflows: u64,
+    conflations: u64,
+}
+
+impl Queue {
+    fn clear(&mut self) {
+        self.base += self.items.len() as u64;
+        self.items.clear();
+        self.latest.clear();
+        self.live = 0;
+    }
+
+    fn push(&mut self, notice: &Arc<Notice>, cap: usize) {
+        if let State::Behind { through, .. } = &mut self.state {
+            *through = (*through).max(notice.seq);
+            return;
+        }
+        if let Some(pos) = self.latest.get(&notice.key) {
+            self.items[(pos - self.base) as usize] = None;
+            self.live -= 1;
+            self.conflations += 1;
+        }
+        if self.live >= cap {
+            self.overflows += 1;
+            self.state = State::Behind {
+                since: self.drained_through,
+                through: notice.seq,
+                why: Behind::SlowConsumer,
+            };
+            self.clear();
+            return;
+        }
+        if self.items.len() >= cap.saturating_mul(2).max(16) {
+            self.compact();
+        }
+        self.latest
+            .insert(notice.key.clone(), self.base + self.items.len() as u64);
+        self.items.push_back(Some(notice.clone()));
+        self.live += 1;
+    }
+
+    /// Drops the holes left by conflation.
+    fn compact(&mut self) {
+        let items: Vec<Arc<Notice>> = self.items.drain(..).flatten().collect();
+        self.latest.clear();
+        for (i, n) in items.iter().enumerate() {
+            self.latest.insert(n.key.clone(), self.base + i as u64);
+        }
+        self.items.extend(items.into_iter().map(Some));
+    }
+
+    fn drain(&mut self, max: usize, out: &mut Vec<Arc<Notice>>) {
+        while out.len() < max {
+            let Some(item) = self.items.pop_front() else {
+                break;
+            };
+            let pos = self.base;
+            self.base += 1;
+            if let Some(n) = item {
+                if self.latest.get(&n.key) == Some(&pos) {
+                    self.latest.remove(&n.key);
+                }
+                self.live -= 1;
+                self.drained_through = self.drained_through.max(n.seq);
+                out.push(n);
+            }
+        }
+    }
+}
+
+/// What a stream asked to receive.
+#[derive(Default)]
+pub struct Filters {
+    /// Exact keys (tracking mode).
+    pub tracked: HashSet<Key, KeyHash>,
+    /// Prefixes (broadcast mode).
+    pub prefixes: BTreeSet<String>,
+}
+
+impl Filters {
+    /// Whether a notice for `key` matches.
+    pub fn matches(&self, key: &str) -> bool {
+        self.tracked.contains(key) || self.prefixes.iter().any(|p| key.starts_with(p.as_str()))
+    }
+}
+
+/// One Watch stream, as the hub sees it.
+pub struct Subscriber {
+    id: u64,
+    /// The client's id, for no-loop and stats.
+    pub client_id: Arc<str>,
+    no_loop: bool,
+    queue: Mutex<Queue>,
+    /// Woken when the queue gets work.
+    pub wake: Notify,
+    /// What the stream wants.
+    pub filters: Mutex<Filters>,
+    acked: AtomicU64,
+}
+
+impl Subscriber {
+    /// Whether this stream wants a notice, before filters.
+    fn wants_origin(&self, notice: &Notice) -> bool {
+        !(self.no_loop
+            && notice
+                .origin
+                .as_deref()
+                .is_some_and(|o| !o.is_empty() && o == &*self.client_id))
+    }
+
+    /// Records an acknowledgement.
+    pub fn ack(&self, seq: u64) {
+        self.acked.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Takes up to `max` queued notices, in seq order.
+    pub fn drain(&self, max: usize, out: &mut Vec<Arc<Notice>>) {
+        self.queue.lock().drain(max, out);
+    }
+
+    /// The catch-up owed, if the stream is behind: `(since, through, why)`.
+    pub fn behind(&self) -> Option<(u64, u64, Behind)> {
+        match self.queue.lock().state {
+            State::Live => None,
+            State::Behind {
+                since,
+                through,
+                why,
+            } => Some((since, through, why)),
+        }
+    }
+
+    /// Ends a catch-up that covered everything up to `through`. Returns
+    /// false, and moves `since` to `through`, if publishers noted newer
+    /// misses meanwhile: catch up again from there.
+    pub fn finish_catch_up(&self, covered: u64) -> bool {
+        let mut queue = self.queue.lock();
+        match queue.state {
+            State::Behind { through, why, .. } if through > covered => {
+                queue.state = State::Behind {
+                    since: covered,
+                    through,
+                    why,
+                };
+                false
+            }
+            _ => {
+                queue.state = State::Live;
+                queue.drained_through = queue.drained_through.max(covered);
+                true
+            }
+        }
+    }
+
+    /// Queued notices right now.
+    pub fn queued(&self) -> usize {
+        self.queue.lock().live
+    }
+}
+
+/// Per-stream figures for Stats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberStats {
+    /// The client's id.
+    pub client_id: String,
+    /// The highest acknowledged seq.
+    pub acked_seq: u64,
+    /// Fanned-out seq minus acknowledged seq.
+    pub lag: u64,
+    /// Notices queued.
+    pub queued: u64,
+    /// Keys tracked.
+    pub tracked_keys: u64,
+    /// Prefixes watched.
+    pub prefixes: u64,
+    /// Times the queue overflowed.
+    pub overflows: u64,
+}
+
+#[derive(Default)]
+struct Routes {
+    subscribers: HashMap<u64, Arc<Subscriber>>,
+    by_key: HashMap<Key, Vec<Arc<Subscriber>>, KeyHash>,
+    by_prefix: HashMap<Box<str>, Vec<Arc<Subscriber>>>,
+    /// Distinct prefix lengths in `by_prefix`, with how many prefixes have it.
+    prefix_lens: std::collections::BTreeMap<usize, usize>,
+}
+
+impl Routes {
+    /// Every subscriber that wants a notice for `key`, possibly repeated.
+    fn targets<'a>(&'a self, key: &str, out: &mut Vec<&'a Arc<Subscriber>>) {
+        if let Some(subs) = self.by_key.get(key) {
+            out.extend(subs.iter());
+        }
+        for &len in self.prefix_lens.keys() {
+            if len > key.len() {
+                break;
+            }
+            if !key.is_char_boundary(len) {
+                continue;
+            }
+            if let Some(subs) = self.by_prefix.get(&key[..len]) {
+                out.extend(subs.iter());
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct History {
+    notices: VecDeque<Arc<Notice>>,
+    bytes: usize,
+    /// Every notice with a seq above this is held.
+    floor: u64,
+}
+
+/// Routes notices from publishes to Watch streams.
+pub struct Hub {
+    routes: RwLock<Routes>,
+    history: Mutex<History>,
+    /// The last seq whose notices were all queued.
+    fanned: AtomicU64,
+    next_id: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    config: HubConfig,
+}
+
+impl Hub {
+    /// An empty hub whose history starts after `seq`.
+    pub fn new(config: HubConfig, seq: u64) -> Self {
+        Self {
+            routes: RwLock::new(Routes::default()),
+            history: Mutex::new(History {
+                floor: seq,
+                ..History::default()
+            }),
+            fanned: AtomicU64::new(seq),
+            next_id: AtomicU64::new(1),
+            shutdown: watch::Sender::new(false),
+            config,
+        }
+    }
+
+    /// The hub's limits.
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    /// The last seq whose notices were all queued.
+    pub fn fanned(&self) -> u64 {
+        self.fanned.load(Ordering::Acquire)
+    }
+
+    /// Records the notices of one mutation (all with the same seq) and queues
+    /// them for every stream that wants them. Called in seq order.
+    pub fn fanout(&self, seq: u64, notices: Vec<Notice>) {
+        let notices: Vec<Arc<Notice>> = notices.into_iter().map(Arc::new).collect();
+        {
+            let mut history = self.history.lock();
+            for n in &notices {
+                history.bytes += n.bytes();
+                history.notices.push_back(n.clone());
+            }
+            while history.notices.len() > self.config.history_notices
+                || history.bytes > self.config.history_bytes
+            {
+                let Some(old) = history.notices.pop_front() else {
+                    break;
+                };
+                history.bytes -= old.bytes();
+                history.floor = history.floor.max(old.seq);
+            }
+        }
+        let routes = self.routes.read();
+        if !routes.subscribers.is_empty() {
+            let mut targets: Vec<(u64, usize, &Arc<Subscriber>)> = Vec::new();
+            let mut scratch = Vec::new();
+            for (i, n) in notices.iter().enumerate() {
+                scratch.clear();
+                routes.targets(&n.key, &mut scratch);
+                for sub in scratch.drain(..) {
+                    if sub.wants_origin(n) {
+                        targets.push((sub.id, i, sub));
+                    }
+                }
+            }
+            // Group by subscriber, keep seq order within, drop repeats.
+            targets.sort_by_key(|(id, i, _)| (*id, *i));
+            targets.dedup_by_key(|(id, i, _)| (*id, *i));
+            for group in targets.chunk_by(|a, b| a.0 == b.0) {
+                let sub = group[0].2;
+                {
+                    let mut queue = sub.queue.lock();
+                    for &(_, i, _) in group {
+                        queue.push(&notices[i], self.config.queue_notices);
+                    }
+                }
+                sub.wake.notify_one();
+            }
+        }
+        self.fanned.store(seq, Ordering::Release);
+    }
+
+    /// Registers a stream with its first filters, atomically with respect to
+    /// fan-out. `resume` is `(epoch matches, seq)`; the stream starts behind
+    /// when it resumes, and live from now otherwise. Returns the subscriber
+    /// and the seq it starts from; fails, registering nothing, past a limit.
+    pub fn subscribe(
+        &self,
+        client_id: &str,
+        no_loop: bool,
+        resume: Option<(bool, u64)>,
+        track: &[String],
+        prefixes: &[String],
+    ) -> Result<(Arc<Subscriber>, u64), String> {
+        let mut routes = self.routes.write();
+        let now = self.fanned();
+        let state = match resume {
+            None => State::Live,
+            Some((true, seq)) if seq >= now => State::Live,
+            Some((true, seq)) => State::Behind {
+                since: seq,
+                through: now,
+                why: Behind::Resume,
+            },
+            Some((false, _)) => State::Behind {
+                since: 0,
+                through: now,
+                why: Behind::NewEpoch,
+            },
+        };
+        let sub = Arc::new(Subscriber {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            client_id: Arc::from(client_id),
+            no_loop,
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                base: 0,
+                latest: HashMap::with_hasher(KeyHash),
+                live: 0,
+                state,
+                drained_through: now,
+                overflows: 0,
+                conflations: 0,
+            }),
+            wake: Notify::new(),
+            filters: Mutex::new(Filters::default()),
+            acked: AtomicU64::new(resume.map_or(now, |(_, s)| s)),
+        });
+        self.add_filters(&mut routes, &sub, track, prefixes)?;
+        routes.subscribers.insert(sub.id, sub.clone());
+        Ok((sub, now))
+    }
+
+    /// Adds tracked keys and prefixes to a stream, all or nothing.
+    fn add_filters(
+        &self,
+        routes: &mut Routes,
+        sub: &Arc<Subscriber>,
+        keys: &[String],
+        prefixes: &[String],
+    ) -> Result<(), String> {
+        let mut filters = sub.filters.lock();
+        let new_keys = keys
+            .iter()
+            .filter(|k| !filters.tracked.contains(k.as_str()))
+            .collect::<HashSet<_>>()
+            .len();
+        if filters.tracked.len() + new_keys > self.config.max_tracked_keys {
+            return Err(format!(
+                "tracking {} more keys would make {}; the limit is {} (max_tracked_keys)",
+                new_keys,
+                filters.tracked.len() + new_keys,
+                self.config.max_tracked_keys
+            ));
+        }
+        let new_prefixes = prefixes
+            .iter()
+            .filter(|p| !filters.prefixes.contains(*p))
+            .collect::<HashSet<_>>()
+            .len();
+        if filters.prefixes.len() + new_prefixes > self.config.max_prefixes {
+            return Err(format!(
+                "watching {} more prefixes would make {}; the limit is {} (max_prefixes)",
+                new_prefixes,
+                filters.prefixes.len() + new_prefixes,
+                self.config.max_prefixes
+            ));
+        }
+        for key in keys {
+            if filters.tracked.contains(key.as_str()) {
+                continue;
+            }
+            let key: Key = Key::from(key.as_str());
+            filters.tracked.insert(key.clone());
+            routes.by_key.entry(key).or_default().push(sub.clone());
+        }
+        for prefix in prefixes {
+            if filters.prefixes.insert(prefix.clone()) {
+                let subs = routes.by_prefix.entry(prefix.as_str().into()).or_default();
+                subs.push(sub.clone());
+                if subs.len() == 1 {
+                    *routes.prefix_lens.entry(prefix.len()).or_default() += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds tracked keys and prefixes to a live stream, all or nothing.
+    pub fn add(
+        &self,
+        sub: &Arc<Subscriber>,
+        keys: &[String],
+        prefixes: &[String],
+    ) -> Result<(), String> {
+        let mut routes = self.routes.write();
+        self.add_filters(&mut routes, sub, keys, prefixes)
+    }
+
+    /// Removes a stream and its routes.
+    pub fn unsubscribe(&self, sub: &Arc<Subscriber>) {
+        let mut routes = self.routes.write();
+        routes.subscribers.remove(&sub.id);
+        let filters = std::mem::take(&mut *sub.filters.lock());
+        for key in &filters.tracked {
+            remove_route(&mut routes.by_key, key, sub.id);
+        }
+        for prefix in &filters.prefixes {
+            if remove_route(&mut routes.by_prefix, prefix.as_str(), sub.id) {
+                dec_len(&mut routes.prefix_lens, prefix.len());
+            }
+        }
+    }
+
+    /// Stops tracking `keys`.
+    pub fn untrack(&self, sub: &Arc<Subscriber>, keys: &[String]) {
+        let mut routes = self.routes.write();
+        let mut filters = sub.filters.lock();
+        for key in keys {
+            if filters.tracked.remove(key.as_str()) {
+                remove_route(&mut routes.by_key, key.as_str(), sub.id);
+            }
+        }
+    }
+
+    /// Stops watching `prefixes`.
+    pub fn unwatch_prefixes(&self, sub: &Arc<Subscriber>, prefixes: &[String]) {
+        let mut routes = self.routes.write();
+        let mut filters = sub.filters.lock();
+        for prefix in prefixes {
+            if filters.prefixes.remove(prefix)
+                && remove_route(&mut routes.by_prefix, prefix.as_str(), sub.id)
+            {
+                dec_len(&mut routes.prefix_lens, prefix.len());
+            }
+        }
+    }
+
+    /// The notices in `(since, through]` that `sub` wants, if the history
+    /// still holds all of them.
+    pub fn replay(&self, sub: &Subscriber, since: u64, through: u64) -> Option<Vec<Arc<Notice>>> {
+        let history = self.history.lock();
+        if since < history.floor {
+            return None;
+        }
+        let filters = sub.filters.lock();
+        let start = history.notices.partition_point(|n| n.seq <= since);
+        Some(
+            history
+                .notices
+                .range(start..)
+                .take_while(|n| n.seq <= through)
+                .filter(|n| sub.wants_origin(n) && filters.matches(&n.key))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Begins shutdown: every stream sends its final progress and ends.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// A receiver that turns true when shutdown begins.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// History size and floor.
+    pub fn history_stats(&self) -> (u64, u64) {
+        let history = self.history.lock();
+        (history.notices.len() as u64, history.floor)
+    }
+
+    /// Per-stream figures.
+    pub fn subscriber_stats(&self) -> Vec<SubscriberStats> {
+        let fanned = self.fanned();
+        let routes = self.routes.read();
+        let mut stats: Vec<SubscriberStats> = routes
+            .subscribers
+            .values()
+            .map(|s| {
+                let acked = s.acked.load(Ordering::Relaxed);
+                let (queued, overflows) = {
+                    let q = s.queue.lock();
+                    (q.live as u64, q.overflows)
+                };
+                let filters = s.filters.lock();
+                SubscriberStats {
+                    client_id: s.client_id.to_string(),
+                    acked_seq: acked,
+                    lag: fanned.saturating_sub(acked),
+                    queued,
+                    tracked_keys: filters.tracked.len() as u64,
+                    prefixes: filters.prefixes.len() as u64,
+                    overflows,
+                }
+            })
+            .collect();
+        stats.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        stats
+    }
+}
+
+/// Removes `id` from the route of `key`; true when the route is gone.
+fn remove_route<K, S>(map: &mut HashMap<K, Vec<Arc<Subscriber>>, S>, key: &str, id: u64) -> bool
+where
+    K: std::borrow::Borrow<str> + std::hash::Hash + Eq,
+    S: std::hash::BuildHasher,
+{
+    let Some(subs) = map.get_mut(key) else {
+        return false;
+    };
+    subs.retain(|s| s.id != id);
+    if subs.is_empty() {
+        map.remove(key);
+        true
+    } else {
+        false
+    }
+}
+
+fn dec_len(lens: &mut std::collections::BTreeMap<usize, usize>, len: usize) {
+    if let Some(n) = lens.get_mut(&len) {
+        *n -= 1;
+        if *n == 0 {
+            lens.remove(&len);
+        }
+    }
+}

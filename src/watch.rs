@@ -1,0 +1,353 @@
+//! One Watch stream: the task that reads the client's requests, catches the
+//! stream up after a resume or an overflow, and writes notice batches,
+//! progress and resets at the client's pace.
+//!
+//! The task is generic over the inbound stream, so tests can drive it with a
+//! channel as well as with a network stream.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
+
+use crate::fanout::{Behind, Notice, Subscriber};
+use crate::pb::{self, watch_request::Request as In, watch_response::Response as Out};
+use crate::store::Store;
+use crate::validate::Limits;
+
+/// Most notices per batch written to the stream.
+const BATCH: usize = 512;
+
+type Sender = mpsc::Sender<Result<pb::WatchResponse, Status>>;
+
+fn notice(n: &Notice) -> pb::Notice {
+    pb::Notice {
+        seq: n.seq,
+        key: n.key.to_string(),
+        version: n.version,
+        cause: n.cause.to_string(),
+        critical: n.critical,
+        event_time_unix_ms: n.event_time_ms,
+    }
+}
+
+fn batch(notices: Vec<pb::Notice>) -> pb::WatchResponse {
+    pb::WatchResponse {
+        response: Some(Out::Notices(pb::NoticeBatch { notices })),
+    }
+}
+
+fn progress(store: &Store, seq: u64) -> pb::WatchResponse {
+    pb::WatchResponse {
+        response: Some(Out::Progress(pb::Progress {
+            epoch: store.epoch(),
+            seq,
+        })),
+    }
+}
+
+/// Checks every key or prefix of a request against the limits.
+fn check_keys(limits: &Limits, field: &str, keys: &[String], prefixes: bool) -> Result<(), Status> {
+    for (i, key) in keys.iter().enumerate() {
+        if prefixes && key.is_empty() {
+            continue; // The empty prefix watches everything.
+        }
+        limits.key(|| format!("{field}[{i}]"), key)?;
+    }
+    Ok(())
+}
+
+/// Validates a stream's first message and registers it. On success the
+/// stream's task is running and its responses flow into the returned
+/// receiver.
+pub fn start<S>(
+    store: Arc<Store>,
+    limits: Limits,
+    first: Option<pb::WatchRequest>,
+    inbound: S,
+) -> Result<mpsc::Receiver<Result<pb::WatchResponse, Status>>, Status>
+where
+    S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
+{
+    let Some(pb::WatchRequest {
+        request: Some(In::Start(start)),
+    }) = first
+    else {
+        return Err(Status::invalid_argument(
+            "the first message of a Watch stream must be `start`",
+        ));
+    };
+    check_keys(&limits, "start.track", &start.track, false)?;
+    check_keys(&limits, "start.subscribe", &start.subscribe, true)?;
+    let resume = start.resume.map(|t| (t.epoch == store.epoch(), t.seq));
+    let (sub, from) = store
+        .hub()
+        .subscribe(
+            &start.client_id,
+            start.no_loop,
+            resume,
+            &start.track,
+            &start.subscribe,
+        )
+        .map_err(Status::resource_exhausted)?;
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let hub_sub = sub.clone();
+        let store2 = store.clone();
+        run(store, limits, sub, from, resume.is_some(), inbound, tx).await;
+        store2.hub().unsubscribe(&hub_sub);
+    });
+    Ok(rx)
+}
+
+/// The catch-up a stream owes: exact notices from the history when it covers
+/// the gap, else a repair. Its size is bounded by the history and the
+/// stream's filters.
+fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::ResumeOutcome) {
+    let mut outcome = pb::ResumeOutcome::FromHistory;
+    let mut messages = Vec::new();
+    while let Some((since, through, why)) = sub.behind() {
+        let exact = match why {
+            Behind::NewEpoch => None,
+            Behind::Resume | Behind::SlowConsumer => store.hub().replay(sub, since, through),
+        };
+        match exact {
+            Some(notices) => {
+                for chunk in notices.chunks(BATCH) {
+                    messages.push(batch(chunk.iter().map(|n| notice(n)).collect()));
+                }
+            }
+            None => {
+                outcome = pb::ResumeOutcome::Repaired;
+                let reason = match why {
+                    Behind::NewEpoch => pb::ResetReason::NewEpoch,
+                    Behind::Resume => pb::ResetReason::HistoryCompacted,
+                    Behind::SlowConsumer => pb::ResetReason::SlowConsumer,
+                };
+                let (tracked, prefixes): (Vec<Arc<str>>, Vec<String>) = {
+                    let filters = sub.filters.lock();
+                    (
+                        filters.tracked.iter().cloned().collect(),
+                        filters.prefixes.iter().cloned().collect(),
+                    )
+                };
+                if why == Behind::NewEpoch {
+                    // Versions from another history mean nothing: drop all.
+                    messages.push(reset(String::new(), 0, reason));
+                } else {
+                    let mut repaired: Vec<pb::Notice> = tracked
+                        .iter()
+                        .filter_map(|key| {
+                            let (seq, version, critical) = store.last_change(key);
+                            (seq > since && seq <= through).then(|| pb::Notice {
+                                seq,
+                                key: key.to_string(),
+                                version,
+                                cause: String::new(),
+                                critical,
+                                event_time_unix_ms: 0,
+                            })
+                        })
+                        .collect();
+                    repaired.sort_by_key(|n| n.seq);
+                    for chunk in repaired.chunks(BATCH) {
+                        messages.push(batch(chunk.to_vec()));
+                    }
+                    for prefix in prefixes {
+                        messages.push(reset(prefix, since, reason));
+                    }
+                }
+            }
+        }
+        if sub.finish_catch_up(through) {
+            break;
+        }
+    }
+    (messages, outcome)
+}
+
+/// Catches a stream up and sends what that takes; `None` when the client
+/// went away.
+async fn send_catch_up(store: &Store, sub: &Subscriber, out: &Sender) -> Option<pb::ResumeOutcome> {
+    let (messages, outcome) = catch_up(store, sub);
+    for message in messages {
+        out.send(Ok(message)).await.ok()?;
+    }
+    Some(outcome)
+}
+
+fn reset(prefix: String, since: u64, reason: pb::ResetReason) -> pb::WatchResponse {
+    pb::WatchResponse {
+        response: Some(Out::Reset(pb::Reset {
+            prefix,
+            since,
+            reason: reason.into(),
+        })),
+    }
+}
+
+/// Drains the queue completely (catching up as needed), then sends progress
+/// at `seq`, a seq read before the drain.
+async fn flush_with_progress(
+    store: &Store,
+    sub: &Subscriber,
+    out: &Sender,
+    seq: u64,
+) -> Option<()> {
+    let mut buf = Vec::new();
+    loop {
+        if sub.behind().is_some() {
+            send_catch_up(store, sub, out).await?;
+        }
+        buf.clear();
+        sub.drain(BATCH, &mut buf);
+        if buf.is_empty() {
+            break;
+        }
+        out.send(Ok(batch(buf.iter().map(|n| notice(n)).collect())))
+            .await
+            .ok()?;
+    }
+    out.send(Ok(progress(store, seq))).await.ok()
+}
+
+async fn run<S>(
+    store: Arc<Store>,
+    limits: Limits,
+    sub: Arc<Subscriber>,
+    from: u64,
+    resumed: bool,
+    mut inbound: S,
+    out: Sender,
+) where
+    S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
+{
+    let hub = store.hub();
+    let mut shutdown = hub.shutdown_signal();
+    let outcome = if resumed {
+        // Catch up before saying so, so that `started` names what happened.
+        let (early, outcome) = catch_up(&store, &sub);
+        let started = pb::WatchResponse {
+            response: Some(Out::Started(pb::WatchStarted {
+                epoch: store.epoch(),
+                seq: from,
+                outcome: outcome.into(),
+            })),
+        };
+        if out.send(Ok(started)).await.is_err() {
+            return;
+        }
+        for m in early {
+            if out.send(Ok(m)).await.is_err() {
+                return;
+            }
+        }
+        outcome
+    } else {
+        pb::ResumeOutcome::New
+    };
+    if outcome == pb::ResumeOutcome::New {
+        let started = pb::WatchResponse {
+            response: Some(Out::Started(pb::WatchStarted {
+                epoch: store.epoch(),
+                seq: from,
+                outcome: outcome.into(),
+            })),
+        };
+        if out.send(Ok(started)).await.is_err() {
+            return;
+        }
+    }
+
+    let mut buf: Vec<Arc<Notice>> = Vec::new();
+    loop {
+        if *shutdown.borrow() {
+            // Drain: a final watermark, so the client resumes elsewhere
+            // without loss.
+            let seq = hub.fanned();
+            let _ = flush_with_progress(&store, &sub, &out, seq).await;
+            let _ = out
+                .send(Err(Status::unavailable(format!(
+                    "freshd is shutting down; resume elsewhere with token (epoch {}, seq {seq})",
+                    store.epoch()
+                ))))
+                .await;
+            return;
+        }
+        if sub.behind().is_some() && send_catch_up(&store, &sub, &out).await.is_none() {
+            return;
+        }
+        buf.clear();
+        sub.drain(BATCH, &mut buf);
+        if !buf.is_empty() {
+            let message = batch(buf.iter().map(|n| notice(n)).collect());
+            if out.send(Ok(message)).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            () = sub.wake.notified() => {}
+            request = inbound.next() => {
+                let request = match request {
+                    Some(Ok(r)) => r,
+                    // The client closed its side or went away.
+                    Some(Err(_)) | None => return,
+                };
+                if let Err(status) = handle(&store, &limits, &sub, &out, request).await {
+                    let _ = out.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Applies one client request.
+async fn handle(
+    store: &Store,
+    limits: &Limits,
+    sub: &Arc<Subscriber>,
+    out: &Sender,
+    request: pb::WatchRequest,
+) -> Result<(), Status> {
+    let hub = store.hub();
+    match request.request {
+        None => Err(Status::invalid_argument(
+            "a Watch request must set one field",
+        )),
+        Some(In::Start(_)) => Err(Status::invalid_argument(
+            "`start` may only be the first message of a Watch stream",
+        )),
+        Some(In::Track(list)) => {
+            check_keys(limits, "track.keys", &list.keys, false)?;
+            hub.add(sub, &list.keys, &[])
+                .map_err(Status::resource_exhausted)
+        }
+        Some(In::Untrack(list)) => {
+            hub.untrack(sub, &list.keys);
+            Ok(())
+        }
+        Some(In::Subscribe(list)) => {
+            check_keys(limits, "subscribe.keys", &list.keys, true)?;
+            hub.add(sub, &[], &list.keys)
+                .map_err(Status::resource_exhausted)
+        }
+        Some(In::Unsubscribe(list)) => {
+            hub.unwatch_prefixes(sub, &list.keys);
+            Ok(())
+        }
+        Some(In::Ack(ack)) => {
+            sub.ack(ack.seq);
+            Ok(())
+        }
+        Some(In::Progress(_)) => {
+            let seq = hub.fanned();
+            // A closed client ends the stream on the next read.
+            let _ = flush_with_progress(store, sub, out, seq).await;
+            Ok(())
+        }
+    }
+}

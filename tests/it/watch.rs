@@ -1,0 +1,336 @@
+//! The Watch stream against a real server: filtering, no-loop, resume inside
+//! and past the history, new epochs, slow consumers, shutdown.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use freshd::config::Config;
+use freshd::pb::{self, watch_request::Request as In, watch_response::Response as Out};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+use crate::harness::{connect, fill_req, publish_req, start, start_with, TestServer};
+
+/// A test-side Watch stream.
+struct Watcher {
+    tx: mpsc::Sender<pb::WatchRequest>,
+    rx: Streaming<pb::WatchResponse>,
+}
+
+fn request(r: In) -> pb::WatchRequest {
+    pb::WatchRequest { request: Some(r) }
+}
+
+impl Watcher {
+    async fn open(t: &TestServer, start: pb::WatchStart) -> (Self, pb::WatchStarted) {
+        let mut client = connect(&t.server).await;
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(request(In::Start(start))).await.unwrap();
+        let mut rx = client
+            .watch(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = rx.message().await.unwrap().unwrap();
+        let Some(Out::Started(started)) = first.response else {
+            panic!("expected started, got {first:?}");
+        };
+        (Self { tx, rx }, started)
+    }
+
+    async fn send(&self, r: In) {
+        self.tx.send(request(r)).await.unwrap();
+    }
+
+    /// Asks for progress and collects everything before it.
+    async fn until_progress(&mut self) -> (Vec<pb::Notice>, Vec<pb::Reset>, u64) {
+        self.send(In::Progress(pb::ProgressRequest {})).await;
+        let (mut notices, mut resets) = (Vec::new(), Vec::new());
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(20), self.rx.message())
+                .await
+                .expect("progress in time")
+                .unwrap()
+                .unwrap();
+            match m.response.unwrap() {
+                Out::Notices(b) => notices.extend(b.notices),
+                Out::Reset(r) => resets.push(r),
+                Out::Progress(p) => return (notices, resets, p.seq),
+                Out::Started(s) => panic!("unexpected {s:?}"),
+            }
+        }
+    }
+}
+
+fn start_msg(client_id: &str, track: &[&str], prefixes: &[&str]) -> pb::WatchStart {
+    pb::WatchStart {
+        client_id: client_id.into(),
+        no_loop: false,
+        resume: None,
+        track: track.iter().map(|k| k.to_string()).collect(),
+        subscribe: prefixes.iter().map(|k| k.to_string()).collect(),
+    }
+}
+
+fn keys(notices: &[pb::Notice]) -> Vec<(String, u64)> {
+    notices.iter().map(|n| (n.key.clone(), n.seq)).collect()
+}
+
+#[tokio::test]
+async fn tracked_keys_and_prefixes_get_only_what_matches() {
+    let mut t = start().await;
+    t.client
+        .fill(fill_req("feed:1", &["posts:1"], 0))
+        .await
+        .unwrap();
+    let (mut tracker, started) = Watcher::open(&t, start_msg("a", &["feed:1"], &[])).await;
+    assert_eq!(started.outcome(), pb::ResumeOutcome::New);
+    let (mut broadcast, _) = Watcher::open(&t, start_msg("b", &[], &["posts:"])).await;
+    let (mut other, _) = Watcher::open(&t, start_msg("c", &["feed:2"], &["users:"])).await;
+
+    let p = t
+        .client
+        .publish(publish_req(&["posts:1"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let (n, _, seq) = tracker.until_progress().await;
+    assert_eq!(keys(&n), vec![("feed:1".to_owned(), p.seq)]);
+    assert_eq!(n[0].cause, "posts:1");
+    assert_eq!(n[0].version, p.seq);
+    assert!(seq >= p.seq);
+    let (n, _, _) = broadcast.until_progress().await;
+    assert_eq!(keys(&n), vec![("posts:1".to_owned(), p.seq)]);
+    let (n, resets, _) = other.until_progress().await;
+    assert!(
+        n.is_empty() && resets.is_empty(),
+        "nothing for non-matching streams: {n:?}"
+    );
+
+    // Untrack: no more notices.
+    tracker
+        .send(In::Untrack(pb::KeyList {
+            keys: vec!["feed:1".into()],
+        }))
+        .await;
+    tracker.until_progress().await;
+    t.client.publish(publish_req(&["posts:1"])).await.unwrap();
+    let (n, _, _) = tracker.until_progress().await;
+    assert!(n.is_empty(), "{n:?}");
+}
+
+#[tokio::test]
+async fn no_loop_skips_my_own_publishes() {
+    let mut t = start().await;
+    let mut start = start_msg("svc-a", &["k"], &[]);
+    start.no_loop = true;
+    let (mut w, _) = Watcher::open(&t, start).await;
+    let mut own = publish_req(&["k"]);
+    own.client_id = "svc-a".into();
+    t.client.publish(own).await.unwrap();
+    let mut foreign = publish_req(&["k"]);
+    foreign.client_id = "svc-b".into();
+    let p = t.client.publish(foreign).await.unwrap().into_inner();
+    let (n, _, _) = w.until_progress().await;
+    assert_eq!(keys(&n), vec![("k".to_owned(), p.seq)]);
+}
+
+#[tokio::test]
+async fn resume_inside_the_history_loses_and_duplicates_nothing() {
+    let mut t = start().await;
+    let (mut w, started) = Watcher::open(&t, start_msg("a", &["k1", "k2"], &["p:"])).await;
+    t.client.publish(publish_req(&["k1"])).await.unwrap();
+    let (n, _, token) = w.until_progress().await;
+    assert_eq!(n.len(), 1);
+    drop(w);
+    let mut missed = Vec::new();
+    for k in ["k2", "zz", "p:x", "k1"] {
+        let p = t
+            .client
+            .publish(publish_req(&[k]))
+            .await
+            .unwrap()
+            .into_inner();
+        if k != "zz" {
+            missed.push((k.to_owned(), p.seq));
+        }
+    }
+    let mut resume = start_msg("a", &["k1", "k2"], &["p:"]);
+    resume.resume = Some(pb::ResumeToken {
+        epoch: started.epoch,
+        seq: token,
+    });
+    let (mut w, started) = Watcher::open(&t, resume).await;
+    assert_eq!(started.outcome(), pb::ResumeOutcome::FromHistory);
+    let p = t
+        .client
+        .publish(publish_req(&["k2"]))
+        .await
+        .unwrap()
+        .into_inner();
+    missed.push(("k2".to_owned(), p.seq));
+    let (n, resets, _) = w.until_progress().await;
+    assert_eq!(keys(&n), missed);
+    assert!(resets.is_empty());
+}
+
+#[tokio::test]
+async fn resume_past_the_history_repairs_exactly_the_changed_tracked_keys() {
+    let mut config = Config::ephemeral();
+    config.store.hub.history_notices = 4;
+    let mut t = start_with(config).await;
+    let (mut w, started) = Watcher::open(&t, start_msg("a", &["k1", "k2", "k3"], &["p:"])).await;
+    let (_, _, token) = w.until_progress().await;
+    drop(w);
+    let p1 = t
+        .client
+        .publish(publish_req(&["k1"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let p3 = t
+        .client
+        .publish(publish_req(&["k3"]))
+        .await
+        .unwrap()
+        .into_inner();
+    for i in 0..10 {
+        t.client
+            .publish(publish_req(&[&format!("other:{i}")]))
+            .await
+            .unwrap();
+    }
+    let mut resume = start_msg("a", &["k1", "k2", "k3"], &["p:"]);
+    resume.resume = Some(pb::ResumeToken {
+        epoch: started.epoch,
+        seq: token,
+    });
+    let (mut w, started) = Watcher::open(&t, resume).await;
+    assert_eq!(started.outcome(), pb::ResumeOutcome::Repaired);
+    let (n, resets, _) = w.until_progress().await;
+    assert_eq!(
+        keys(&n),
+        vec![("k1".to_owned(), p1.seq), ("k3".to_owned(), p3.seq)]
+    );
+    assert_eq!(resets.len(), 1);
+    assert_eq!(resets[0].prefix, "p:");
+    assert_eq!(resets[0].since, token);
+    assert_eq!(resets[0].reason(), pb::ResetReason::HistoryCompacted);
+}
+
+#[tokio::test]
+async fn a_token_from_another_epoch_resets_everything() {
+    let t = start().await;
+    let mut resume = start_msg("a", &["k1"], &[]);
+    resume.resume = Some(pb::ResumeToken { epoch: 1, seq: 5 });
+    let (mut w, started) = Watcher::open(&t, resume).await;
+    assert_eq!(started.outcome(), pb::ResumeOutcome::Repaired);
+    let (n, resets, _) = w.until_progress().await;
+    assert!(n.is_empty());
+    assert_eq!(resets.len(), 1);
+    assert_eq!(resets[0].prefix, "");
+    assert_eq!(resets[0].reason(), pb::ResetReason::NewEpoch);
+}
+
+#[tokio::test]
+async fn a_stalled_subscriber_stays_bounded_and_converges() {
+    let mut config = Config::ephemeral();
+    config.store.hub.queue_notices = 64;
+    config.store.hub.history_notices = 256;
+    let mut t = start_with(config).await;
+    let tracked: Vec<String> = (0..2_000).map(|i| format!("k{i}")).collect();
+    let refs: Vec<&str> = tracked.iter().map(|s| s.as_str()).collect();
+    let (mut slow, _) = Watcher::open(&t, start_msg("slow", &refs, &[])).await;
+    let (mut fast, _) = Watcher::open(&t, start_msg("fast", &refs, &[])).await;
+    let mut truth = HashMap::new();
+    // 100,000 notices: far more than the queue, the history and the
+    // transport's buffers hold.
+    for round in 0..200 {
+        let batch: Vec<&str> = (0..500)
+            .map(|j| refs[(round * 7 + j * 3) % refs.len()])
+            .collect();
+        let p = t
+            .client
+            .publish(publish_req(&batch))
+            .await
+            .unwrap()
+            .into_inner();
+        for k in batch {
+            truth.insert(k.to_owned(), p.seq);
+        }
+        if round % 20 == 0 {
+            // The fast one keeps up meanwhile.
+            fast.until_progress().await;
+        }
+    }
+    let stats = t
+        .client
+        .stats(pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let slow_stats = stats
+        .subscribers
+        .iter()
+        .find(|s| s.client_id == "slow")
+        .unwrap();
+    assert!(slow_stats.queued <= 64, "queue bound held: {slow_stats:?}");
+    assert!(slow_stats.overflows >= 1, "it fell behind: {slow_stats:?}");
+    // Now it reads: applying everything yields the server's versions.
+    let mut held = HashMap::new();
+    loop {
+        let (n, resets, _) = slow.until_progress().await;
+        assert!(resets.is_empty(), "tracked keys are repaired key by key");
+        if n.is_empty() {
+            break;
+        }
+        let mut last = 0;
+        for notice in n {
+            assert!(notice.seq >= last, "seq order");
+            last = notice.seq;
+            held.insert(notice.key, notice.version);
+        }
+    }
+    assert_eq!(held, truth);
+}
+
+#[tokio::test]
+async fn shutdown_sends_a_final_watermark_then_unavailable() {
+    let mut t = start().await;
+    let (mut w, _) = Watcher::open(&t, start_msg("a", &["k"], &[])).await;
+    let p = t
+        .client
+        .publish(publish_req(&["k"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let server = std::mem::replace(
+        &mut t.server,
+        freshd::server::RunningServer::start(Config::ephemeral())
+            .await
+            .unwrap(),
+    );
+    let stopping = tokio::spawn(server.stop());
+    let mut saw_notice = false;
+    let mut watermark = None;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), w.rx.message())
+            .await
+            .expect("the stream ends in time")
+        {
+            Ok(Some(m)) => match m.response.unwrap() {
+                Out::Notices(b) => saw_notice |= b.notices.iter().any(|n| n.seq == p.seq),
+                Out::Progress(pr) => watermark = Some(pr.seq),
+                other => panic!("unexpected {other:?}"),
+            },
+            Ok(None) => panic!("the stream must end with UNAVAILABLE"),
+            Err(status) => break status,
+        }
+    };
+    assert!(saw_notice);
+    assert_eq!(watermark, Some(p.seq));
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("resume elsewhere"));
+    stopping.await.unwrap().unwrap();
+}
