@@ -74,6 +74,9 @@ pub struct Args {
     /// Notices queued per Watch stream before it is caught up instead [default: 10000]
     #[arg(long, env = "FRESHD_QUEUE_NOTICES", value_name = "N")]
     pub queue_notices: Option<String>,
+    /// Bytes of notices queued per Watch stream [default: 16777216]
+    #[arg(long, env = "FRESHD_QUEUE_BYTES", value_name = "BYTES")]
+    pub queue_bytes: Option<String>,
     /// Keys one Watch stream may track [default: 100000]
     #[arg(long, env = "FRESHD_MAX_TRACKED_KEYS", value_name = "N")]
     pub max_tracked_keys: Option<String>,
@@ -160,6 +163,7 @@ const FILE_SETTINGS: &[&str] = &[
     "history_notices",
     "history_bytes",
     "queue_notices",
+    "queue_bytes",
     "max_tracked_keys",
     "max_prefixes",
     "log_format",
@@ -341,9 +345,17 @@ impl Config {
         let mut history_notices = hub.history_notices as u64;
         let mut history_bytes = hub.history_bytes as u64;
         let mut queue_notices = hub.queue_notices as u64;
+        let mut queue_bytes = hub.queue_bytes as u64;
         let mut max_tracked_keys = hub.max_tracked_keys as u64;
         let mut max_prefixes = hub.max_prefixes as u64;
-        let ints: [(&str, Option<String>, &mut u64, u64, u64); 11] = [
+        let ints: [(&str, Option<String>, &mut u64, u64, u64); 12] = [
+            (
+                "queue_bytes",
+                args.queue_bytes,
+                &mut queue_bytes,
+                1024,
+                1 << 40,
+            ),
             (
                 "history_notices",
                 args.history_notices,
@@ -431,6 +443,7 @@ impl Config {
         hub.history_notices = history_notices as usize;
         hub.history_bytes = history_bytes as usize;
         hub.queue_notices = queue_notices as usize;
+        hub.queue_bytes = queue_bytes as usize;
         hub.max_tracked_keys = max_tracked_keys as usize;
         hub.max_prefixes = max_prefixes as usize;
         config.expiry_batch = expiry_batch as usize;

@@ -9,7 +9,8 @@
 //! queue and writes batches to the network at the client's pace.
 //!
 //! # Slow consumers
-//! A queue holds at most `queue_notices` live notices; a newer notice for a
+//! A queue holds at most `queue_notices` live notices and `queue_bytes`
+//! bytes of them; a newer notice for a
 //! key already queued replaces it (conflation: the latest version wins, and
 //! it moves to the tail so seq order holds). A queue that is still full goes
 //! *behind*: it is emptied, publishers only note the highest seq it missed,
@@ -68,6 +69,8 @@ pub struct HubConfig {
     pub history_bytes: usize,
     /// Most notices queued for one stream before it is caught up instead.
     pub queue_notices: usize,
+    /// Most bytes of notices queued for one stream.
+    pub queue_bytes: usize,
     /// Most keys one stream may track.
     pub max_tracked_keys: usize,
     /// Most prefixes one stream may watch.
@@ -80,6 +83,7 @@ impl Default for HubConfig {
             history_notices: 100_000,
             history_bytes: 64 << 20,
             queue_notices: 10_000,
+            queue_bytes: 16 << 20,
             max_tracked_keys: 100_000,
             max_prefixes: 1_000,
         }
@@ -116,6 +120,7 @@ struct Queue {
     /// Key -> absolute position of its queued notice.
     latest: HashMap<Key, u64, KeyHash>,
     live: usize,
+    bytes: usize,
     state: State,
     /// The highest seq handed to the stream's writer.
     drained_through: u64,
@@ -129,19 +134,22 @@ impl Queue {
         self.items.clear();
         self.latest.clear();
         self.live = 0;
+        self.bytes = 0;
     }
 
-    fn push(&mut self, notice: &Arc<Notice>, cap: usize) {
+    fn push(&mut self, notice: &Arc<Notice>, cap: usize, cap_bytes: usize) {
         if let State::Behind { through, .. } = &mut self.state {
             *through = (*through).max(notice.seq);
             return;
         }
         if let Some(pos) = self.latest.get(&notice.key) {
-            self.items[(pos - self.base) as usize] = None;
+            if let Some(old) = self.items[(pos - self.base) as usize].take() {
+                self.bytes -= old.bytes();
+            }
             self.live -= 1;
             self.conflations += 1;
         }
-        if self.live >= cap {
+        if self.live >= cap || self.bytes + notice.bytes() > cap_bytes {
             self.overflows += 1;
             self.state = State::Behind {
                 since: self.drained_through,
@@ -158,6 +166,7 @@ impl Queue {
             .insert(notice.key.clone(), self.base + self.items.len() as u64);
         self.items.push_back(Some(notice.clone()));
         self.live += 1;
+        self.bytes += notice.bytes();
     }
 
     /// Drops the holes left by conflation.
@@ -170,8 +179,20 @@ impl Queue {
         self.items.extend(items.into_iter().map(Some));
     }
 
+    /// Takes up to `max` notices, more only to finish the last seq taken, so
+    /// that a batch never splits a seq.
     fn drain(&mut self, max: usize, out: &mut Vec<Arc<Notice>>) {
-        while out.len() < max {
+        loop {
+            let Some(front) = self.items.front() else {
+                break;
+            };
+            if out.len() >= max {
+                match (front, out.last()) {
+                    (Some(next), Some(last)) if next.seq == last.seq => {}
+                    (None, _) => {}
+                    _ => break,
+                }
+            }
             let Some(item) = self.items.pop_front() else {
                 break;
             };
@@ -182,6 +203,7 @@ impl Queue {
                     self.latest.remove(&n.key);
                 }
                 self.live -= 1;
+                self.bytes -= n.bytes();
                 self.drained_through = self.drained_through.max(n.seq);
                 out.push(n);
             }
@@ -217,6 +239,20 @@ pub struct Subscriber {
     /// What the stream wants.
     pub filters: Mutex<Filters>,
     acked: AtomicU64,
+    /// `(last seq, oldest event time)` of batches written and not yet
+    /// acknowledged, oldest first; bounded.
+    sent: Mutex<VecDeque<(u64, u64)>>,
+    /// Event-to-acknowledgement delay of the last acknowledged batch, ms.
+    ack_delay_ms: AtomicU64,
+}
+
+/// Batches remembered per stream for acknowledgement delays.
+const SENT_BATCHES: usize = 1024;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Subscriber {
@@ -229,9 +265,35 @@ impl Subscriber {
                 .is_some_and(|o| !o.is_empty() && o == &*self.client_id))
     }
 
-    /// Records an acknowledgement.
+    /// Records an acknowledgement, and the delay from the producer's event
+    /// time of the oldest notice it covers.
     pub fn ack(&self, seq: u64) {
         self.acked.fetch_max(seq, Ordering::Relaxed);
+        let mut sent = self.sent.lock();
+        let mut oldest = None;
+        while sent.front().is_some_and(|&(s, _)| s <= seq) {
+            let (_, event) = sent.pop_front().expect("checked");
+            oldest = Some(oldest.map_or(event, |o: u64| o.min(event)));
+        }
+        if let Some(event) = oldest {
+            self.ack_delay_ms
+                .store(unix_ms().saturating_sub(event), Ordering::Relaxed);
+        }
+    }
+
+    /// Notes a batch written to the stream, for acknowledgement delays.
+    pub fn sent(&self, notices: &[Arc<Notice>]) {
+        let (Some(last), Some(oldest)) = (
+            notices.last().map(|n| n.seq),
+            notices.iter().map(|n| n.event_time_ms).min(),
+        ) else {
+            return;
+        };
+        let mut sent = self.sent.lock();
+        if sent.len() == SENT_BATCHES {
+            sent.pop_front();
+        }
+        sent.push_back((last, oldest));
     }
 
     /// Takes up to `max` queued notices, in seq order.
@@ -296,6 +358,8 @@ pub struct SubscriberStats {
     pub prefixes: u64,
     /// Times the queue overflowed.
     pub overflows: u64,
+    /// Event-to-acknowledgement delay of the last acknowledged batch, ms.
+    pub ack_delay_ms: u64,
 }
 
 #[derive(Default)]
@@ -413,7 +477,11 @@ impl Hub {
                 {
                     let mut queue = sub.queue.lock();
                     for &(_, i, _) in group {
-                        queue.push(&notices[i], self.config.queue_notices);
+                        queue.push(
+                            &notices[i],
+                            self.config.queue_notices,
+                            self.config.queue_bytes,
+                        );
                     }
                 }
                 sub.wake.notify_one();
@@ -459,6 +527,7 @@ impl Hub {
                 base: 0,
                 latest: HashMap::with_hasher(KeyHash),
                 live: 0,
+                bytes: 0,
                 state,
                 drained_through: now,
                 overflows: 0,
@@ -467,6 +536,8 @@ impl Hub {
             wake: Notify::new(),
             filters: Mutex::new(Filters::default()),
             acked: AtomicU64::new(resume.map_or(now, |(_, s)| s)),
+            sent: Mutex::new(VecDeque::new()),
+            ack_delay_ms: AtomicU64::new(0),
         });
         self.add_filters(&mut routes, &sub, track, prefixes)?;
         routes.subscribers.insert(sub.id, sub.clone());
@@ -636,6 +707,7 @@ impl Hub {
                     tracked_keys: filters.tracked.len() as u64,
                     prefixes: filters.prefixes.len() as u64,
                     overflows,
+                    ack_delay_ms: s.ack_delay_ms.load(Ordering::Relaxed),
                 }
             })
             .collect();
@@ -668,5 +740,161 @@ fn dec_len(lens: &mut std::collections::BTreeMap<usize, usize>, len: usize) {
         if *n == 0 {
             lens.remove(&len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(seq: u64, key: &str) -> Arc<Notice> {
+        Arc::new(Notice {
+            seq,
+            key: Key::from(key),
+            version: seq,
+            cause: Key::from(key),
+            critical: false,
+            event_time_ms: 0,
+            origin: None,
+        })
+    }
+
+    fn queue() -> Queue {
+        Queue {
+            items: VecDeque::new(),
+            base: 0,
+            latest: HashMap::with_hasher(KeyHash),
+            live: 0,
+            bytes: 0,
+            state: State::Live,
+            drained_through: 0,
+            overflows: 0,
+            conflations: 0,
+        }
+    }
+
+    fn drained(q: &mut Queue, max: usize) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        q.drain(max, &mut out);
+        out.iter().map(|n| (n.seq, n.key.to_string())).collect()
+    }
+
+    #[test]
+    fn conflation_keeps_the_latest_at_the_tail_in_seq_order() {
+        let mut q = queue();
+        for (seq, key) in [(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "a")] {
+            q.push(&n(seq, key), 10, usize::MAX);
+        }
+        assert_eq!(q.live, 3);
+        assert_eq!(q.conflations, 2);
+        let got = drained(&mut q, 10);
+        assert_eq!(got, vec![(2, "b".into()), (4, "c".into()), (5, "a".into())]);
+        assert_eq!(q.bytes, 0);
+    }
+
+    #[test]
+    fn repeated_conflation_stays_bounded() {
+        let mut q = queue();
+        for seq in 1..=10_000 {
+            q.push(&n(seq, if seq % 2 == 0 { "a" } else { "b" }), 4, usize::MAX);
+        }
+        assert!(
+            q.items.len() <= 16,
+            "holes are compacted: {}",
+            q.items.len()
+        );
+        assert_eq!(
+            drained(&mut q, 10),
+            vec![(9_999, "b".into()), (10_000, "a".into())]
+        );
+    }
+
+    #[test]
+    fn a_full_queue_goes_behind_and_notes_what_it_missed() {
+        let mut q = queue();
+        q.push(&n(1, "a"), 2, usize::MAX);
+        assert_eq!(drained(&mut q, 10).len(), 1);
+        q.push(&n(2, "b"), 2, usize::MAX);
+        q.push(&n(3, "c"), 2, usize::MAX);
+        q.push(&n(4, "d"), 2, usize::MAX);
+        q.push(&n(7, "e"), 2, usize::MAX);
+        assert_eq!(
+            q.state,
+            State::Behind {
+                since: 1,
+                through: 7,
+                why: Behind::SlowConsumer
+            }
+        );
+        assert_eq!((q.live, q.bytes, q.overflows), (0, 0, 1));
+    }
+
+    #[test]
+    fn the_byte_bound_also_overflows() {
+        let mut q = queue();
+        let one = n(1, "a").bytes();
+        q.push(&n(1, "a"), 100, one * 2);
+        q.push(&n(2, "b"), 100, one * 2);
+        assert_eq!(q.state, State::Live);
+        q.push(&n(3, "c"), 100, one * 2);
+        assert!(matches!(q.state, State::Behind { .. }));
+    }
+
+    #[test]
+    fn a_batch_never_splits_a_seq() {
+        let mut q = queue();
+        for key in ["a", "b", "c"] {
+            q.push(&n(1, key), 100, usize::MAX);
+        }
+        q.push(&n(2, "d"), 100, usize::MAX);
+        assert_eq!(drained(&mut q, 2).len(), 3, "all of seq 1");
+        assert_eq!(drained(&mut q, 2), vec![(2, "d".into())]);
+    }
+
+    #[test]
+    fn prefix_routes_match_by_length_and_char_boundary() {
+        let hub = Hub::new(HubConfig::default(), 0);
+        let (sub, _) = hub
+            .subscribe(
+                "c",
+                false,
+                None,
+                &["exact".into()],
+                &["fé".into(), "posts:".into()],
+            )
+            .unwrap();
+        hub.fanout(
+            1,
+            vec![
+                Notice {
+                    seq: 1,
+                    ..(*n(1, "posts:1")).clone()
+                },
+                Notice {
+                    seq: 1,
+                    ..(*n(1, "féed")).clone()
+                },
+                Notice {
+                    seq: 1,
+                    ..(*n(1, "f")).clone()
+                },
+                Notice {
+                    seq: 1,
+                    ..(*n(1, "exact")).clone()
+                },
+                Notice {
+                    seq: 1,
+                    ..(*n(1, "exactly")).clone()
+                },
+            ],
+        );
+        let mut out = Vec::new();
+        sub.drain(10, &mut out);
+        let keys: Vec<&str> = out.iter().map(|n| &*n.key).collect();
+        assert_eq!(keys, vec!["posts:1", "féed", "exact"]);
+        hub.unsubscribe(&sub);
+        assert!(hub.routes.read().by_prefix.is_empty());
+        assert!(hub.routes.read().prefix_lens.is_empty());
+        assert!(hub.routes.read().by_key.is_empty());
     }
 }

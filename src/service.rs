@@ -206,6 +206,7 @@ impl Coordinator for CoordinatorService {
                 tracked_keys: s.tracked_keys,
                 prefixes: s.prefixes,
                 overflows: s.overflows,
+                ack_delay_ms: s.ack_delay_ms,
             })
             .collect();
         Ok(Response::new(pb::StatsResponse {

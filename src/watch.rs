@@ -32,6 +32,21 @@ fn notice(n: &Notice) -> pb::Notice {
     }
 }
 
+/// Splits notices in seq order into batches of about [`BATCH`], never
+/// splitting one seq: the last seq of a batch is a valid resume token.
+fn batches(notices: Vec<pb::Notice>, out: &mut Vec<pb::WatchResponse>) {
+    let mut current: Vec<pb::Notice> = Vec::new();
+    for n in notices {
+        if current.len() >= BATCH && current.last().is_some_and(|l| l.seq != n.seq) {
+            out.push(batch(std::mem::take(&mut current)));
+        }
+        current.push(n);
+    }
+    if !current.is_empty() {
+        out.push(batch(current));
+    }
+}
+
 fn batch(notices: Vec<pb::Notice>) -> pb::WatchResponse {
     pb::WatchResponse {
         response: Some(Out::Notices(pb::NoticeBatch { notices })),
@@ -114,9 +129,7 @@ fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::Res
         };
         match exact {
             Some(notices) => {
-                for chunk in notices.chunks(BATCH) {
-                    messages.push(batch(chunk.iter().map(|n| notice(n)).collect()));
-                }
+                batches(notices.iter().map(|n| notice(n)).collect(), &mut messages);
             }
             None => {
                 outcome = pb::ResumeOutcome::Repaired;
@@ -151,9 +164,7 @@ fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::Res
                         })
                         .collect();
                     repaired.sort_by_key(|n| n.seq);
-                    for chunk in repaired.chunks(BATCH) {
-                        messages.push(batch(chunk.to_vec()));
-                    }
+                    batches(repaired, &mut messages);
                     for prefix in prefixes {
                         messages.push(reset(prefix, since, reason));
                     }
@@ -205,6 +216,7 @@ async fn flush_with_progress(
         if buf.is_empty() {
             break;
         }
+        sub.sent(&buf);
         out.send(Ok(batch(buf.iter().map(|n| notice(n)).collect())))
             .await
             .ok()?;
@@ -281,6 +293,7 @@ async fn run<S>(
         buf.clear();
         sub.drain(BATCH, &mut buf);
         if !buf.is_empty() {
+            sub.sent(&buf);
             let message = batch(buf.iter().map(|n| notice(n)).collect());
             if out.send(Ok(message)).await.is_err() {
                 return;

@@ -58,3 +58,21 @@ pub fn fill_req(key: &str, deps: &[&str], observed_seq: u64) -> pb::FillRequest 
         epoch: 0,
     }
 }
+
+/// Retries `f` until it returns true, for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -334,3 +334,231 @@ async fn shutdown_sends_a_final_watermark_then_unavailable() {
     assert!(status.message().contains("resume elsewhere"));
     stopping.await.unwrap().unwrap();
 }
+
+/// One chaos subscriber: tracks `keys`, applies notices, and now and then
+/// drops its stream and resumes with its token.
+async fn chaos_subscriber(
+    server: std::sync::Arc<freshd::server::RunningServer>,
+    id: usize,
+    keys: Vec<String>,
+    done: tokio::sync::watch::Receiver<bool>,
+) -> (HashMap<String, u64>, usize) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(id as u64);
+    let mut held: HashMap<String, u64> = HashMap::new();
+    let mut token: Option<pb::ResumeToken> = None;
+    let mut reconnects = 0;
+    loop {
+        let mut client = freshd::pb::coordinator_client::CoordinatorClient::connect(server.url())
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let start = pb::WatchStart {
+            client_id: format!("chaos-{id}"),
+            no_loop: false,
+            resume: token,
+            track: keys.clone(),
+            subscribe: vec![],
+        };
+        tx.send(request(In::Start(start))).await.unwrap();
+        let mut stream = client
+            .watch(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let finishing = *done.borrow();
+        if finishing {
+            tx.send(request(In::Progress(pb::ProgressRequest {})))
+                .await
+                .unwrap();
+        }
+        let mut drop_after = if finishing {
+            usize::MAX
+        } else {
+            rng.random_range(1..40)
+        };
+        let mut done_now = done.clone();
+        loop {
+            let m = tokio::select! {
+                m = stream.message() => match m.unwrap() {
+                    Some(m) => m,
+                    None => break,
+                },
+                _ = done_now.wait_for(|d| *d), if !finishing => break,
+            };
+            match m.response.unwrap() {
+                Out::Started(s) => {
+                    token.get_or_insert(pb::ResumeToken {
+                        epoch: s.epoch,
+                        seq: s.seq,
+                    });
+                }
+                Out::Notices(b) => {
+                    for n in b.notices {
+                        let v = held.entry(n.key).or_default();
+                        assert!(n.version >= *v, "versions never go back");
+                        *v = n.version;
+                        token.as_mut().unwrap().seq = n.seq;
+                    }
+                }
+                Out::Reset(r) => panic!("tracked keys are repaired, not reset: {r:?}"),
+                Out::Progress(p) => {
+                    token.as_mut().unwrap().seq = p.seq;
+                    if finishing {
+                        return (held, reconnects);
+                    }
+                }
+            }
+            drop_after = drop_after.saturating_sub(1);
+            if drop_after == 0 {
+                break;
+            }
+        }
+        reconnects += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_subscribers_drop_and_resume_and_end_with_the_servers_versions() {
+    let mut config = Config::ephemeral();
+    // Small enough that some resumes fall out of the history and are repaired.
+    config.store.hub.history_notices = 3_000;
+    let server = std::sync::Arc::new(freshd::server::RunningServer::start(config).await.unwrap());
+    let all: Vec<String> = (0..200).map(|i| format!("item:{i}")).collect();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let mut subscribers = Vec::new();
+    for id in 0..50 {
+        let keys: Vec<String> = (0..20)
+            .map(|j| all[(id * 13 + j * 7) % all.len()].clone())
+            .collect();
+        subscribers.push((
+            keys.clone(),
+            tokio::spawn(chaos_subscriber(server.clone(), id, keys, done_rx.clone())),
+        ));
+    }
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let server = server.clone();
+        let all = all.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut client = connect(&server).await;
+            for n in 0..5_000 {
+                let key = &all[(p * 31 + n * 17) % all.len()];
+                client.publish(publish_req(&[key])).await.unwrap();
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    done_tx.send(true).unwrap();
+    let mut client = connect(&server).await;
+    let mut total_reconnects = 0;
+    for (keys, task) in subscribers {
+        let (held, reconnects) = task.await.unwrap();
+        total_reconnects += reconnects;
+        for key in keys {
+            let server_version = client
+                .inspect(pb::InspectRequest { key: key.clone() })
+                .await
+                .map(|r| r.into_inner().version)
+                .unwrap_or(0);
+            assert_eq!(
+                held.get(&key).copied().unwrap_or(0),
+                server_version,
+                "{key}"
+            );
+        }
+    }
+    assert!(
+        total_reconnects >= 50,
+        "the subscribers did drop: {total_reconnects}"
+    );
+}
+
+#[tokio::test]
+async fn acks_show_in_stats_with_the_event_to_ack_delay() {
+    let mut t = start().await;
+    let (mut w, _) = Watcher::open(&t, start_msg("acker", &["k"], &[])).await;
+    let event_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 1_500;
+    let mut req = publish_req(&["k"]);
+    req.changes[0].event_time_unix_ms = event_time;
+    let p = t.client.publish(req).await.unwrap().into_inner();
+    let (n, _, _) = w.until_progress().await;
+    assert_eq!(n[0].event_time_unix_ms, event_time);
+    w.send(In::Ack(pb::Ack { seq: p.seq })).await;
+    w.until_progress().await; // the ack is applied before the progress
+    let stats = t
+        .client
+        .stats(pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let s = &stats.subscribers[0];
+    assert_eq!(
+        (s.client_id.as_str(), s.acked_seq, s.lag),
+        ("acker", p.seq, 0)
+    );
+    assert!(s.ack_delay_ms >= 1_500, "{s:?}");
+    assert_eq!(s.tracked_keys, 1);
+}
+
+#[tokio::test]
+async fn bad_watch_requests_get_clear_errors() {
+    let mut config = Config::ephemeral();
+    config.store.hub.max_tracked_keys = 2;
+    let t = start_with(config).await;
+    let mut client = connect(&t.server).await;
+
+    // The first message must be start.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(request(In::Ack(pb::Ack { seq: 1 }))).await.unwrap();
+    let status = client.watch(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("must be `start`"));
+
+    // Too many tracked keys at start.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(request(In::Start(start_msg("x", &["a", "b", "c"], &[]))))
+        .await
+        .unwrap();
+    let status = client.watch(ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status.message().contains("max_tracked_keys"),
+        "{}",
+        status.message()
+    );
+
+    // Too many later, and an empty key.
+    let (mut w, _) = Watcher::open(&t, start_msg("y", &["a", "b"], &[])).await;
+    w.send(In::Track(pb::KeyList {
+        keys: vec!["c".into()],
+    }))
+    .await;
+    let status = w.rx.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    let (mut w, _) = Watcher::open(&t, start_msg("z", &[], &[])).await;
+    w.send(In::Track(pb::KeyList {
+        keys: vec![String::new()],
+    }))
+    .await;
+    let status = w.rx.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("track.keys[0] must not be empty"));
+    // A stream that ended is gone from Stats.
+    assert!(
+        crate::harness::eventually(Duration::from_secs(5), || {
+            let mut c = client.clone();
+            async move {
+                let stats = c.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+                stats.subscribers.is_empty()
+            }
+        })
+        .await
+    );
+}
