@@ -182,10 +182,7 @@ impl Queue {
     /// Takes up to `max` notices, more only to finish the last seq taken, so
     /// that a batch never splits a seq.
     fn drain(&mut self, max: usize, out: &mut Vec<Arc<Notice>>) {
-        loop {
-            let Some(front) = self.items.front() else {
-                break;
-            };
+        while let Some(front) = self.items.front() {
             if out.len() >= max {
                 match (front, out.last()) {
                     (Some(next), Some(last)) if next.seq == last.seq => {}
@@ -193,9 +190,7 @@ impl Queue {
                     _ => break,
                 }
             }
-            let Some(item) = self.items.pop_front() else {
-                break;
-            };
+            let item = self.items.pop_front().expect("front exists");
             let pos = self.base;
             self.base += 1;
             if let Some(n) = item {
