@@ -38,6 +38,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ttl_ms: 60_000,
             observed_seq: miss.seq,
             epoch: miss.epoch,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -46,8 +47,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let check = |version| pb::CheckRequest {
         key: key.into(),
         version,
-        age_ms: 0,
         epoch: fill.epoch,
+        ..Default::default()
     };
     let hit = client.check(check(fill.version)).await?.into_inner();
     println!("check on a hit: {:?}", hit.freshness());

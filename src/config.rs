@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::policy::{Policies, Policy};
 use crate::store::StoreConfig;
 use crate::validate::Limits;
 
@@ -83,6 +84,21 @@ pub struct Args {
     /// Prefixes one Watch stream may watch [default: 1000]
     #[arg(long, env = "FRESHD_MAX_PREFIXES", value_name = "N")]
     pub max_prefixes: Option<String>,
+    /// How long a fill lease lasts [default: 10s]
+    #[arg(long, env = "FRESHD_LEASE_TTL", value_name = "DURATION")]
+    pub lease_ttl: Option<String>,
+    /// Longest read-your-writes wait for a min_seq [default: 1s]
+    #[arg(long, env = "FRESHD_MAX_WAIT_FOR_SEQ", value_name = "DURATION")]
+    pub max_wait_for_seq: Option<String>,
+    /// Purges affecting more keys need confirm [default: 10000]
+    #[arg(long, env = "FRESHD_MAX_PURGE_KEYS", value_name = "N")]
+    pub max_purge_keys: Option<String>,
+    /// Most purges (not dry runs) per minute [default: 10]
+    #[arg(long, env = "FRESHD_PURGES_PER_MINUTE", value_name = "N")]
+    pub purges_per_minute: Option<String>,
+    /// A soft purge's default spread [default: 5s]
+    #[arg(long, env = "FRESHD_PURGE_JITTER", value_name = "DURATION")]
+    pub purge_jitter: Option<String>,
     /// Log format: text or json [default: text]; the filter comes from RUST_LOG
     #[arg(long, env = "FRESHD_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
@@ -166,7 +182,24 @@ const FILE_SETTINGS: &[&str] = &[
     "queue_bytes",
     "max_tracked_keys",
     "max_prefixes",
+    "lease_ttl",
+    "max_wait_for_seq",
+    "max_purge_keys",
+    "purges_per_minute",
+    "purge_jitter",
     "log_format",
+];
+
+/// The tables a TOML file may hold: freshness policies.
+const FILE_TABLES: &[&str] = &["default_policy", "policies"];
+
+/// The keys of a policy table.
+const POLICY_KEYS: &[&str] = &[
+    "max_age",
+    "revalidate_after",
+    "stale_while_revalidate",
+    "allow_stale_on_critical",
+    "check_sample_rate",
 ];
 
 /// Values from the file, by setting name.
@@ -193,10 +226,14 @@ impl FileValues {
         let table: toml::Table = text
             .parse()
             .map_err(|e| fail(format!("not valid TOML: {e}")))?;
-        if let Some(unknown) = table.keys().find(|k| !FILE_SETTINGS.contains(&k.as_str())) {
+        if let Some(unknown) = table
+            .keys()
+            .find(|k| !FILE_SETTINGS.contains(&k.as_str()) && !FILE_TABLES.contains(&k.as_str()))
+        {
             return Err(fail(format!(
-                "unknown setting `{unknown}`; known settings: {}",
-                FILE_SETTINGS.join(", ")
+                "unknown setting `{unknown}`; known settings: {}, and the tables {}",
+                FILE_SETTINGS.join(", "),
+                FILE_TABLES.join(", ")
             )));
         }
         Ok(Self {
@@ -238,6 +275,103 @@ impl FileValues {
             }
         };
         Ok(Some(Raw { value, origin }))
+    }
+}
+
+impl FileValues {
+    /// The `[default_policy]` and `[policies.<namespace>]` tables.
+    fn policies(&self) -> Result<Policies, ConfigError> {
+        let mut policies = Policies::default();
+        if let Some(value) = self.table.get("default_policy") {
+            policies.default = self.policy("default_policy", value)?;
+        }
+        if let Some(value) = self.table.get("policies") {
+            let toml::Value::Table(namespaces) = value else {
+                return Err(self.error("policies", "expected a table of namespaces"));
+            };
+            for (namespace, value) in namespaces {
+                let name = format!("policies.{namespace}");
+                if namespace.is_empty() || namespace.contains(':') {
+                    return Err(self.error(&name, "a namespace is non-empty and has no ':'"));
+                }
+                policies
+                    .namespaces
+                    .insert(namespace.clone(), self.policy(&name, value)?);
+            }
+        }
+        Ok(policies)
+    }
+
+    fn error(&self, setting: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            setting: setting.into(),
+            origin: self
+                .path
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display()
+                .to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn policy(&self, name: &str, value: &toml::Value) -> Result<Policy, ConfigError> {
+        let toml::Value::Table(table) = value else {
+            return Err(self.error(name, "expected a table"));
+        };
+        if let Some(unknown) = table.keys().find(|k| !POLICY_KEYS.contains(&k.as_str())) {
+            return Err(self.error(
+                &format!("{name}.{unknown}"),
+                format!("unknown policy setting; known: {}", POLICY_KEYS.join(", ")),
+            ));
+        }
+        let duration = |key: &str| -> Result<Option<Duration>, ConfigError> {
+            match table.get(key) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => {
+                    humantime::parse_duration(s).map(Some).map_err(|e| {
+                        self.error(
+                            &format!("{name}.{key}"),
+                            format!("{s:?} is not a duration ({e})"),
+                        )
+                    })
+                }
+                Some(_) => {
+                    Err(self.error(&format!("{name}.{key}"), "expected a duration like \"5s\""))
+                }
+            }
+        };
+        let mut policy = Policy {
+            max_age: duration("max_age")?.filter(|d| !d.is_zero()),
+            revalidate_after: duration("revalidate_after")?.filter(|d| !d.is_zero()),
+            stale_while_revalidate: duration("stale_while_revalidate")?.unwrap_or_default(),
+            ..Policy::default()
+        };
+        match table.get("allow_stale_on_critical") {
+            None => {}
+            Some(toml::Value::Boolean(b)) => policy.allow_stale_on_critical = *b,
+            Some(_) => {
+                return Err(self.error(
+                    &format!("{name}.allow_stale_on_critical"),
+                    "expected true or false",
+                ))
+            }
+        }
+        match table.get("check_sample_rate") {
+            None => {}
+            Some(toml::Value::Float(f)) => policy.check_sample_rate = *f,
+            Some(toml::Value::Integer(i)) => policy.check_sample_rate = *i as f64,
+            Some(_) => {
+                return Err(self.error(
+                    &format!("{name}.check_sample_rate"),
+                    "expected a number from 0 to 1",
+                ))
+            }
+        }
+        policy
+            .validate(name)
+            .map_err(|e| self.error(name, e.to_string()))?;
+        Ok(policy)
     }
 }
 
@@ -304,7 +438,16 @@ impl Config {
             }
             config.store.shards = n as usize;
         }
-        let durations: [(&str, Option<String>, &mut Duration); 5] = [
+        let mut max_wait_for_seq = config.limits.max_wait_for_seq;
+        let mut purge_jitter = config.limits.purge_jitter;
+        let durations: [(&str, Option<String>, &mut Duration); 8] = [
+            ("lease_ttl", args.lease_ttl, &mut config.store.lease_ttl),
+            (
+                "max_wait_for_seq",
+                args.max_wait_for_seq,
+                &mut max_wait_for_seq,
+            ),
+            ("purge_jitter", args.purge_jitter, &mut purge_jitter),
             (
                 "default_ttl",
                 args.default_ttl,
@@ -330,7 +473,9 @@ impl Config {
         for (name, cli, slot) in durations {
             if let Some(raw) = file.pick(name, cli)? {
                 let d = parse_duration(name, &raw)?;
-                if d.is_zero() && name != "shutdown_grace" {
+                if d.is_zero()
+                    && !matches!(name, "shutdown_grace" | "max_wait_for_seq" | "purge_jitter")
+                {
                     return Err(raw.error(name, "must be above zero"));
                 }
                 *slot = d;
@@ -348,7 +493,23 @@ impl Config {
         let mut queue_bytes = hub.queue_bytes as u64;
         let mut max_tracked_keys = hub.max_tracked_keys as u64;
         let mut max_prefixes = hub.max_prefixes as u64;
-        let ints: [(&str, Option<String>, &mut u64, u64, u64); 12] = [
+        let mut max_purge_keys = config.limits.max_purge_keys;
+        let mut purges_per_minute = config.limits.purges_per_minute;
+        let ints: [(&str, Option<String>, &mut u64, u64, u64); 14] = [
+            (
+                "max_purge_keys",
+                args.max_purge_keys,
+                &mut max_purge_keys,
+                0,
+                u64::MAX,
+            ),
+            (
+                "purges_per_minute",
+                args.purges_per_minute,
+                &mut purges_per_minute,
+                0,
+                1 << 20,
+            ),
             (
                 "queue_bytes",
                 args.queue_bytes,
@@ -447,6 +608,11 @@ impl Config {
         hub.max_tracked_keys = max_tracked_keys as usize;
         hub.max_prefixes = max_prefixes as usize;
         config.expiry_batch = expiry_batch as usize;
+        config.limits.max_wait_for_seq = max_wait_for_seq;
+        config.limits.purge_jitter = purge_jitter;
+        config.limits.max_purge_keys = max_purge_keys;
+        config.limits.purges_per_minute = purges_per_minute;
+        config.store.policies = file.policies()?;
         config.limits.max_key_bytes = max_key_bytes as usize;
         config.limits.max_dependencies = max_dependencies as usize;
         config.limits.max_batch_items = max_batch_items as usize;

@@ -45,6 +45,52 @@ pub enum Error {
     #[error("freshd holds nothing for key {0:?}: it was never filled or published, or it expired")]
     NotFound(String),
 
+    /// A purge would reach more keys than the blast radius allows.
+    #[error(
+        "purging prefix {prefix:?} would affect {affected} keys; the limit is {limit} \
+         (max_purge_keys): run a dry run, narrow the prefix, or set confirm"
+    )]
+    PurgeTooBroad {
+        /// The prefix.
+        prefix: String,
+        /// Keys it would affect, dependents included.
+        affected: u64,
+        /// The blast radius.
+        limit: u64,
+    },
+
+    /// Too many purges in the last minute.
+    #[error(
+        "{0} purges in the last minute; the limit is {1} (purges_per_minute): try again later"
+    )]
+    PurgeRateLimited(u64, u64),
+
+    /// A fill named a lease the caller does not hold.
+    #[error(
+        "lease token {token} is not held for key {key:?} (it expired, was released, or \
+         was never granted): lease again"
+    )]
+    LeaseNotHeld {
+        /// The key.
+        key: String,
+        /// The token sent.
+        token: u64,
+    },
+
+    /// A read-your-writes wait ran out.
+    #[error(
+        "this server has applied seq {applied}, not min_seq {min_seq}, within {waited_ms} ms: \
+         retry, or use a seq this server issued"
+    )]
+    SeqNotApplied {
+        /// The seq asked for.
+        min_seq: u64,
+        /// The seq applied.
+        applied: u64,
+        /// How long the server waited.
+        waited_ms: u64,
+    },
+
     /// The ordered log could not take a mutation.
     #[error("the mutation log failed: {0}; the request may not have been applied")]
     Log(String),
@@ -64,6 +110,11 @@ impl From<Error> for Status {
             Error::InvalidArgument(_) => Status::invalid_argument(message),
             Error::FillRaced { .. } | Error::EpochMismatch { .. } => Status::aborted(message),
             Error::NotFound(_) => Status::not_found(message),
+            Error::PurgeTooBroad { .. } | Error::LeaseNotHeld { .. } => {
+                Status::failed_precondition(message)
+            }
+            Error::PurgeRateLimited(..) => Status::resource_exhausted(message),
+            Error::SeqNotApplied { .. } => Status::unavailable(message),
             Error::Log(_) => Status::internal(message),
         }
     }

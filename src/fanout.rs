@@ -25,7 +25,7 @@
 //! an `.await`.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hashbrown::{HashMap, HashSet};
@@ -401,6 +401,9 @@ pub struct Hub {
     /// The last seq whose notices were all queued.
     fanned: AtomicU64,
     next_id: AtomicU64,
+    /// Whether a stream ever subscribed: until then no notice is built or
+    /// kept. Set under the store's sequencer (see `Store::subscribe`).
+    recording: AtomicBool,
     shutdown: watch::Sender<bool>,
     config: HubConfig,
 }
@@ -416,6 +419,7 @@ impl Hub {
             }),
             fanned: AtomicU64::new(seq),
             next_id: AtomicU64::new(1),
+            recording: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
             config,
         }
@@ -426,6 +430,11 @@ impl Hub {
         &self.config
     }
 
+    /// Whether publishes must build notices.
+    pub fn recording(&self) -> bool {
+        self.recording.load(Ordering::Acquire)
+    }
+
     /// The last seq whose notices were all queued.
     pub fn fanned(&self) -> u64 {
         self.fanned.load(Ordering::Acquire)
@@ -434,6 +443,10 @@ impl Hub {
     /// Records the notices of one mutation (all with the same seq) and queues
     /// them for every stream that wants them. Called in seq order.
     pub fn fanout(&self, seq: u64, notices: Vec<Notice>) {
+        if notices.is_empty() {
+            self.fanned.store(seq, Ordering::Release);
+            return;
+        }
         let notices: Vec<Arc<Notice>> = notices.into_iter().map(Arc::new).collect();
         {
             let mut history = self.history.lock();
@@ -486,7 +499,9 @@ impl Hub {
     }
 
     /// Registers a stream with its first filters, atomically with respect to
-    /// fan-out. `resume` is `(epoch matches, seq)`; the stream starts behind
+    /// fan-out. Call it through `Store::subscribe`, which holds the
+    /// sequencer so that no publish decides whether to record notices while
+    /// the first stream arrives. `resume` is `(epoch matches, seq)`; the stream starts behind
     /// when it resumes, and live from now otherwise. Returns the subscriber
     /// and the seq it starts from; fails, registering nothing, past a limit.
     pub fn subscribe(
@@ -499,6 +514,10 @@ impl Hub {
     ) -> Result<(Arc<Subscriber>, u64), String> {
         let mut routes = self.routes.write();
         let now = self.fanned();
+        if !self.recording.swap(true, Ordering::AcqRel) {
+            // History starts now: older tokens are repaired.
+            self.history.lock().floor = now;
+        }
         let state = match resume {
             None => State::Live,
             Some((true, seq)) if seq >= now => State::Live,
@@ -662,6 +681,28 @@ impl Hub {
                 .cloned()
                 .collect(),
         )
+    }
+
+    /// How many streams, and how many deliveries, notices for `keys` would
+    /// reach now.
+    pub fn reach(&self, keys: &[Key]) -> (u64, u64) {
+        let routes = self.routes.read();
+        if routes.subscribers.is_empty() {
+            return (0, 0);
+        }
+        let mut reached: HashSet<u64> = HashSet::new();
+        let mut deliveries = 0u64;
+        let mut scratch = Vec::new();
+        for key in keys {
+            scratch.clear();
+            routes.targets(key, &mut scratch);
+            let mut ids: Vec<u64> = scratch.iter().map(|s| s.id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            deliveries += ids.len() as u64;
+            reached.extend(ids);
+        }
+        (reached.len() as u64, deliveries)
     }
 
     /// Begins shutdown: every stream sends its final progress and ends.

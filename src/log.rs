@@ -6,6 +6,7 @@
 //! a NATS JetStream stream implement the same trait, so one applier serves all
 //! of them.
 
+use crate::policy::Policy;
 use crate::store::{FillSpec, PublishChange};
 
 /// A mutation as the log records it.
@@ -21,6 +22,23 @@ pub enum Record<'a> {
     },
     /// A fill that passed its `observed_seq` check.
     Fill(&'a FillSpec),
+    /// A freshness policy set (`Some`) or removed (`None`) for a namespace
+    /// (`None`: the default).
+    Policy {
+        /// The namespace.
+        namespace: Option<&'a str>,
+        /// The policy.
+        policy: Option<&'a Policy>,
+    },
+    /// A soft purge (hard purges are logged as publishes).
+    Purge {
+        /// The prefix.
+        prefix: &'a str,
+        /// Always false here.
+        hard: bool,
+        /// The spread, ms.
+        jitter_ms: u64,
+    },
 }
 
 /// An ordered, append-only log of mutations.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -81,9 +81,13 @@ pub async fn serve_store(
         .add_service(coordinator);
     let local = listener.local_addr()?;
     let mut serving: JoinHandle<Result<(), tonic::transport::Error>> = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = drain_rx.await;
-        }),
+        // Nagle's algorithm would hold small responses back for tens of ms.
+        router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = drain_rx.await;
+            },
+        ),
     );
     let expiry = tokio::spawn(expire_forever(
         store.clone(),

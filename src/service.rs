@@ -10,15 +10,19 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
+use crate::lease::LeaseOutcome;
 use crate::pb::{self, coordinator_server::Coordinator};
+use crate::policy::{self, Decision};
 use crate::store::{CheckAnswer, Freshness, Store};
-use crate::validate::Limits;
+use crate::validate::{self, Limits};
 
 /// The Coordinator service over a shared [`Store`].
 pub struct CoordinatorService {
     store: Arc<Store>,
     limits: Limits,
     started: Instant,
+    /// When recent purges ran, for `purges_per_minute`.
+    purges: parking_lot::Mutex<std::collections::VecDeque<Instant>>,
 }
 
 impl CoordinatorService {
@@ -28,6 +32,62 @@ impl CoordinatorService {
             store,
             limits,
             started: Instant::now(),
+            purges: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    /// Read your writes: waits, bounded, until `min_seq` is applied.
+    async fn wait_for(&self, min_seq: u64) -> Result<(), Status> {
+        if min_seq == 0 || self.store.seq() >= min_seq {
+            return Ok(());
+        }
+        let limit = self.limits.max_wait_for_seq;
+        if self.store.wait_applied(min_seq, limit).await {
+            return Ok(());
+        }
+        Err(Error::SeqNotApplied {
+            min_seq,
+            applied: self.store.seq(),
+            waited_ms: limit.as_millis() as u64,
+        }
+        .into())
+    }
+
+    /// Runs `purge` unless `purges_per_minute` purges were applied in the
+    /// last minute; only applied purges count. The lock serialises purges.
+    fn rate_limited<T>(
+        &self,
+        purge: impl FnOnce() -> Result<(T, bool), Error>,
+    ) -> Result<T, Status> {
+        let now = Instant::now();
+        let mut recent = self.purges.lock();
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t).as_secs() >= 60)
+        {
+            recent.pop_front();
+        }
+        let limit = self.limits.purges_per_minute;
+        if recent.len() as u64 >= limit {
+            return Err(Error::PurgeRateLimited(recent.len() as u64, limit).into());
+        }
+        let (outcome, applied) = purge()?;
+        if applied {
+            recent.push_back(now);
+        }
+        Ok(outcome)
+    }
+
+    fn named_policy(&self, namespace: &str) -> pb::NamespacePolicy {
+        let policies = self.store.policies();
+        let (policy, is_default) = match policies.namespaces.get(namespace) {
+            Some(p) if !namespace.is_empty() => (*p, false),
+            _ => (policies.default, true),
+        };
+        pb::NamespacePolicy {
+            namespace: namespace.to_owned(),
+            policy: Some(validate::policy_to_pb(&policy)),
+            is_default,
         }
     }
 
@@ -45,11 +105,21 @@ fn freshness(f: Freshness) -> pb::Freshness {
     }
 }
 
-fn result(a: CheckAnswer) -> pb::CheckResult {
+fn decision(d: Decision) -> pb::Decision {
+    match d {
+        Decision::Fresh => pb::Decision::Fresh,
+        Decision::Revalidate => pb::Decision::Revalidate,
+        Decision::Refetch => pb::Decision::Refetch,
+        Decision::Unknown => pb::Decision::Unknown,
+    }
+}
+
+fn result(a: CheckAnswer, d: Decision) -> pb::CheckResult {
     pb::CheckResult {
         freshness: freshness(a.freshness).into(),
         version: a.version,
         critical: a.critical,
+        decision: decision(d).into(),
     }
 }
 
@@ -57,6 +127,7 @@ const UNKNOWN: pb::CheckResult = pb::CheckResult {
     freshness: pb::Freshness::Unknown as i32,
     version: 0,
     critical: false,
+    decision: pb::Decision::Unknown as i32,
 };
 
 /// The response stream of Watch.
@@ -111,7 +182,22 @@ impl Coordinator for CoordinatorService {
             }
             .into());
         }
-        let spec = self.limits.fill(request, self.store.config())?;
+        let token = request.lease_token;
+        let mut spec = self.limits.fill(request, self.store.config())?;
+        if token != 0 {
+            let Some(lease_seq) = self.store.release_lease(&spec.key, token) else {
+                return Err(Error::LeaseNotHeld {
+                    key: spec.key,
+                    token,
+                }
+                .into());
+            };
+            spec.observed_seq = if spec.observed_seq == 0 {
+                lease_seq
+            } else {
+                spec.observed_seq.min(lease_seq)
+            };
+        }
         let outcome = self.store.fill(&spec)?;
         Ok(Response::new(pb::FillResponse {
             version: outcome.version,
@@ -127,9 +213,16 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let request = request.into_inner();
         self.limits.key(|| "key".to_owned(), &request.key)?;
+        self.wait_for(request.min_seq).await?;
+        let policy = self.store.policy_for(&request.key);
         let (answer, seq) = if self.same_epoch(request.epoch) {
-            let (answer, seq) = self.store.check(&request.key, request.version);
-            (result(answer), seq)
+            let (answer, seq) = self
+                .store
+                .check(&request.key, request.version, request.age_ms);
+            (
+                result(answer, policy::decide(&policy, &answer, request.age_ms)),
+                seq,
+            )
         } else {
             (UNKNOWN, self.store.seq())
         };
@@ -139,6 +232,8 @@ impl Coordinator for CoordinatorService {
             critical: answer.critical,
             seq,
             epoch: self.store.epoch(),
+            decision: answer.decision,
+            check_sample_rate: policy.check_sample_rate,
         }))
     }
 
@@ -151,11 +246,21 @@ impl Coordinator for CoordinatorService {
         for (i, item) in request.items.iter().enumerate() {
             self.limits.key(|| format!("items[{i}].key"), &item.key)?;
         }
+        self.wait_for(request.min_seq).await?;
         let (results, seq) = if self.same_epoch(request.epoch) {
             let (answers, seq) = self
                 .store
-                .check_batch(&request.items, |i| (i.key.as_str(), i.version));
-            (answers.into_iter().map(result).collect(), seq)
+                .check_batch(&request.items, |i| (i.key.as_str(), i.version, i.age_ms));
+            let policies = self.store.policies();
+            let results = answers
+                .into_iter()
+                .zip(&request.items)
+                .map(|(a, item)| {
+                    let p = policies.for_key(&item.key);
+                    result(a, policy::decide(p, &a, item.age_ms))
+                })
+                .collect();
+            (results, seq)
         } else {
             (vec![UNKNOWN; request.items.len()], self.store.seq())
         };
@@ -164,6 +269,138 @@ impl Coordinator for CoordinatorService {
             seq,
             epoch: self.store.epoch(),
         }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let request = request.into_inner();
+        self.limits.key(|| "key".to_owned(), &request.key)?;
+        self.wait_for(request.min_seq).await?;
+        let epoch = self.store.epoch();
+        let response = match self.store.lease(&request.key) {
+            LeaseOutcome::Granted { token, seq, ttl_ms } => pb::LeaseResponse {
+                granted: true,
+                token,
+                seq,
+                ttl_ms,
+                epoch,
+                ..Default::default()
+            },
+            LeaseOutcome::InFlight { expires_in_ms } => pb::LeaseResponse {
+                granted: false,
+                ttl_ms: expires_in_ms,
+                version: self.store.check(&request.key, 0, 0).0.version,
+                // Fills usually land well before the lease runs out.
+                retry_after_ms: expires_in_ms.clamp(1, 50),
+                epoch,
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn purge(
+        &self,
+        request: Request<pb::PurgeRequest>,
+    ) -> Result<Response<pb::PurgeResponse>, Status> {
+        let request = request.into_inner();
+        let spec = self.limits.purge(&request)?;
+        let outcome = if spec.dry_run {
+            self.store.purge(&spec, &request.client_id)?
+        } else {
+            self.rate_limited(|| {
+                let outcome = self.store.purge(&spec, &request.client_id)?;
+                Ok((outcome, outcome.applied))
+            })?
+        };
+        tracing::info!(
+            prefix = %spec.prefix,
+            hard = spec.hard,
+            dry_run = spec.dry_run,
+            affected = outcome.affected,
+            applied = outcome.applied,
+            "purge"
+        );
+        Ok(Response::new(pb::PurgeResponse {
+            matched: outcome.matched,
+            affected: outcome.affected,
+            subscribers: outcome.subscribers,
+            notices: outcome.notices,
+            seq: outcome.seq,
+            applied: outcome.applied,
+            epoch: self.store.epoch(),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::NamespacePolicy>, Status> {
+        let namespace = request.into_inner().namespace;
+        self.limits.namespace("namespace", &namespace)?;
+        Ok(Response::new(self.named_policy(&namespace)))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::NamespacePolicy>, Status> {
+        let request = request.into_inner();
+        self.limits.namespace("namespace", &request.namespace)?;
+        let policy = validate::policy(
+            request
+                .policy
+                .as_ref()
+                .ok_or_else(|| Error::invalid("policy must be set"))?,
+        )?;
+        let namespace = (!request.namespace.is_empty()).then_some(request.namespace.as_str());
+        self.store.set_policy(namespace, policy)?;
+        Ok(Response::new(self.named_policy(&request.namespace)))
+    }
+
+    async fn list_policies(
+        &self,
+        _request: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let policies = self.store.policies();
+        let mut list = vec![pb::NamespacePolicy {
+            namespace: String::new(),
+            policy: Some(validate::policy_to_pb(&policies.default)),
+            is_default: true,
+        }];
+        list.extend(
+            policies
+                .namespaces
+                .iter()
+                .map(|(ns, p)| pb::NamespacePolicy {
+                    namespace: ns.clone(),
+                    policy: Some(validate::policy_to_pb(p)),
+                    is_default: false,
+                }),
+        );
+        Ok(Response::new(pb::ListPoliciesResponse { policies: list }))
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let namespace = request.into_inner().namespace;
+        if namespace.is_empty() {
+            return Err(Error::invalid(
+                "namespace must not be empty: the default policy cannot be deleted, set it instead",
+            )
+            .into());
+        }
+        self.limits.namespace("namespace", &namespace)?;
+        if !self.store.delete_policy(&namespace)? {
+            return Err(Status::not_found(format!(
+                "namespace {namespace:?} has no policy of its own; it uses the default"
+            )));
+        }
+        Ok(Response::new(pb::DeletePolicyResponse {}))
     }
 
     async fn inspect(
@@ -221,6 +458,11 @@ impl Coordinator for CoordinatorService {
             subscribers,
             history_notices,
             history_floor_seq,
+            leases_granted: s.leases_granted,
+            leases_contended: s.leases_contended,
+            leases_held: s.leases_held,
+            purges: s.purges,
+            purged_keys: s.purged_keys,
         }))
     }
 }

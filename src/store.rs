@@ -42,7 +42,9 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
 use crate::fanout::{Hub, HubConfig, Notice};
+use crate::lease::{LeaseOutcome, Leases};
 use crate::log::{Log, Record};
+use crate::policy::{Policies, Policy};
 
 /// A key as the store holds it: shared between the map and every edge.
 pub type Key = Arc<str>;
@@ -82,6 +84,10 @@ pub struct StoreConfig {
     pub max_invalidations_per_publish: u64,
     /// Fan-out limits: history, queues, per-stream filters.
     pub hub: HubConfig,
+    /// How long a fill lease lasts.
+    pub lease_ttl: Duration,
+    /// The freshness policies to start with.
+    pub policies: Policies,
 }
 
 impl Default for StoreConfig {
@@ -93,6 +99,8 @@ impl Default for StoreConfig {
             change_retention: Duration::from_secs(60),
             max_invalidations_per_publish: 100_000,
             hub: HubConfig::default(),
+            lease_ttl: Duration::from_secs(10),
+            policies: Policies::default(),
         }
     }
 }
@@ -144,6 +152,40 @@ pub struct FillSpec {
     pub observed_seq: u64,
 }
 
+/// A purge, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeSpec {
+    /// Keys starting with it are purged, with their dependents.
+    pub prefix: String,
+    /// Hard (refetch now) or soft (revalidate, spread out).
+    pub hard: bool,
+    /// A soft purge's spread, ms.
+    pub jitter_ms: u64,
+    /// Only count.
+    pub dry_run: bool,
+    /// Go ahead above `max_keys`.
+    pub confirm: bool,
+    /// The blast radius above which confirmation is needed.
+    pub max_keys: u64,
+}
+
+/// What a purge did, or would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeOutcome {
+    /// Keys under the prefix.
+    pub matched: u64,
+    /// Those and their transitive dependents.
+    pub affected: u64,
+    /// Watch streams that get at least one notice.
+    pub subscribers: u64,
+    /// Notices sent (deliveries).
+    pub notices: u64,
+    /// The purge's seq (the current seq for a dry run).
+    pub seq: u64,
+    /// Whether anything was changed.
+    pub applied: bool,
+}
+
 /// What a fill did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FillOutcome {
@@ -175,12 +217,19 @@ pub struct CheckAnswer {
     pub version: u64,
     /// The critical bit of the key's last change.
     pub critical: bool,
+    /// A critical change happened after the cached version.
+    pub critical_since: bool,
+    /// A soft purge covers the cached copy: it is older than the key's purge
+    /// time.
+    pub soft_purged: bool,
 }
 
 const UNKNOWN: CheckAnswer = CheckAnswer {
     freshness: Freshness::Unknown,
     version: 0,
     critical: false,
+    critical_since: false,
+    soft_purged: false,
 };
 
 /// Everything the store holds for one key.
@@ -228,6 +277,16 @@ pub struct StoreStats {
     pub expired: u64,
     /// Publishes over `max_invalidations_per_publish` since start.
     pub oversized_publishes: u64,
+    /// Leases granted since start.
+    pub leases_granted: u64,
+    /// Lease requests that found a fill in flight, since start.
+    pub leases_contended: u64,
+    /// Leases held now.
+    pub leases_held: u64,
+    /// Purges applied since start.
+    pub purges: u64,
+    /// Keys those purges affected.
+    pub purged_keys: u64,
 }
 
 const CRITICAL: u8 = 1;
@@ -244,6 +303,11 @@ struct Node {
     /// Clock ms until which the key answers checks; 0 when it does not and has
     /// no expiry entry. A non-zero value has exactly one expiry entry.
     expires_at: u64,
+    /// Seq of the last critical change that reached the key; 0 if none.
+    last_critical_seq: u64,
+    /// Clock ms from which copies older than it must revalidate (a soft
+    /// purge); 0 if none.
+    soft_purge_at: u64,
     flags: u8,
     /// Forward edges, sorted by key.
     deps: Box<[Key]>,
@@ -261,6 +325,8 @@ impl Node {
             event_time_ms: 0,
             external_version: 0,
             expires_at: 0,
+            last_critical_seq: 0,
+            soft_purge_at: 0,
             flags: 0,
             deps: Box::new([]),
             dependents: HashSet::with_hasher(KeyHash),
@@ -275,15 +341,22 @@ impl Node {
         now < self.expires_at
     }
 
-    fn answer(&self, version: u64) -> CheckAnswer {
+    /// The answer for a copy at `version`, `age_ms` old, at clock `now`.
+    fn answer(&self, version: u64, age_ms: u64, now: u64) -> CheckAnswer {
+        let current = self.version == version;
         CheckAnswer {
-            freshness: if self.version == version {
+            freshness: if current {
                 Freshness::Fresh
             } else {
                 Freshness::Stale
             },
             version: self.version,
             critical: self.critical(),
+            critical_since: !current && self.last_critical_seq > version,
+            soft_purged: current
+                && self.soft_purge_at != 0
+                && now >= self.soft_purge_at
+                && now.saturating_sub(age_ms) < self.soft_purge_at,
         }
     }
 }
@@ -464,6 +537,20 @@ pub struct Store {
     expired: AtomicU64,
     oversized: AtomicU64,
     hub: Hub,
+    leases: Leases,
+    policies: RwLock<Policies>,
+    /// Woken after every applied mutation, for read-your-writes waits.
+    applied_notify: tokio::sync::Notify,
+    counters: Counters,
+}
+
+/// Counters of leases and purges.
+#[derive(Default)]
+struct Counters {
+    leases_granted: AtomicU64,
+    leases_contended: AtomicU64,
+    purges: AtomicU64,
+    purged_keys: AtomicU64,
 }
 
 impl Store {
@@ -495,6 +582,10 @@ impl Store {
                 start: tokio::time::Instant::now(),
             },
             hub: Hub::new(config.hub.clone(), last_seq),
+            leases: Leases::new(config.shards),
+            policies: RwLock::new(config.policies.clone()),
+            applied_notify: tokio::sync::Notify::new(),
+            counters: Counters::default(),
             config,
             expired: AtomicU64::new(0),
             oversized: AtomicU64::new(0),
@@ -504,6 +595,22 @@ impl Store {
     /// The fan-out hub that Watch streams subscribe to.
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// Registers a Watch stream (see [`Hub::subscribe`]) under the
+    /// sequencer, so that publishes start recording notices atomically with
+    /// the first stream.
+    pub fn subscribe(
+        &self,
+        client_id: &str,
+        no_loop: bool,
+        resume: Option<(bool, u64)>,
+        track: &[String],
+        prefixes: &[String],
+    ) -> std::result::Result<(Arc<crate::fanout::Subscriber>, u64), String> {
+        let _sequencer = self.sequencer.lock();
+        self.hub
+            .subscribe(client_id, no_loop, resume, track, prefixes)
     }
 
     /// The epoch of this store's history.
@@ -599,8 +706,13 @@ impl Store {
         let retention = now + self.config.change_retention.as_millis() as u64;
         let mut results = Vec::with_capacity(changes.len());
         let mut total = 0u64;
-        // (key, index of the change that first reached it), in bump order.
-        let mut bumped: Vec<(Key, usize, u64)> = Vec::new();
+        // Notices are only built once a Watch stream has ever subscribed;
+        // until then nobody can resume, and publishes skip the work.
+        let record = self.hub.recording();
+        let origin: Option<Arc<str>> = (record && !origin.is_empty()).then(|| Arc::from(origin));
+        let mut notices: Vec<Notice> = Vec::new();
+        // Keys whose critical bit was raised after their notice was built.
+        let mut upgraded: Vec<Key> = Vec::new();
         for (i, change) in changes.iter().enumerate() {
             if duplicate[i] {
                 results.push(ChangeOutcome {
@@ -631,10 +743,24 @@ impl Store {
             }
             let mut invalidated = 0;
             let queue = &mut sequencer.queue;
+            let cause = node.key.clone();
+            let mut note = |node: &Node, visit: &Bump, critical: bool| match visit {
+                Bump::New if record => notices.push(Notice {
+                    seq,
+                    key: node.key.clone(),
+                    version: seq,
+                    cause: cause.clone(),
+                    critical,
+                    event_time_ms: event_time,
+                    origin: origin.clone(),
+                }),
+                Bump::Upgraded if record => upgraded.push(node.key.clone()),
+                _ => {}
+            };
             let visit = bump(node, seq, change.critical, now_unix, event_time);
+            note(node, &visit, change.critical);
             if visit == Bump::New {
                 invalidated += 1;
-                bumped.push((node.key.clone(), i, hash));
             }
             if visit != Bump::Seen {
                 queue.extend(node.dependents.iter().map(|k| (k.clone(), change.critical)));
@@ -646,9 +772,9 @@ impl Store {
                     continue;
                 };
                 let visit = bump(node, seq, critical, now_unix, event_time);
+                note(node, &visit, critical);
                 if visit == Bump::New {
                     invalidated += 1;
-                    bumped.push((node.key.clone(), i, hash));
                 }
                 if visit != Bump::Seen {
                     queue.extend(node.dependents.iter().map(|k| (k.clone(), critical)));
@@ -661,29 +787,16 @@ impl Store {
                 version: seq,
             });
         }
-        // Notices carry each key's final critical bit of this publish.
-        let origin: Option<Arc<str>> = (!origin.is_empty()).then(|| Arc::from(origin));
-        let causes: Vec<Key> = changes.iter().map(|c| Key::from(c.key.as_str())).collect();
-        let notices: Vec<Notice> = bumped
-            .into_iter()
-            .map(|(key, i, hash)| {
-                let node = shards
-                    .shard(self.shard_index(hash))
-                    .get(hash, &key)
-                    .expect("bumped above");
-                Notice {
-                    seq,
-                    version: seq,
-                    critical: node.critical(),
-                    event_time_ms: node.event_time_ms,
-                    cause: causes[i].clone(),
-                    key,
-                    origin: origin.clone(),
-                }
-            })
-            .collect();
+        if !upgraded.is_empty() {
+            // Notices carry each key's final critical bit of this publish.
+            let upgraded: HashSet<Key, KeyHash> = upgraded.into_iter().collect();
+            for n in &mut notices {
+                n.critical |= upgraded.contains(&n.key);
+            }
+        }
         self.applied.store(seq, Ordering::Release);
         drop(shards);
+        self.applied_notify.notify_waiters();
         // Still under the sequencer: fan-outs run in seq order.
         self.hub.fanout(seq, notices);
 
@@ -872,6 +985,7 @@ impl Store {
         shard.set_expiry(hash, &spec.key, expires_at);
         let version = shard.get(hash, &spec.key).expect("present").version;
         self.applied.store(seq, Ordering::Release);
+        self.applied_notify.notify_waiters();
         Ok(FillOutcome {
             version,
             seq,
@@ -879,13 +993,14 @@ impl Store {
         })
     }
 
-    /// Checks one cached copy. Returns the answer and the seq it reflects.
-    pub fn check(&self, key: &str, version: u64) -> (CheckAnswer, u64) {
+    /// Checks one cached copy, `age_ms` old. Returns the answer and the seq
+    /// it reflects.
+    pub fn check(&self, key: &str, version: u64, age_ms: u64) -> (CheckAnswer, u64) {
         let hash = hash_key(key);
         let now = self.clock.now();
         let shard = self.read(hash);
         let answer = match shard.get(hash, key) {
-            Some(node) if node.live(now) => node.answer(version),
+            Some(node) if node.live(now) => node.answer(version, age_ms, now),
             _ => UNKNOWN,
         };
         // Loaded under the shard lock: every mutation up to this seq that
@@ -894,12 +1009,12 @@ impl Store {
     }
 
     /// Checks many cached copies against one consistent state. `item` gives
-    /// the key and cached version of each element. Returns the answers in
-    /// order and the seq they reflect.
+    /// the key, cached version and age of each element. Returns the answers
+    /// in order and the seq they reflect.
     pub fn check_batch<T>(
         &self,
         items: &[T],
-        item: impl Fn(&T) -> (&str, u64),
+        item: impl Fn(&T) -> (&str, u64, u64),
     ) -> (Vec<CheckAnswer>, u64) {
         let hashes: Vec<u64> = items.iter().map(|t| hash_key(item(t).0)).collect();
         let mut needed = vec![false; self.shards.len()];
@@ -918,13 +1033,13 @@ impl Store {
             .iter()
             .zip(&hashes)
             .map(|(t, &h)| {
-                let (key, version) = item(t);
+                let (key, version, age_ms) = item(t);
                 let index = self.shard_index(h);
                 let pos = guards
                     .binary_search_by_key(&index, |(i, _)| *i)
                     .expect("locked above");
                 match guards[pos].1.get(h, key) {
-                    Some(node) if node.live(now) => node.answer(version),
+                    Some(node) if node.live(now) => node.answer(version, age_ms, now),
                     _ => UNKNOWN,
                 }
             })
@@ -956,6 +1071,215 @@ impl Store {
         })
     }
 
+    /// Waits until the store has applied `min_seq`, for at most `limit`.
+    /// Returns whether it has.
+    pub async fn wait_applied(&self, min_seq: u64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.applied_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.seq() >= min_seq {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.seq() >= min_seq;
+            }
+        }
+    }
+
+    /// Asks for the fill lease of `key`, bound to the current seq.
+    pub fn lease(&self, key: &str) -> LeaseOutcome {
+        let ttl = self.config.lease_ttl.as_millis() as u64;
+        let outcome = self.leases.acquire(key, self.clock.now(), self.seq(), ttl);
+        let counter = match outcome {
+            LeaseOutcome::Granted { .. } => &self.counters.leases_granted,
+            LeaseOutcome::InFlight { .. } => &self.counters.leases_contended,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    /// Releases the lease `token` on `key`; returns the seq it observed, or
+    /// `None` when the caller does not hold it.
+    pub fn release_lease(&self, key: &str, token: u64) -> Option<u64> {
+        self.leases.release(key, token, self.clock.now())
+    }
+
+    /// The policy for `key`'s namespace.
+    pub fn policy_for(&self, key: &str) -> Policy {
+        *self.policies.read().for_key(key)
+    }
+
+    /// All policies.
+    pub fn policies(&self) -> Policies {
+        self.policies.read().clone()
+    }
+
+    /// Sets the policy of `namespace` (`None`: the default). Logged like any
+    /// mutation; returns its seq.
+    pub fn set_policy(&self, namespace: Option<&str>, policy: Policy) -> Result<u64> {
+        let mut sequencer = self.sequencer.lock();
+        let seq = sequencer
+            .log
+            .append(&Record::Policy {
+                namespace,
+                policy: Some(&policy),
+            })
+            .map_err(|e| Error::Log(e.to_string()))?;
+        {
+            let mut policies = self.policies.write();
+            match namespace {
+                None => policies.default = policy,
+                Some(ns) => {
+                    policies.namespaces.insert(ns.to_owned(), policy);
+                }
+            }
+        }
+        self.applied.store(seq, Ordering::Release);
+        self.applied_notify.notify_waiters();
+        Ok(seq)
+    }
+
+    /// Removes the policy of `namespace`, which falls back to the default.
+    /// Returns whether it had one.
+    pub fn delete_policy(&self, namespace: &str) -> Result<bool> {
+        let mut sequencer = self.sequencer.lock();
+        if !self.policies.read().namespaces.contains_key(namespace) {
+            return Ok(false);
+        }
+        let seq = sequencer
+            .log
+            .append(&Record::Policy {
+                namespace: Some(namespace),
+                policy: None,
+            })
+            .map_err(|e| Error::Log(e.to_string()))?;
+        self.policies.write().namespaces.remove(namespace);
+        self.applied.store(seq, Ordering::Release);
+        self.applied_notify.notify_waiters();
+        Ok(true)
+    }
+
+    /// Every key starting with `prefix` and every key that transitively
+    /// depends on one: `(matched, affected)`. Reads shard by shard; callers
+    /// hold the sequencer so that nothing changes meanwhile.
+    fn purge_scope(&self, prefix: &str) -> (Vec<Key>, Vec<Key>) {
+        let mut matched = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.read();
+            matched.extend(
+                shard
+                    .nodes
+                    .iter()
+                    .filter(|n| n.key.starts_with(prefix))
+                    .map(|n| n.key.clone()),
+            );
+        }
+        let mut seen: HashSet<Key, KeyHash> = matched.iter().cloned().collect();
+        let mut affected = matched.clone();
+        let mut next = 0;
+        while next < affected.len() {
+            let key = affected[next].clone();
+            next += 1;
+            let hash = hash_key(&key);
+            let shard = self.read(hash);
+            if let Some(node) = shard.get(hash, &key) {
+                for d in &node.dependents {
+                    if seen.insert(d.clone()) {
+                        affected.push(d.clone());
+                    }
+                }
+            }
+        }
+        (matched, affected)
+    }
+
+    /// Purges every key under a prefix and its dependents: hard (a critical
+    /// change: copies answer REFETCH, and notices go out) or soft (copies
+    /// older than the purge answer REVALIDATE, spread over `jitter_ms`, and
+    /// no notices go out). A dry run only counts.
+    pub fn purge(&self, spec: &PurgeSpec, origin: &str) -> Result<PurgeOutcome> {
+        let mut sequencer = self.sequencer.lock();
+        let (matched, affected) = self.purge_scope(&spec.prefix);
+        let (subscribers, notices) = if spec.hard {
+            self.hub.reach(&affected)
+        } else {
+            (0, 0)
+        };
+        let mut outcome = PurgeOutcome {
+            matched: matched.len() as u64,
+            affected: affected.len() as u64,
+            subscribers,
+            notices,
+            seq: self.seq(),
+            applied: false,
+        };
+        if spec.dry_run {
+            return Ok(outcome);
+        }
+        if outcome.affected > spec.max_keys && !spec.confirm {
+            return Err(Error::PurgeTooBroad {
+                prefix: spec.prefix.clone(),
+                affected: outcome.affected,
+                limit: spec.max_keys,
+            });
+        }
+        if matched.is_empty() {
+            return Ok(outcome);
+        }
+        self.counters.purges.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .purged_keys
+            .fetch_add(outcome.affected, Ordering::Relaxed);
+        if spec.hard {
+            drop(sequencer);
+            let changes: Vec<PublishChange> = matched
+                .iter()
+                .map(|k| PublishChange {
+                    key: k.to_string(),
+                    external_version: None,
+                    critical: true,
+                    event_time_ms: 0,
+                })
+                .collect();
+            outcome.seq = self.publish_from(&changes, origin)?.seq;
+            outcome.applied = true;
+            return Ok(outcome);
+        }
+        let seq = sequencer
+            .log
+            .append(&Record::Purge {
+                prefix: &spec.prefix,
+                hard: false,
+                jitter_ms: spec.jitter_ms,
+            })
+            .map_err(|e| Error::Log(e.to_string()))?;
+        let now = self.clock.now();
+        sequencer.reset_needed();
+        for key in &affected {
+            sequencer.needed[self.shard_index(hash_key(key))] = true;
+        }
+        let mut shards = WriteSet::lock(self, &sequencer.needed);
+        for key in &affected {
+            let hash = hash_key(key);
+            let jitter = if spec.jitter_ms == 0 {
+                0
+            } else {
+                hash % spec.jitter_ms
+            };
+            if let Some(node) = shards.shard(self.shard_index(hash)).get_mut(hash, key) {
+                node.soft_purge_at = now + jitter;
+            }
+        }
+        self.applied.store(seq, Ordering::Release);
+        drop(shards);
+        self.applied_notify.notify_waiters();
+        outcome.seq = seq;
+        outcome.applied = true;
+        Ok(outcome)
+    }
+
     /// The last change of `key` for a repair: `(last_change_seq, version,
     /// critical)`. For a key not held, the shard's bound of forgotten changes
     /// and version 0.
@@ -984,6 +1308,11 @@ impl Store {
             epoch: self.epoch,
             expired: self.expired.load(Ordering::Relaxed),
             oversized_publishes: self.oversized.load(Ordering::Relaxed),
+            leases_granted: self.counters.leases_granted.load(Ordering::Relaxed),
+            leases_contended: self.counters.leases_contended.load(Ordering::Relaxed),
+            leases_held: self.leases.len() as u64,
+            purges: self.counters.purges.load(Ordering::Relaxed),
+            purged_keys: self.counters.purged_keys.load(Ordering::Relaxed),
         }
     }
 
@@ -994,6 +1323,7 @@ impl Store {
     pub fn expire(&self, budget: usize) -> usize {
         let mut sequencer = self.sequencer.lock();
         let now = self.clock.now();
+        self.leases.sweep(now);
         let mut processed = 0;
         let mut released: Vec<(Key, Key)> = Vec::new();
         for _ in 0..self.shards.len() {
@@ -1047,9 +1377,13 @@ fn bump(node: &mut Node, seq: u64, critical: bool, now_unix: u64, event_time: u6
         node.changed_at_ms = now_unix;
         node.event_time_ms = event_time;
         node.flags = (node.flags & !CRITICAL) | if critical { CRITICAL } else { 0 };
+        if critical {
+            node.last_critical_seq = seq;
+        }
         Bump::New
     } else if critical && !node.critical() {
         node.flags |= CRITICAL;
+        node.last_critical_seq = seq;
         Bump::Upgraded
     } else {
         Bump::Seen
@@ -1201,15 +1535,15 @@ mod tests {
     fn check_answers_fresh_stale_and_unknown() {
         let s = store();
         let f = fill(&s, "feed", &["posts"]);
-        assert_eq!(s.check("feed", f.version).0.freshness, Freshness::Fresh);
-        assert_eq!(s.check("nope", 1).0.freshness, Freshness::Unknown);
+        assert_eq!(s.check("feed", f.version, 0).0.freshness, Freshness::Fresh);
+        assert_eq!(s.check("nope", 1, 0).0.freshness, Freshness::Unknown);
         let p = s.publish(&[change("posts")]).unwrap();
-        let (answer, seq) = s.check("feed", f.version);
+        let (answer, seq) = s.check("feed", f.version, 0);
         assert_eq!(answer.freshness, Freshness::Stale);
         assert_eq!(answer.version, p.seq);
         assert_eq!(seq, p.seq);
         // A dependency-only key is not registered: it answers UNKNOWN.
-        let (answer, _) = s.check("missing-dep", 0);
+        let (answer, _) = s.check("missing-dep", 0, 0);
         assert_eq!(answer.freshness, Freshness::Unknown);
     }
 
@@ -1293,10 +1627,10 @@ mod tests {
         let v = version(&s, "feed");
         assert_eq!(s.stats().keys, 3);
         tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(s.check("feed", v).0.freshness, Freshness::Fresh);
+        assert_eq!(s.check("feed", v, 0).0.freshness, Freshness::Fresh);
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(
-            s.check("feed", v).0.freshness,
+            s.check("feed", v, 0).0.freshness,
             Freshness::Unknown,
             "expired answers UNKNOWN before the sweep"
         );
@@ -1368,7 +1702,7 @@ mod tests {
             })
         };
         for _ in 0..300 {
-            let (answers, seq) = s.check_batch(&keys, |k| (k.as_str(), 0));
+            let (answers, seq) = s.check_batch(&keys, |k| (k.as_str(), 0, 0));
             let first = answers[0].version;
             assert!(answers.iter().all(|a| a.version == first), "torn batch");
             assert!(first <= seq);

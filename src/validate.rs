@@ -11,9 +11,12 @@
 //!   own dependency is ignored; CheckBatch answers duplicate items
 //!   independently.
 
+use std::time::Duration;
+
 use crate::error::{Error, Result};
 use crate::pb;
-use crate::store::{FillSpec, PublishChange, StoreConfig};
+use crate::policy::Policy;
+use crate::store::{FillSpec, PublishChange, PurgeSpec, StoreConfig};
 
 /// Request limits. Each is a setting (see `Config`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +27,14 @@ pub struct Limits {
     pub max_dependencies: usize,
     /// Most items per CheckBatch and changes per Publish.
     pub max_batch_items: usize,
+    /// Longest read-your-writes wait for a `min_seq`.
+    pub max_wait_for_seq: Duration,
+    /// Purges affecting more keys need `confirm`.
+    pub max_purge_keys: u64,
+    /// Most purges (not dry runs) per minute.
+    pub purges_per_minute: u64,
+    /// A soft purge's default spread.
+    pub purge_jitter: Duration,
 }
 
 impl Default for Limits {
@@ -32,6 +43,10 @@ impl Default for Limits {
             max_key_bytes: 1024,
             max_dependencies: 1024,
             max_batch_items: 10_000,
+            max_wait_for_seq: Duration::from_secs(1),
+            max_purge_keys: 10_000,
+            purges_per_minute: 10,
+            purge_jitter: Duration::from_secs(5),
         }
     }
 }
@@ -120,6 +135,73 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// Validates a Purge and converts it.
+    pub fn purge(&self, request: &pb::PurgeRequest) -> Result<PurgeSpec> {
+        if request.prefix.len() > self.max_key_bytes {
+            return Err(Error::invalid(format!(
+                "prefix is {} bytes; the limit is {} (max_key_bytes)",
+                request.prefix.len(),
+                self.max_key_bytes
+            )));
+        }
+        Ok(PurgeSpec {
+            prefix: request.prefix.clone(),
+            hard: request.hard,
+            jitter_ms: match request.jitter_ms {
+                0 => self.purge_jitter.as_millis() as u64,
+                j => j,
+            },
+            dry_run: request.dry_run,
+            confirm: request.confirm,
+            max_keys: self.max_purge_keys,
+        })
+    }
+
+    /// Checks a namespace name: no `:`, within the key limit.
+    pub fn namespace(&self, field: &str, namespace: &str) -> Result<()> {
+        if namespace.contains(':') {
+            return Err(Error::invalid(format!(
+                "{field} {namespace:?} contains ':'; a namespace is the part of a key before its first ':'"
+            )));
+        }
+        if namespace.len() > self.max_key_bytes {
+            return Err(Error::invalid(format!(
+                "{field} is {} bytes; the limit is {} (max_key_bytes)",
+                namespace.len(),
+                self.max_key_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Converts a protobuf policy, checking it.
+pub fn policy(p: &pb::FreshnessPolicy) -> Result<Policy> {
+    let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+    let policy = Policy {
+        max_age: ms(p.max_age_ms),
+        revalidate_after: ms(p.revalidate_after_ms),
+        stale_while_revalidate: Duration::from_millis(p.stale_while_revalidate_ms),
+        allow_stale_on_critical: p.allow_stale_on_critical,
+        check_sample_rate: p.check_sample_rate.unwrap_or(1.0),
+    };
+    policy.validate("policy")?;
+    Ok(policy)
+}
+
+/// Converts a policy to protobuf.
+pub fn policy_to_pb(p: &Policy) -> pb::FreshnessPolicy {
+    let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis() as u64);
+    pb::FreshnessPolicy {
+        max_age_ms: ms(p.max_age),
+        revalidate_after_ms: ms(p.revalidate_after),
+        stale_while_revalidate_ms: p.stale_while_revalidate.as_millis() as u64,
+        allow_stale_on_critical: p.allow_stale_on_critical,
+        check_sample_rate: Some(p.check_sample_rate),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +211,7 @@ mod tests {
             max_key_bytes: 8,
             max_dependencies: 3,
             max_batch_items: 2,
+            ..Limits::default()
         }
     }
 
@@ -213,6 +296,7 @@ mod tests {
                     ttl_ms: 0,
                     observed_seq: 4,
                     epoch: 0,
+                    lease_token: 0,
                 },
                 &store,
             )

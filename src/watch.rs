@@ -97,7 +97,6 @@ where
     check_keys(&limits, "start.subscribe", &start.subscribe, true)?;
     let resume = start.resume.map(|t| (t.epoch == store.epoch(), t.seq));
     let (sub, from) = store
-        .hub()
         .subscribe(
             &start.client_id,
             start.no_loop,

@@ -56,6 +56,7 @@ pub fn fill_req(key: &str, deps: &[&str], observed_seq: u64) -> pb::FillRequest 
         ttl_ms: 60_000,
         observed_seq,
         epoch: 0,
+        lease_token: 0,
     }
 }
 

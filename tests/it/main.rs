@@ -5,5 +5,6 @@ mod concurrency;
 mod errors;
 mod harness;
 mod ops;
+mod policies;
 mod rpc;
 mod watch;

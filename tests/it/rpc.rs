@@ -38,6 +38,7 @@ async fn fill_publish_check_turns_stale() {
             version: fill.version,
             age_ms: 10,
             epoch: fill.epoch,
+            min_seq: 0,
         })
         .await
         .unwrap()
@@ -66,6 +67,7 @@ async fn fill_publish_check_turns_stale() {
             version: fill.version,
             age_ms: 10,
             epoch: fill.epoch,
+            min_seq: 0,
         })
         .await
         .unwrap()
@@ -125,6 +127,7 @@ async fn check_batch_answers_in_order_with_duplicates() {
                 item("b", b.version),
             ],
             epoch: 0,
+            min_seq: 0,
         })
         .await
         .unwrap()
@@ -229,6 +232,7 @@ async fn a_check_from_another_epoch_is_unknown() {
             version: f.version,
             age_ms: 0,
             epoch: other_epoch,
+            min_seq: 0,
         })
         .await
         .unwrap()
@@ -242,6 +246,7 @@ async fn a_check_from_another_epoch_is_unknown() {
                 age_ms: 0,
             }],
             epoch: other_epoch,
+            min_seq: 0,
         })
         .await
         .unwrap()
