@@ -1,0 +1,402 @@
+//! What the loopback and memory benches need of Redis: a `redis-server`
+//! child process on a free loopback port, and a minimal RESP2 client (an
+//! encoder, an incremental reply parser, and blocking and tokio connections).
+//!
+//! Included by each bench with `#[path = "support/redis.rs"] mod redis;`;
+//! each bench uses a different part of it.
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to get `redis-server` when it is missing.
+pub const INSTALL_HINT: &str = "redis-server is not installed: this bench compares freshd with \
+     Redis in the same run and cannot go on without it.\n\
+     Install it with `apt-get install -y redis-server` (Debian/Ubuntu, as root) and run again.";
+
+/// A `redis-server` child on `127.0.0.1:port`, without persistence; killed
+/// when dropped.
+pub struct RedisServer {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free loopback port and waits until it
+    /// answers PING. `Err` carries a message fit for the user, including
+    /// [`INSTALL_HINT`] when the binary is missing.
+    pub fn start() -> Result<Self, String> {
+        Self::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with more command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Result<Self, String> {
+        // A free port: bind port 0, note the port, let go of it.
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("cannot find a free loopback port: {e}"))?
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => INSTALL_HINT.to_owned(),
+                _ => format!("cannot start redis-server: {e}"),
+            })?;
+        let mut server = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!("redis-server exited at start: {status}"));
+            }
+            if let Ok(mut conn) = SyncConn::connect(port) {
+                if let Ok(Reply::Simple(s)) = conn.command(&[b"PING"]) {
+                    if s == "PONG" {
+                        return Ok(server);
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "redis-server did not answer on port {port} within 10 s"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id, to read its CPU time from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `redis-server --version`, first line.
+    pub fn version() -> String {
+        Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|e| format!("unknown ({e})"))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `+OK`
+    Simple(String),
+    /// `-ERR ...`
+    Error(String),
+    /// `:42`
+    Int(i64),
+    /// `$3\r\nfoo`, `None` for `$-1`.
+    Bulk(Option<Vec<u8>>),
+    /// `*2\r\n...`, `None` for `*-1`.
+    Array(Option<Vec<Reply>>),
+}
+
+/// Appends `args` to `out` as one RESP command (an array of bulk strings).
+pub fn encode(args: &[&[u8]], out: &mut Vec<u8>) {
+    write_header(out, b'*', args.len());
+    for arg in args {
+        write_header(out, b'$', arg.len());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn write_header(out: &mut Vec<u8>, kind: u8, n: usize) {
+    out.push(kind);
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses one reply from the front of `buf`: `Ok(None)` when `buf` does not
+/// hold a whole reply yet, else the reply and the bytes it took.
+pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+    let Some((line, mut pos)) = line(buf, 0) else {
+        return Ok(None);
+    };
+    let (&kind, rest) = line.split_first().ok_or("empty RESP line")?;
+    let text = || String::from_utf8_lossy(rest).into_owned();
+    let int = || -> Result<i64, String> {
+        std::str::from_utf8(rest)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad RESP integer {:?}", text()))
+    };
+    let reply = match kind {
+        b'+' => Reply::Simple(text()),
+        b'-' => Reply::Error(text()),
+        b':' => Reply::Int(int()?),
+        b'$' => {
+            let len = int()?;
+            if len < 0 {
+                Reply::Bulk(None)
+            } else {
+                let len = len as usize;
+                if buf.len() < pos + len + 2 {
+                    return Ok(None);
+                }
+                let data = buf[pos..pos + len].to_vec();
+                pos += len + 2;
+                Reply::Bulk(Some(data))
+            }
+        }
+        b'*' => {
+            let len = int()?;
+            if len < 0 {
+                Reply::Array(None)
+            } else {
+                let mut items = Vec::with_capacity(len as usize);
+                for _ in 0..len {
+                    match parse(&buf[pos..])? {
+                        Some((item, used)) => {
+                            items.push(item);
+                            pos += used;
+                        }
+                        None => return Ok(None),
+                    }
+                }
+                Reply::Array(Some(items))
+            }
+        }
+        other => return Err(format!("unknown RESP type byte {other:#x}")),
+    };
+    Ok(Some((reply, pos)))
+}
+
+/// The line starting at `from` (without its CRLF) and where the next begins.
+fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
+    let end = buf[from..].windows(2).position(|w| w == b"\r\n")? + from;
+    Some((&buf[from..end], end + 2))
+}
+
+/// Bytes read from a connection: `data[start..end]` is not parsed yet, and
+/// `data[end..]` is room for the next read.
+struct ReadBuf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Default for ReadBuf {
+    fn default() -> Self {
+        Self {
+            data: vec![0; 64 << 10],
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl ReadBuf {
+    fn next(&mut self) -> io::Result<Option<Reply>> {
+        match parse(&self.data[self.start..self.end]) {
+            Ok(Some((reply, used))) => {
+                self.start += used;
+                if self.start == self.end {
+                    self.start = 0;
+                    self.end = 0;
+                }
+                Ok(Some(reply))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+
+    /// Room to read into: moves unparsed bytes to the front, or doubles the
+    /// buffer when they fill it.
+    fn room(&mut self) -> &mut [u8] {
+        if self.end == self.data.len() {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                self.data.resize(self.data.len() * 2, 0);
+            }
+        }
+        &mut self.data[self.end..]
+    }
+
+    /// Notes `n` bytes read into [`ReadBuf::room`]; 0 is end of stream.
+    fn filled(&mut self, n: usize) -> io::Result<()> {
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.end += n;
+        Ok(())
+    }
+}
+
+/// A blocking connection.
+pub struct SyncConn {
+    stream: TcpStream,
+    buf: ReadBuf,
+    out: Vec<u8>,
+}
+
+impl SyncConn {
+    /// Connects to `127.0.0.1:port`.
+    pub fn connect(port: u16) -> io::Result<Self> {
+        let stream = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: ReadBuf::default(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Sends one command and reads its reply.
+    pub fn command(&mut self, args: &[&[u8]]) -> io::Result<Reply> {
+        self.out.clear();
+        encode(args, &mut self.out);
+        self.stream.write_all(&self.out)?;
+        self.read_reply()
+    }
+
+    /// Reads the next reply.
+    pub fn read_reply(&mut self) -> io::Result<Reply> {
+        loop {
+            if let Some(reply) = self.buf.next()? {
+                return Ok(reply);
+            }
+            let n = self.stream.read(self.buf.room())?;
+            self.buf.filled(n)?;
+        }
+    }
+
+    /// A field of `INFO section`, such as `used_memory` of `memory`.
+    pub fn info_field(&mut self, section: &str, field: &str) -> io::Result<u64> {
+        let Reply::Bulk(Some(text)) = self.command(&[b"INFO", section.as_bytes()])? else {
+            return Err(io::Error::other("INFO did not answer with a bulk string"));
+        };
+        let text = String::from_utf8_lossy(&text);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .ok_or_else(|| io::Error::other(format!("INFO {section} has no {field}")))
+    }
+}
+
+/// Pipelined commands on a [`SyncConn`]: sent in rounds of `depth` commands,
+/// and every reply is checked not to be an error.
+pub struct Pipeline<'a> {
+    conn: &'a mut SyncConn,
+    buf: Vec<u8>,
+    pending: usize,
+    depth: usize,
+}
+
+impl<'a> Pipeline<'a> {
+    /// A pipeline that sends a round every `depth` commands.
+    pub fn new(conn: &'a mut SyncConn, depth: usize) -> Self {
+        Self {
+            conn,
+            buf: Vec::new(),
+            pending: 0,
+            depth,
+        }
+    }
+
+    /// Queues one command.
+    pub fn push(&mut self, args: &[&[u8]]) -> io::Result<()> {
+        encode(args, &mut self.buf);
+        self.pending += 1;
+        if self.pending == self.depth {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is queued and reads all its replies.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.conn.stream.write_all(&self.buf)?;
+        self.buf.clear();
+        for _ in 0..std::mem::take(&mut self.pending) {
+            if let Reply::Error(e) = self.conn.read_reply()? {
+                return Err(io::Error::other(format!("redis: {e}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tokio connection.
+pub struct AsyncConn {
+    stream: tokio::net::TcpStream,
+    buf: ReadBuf,
+    out: Vec<u8>,
+}
+
+impl AsyncConn {
+    /// Connects to `127.0.0.1:port`.
+    pub async fn connect(port: u16) -> io::Result<Self> {
+        let stream =
+            tokio::net::TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: ReadBuf::default(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Sends one command and reads its reply.
+    pub async fn command(&mut self, args: &[&[u8]]) -> io::Result<Reply> {
+        use tokio::io::AsyncWriteExt;
+        self.out.clear();
+        encode(args, &mut self.out);
+        self.stream.write_all(&self.out).await?;
+        self.read_reply().await
+    }
+
+    /// Reads the next reply.
+    pub async fn read_reply(&mut self) -> io::Result<Reply> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(reply) = self.buf.next()? {
+                return Ok(reply);
+            }
+            let n = self.stream.read(self.buf.room()).await?;
+            self.buf.filled(n)?;
+        }
+    }
+}
