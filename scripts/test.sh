@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Runs every test of the project: the server's unit and integration tests
-# (real servers on loopback port 0), lint and formatting checks.
+# Runs every test of the project: formatting and lint checks, then the
+# server's unit and integration tests (real servers on loopback port 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)," >&2
+  echo "or run .ci/run, which installs it." >&2
+  exit 1
+fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::metrics::MetricsConfig;
 use crate::policy::{Policies, Policy};
 use crate::store::StoreConfig;
 use crate::validate::Limits;
@@ -30,6 +31,15 @@ pub struct Args {
     /// gRPC listen address [default: 127.0.0.1:50051]
     #[arg(long, env = "FRESHD_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Admin HTTP address for /metrics, /healthz and /readyz, or "off" [default: 127.0.0.1:50052]
+    #[arg(long, env = "FRESHD_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Namespaces with their own metric label; the rest are "other" [default: 100]
+    #[arg(long, env = "FRESHD_METRICS_MAX_NAMESPACES", value_name = "N")]
+    pub metrics_max_namespaces: Option<String>,
+    /// Endpoints with their own metric label; the rest are "other" [default: 100]
+    #[arg(long, env = "FRESHD_METRICS_MAX_ENDPOINTS", value_name = "N")]
+    pub metrics_max_endpoints: Option<String>,
     /// Shards of the key map, a power of two [default: 64]
     #[arg(long, env = "FRESHD_SHARDS", value_name = "N")]
     pub shards: Option<String>,
@@ -118,6 +128,10 @@ pub enum LogFormat {
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Admin HTTP address; `None`: off.
+    pub admin_listen: Option<SocketAddr>,
+    /// Metric label bounds.
+    pub metrics: MetricsConfig,
     /// Store settings.
     pub store: StoreConfig,
     /// Request limits.
@@ -138,6 +152,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
+            metrics: MetricsConfig::default(),
             store: StoreConfig::default(),
             limits: Limits::default(),
             expiry_interval: Duration::from_millis(100),
@@ -164,6 +180,9 @@ pub struct ConfigError {
 /// The settings a TOML file may hold.
 const FILE_SETTINGS: &[&str] = &[
     "listen",
+    "admin_listen",
+    "metrics_max_namespaces",
+    "metrics_max_endpoints",
     "shards",
     "default_ttl",
     "max_ttl",
@@ -431,6 +450,17 @@ impl Config {
                 )
             })?;
         }
+        if let Some(raw) = file.pick("admin_listen", args.admin_listen)? {
+            config.admin_listen = match raw.value.as_str() {
+                "off" => None,
+                v => Some(v.parse().map_err(|_| {
+                    raw.error(
+                        "admin_listen",
+                        format!("{v:?} is not an address like 127.0.0.1:50052, or \"off\""),
+                    )
+                })?),
+            };
+        }
         if let Some(raw) = file.pick("shards", args.shards)? {
             let n = parse_int("shards", &raw, 1, 4096)?;
             if !n.is_power_of_two() {
@@ -493,9 +523,25 @@ impl Config {
         let mut queue_bytes = hub.queue_bytes as u64;
         let mut max_tracked_keys = hub.max_tracked_keys as u64;
         let mut max_prefixes = hub.max_prefixes as u64;
+        let mut max_namespaces = config.metrics.max_namespaces as u64;
+        let mut max_endpoints = config.metrics.max_endpoints as u64;
         let mut max_purge_keys = config.limits.max_purge_keys;
         let mut purges_per_minute = config.limits.purges_per_minute;
-        let ints: [(&str, Option<String>, &mut u64, u64, u64); 14] = [
+        let ints: [(&str, Option<String>, &mut u64, u64, u64); 16] = [
+            (
+                "metrics_max_namespaces",
+                args.metrics_max_namespaces,
+                &mut max_namespaces,
+                0,
+                100_000,
+            ),
+            (
+                "metrics_max_endpoints",
+                args.metrics_max_endpoints,
+                &mut max_endpoints,
+                0,
+                100_000,
+            ),
             (
                 "max_purge_keys",
                 args.max_purge_keys,
@@ -608,6 +654,8 @@ impl Config {
         hub.max_tracked_keys = max_tracked_keys as usize;
         hub.max_prefixes = max_prefixes as usize;
         config.expiry_batch = expiry_batch as usize;
+        config.metrics.max_namespaces = max_namespaces as usize;
+        config.metrics.max_endpoints = max_endpoints as usize;
         config.limits.max_wait_for_seq = max_wait_for_seq;
         config.limits.purge_jitter = purge_jitter;
         config.limits.max_purge_keys = max_purge_keys;
@@ -647,6 +695,7 @@ impl Config {
     pub fn ephemeral() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..Self::default()
         }
     }

@@ -32,6 +32,7 @@ use hashbrown::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
+use crate::metrics::{unix_ms, Label, Metrics};
 use crate::store::{Key, KeyHash};
 
 /// One key changed.
@@ -101,6 +102,16 @@ pub enum Behind {
     SlowConsumer,
 }
 
+/// What pushing a notice did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pushed {
+    Queued,
+    Conflated,
+    Overflowed,
+    /// The stream is behind: the notice will come with its catch-up.
+    Missed,
+}
+
 /// What a stream's queue is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -137,17 +148,21 @@ impl Queue {
         self.bytes = 0;
     }
 
-    fn push(&mut self, notice: &Arc<Notice>, cap: usize, cap_bytes: usize) {
+    /// Queues a notice; says whether it was queued, conflated an older
+    /// one, or overflowed the queue.
+    fn push(&mut self, notice: &Arc<Notice>, cap: usize, cap_bytes: usize) -> Pushed {
         if let State::Behind { through, .. } = &mut self.state {
             *through = (*through).max(notice.seq);
-            return;
+            return Pushed::Missed;
         }
+        let mut pushed = Pushed::Queued;
         if let Some(pos) = self.latest.get(&notice.key) {
             if let Some(old) = self.items[(pos - self.base) as usize].take() {
                 self.bytes -= old.bytes();
             }
             self.live -= 1;
             self.conflations += 1;
+            pushed = Pushed::Conflated;
         }
         if self.live >= cap || self.bytes + notice.bytes() > cap_bytes {
             self.overflows += 1;
@@ -157,7 +172,7 @@ impl Queue {
                 why: Behind::SlowConsumer,
             };
             self.clear();
-            return;
+            return Pushed::Overflowed;
         }
         if self.items.len() >= cap.saturating_mul(2).max(16) {
             self.compact();
@@ -167,6 +182,7 @@ impl Queue {
         self.items.push_back(Some(notice.clone()));
         self.live += 1;
         self.bytes += notice.bytes();
+        pushed
     }
 
     /// Drops the holes left by conflation.
@@ -234,21 +250,25 @@ pub struct Subscriber {
     /// What the stream wants.
     pub filters: Mutex<Filters>,
     acked: AtomicU64,
-    /// `(last seq, oldest event time)` of batches written and not yet
-    /// acknowledged, oldest first; bounded.
-    sent: Mutex<VecDeque<(u64, u64)>>,
+    /// `(last seq, oldest event time, its namespace)` of batches written and
+    /// not yet acknowledged, oldest first; bounded.
+    sent: Mutex<VecDeque<(u64, u64, Label)>>,
     /// Event-to-acknowledgement delay of the last acknowledged batch, ms.
     ack_delay_ms: AtomicU64,
+    /// Repair notices sent after a missed invalidation, awaiting an ack:
+    /// `(seq, namespace)`, bounded.
+    repairs_awaiting_ack: Mutex<VecDeque<(u64, Label)>>,
+    /// Keys found behind by a check, awaiting the fill that repairs them;
+    /// bounded.
+    repairs_awaiting_fill: Mutex<HashMap<Key, Label, KeyHash>>,
+    metrics: Arc<Metrics>,
 }
+
+/// Repairs remembered per stream while they await their ack or fill.
+const PENDING_REPAIRS: usize = 4096;
 
 /// Batches remembered per stream for acknowledgement delays.
 const SENT_BATCHES: usize = 1024;
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 impl Subscriber {
     /// Whether this stream wants a notice, before filters.
@@ -264,31 +284,83 @@ impl Subscriber {
     /// time of the oldest notice it covers.
     pub fn ack(&self, seq: u64) {
         self.acked.fetch_max(seq, Ordering::Relaxed);
-        let mut sent = self.sent.lock();
-        let mut oldest = None;
-        while sent.front().is_some_and(|&(s, _)| s <= seq) {
-            let (_, event) = sent.pop_front().expect("checked");
-            oldest = Some(oldest.map_or(event, |o: u64| o.min(event)));
+        {
+            let mut sent = self.sent.lock();
+            let mut oldest = None;
+            while sent.front().is_some_and(|(s, _, _)| *s <= seq) {
+                let (_, event, namespace) = sent.pop_front().expect("checked");
+                self.metrics.invalidation_delay(&namespace, "acked", event);
+                oldest = Some(oldest.map_or(event, |o: u64| o.min(event)));
+            }
+            if let Some(event) = oldest {
+                self.ack_delay_ms
+                    .store(unix_ms().saturating_sub(event), Ordering::Relaxed);
+            }
         }
-        if let Some(event) = oldest {
-            self.ack_delay_ms
-                .store(unix_ms().saturating_sub(event), Ordering::Relaxed);
+        let mut awaiting = self.repairs_awaiting_ack.lock();
+        while awaiting.front().is_some_and(|(s, _)| *s <= seq) {
+            let (_, namespace) = awaiting.pop_front().expect("checked");
+            self.metrics.repaired(&namespace, "ack", 1);
         }
+    }
+
+    /// The highest acknowledged seq.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Notes repair notices sent after missed invalidations.
+    pub fn await_ack_for_repairs(&self, repairs: impl IntoIterator<Item = (u64, Label)>) {
+        let mut awaiting = self.repairs_awaiting_ack.lock();
+        for r in repairs {
+            if awaiting.len() == PENDING_REPAIRS {
+                awaiting.pop_front();
+            }
+            awaiting.push_back(r);
+        }
+    }
+
+    /// Notes a key a check found behind, to count the fill that repairs it.
+    pub fn await_fill_for_repair(&self, key: &str, namespace: Label) {
+        let mut awaiting = self.repairs_awaiting_fill.lock();
+        if awaiting.len() < PENDING_REPAIRS {
+            awaiting.insert(Key::from(key), namespace);
+        }
+    }
+
+    /// Counts a fill of `key` that repairs a missed invalidation.
+    pub fn filled(&self, key: &str) {
+        if let Some(namespace) = self.repairs_awaiting_fill.lock().remove(key) {
+            self.metrics.repaired(&namespace, "fill", 1);
+        }
+    }
+
+    /// Whether the stream tracks `key`.
+    pub fn tracks(&self, key: &str) -> bool {
+        self.filters.lock().tracked.contains(key)
     }
 
     /// Notes a batch written to the stream, for acknowledgement delays.
     pub fn sent(&self, notices: &[Arc<Notice>]) {
         let (Some(last), Some(oldest)) = (
             notices.last().map(|n| n.seq),
-            notices.iter().map(|n| n.event_time_ms).min(),
+            notices.iter().min_by_key(|n| n.event_time_ms),
         ) else {
             return;
         };
+        if self.metrics.enabled() {
+            for n in notices {
+                let namespace = self.metrics.namespace_label(&n.key);
+                self.metrics
+                    .invalidation_delay(&namespace, "written", n.event_time_ms);
+            }
+        }
+        let namespace = self.metrics.namespace_label(&oldest.key);
         let mut sent = self.sent.lock();
         if sent.len() == SENT_BATCHES {
             sent.pop_front();
         }
-        sent.push_back((last, oldest));
+        sent.push_back((last, oldest.event_time_ms, namespace));
     }
 
     /// Takes up to `max` queued notices, in seq order.
@@ -360,6 +432,8 @@ pub struct SubscriberStats {
 #[derive(Default)]
 struct Routes {
     subscribers: HashMap<u64, Arc<Subscriber>>,
+    /// Streams by client id (ids given), for repair accounting.
+    by_client: HashMap<Arc<str>, Vec<Arc<Subscriber>>>,
     by_key: HashMap<Key, Vec<Arc<Subscriber>>, KeyHash>,
     by_prefix: HashMap<Box<str>, Vec<Arc<Subscriber>>>,
     /// Distinct prefix lengths in `by_prefix`, with how many prefixes have it.
@@ -406,11 +480,14 @@ pub struct Hub {
     recording: AtomicBool,
     shutdown: watch::Sender<bool>,
     config: HubConfig,
+    metrics: Arc<Metrics>,
+    conflations: AtomicU64,
+    overflows: AtomicU64,
 }
 
 impl Hub {
     /// An empty hub whose history starts after `seq`.
-    pub fn new(config: HubConfig, seq: u64) -> Self {
+    pub fn new(config: HubConfig, seq: u64, metrics: Arc<Metrics>) -> Self {
         Self {
             routes: RwLock::new(Routes::default()),
             history: Mutex::new(History {
@@ -422,7 +499,36 @@ impl Hub {
             recording: AtomicBool::new(false),
             shutdown: watch::Sender::new(false),
             config,
+            metrics,
+            conflations: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
         }
+    }
+
+    /// Conflations and overflows since start.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.conflations.load(Ordering::Relaxed),
+            self.overflows.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The hub's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The streams of client `client_id`.
+    pub fn streams_of(&self, client_id: &str) -> Vec<Arc<Subscriber>> {
+        if client_id.is_empty() {
+            return Vec::new();
+        }
+        self.routes
+            .read()
+            .by_client
+            .get(client_id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The hub's limits.
@@ -480,20 +586,36 @@ impl Hub {
             // Group by subscriber, keep seq order within, drop repeats.
             targets.sort_by_key(|(id, i, _)| (*id, *i));
             targets.dedup_by_key(|(id, i, _)| (*id, *i));
+            let labels: Vec<Option<Label>> = if self.metrics.enabled() {
+                notices
+                    .iter()
+                    .map(|n| Some(self.metrics.namespace_label(&n.key)))
+                    .collect()
+            } else {
+                vec![None; notices.len()]
+            };
+            let (mut conflations, mut overflows) = (0, 0);
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
                 {
                     let mut queue = sub.queue.lock();
                     for &(_, i, _) in group {
-                        queue.push(
-                            &notices[i],
-                            self.config.queue_notices,
-                            self.config.queue_bytes,
-                        );
+                        let n = &notices[i];
+                        match queue.push(n, self.config.queue_notices, self.config.queue_bytes) {
+                            Pushed::Conflated => conflations += 1,
+                            Pushed::Overflowed => overflows += 1,
+                            Pushed::Queued | Pushed::Missed => {}
+                        }
+                        if let Some(label) = &labels[i] {
+                            self.metrics
+                                .invalidation_delay(label, "enqueued", n.event_time_ms);
+                        }
                     }
                 }
                 sub.wake.notify_one();
             }
+            self.conflations.fetch_add(conflations, Ordering::Relaxed);
+            self.overflows.fetch_add(overflows, Ordering::Relaxed);
         }
         self.fanned.store(seq, Ordering::Release);
     }
@@ -552,9 +674,19 @@ impl Hub {
             acked: AtomicU64::new(resume.map_or(now, |(_, s)| s)),
             sent: Mutex::new(VecDeque::new()),
             ack_delay_ms: AtomicU64::new(0),
+            repairs_awaiting_ack: Mutex::new(VecDeque::new()),
+            repairs_awaiting_fill: Mutex::new(HashMap::with_hasher(KeyHash)),
+            metrics: self.metrics.clone(),
         });
         self.add_filters(&mut routes, &sub, track, prefixes)?;
         routes.subscribers.insert(sub.id, sub.clone());
+        if !client_id.is_empty() {
+            routes
+                .by_client
+                .entry(sub.client_id.clone())
+                .or_default()
+                .push(sub.clone());
+        }
         Ok((sub, now))
     }
 
@@ -628,6 +760,12 @@ impl Hub {
     pub fn unsubscribe(&self, sub: &Arc<Subscriber>) {
         let mut routes = self.routes.write();
         routes.subscribers.remove(&sub.id);
+        if let Some(streams) = routes.by_client.get_mut(&*sub.client_id) {
+            streams.retain(|s| s.id != sub.id);
+            if streams.is_empty() {
+                routes.by_client.remove(&*sub.client_id);
+            }
+        }
         let filters = std::mem::take(&mut *sub.filters.lock());
         for key in &filters.tracked {
             remove_route(&mut routes.by_key, key, sub.id);
@@ -889,7 +1027,7 @@ mod tests {
 
     #[test]
     fn prefix_routes_match_by_length_and_char_boundary() {
-        let hub = Hub::new(HubConfig::default(), 0);
+        let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
         let (sub, _) = hub
             .subscribe(
                 "c",

@@ -11,12 +11,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod codec;
 pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod lease;
 pub mod log;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod service;

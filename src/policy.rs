@@ -155,6 +155,7 @@ mod tests {
             critical: critical_since,
             critical_since,
             soft_purged,
+            last_change_seq: 0,
         }
     }
 

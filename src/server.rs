@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -17,6 +18,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::log::MemoryLog;
+use crate::metrics::Metrics;
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::service::CoordinatorService;
 use crate::store::Store;
@@ -38,25 +40,55 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves on `listener` until `shutdown` completes, then drains.
+/// The memory-only store a configuration describes, with its metrics.
+pub fn new_store(config: &Config) -> Arc<Store> {
+    let metrics = Arc::new(Metrics::new(config.metrics));
+    Arc::new(Store::with_metrics(
+        config.store.clone(),
+        Box::new(MemoryLog::new()),
+        metrics,
+    ))
+}
+
+/// Serves gRPC on `listener` (and the admin HTTP endpoint on
+/// `config.admin_listen`) until `shutdown` completes, then drains.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let store = Arc::new(Store::new(config.store.clone(), Box::new(MemoryLog::new())));
-    serve_store(config, listener, store, shutdown).await
+    let admin = match config.admin_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let store = new_store(&config);
+    serve_store(config, listener, admin, store, shutdown).await
 }
 
-/// Serves `store` on `listener` until `shutdown` completes, then drains.
+/// Serves `store` on `listener` (gRPC) and `admin` (HTTP: `/metrics`,
+/// `/healthz`, `/readyz`) until `shutdown` completes, then drains.
 pub async fn serve_store(
     config: Config,
     listener: TcpListener,
+    admin: Option<TcpListener>,
     store: Arc<Store>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    let ready = Arc::new(AtomicBool::new(false));
+    set_health(&health, &ready, ServingStatus::NotServing).await;
+    store.metrics().register_store(&store);
+    let admin = match admin {
+        Some(listener) => {
+            tracing::info!(addr = %listener.local_addr()?, "admin HTTP serving /metrics, /healthz, /readyz");
+            Some(tokio::spawn(crate::admin::serve(
+                listener,
+                store.metrics().clone(),
+                ready.clone(),
+            )))
+        }
+        None => None,
+    };
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -95,7 +127,7 @@ pub async fn serve_store(
         config.expiry_batch,
     ));
 
-    set_health(&health, ServingStatus::Serving).await;
+    set_health(&health, &ready, ServingStatus::Serving).await;
     tracing::info!(addr = %local, epoch = store.epoch(), shards = config.store.shards, "freshd serving");
 
     let result = tokio::select! {
@@ -107,7 +139,7 @@ pub async fn serve_store(
     let result = match result {
         Some(r) => r.unwrap_or(Ok(())),
         None => {
-            set_health(&health, ServingStatus::NotServing).await;
+            set_health(&health, &ready, ServingStatus::NotServing).await;
             tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
             // Watch streams send a final progress watermark and end.
             store.hub().begin_shutdown();
@@ -125,11 +157,19 @@ pub async fn serve_store(
             }
         }
     };
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     tracing::info!("freshd stopped");
     result.map_err(ServeError::from)
 }
 
-async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    serving: &AtomicBool,
+    status: ServingStatus,
+) {
+    serving.store(status == ServingStatus::Serving, Ordering::Release);
     health.set_service_status("", status).await;
     health.set_service_status(COORDINATOR_SERVICE, status).await;
 }
@@ -151,6 +191,8 @@ async fn expire_forever(store: Arc<Store>, interval: std::time::Duration, batch:
 pub struct RunningServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its admin HTTP endpoint listens, if it has one.
+    pub admin_addr: Option<SocketAddr>,
     /// Its store.
     pub store: Arc<Store>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -161,7 +203,7 @@ impl RunningServer {
     /// Binds `config.listen` (port 0 picks a free port) and serves in the
     /// background. The server is ready when this returns.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
-        let store = Arc::new(Store::new(config.store.clone(), Box::new(MemoryLog::new())));
+        let store = new_store(&config);
         Self::start_with_store(config, store).await
     }
 
@@ -170,12 +212,18 @@ impl RunningServer {
     pub async fn start_with_store(config: Config, store: Arc<Store>) -> Result<Self, ServeError> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
+        let admin = match config.admin_listen {
+            Some(a) => Some(TcpListener::bind(a).await?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_store(config, listener, store.clone(), async {
+        let task = tokio::spawn(serve_store(config, listener, admin, store.clone(), async {
             let _ = rx.await;
         }));
         Ok(Self {
             addr,
+            admin_addr,
             store,
             shutdown: Some(tx),
             task: Some(task),

@@ -10,6 +10,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
+use crate::fanout::Subscriber;
 use crate::lease::LeaseOutcome;
 use crate::pb::{self, coordinator_server::Coordinator};
 use crate::policy::{self, Decision};
@@ -33,6 +34,52 @@ impl CoordinatorService {
             limits,
             started: Instant::now(),
             purges: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    /// Records an RPC's code and latency.
+    fn observe<T>(&self, method: &'static str, start: Instant, result: &Result<T, Status>) {
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.store.metrics().rpc(method, code, start.elapsed());
+    }
+
+    /// Records the freshness figures of one checked copy. A stale copy of a
+    /// key that one of the client's streams tracks, whose last change that
+    /// stream has already acknowledged, is a missed invalidation: the client
+    /// should have dropped the copy when it applied the notice.
+    #[allow(clippy::too_many_arguments)]
+    fn record_check(
+        &self,
+        key: &str,
+        endpoint: &str,
+        version: u64,
+        age_ms: u64,
+        served: bool,
+        answer: &CheckAnswer,
+        streams: &[Arc<Subscriber>],
+    ) {
+        let metrics = self.store.metrics();
+        let stale = answer.freshness == Freshness::Stale;
+        metrics.check(
+            key,
+            endpoint,
+            version,
+            age_ms,
+            served,
+            stale,
+            answer.critical_since,
+        );
+        if !stale || answer.last_change_seq <= version {
+            return;
+        }
+        if let Some(stream) = streams
+            .iter()
+            .find(|s| s.acked() >= answer.last_change_seq && s.tracks(key))
+        {
+            metrics.missed(key, "check");
+            stream.await_fill_for_repair(key, metrics.namespace_label(key));
         }
     }
 
@@ -137,17 +184,149 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Statu
 impl Coordinator for CoordinatorService {
     type WatchStream = WatchStream;
 
+    async fn list_policies(
+        &self,
+        request: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        let start = Instant::now();
+        let result = self.list_policies_inner(request).await;
+        self.observe("ListPolicies", start, &result);
+        result
+    }
+
+    async fn stats(
+        &self,
+        request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let start = Instant::now();
+        let result = self.stats_inner(request).await;
+        self.observe("Stats", start, &result);
+        result
+    }
+
     async fn watch(
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let start = Instant::now();
+        let result = self.watch_inner(request).await;
+        self.observe("Watch", start, &result);
+        result
+    }
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let start = Instant::now();
+        let result = self.publish_inner(request).await;
+        self.observe("Publish", start, &result);
+        result
+    }
+
+    async fn fill(
+        &self,
+        request: Request<pb::FillRequest>,
+    ) -> Result<Response<pb::FillResponse>, Status> {
+        let start = Instant::now();
+        let result = self.fill_inner(request).await;
+        self.observe("Fill", start, &result);
+        result
+    }
+
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let start = Instant::now();
+        let result = self.check_inner(request).await;
+        self.observe("Check", start, &result);
+        result
+    }
+
+    async fn check_batch(
+        &self,
+        request: Request<pb::CheckBatchRequest>,
+    ) -> Result<Response<pb::CheckBatchResponse>, Status> {
+        let start = Instant::now();
+        let result = self.check_batch_inner(request).await;
+        self.observe("CheckBatch", start, &result);
+        result
+    }
+
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let start = Instant::now();
+        let result = self.lease_inner(request).await;
+        self.observe("Lease", start, &result);
+        result
+    }
+
+    async fn purge(
+        &self,
+        request: Request<pb::PurgeRequest>,
+    ) -> Result<Response<pb::PurgeResponse>, Status> {
+        let start = Instant::now();
+        let result = self.purge_inner(request).await;
+        self.observe("Purge", start, &result);
+        result
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::NamespacePolicy>, Status> {
+        let start = Instant::now();
+        let result = self.get_policy_inner(request).await;
+        self.observe("GetPolicy", start, &result);
+        result
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::NamespacePolicy>, Status> {
+        let start = Instant::now();
+        let result = self.set_policy_inner(request).await;
+        self.observe("SetPolicy", start, &result);
+        result
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let start = Instant::now();
+        let result = self.delete_policy_inner(request).await;
+        self.observe("DeletePolicy", start, &result);
+        result
+    }
+
+    async fn inspect(
+        &self,
+        request: Request<pb::InspectRequest>,
+    ) -> Result<Response<pb::InspectResponse>, Status> {
+        let start = Instant::now();
+        let result = self.inspect_inner(request).await;
+        self.observe("Inspect", start, &result);
+        result
+    }
+}
+
+impl CoordinatorService {
+    async fn watch_inner(
+        &self,
+        request: Request<Streaming<pb::WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
         let mut inbound = request.into_inner();
         let first = inbound.next().await.transpose()?;
         let rx = crate::watch::start(self.store.clone(), self.limits.clone(), first, inbound)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn publish(
+    async fn publish_inner(
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
@@ -170,11 +349,11 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn fill(
+    async fn fill_inner(
         &self,
         request: Request<pb::FillRequest>,
     ) -> Result<Response<pb::FillResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         if !self.same_epoch(request.epoch) {
             return Err(Error::EpochMismatch {
                 got: request.epoch,
@@ -183,6 +362,7 @@ impl Coordinator for CoordinatorService {
             .into());
         }
         let token = request.lease_token;
+        let client_id = std::mem::take(&mut request.client_id);
         let mut spec = self.limits.fill(request, self.store.config())?;
         if token != 0 {
             let Some(lease_seq) = self.store.release_lease(&spec.key, token) else {
@@ -199,6 +379,9 @@ impl Coordinator for CoordinatorService {
             };
         }
         let outcome = self.store.fill(&spec)?;
+        for stream in self.store.hub().streams_of(&client_id) {
+            stream.filled(&spec.key);
+        }
         Ok(Response::new(pb::FillResponse {
             version: outcome.version,
             seq: outcome.seq,
@@ -207,7 +390,7 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn check(
+    async fn check_inner(
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
@@ -219,6 +402,16 @@ impl Coordinator for CoordinatorService {
             let (answer, seq) = self
                 .store
                 .check(&request.key, request.version, request.age_ms);
+            let streams = self.store.hub().streams_of(&request.client_id);
+            self.record_check(
+                &request.key,
+                &request.endpoint,
+                request.version,
+                request.age_ms,
+                request.served,
+                &answer,
+                &streams,
+            );
             (
                 result(answer, policy::decide(&policy, &answer, request.age_ms)),
                 seq,
@@ -237,7 +430,7 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn check_batch(
+    async fn check_batch_inner(
         &self,
         request: Request<pb::CheckBatchRequest>,
     ) -> Result<Response<pb::CheckBatchResponse>, Status> {
@@ -252,10 +445,20 @@ impl Coordinator for CoordinatorService {
                 .store
                 .check_batch(&request.items, |i| (i.key.as_str(), i.version, i.age_ms));
             let policies = self.store.policies();
+            let streams = self.store.hub().streams_of(&request.client_id);
             let results = answers
                 .into_iter()
                 .zip(&request.items)
                 .map(|(a, item)| {
+                    self.record_check(
+                        &item.key,
+                        &request.endpoint,
+                        item.version,
+                        item.age_ms,
+                        item.served,
+                        &a,
+                        &streams,
+                    );
                     let p = policies.for_key(&item.key);
                     result(a, policy::decide(p, &a, item.age_ms))
                 })
@@ -271,7 +474,7 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn lease(
+    async fn lease_inner(
         &self,
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
@@ -301,7 +504,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(response))
     }
 
-    async fn purge(
+    async fn purge_inner(
         &self,
         request: Request<pb::PurgeRequest>,
     ) -> Result<Response<pb::PurgeResponse>, Status> {
@@ -334,7 +537,7 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn get_policy(
+    async fn get_policy_inner(
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::NamespacePolicy>, Status> {
@@ -343,7 +546,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(self.named_policy(&namespace)))
     }
 
-    async fn set_policy(
+    async fn set_policy_inner(
         &self,
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::NamespacePolicy>, Status> {
@@ -360,7 +563,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(self.named_policy(&request.namespace)))
     }
 
-    async fn list_policies(
+    async fn list_policies_inner(
         &self,
         _request: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
@@ -383,7 +586,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::ListPoliciesResponse { policies: list }))
     }
 
-    async fn delete_policy(
+    async fn delete_policy_inner(
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
@@ -403,7 +606,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::DeletePolicyResponse {}))
     }
 
-    async fn inspect(
+    async fn inspect_inner(
         &self,
         request: Request<pb::InspectRequest>,
     ) -> Result<Response<pb::InspectResponse>, Status> {
@@ -425,7 +628,7 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn stats(
+    async fn stats_inner(
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {

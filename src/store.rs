@@ -44,6 +44,7 @@ use crate::error::{Error, Result};
 use crate::fanout::{Hub, HubConfig, Notice};
 use crate::lease::{LeaseOutcome, Leases};
 use crate::log::{Log, Record};
+use crate::metrics::Metrics;
 use crate::policy::{Policies, Policy};
 
 /// A key as the store holds it: shared between the map and every edge.
@@ -222,6 +223,8 @@ pub struct CheckAnswer {
     /// A soft purge covers the cached copy: it is older than the key's purge
     /// time.
     pub soft_purged: bool,
+    /// The seq of the last publish that reached the key.
+    pub last_change_seq: u64,
 }
 
 const UNKNOWN: CheckAnswer = CheckAnswer {
@@ -230,6 +233,7 @@ const UNKNOWN: CheckAnswer = CheckAnswer {
     critical: false,
     critical_since: false,
     soft_purged: false,
+    last_change_seq: 0,
 };
 
 /// Everything the store holds for one key.
@@ -357,6 +361,7 @@ impl Node {
                 && self.soft_purge_at != 0
                 && now >= self.soft_purge_at
                 && now.saturating_sub(age_ms) < self.soft_purge_at,
+            last_change_seq: self.last_change_seq,
         }
     }
 }
@@ -537,6 +542,7 @@ pub struct Store {
     expired: AtomicU64,
     oversized: AtomicU64,
     hub: Hub,
+    metrics: Arc<Metrics>,
     leases: Leases,
     policies: RwLock<Policies>,
     /// Woken after every applied mutation, for read-your-writes waits.
@@ -554,8 +560,14 @@ struct Counters {
 }
 
 impl Store {
-    /// A store over `log`. `config.shards` must be a power of two.
+    /// A store over `log`, recording metrics with default settings.
+    /// `config.shards` must be a power of two.
     pub fn new(config: StoreConfig, log: Box<dyn Log>) -> Self {
+        Self::with_metrics(config, log, Arc::new(Metrics::new(Default::default())))
+    }
+
+    /// A store over `log` that records into `metrics`.
+    pub fn with_metrics(config: StoreConfig, log: Box<dyn Log>, metrics: Arc<Metrics>) -> Self {
         assert!(
             config.shards.is_power_of_two(),
             "shard count must be a power of two"
@@ -581,7 +593,8 @@ impl Store {
             clock: Clock {
                 start: tokio::time::Instant::now(),
             },
-            hub: Hub::new(config.hub.clone(), last_seq),
+            hub: Hub::new(config.hub.clone(), last_seq, metrics.clone()),
+            metrics,
             leases: Leases::new(config.shards),
             policies: RwLock::new(config.policies.clone()),
             applied_notify: tokio::sync::Notify::new(),
@@ -595,6 +608,22 @@ impl Store {
     /// The fan-out hub that Watch streams subscribe to.
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// The metrics this store records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Appends to the log, timing it.
+    fn append(&self, sequencer: &mut Sequencer, record: &Record<'_>) -> Result<u64> {
+        let start = std::time::Instant::now();
+        let seq = sequencer
+            .log
+            .append(record)
+            .map_err(|e| Error::Log(e.to_string()))?;
+        self.metrics.log_append(start.elapsed());
+        Ok(seq)
     }
 
     /// Registers a Watch stream (see [`Hub::subscribe`]) under the
@@ -692,13 +721,13 @@ impl Store {
         // change under us: we are the only writer.
         self.mark_publish_shards(sequencer, changes, &hashes, &duplicate);
 
-        let seq = sequencer
-            .log
-            .append(&Record::Publish {
+        let seq = self.append(
+            sequencer,
+            &Record::Publish {
                 changes,
                 duplicate: &duplicate,
-            })
-            .map_err(|e| Error::Log(e.to_string()))?;
+            },
+        )?;
 
         let mut shards = WriteSet::lock(self, &sequencer.needed);
         let now = self.clock.now();
@@ -781,6 +810,7 @@ impl Store {
                 }
             }
             total += invalidated;
+            self.metrics.publish_amplification(invalidated);
             results.push(ChangeOutcome {
                 invalidated,
                 duplicate: false,
@@ -927,10 +957,7 @@ impl Store {
             }
         }
 
-        let seq = sequencer
-            .log
-            .append(&Record::Fill(spec))
-            .map_err(|e| Error::Log(e.to_string()))?;
+        let seq = self.append(sequencer, &Record::Fill(spec))?;
         let now = self.clock.now();
         let expires_at = now + spec.ttl_ms;
 

@@ -297,6 +297,7 @@ mod tests {
                     observed_seq: 4,
                     epoch: 0,
                     lease_token: 0,
+                    client_id: String::new(),
                 },
                 &store,
             )

@@ -144,8 +144,15 @@ fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::Res
                         filters.prefixes.iter().cloned().collect(),
                     )
                 };
+                let metrics = store.metrics();
+                let reason_label = match why {
+                    Behind::NewEpoch => "new_epoch",
+                    Behind::Resume => "history_compacted",
+                    Behind::SlowConsumer => "slow_consumer",
+                };
                 if why == Behind::NewEpoch {
                     // Versions from another history mean nothing: drop all.
+                    metrics.reset(reason_label);
                     messages.push(reset(String::new(), 0, reason));
                 } else {
                     let mut repaired: Vec<pb::Notice> = tracked
@@ -163,8 +170,23 @@ fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::Res
                         })
                         .collect();
                     repaired.sort_by_key(|n| n.seq);
+                    // Each repaired key missed a notice; its ack repairs it.
+                    let detected_by = if why == Behind::Resume {
+                        "resume"
+                    } else {
+                        "overflow"
+                    };
+                    for n in &repaired {
+                        metrics.missed(&n.key, detected_by);
+                    }
+                    sub.await_ack_for_repairs(
+                        repaired
+                            .iter()
+                            .map(|n| (n.seq, metrics.namespace_label(&n.key))),
+                    );
                     batches(repaired, &mut messages);
                     for prefix in prefixes {
+                        metrics.reset(reason_label);
                         messages.push(reset(prefix, since, reason));
                     }
                 }
@@ -258,6 +280,11 @@ async fn run<S>(
     } else {
         pb::ResumeOutcome::New
     };
+    store.metrics().resume(match outcome {
+        pb::ResumeOutcome::FromHistory => "from_history",
+        pb::ResumeOutcome::Repaired => "repaired",
+        _ => "new",
+    });
     if outcome == pb::ResumeOutcome::New {
         let started = pb::WatchResponse {
             response: Some(Out::Started(pb::WatchStarted {

@@ -74,7 +74,7 @@ async fn invalid_argument_names_the_field_and_the_limit() {
                     })
                     .collect(),
                 epoch: 0,
-                min_seq: 0,
+                ..Default::default()
             })
             .await
             .unwrap_err(),
@@ -87,7 +87,7 @@ async fn invalid_argument_names_the_field_and_the_limit() {
                     ..Default::default()
                 }],
                 epoch: 0,
-                min_seq: 0,
+                ..Default::default()
             })
             .await
             .unwrap_err(),

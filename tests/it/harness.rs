@@ -57,6 +57,7 @@ pub fn fill_req(key: &str, deps: &[&str], observed_seq: u64) -> pb::FillRequest 
         observed_seq,
         epoch: 0,
         lease_token: 0,
+        client_id: String::new(),
     }
 }
 

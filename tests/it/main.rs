@@ -4,6 +4,7 @@
 mod concurrency;
 mod errors;
 mod harness;
+mod metrics;
 mod ops;
 mod policies;
 mod rpc;

@@ -131,7 +131,14 @@ fn bad_configuration_exits_64_naming_the_setting() {
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
     let mut child = freshd()
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -145,16 +145,19 @@ async fn decisions_follow_the_namespace_policy() {
                     key: "feed:1".into(),
                     version: f.version,
                     age_ms: 10,
+                    served: false,
                 },
                 pb::CheckItem {
                     key: "feed:2".into(),
                     version: g.version,
                     age_ms: 10,
+                    served: false,
                 },
                 pb::CheckItem {
                     key: "other:1".into(),
                     version: other.version,
                     age_ms: 10,
+                    served: false,
                 },
             ],
             ..Default::default()
@@ -366,7 +369,7 @@ async fn one_of_a_hundred_callers_gets_the_lease() {
         tasks.push(tokio::spawn(async move {
             c.lease(pb::LeaseRequest {
                 key: "feed:9".into(),
-                min_seq: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -398,7 +401,7 @@ async fn one_of_a_hundred_callers_gets_the_lease() {
     let next = c
         .lease(pb::LeaseRequest {
             key: "feed:9".into(),
-            min_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -415,7 +418,7 @@ async fn a_publish_between_lease_and_fill_refuses_the_fill() {
     let lease = c
         .lease(pb::LeaseRequest {
             key: "feed:1".into(),
-            min_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -442,7 +445,7 @@ async fn leases_expire_on_their_own() {
     let first = c
         .lease(pb::LeaseRequest {
             key: "k".into(),
-            min_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -454,7 +457,7 @@ async fn leases_expire_on_their_own() {
         async move {
             c.lease(pb::LeaseRequest {
                 key: "k".into(),
-                min_seq: 0,
+                ..Default::default()
             })
             .await
             .unwrap()

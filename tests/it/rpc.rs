@@ -38,7 +38,7 @@ async fn fill_publish_check_turns_stale() {
             version: fill.version,
             age_ms: 10,
             epoch: fill.epoch,
-            min_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -67,7 +67,7 @@ async fn fill_publish_check_turns_stale() {
             version: fill.version,
             age_ms: 10,
             epoch: fill.epoch,
-            min_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -117,6 +117,7 @@ async fn check_batch_answers_in_order_with_duplicates() {
         key: k.into(),
         version: v,
         age_ms: 0,
+        served: false,
     };
     let out = c
         .check_batch(pb::CheckBatchRequest {
@@ -127,7 +128,7 @@ async fn check_batch_answers_in_order_with_duplicates() {
                 item("b", b.version),
             ],
             epoch: 0,
-            min_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -232,7 +233,7 @@ async fn a_check_from_another_epoch_is_unknown() {
             version: f.version,
             age_ms: 0,
             epoch: other_epoch,
-            min_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -244,9 +245,10 @@ async fn a_check_from_another_epoch_is_unknown() {
                 key: "k".into(),
                 version: f.version,
                 age_ms: 0,
+                served: false,
             }],
             epoch: other_epoch,
-            min_seq: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

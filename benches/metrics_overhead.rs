@@ -1,0 +1,154 @@
+//! What recording metrics costs: gRPC check throughput of a server that
+//! records every figure against one that records nothing, in the same run.
+//!
+//! Both servers are real freshd servers on loopback ports, holding the same
+//! keys; each round runs the same closed-loop client load against one, then
+//! the other, and the rounds alternate so that drift on a noisy machine hits
+//! both alike. Every check reports an endpoint, an age and `served`, so the
+//! recording path is the full one (hit age, served checks, RPC counts and
+//! latency).
+//!
+//! ```sh
+//! cargo bench --bench metrics_overhead
+//! ```
+//! Environment: `OVERHEAD_SECS` per round (default 3), `OVERHEAD_ROUNDS` (4),
+//! `OVERHEAD_TASKS` concurrent clients (16).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshd::config::Config;
+use freshd::log::MemoryLog;
+use freshd::metrics::{Metrics, MetricsConfig};
+use freshd::pb::{self, coordinator_client::CoordinatorClient};
+use freshd::server::RunningServer;
+use freshd::store::Store;
+use tonic::transport::Channel;
+
+const KEYS: usize = 10_000;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn server(enabled: bool) -> (RunningServer, Vec<(String, u64)>) {
+    let config = Config::ephemeral();
+    let metrics = Arc::new(Metrics::new(MetricsConfig {
+        enabled,
+        ..MetricsConfig::default()
+    }));
+    let store = Arc::new(Store::with_metrics(
+        config.store.clone(),
+        Box::new(MemoryLog::new()),
+        metrics,
+    ));
+    let server = RunningServer::start_with_store(config, store)
+        .await
+        .expect("server starts");
+    let mut client = CoordinatorClient::connect(server.url()).await.unwrap();
+    let mut keys = Vec::with_capacity(KEYS);
+    for i in 0..KEYS {
+        let key = format!("feed:user:{i}");
+        let f = client
+            .fill(pb::FillRequest {
+                key: key.clone(),
+                dependencies: vec![format!("posts:author:{}", i % 100)],
+                ttl_ms: 3_600_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        keys.push((key, f.version));
+    }
+    (server, keys)
+}
+
+/// Checks per second over `secs` with `tasks` concurrent clients.
+async fn run(url: &str, keys: &Arc<Vec<(String, u64)>>, tasks: u64, secs: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let channel = Channel::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = CoordinatorClient::new(channel);
+        let keys = keys.clone();
+        let done = done.clone();
+        handles.push(tokio::spawn(async move {
+            let mut i = (t as usize * 7919) % keys.len();
+            while Instant::now() < deadline {
+                let (key, version) = &keys[i];
+                let r = client
+                    .check(pb::CheckRequest {
+                        key: key.clone(),
+                        version: *version,
+                        age_ms: 1_500,
+                        endpoint: "home".into(),
+                        served: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("check")
+                    .into_inner();
+                assert_eq!(r.freshness(), pb::Freshness::Fresh);
+                done.fetch_add(1, Ordering::Relaxed);
+                i = (i + 1) % keys.len();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / secs as f64
+}
+
+fn main() {
+    let secs = env("OVERHEAD_SECS", 3);
+    let rounds = env("OVERHEAD_ROUNDS", 4);
+    let tasks = env("OVERHEAD_TASKS", 16);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (on, on_keys) = server(true).await;
+        let (off, off_keys) = server(false).await;
+        let (on_keys, off_keys) = (Arc::new(on_keys), Arc::new(off_keys));
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Alternate which goes first.
+            if round % 2 == 0 {
+                with.push(run(&on.url(), &on_keys, tasks, secs).await);
+                without.push(run(&off.url(), &off_keys, tasks, secs).await);
+            } else {
+                without.push(run(&off.url(), &off_keys, tasks, secs).await);
+                with.push(run(&on.url(), &on_keys, tasks, secs).await);
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        println!("| round | checks/s with metrics | checks/s without | ratio |");
+        println!("| --- | ---: | ---: | ---: |");
+        for (i, (w, wo)) in with.iter().zip(&without).enumerate() {
+            println!("| {} | {w:.0} | {wo:.0} | {:.3} |", i + 1, w / wo);
+        }
+        let (w, wo) = (mean(&with), mean(&without));
+        println!("| mean | {w:.0} | {wo:.0} | {:.3} |", w / wo);
+        println!(
+            "\nrecording metrics costs {:.1}% of check throughput ({} tasks, {} s x {} rounds)",
+            (1.0 - w / wo) * 100.0,
+            tasks,
+            secs,
+            rounds
+        );
+        on.stop().await.unwrap();
+        off.stop().await.unwrap();
+    });
+}
