@@ -316,7 +316,7 @@ struct Node {
     /// Forward edges, sorted by key.
     deps: Box<[Key]>,
     /// Reverse edges.
-    dependents: HashSet<Key, KeyHash>,
+    dependents: Dependents,
 }
 
 impl Node {
@@ -333,7 +333,7 @@ impl Node {
             soft_purge_at: 0,
             flags: 0,
             deps: Box::new([]),
-            dependents: HashSet::with_hasher(KeyHash),
+            dependents: Dependents::default(),
         }
     }
 
@@ -363,6 +363,43 @@ impl Node {
                 && now.saturating_sub(age_ms) < self.soft_purge_at,
             last_change_seq: self.last_change_seq,
         }
+    }
+}
+
+/// A node's reverse edges. Most keys have none (a cached entry that nothing
+/// depends on), so the set lives behind a pointer: 8 bytes per node instead
+/// of an inline table's 32.
+#[derive(Default)]
+struct Dependents(Option<Box<HashSet<Key, KeyHash>>>);
+
+impl Dependents {
+    fn iter(&self) -> impl Iterator<Item = &Key> {
+        self.0.iter().flat_map(|set| set.iter())
+    }
+
+    fn insert(&mut self, key: Key) -> bool {
+        self.0
+            .get_or_insert_with(|| Box::new(HashSet::with_hasher(KeyHash)))
+            .insert(key)
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        let Some(set) = &mut self.0 else {
+            return false;
+        };
+        let removed = set.remove(key);
+        if set.is_empty() {
+            self.0 = None;
+        }
+        removed
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |set| set.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
     }
 }
 
@@ -890,7 +927,7 @@ impl Store {
             if !visited.insert(node.key.clone()) {
                 continue;
             }
-            for dependent in &node.dependents {
+            for dependent in node.dependents.iter() {
                 if visited.insert(dependent.clone()) {
                     queue.push_back((dependent.clone(), false));
                 }
@@ -904,7 +941,7 @@ impl Store {
                 }
                 let shard = self.shards[index].read();
                 if let Some(node) = shard.get(hash, &key) {
-                    for dependent in &node.dependents {
+                    for dependent in node.dependents.iter() {
                         if visited.insert(dependent.clone()) {
                             queue.push_back((dependent.clone(), false));
                         }
@@ -1147,13 +1184,13 @@ impl Store {
     /// mutation; returns its seq.
     pub fn set_policy(&self, namespace: Option<&str>, policy: Policy) -> Result<u64> {
         let mut sequencer = self.sequencer.lock();
-        let seq = sequencer
-            .log
-            .append(&Record::Policy {
+        let seq = self.append(
+            &mut sequencer,
+            &Record::Policy {
                 namespace,
                 policy: Some(&policy),
-            })
-            .map_err(|e| Error::Log(e.to_string()))?;
+            },
+        )?;
         {
             let mut policies = self.policies.write();
             match namespace {
@@ -1175,13 +1212,13 @@ impl Store {
         if !self.policies.read().namespaces.contains_key(namespace) {
             return Ok(false);
         }
-        let seq = sequencer
-            .log
-            .append(&Record::Policy {
+        let seq = self.append(
+            &mut sequencer,
+            &Record::Policy {
                 namespace: Some(namespace),
                 policy: None,
-            })
-            .map_err(|e| Error::Log(e.to_string()))?;
+            },
+        )?;
         self.policies.write().namespaces.remove(namespace);
         self.applied.store(seq, Ordering::Release);
         self.applied_notify.notify_waiters();
@@ -1212,7 +1249,7 @@ impl Store {
             let hash = hash_key(&key);
             let shard = self.read(hash);
             if let Some(node) = shard.get(hash, &key) {
-                for d in &node.dependents {
+                for d in node.dependents.iter() {
                     if seen.insert(d.clone()) {
                         affected.push(d.clone());
                     }
@@ -1274,14 +1311,14 @@ impl Store {
             outcome.applied = true;
             return Ok(outcome);
         }
-        let seq = sequencer
-            .log
-            .append(&Record::Purge {
+        let seq = self.append(
+            &mut sequencer,
+            &Record::Purge {
                 prefix: &spec.prefix,
                 hard: false,
                 jitter_ms: spec.jitter_ms,
-            })
-            .map_err(|e| Error::Log(e.to_string()))?;
+            },
+        )?;
         let now = self.clock.now();
         sequencer.reset_needed();
         for key in &affected {
