@@ -4,6 +4,7 @@
 mod concurrency;
 mod errors;
 mod harness;
+mod hostile;
 mod metrics;
 mod ops;
 mod policies;
