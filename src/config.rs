@@ -16,6 +16,7 @@ use crate::metrics::MetricsConfig;
 use crate::policy::{Policies, Policy};
 use crate::store::StoreConfig;
 use crate::validate::Limits;
+use crate::wal::{FsyncPolicy, WalConfig};
 
 /// Command-line flags. Each also reads its `FRESHD_*` environment variable.
 #[derive(Debug, Default, Parser)]
@@ -28,6 +29,21 @@ pub struct Args {
     /// A TOML file with any of the settings below (same names, snake_case).
     #[arg(long, env = "FRESHD_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// Keep a write-ahead log here; without it the server is memory-only
+    #[arg(long, env = "FRESHD_DATA_DIR", value_name = "PATH")]
+    pub data_dir: Option<String>,
+    /// When the log calls fsync: always, interval or never [default: interval]
+    #[arg(long, env = "FRESHD_FSYNC", value_name = "POLICY")]
+    pub fsync: Option<String>,
+    /// The period of fsync=interval [default: 100ms]
+    #[arg(long, env = "FRESHD_FSYNC_INTERVAL", value_name = "DURATION")]
+    pub fsync_interval: Option<String>,
+    /// Size after which a new log segment starts [default: 67108864]
+    #[arg(long, env = "FRESHD_WAL_SEGMENT_BYTES", value_name = "BYTES")]
+    pub wal_segment_bytes: Option<String>,
+    /// Truncate a corrupt log at the first bad record instead of refusing to start
+    #[arg(long)]
+    pub repair: bool,
     /// gRPC listen address [default: 127.0.0.1:50051]
     #[arg(long, env = "FRESHD_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
@@ -128,6 +144,8 @@ pub enum LogFormat {
 pub struct Config {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// The write-ahead log; `None`: memory only.
+    pub wal: Option<WalConfig>,
     /// Admin HTTP address; `None`: off.
     pub admin_listen: Option<SocketAddr>,
     /// Metric label bounds.
@@ -152,6 +170,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            wal: None,
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
             metrics: MetricsConfig::default(),
             store: StoreConfig::default(),
@@ -180,6 +199,10 @@ pub struct ConfigError {
 /// The settings a TOML file may hold.
 const FILE_SETTINGS: &[&str] = &[
     "listen",
+    "data_dir",
+    "fsync",
+    "fsync_interval",
+    "wal_segment_bytes",
     "admin_listen",
     "metrics_max_namespaces",
     "metrics_max_endpoints",
@@ -297,7 +320,57 @@ impl FileValues {
     }
 }
 
+/// The durability flags, resolved together.
+struct WalArgs {
+    data_dir: Option<String>,
+    fsync: Option<String>,
+    fsync_interval: Option<String>,
+    wal_segment_bytes: Option<String>,
+    repair: bool,
+}
+
 impl FileValues {
+    /// The write-ahead log settings, if a data directory is set.
+    fn wal(&self, args: &WalArgs) -> Result<Option<WalConfig>, ConfigError> {
+        let Some(dir) = self.pick("data_dir", args.data_dir.clone())? else {
+            return Ok(None);
+        };
+        if dir.value.is_empty() {
+            return Err(dir.error("data_dir", "must not be empty"));
+        }
+        let mut interval = Duration::from_millis(100);
+        if let Some(raw) = self.pick("fsync_interval", args.fsync_interval.clone())? {
+            interval = parse_duration("fsync_interval", &raw)?;
+            if interval.is_zero() {
+                return Err(raw.error("fsync_interval", "must be above zero"));
+            }
+        }
+        let fsync = match self.pick("fsync", args.fsync.clone())? {
+            None => FsyncPolicy::Interval(interval),
+            Some(raw) => match raw.value.as_str() {
+                "always" => FsyncPolicy::Always,
+                "interval" => FsyncPolicy::Interval(interval),
+                "never" => FsyncPolicy::Never,
+                other => {
+                    return Err(raw.error(
+                        "fsync",
+                        format!("{other:?} is not one of: always, interval, never"),
+                    ))
+                }
+            },
+        };
+        let mut segment_bytes = 64 << 20;
+        if let Some(raw) = self.pick("wal_segment_bytes", args.wal_segment_bytes.clone())? {
+            segment_bytes = parse_int("wal_segment_bytes", &raw, 4096, 1 << 40)?;
+        }
+        Ok(Some(WalConfig {
+            dir: PathBuf::from(dir.value),
+            fsync,
+            segment_bytes,
+            repair: args.repair,
+        }))
+    }
+
     /// The `[default_policy]` and `[policies.<namespace>]` tables.
     fn policies(&self) -> Result<Policies, ConfigError> {
         let mut policies = Policies::default();
@@ -440,6 +513,13 @@ impl Config {
     /// Resolves flags, environment and file into a validated configuration.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let file = FileValues::load(args.config.as_deref())?;
+        let args_wal = WalArgs {
+            data_dir: args.data_dir.clone(),
+            fsync: args.fsync.clone(),
+            fsync_interval: args.fsync_interval.clone(),
+            wal_segment_bytes: args.wal_segment_bytes.clone(),
+            repair: args.repair,
+        };
         let mut config = Config::default();
 
         if let Some(raw) = file.pick("listen", args.listen)? {
@@ -661,6 +741,7 @@ impl Config {
         config.limits.max_purge_keys = max_purge_keys;
         config.limits.purges_per_minute = purges_per_minute;
         config.store.policies = file.policies()?;
+        config.wal = file.wal(&args_wal)?;
         config.limits.max_key_bytes = max_key_bytes as usize;
         config.limits.max_dependencies = max_dependencies as usize;
         config.limits.max_batch_items = max_batch_items as usize;

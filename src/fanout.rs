@@ -536,6 +536,18 @@ impl Hub {
         &self.config
     }
 
+    /// Starts recording notices for a log replay whose first seq follows
+    /// `seq`: the history is rebuilt from there.
+    pub fn replay_from(&self, seq: u64) {
+        let _routes = self.routes.write();
+        self.recording.store(true, Ordering::Release);
+        self.fanned.store(seq, Ordering::Release);
+        let mut history = self.history.lock();
+        history.floor = seq;
+        history.notices.clear();
+        history.bytes = 0;
+    }
+
     /// Whether publishes must build notices.
     pub fn recording(&self) -> bool {
         self.recording.load(Ordering::Acquire)

@@ -24,6 +24,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod validate;
+pub mod wal;
 pub mod watch;
 
 /// Generated protobuf types and gRPC stubs of `freshd.v1`.

@@ -9,7 +9,8 @@
 use crate::policy::Policy;
 use crate::store::{FillSpec, PublishChange};
 
-/// A mutation as the log records it.
+/// A mutation as the log records it: everything needed to apply it again,
+/// identically, when the log is replayed.
 #[derive(Debug, Clone, Copy)]
 pub enum Record<'a> {
     /// A publish: its changes in request order, and which of them were
@@ -19,9 +20,18 @@ pub enum Record<'a> {
         changes: &'a [PublishChange],
         /// `duplicate[i]` is true when `changes[i]` had no effect.
         duplicate: &'a [bool],
+        /// The publishing client's id, for no-loop.
+        origin: &'a str,
+        /// When it was applied.
+        unix_ms: u64,
     },
     /// A fill that passed its `observed_seq` check.
-    Fill(&'a FillSpec),
+    Fill {
+        /// The fill.
+        spec: &'a FillSpec,
+        /// When it was applied (its TTL runs from here).
+        unix_ms: u64,
+    },
     /// A freshness policy set (`Some`) or removed (`None`) for a namespace
     /// (`None`: the default).
     Policy {
@@ -34,10 +44,10 @@ pub enum Record<'a> {
     Purge {
         /// The prefix.
         prefix: &'a str,
-        /// Always false here.
-        hard: bool,
         /// The spread, ms.
         jitter_ms: u64,
+        /// When it was applied.
+        unix_ms: u64,
     },
 }
 
@@ -52,6 +62,11 @@ pub trait Log: Send {
     fn last_seq(&self) -> u64;
     /// Appends a record and returns its seq.
     fn append(&mut self, record: &Record<'_>) -> Result<u64, LogError>;
+    /// A handle to wait until appended records are durable, for logs that
+    /// write to disk.
+    fn durability(&self) -> Option<crate::wal::Durability> {
+        None
+    }
 }
 
 /// A log that could not take a record.

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::service::CoordinatorService;
 use crate::store::Store;
+use crate::wal::{FileLog, WalRecord};
 
 /// The gRPC name of the Coordinator service, as health checks name it.
 pub const COORDINATOR_SERVICE: &str = "freshd.v1.Coordinator";
@@ -38,16 +39,30 @@ pub enum ServeError {
     /// The reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The write-ahead log could not be opened.
+    #[error("the log under --data-dir: {0}")]
+    Wal(#[from] crate::wal::WalError),
 }
 
-/// The memory-only store a configuration describes, with its metrics.
-pub fn new_store(config: &Config) -> Arc<Store> {
+/// The store a configuration describes, with its metrics: memory-only, or
+/// over the write-ahead log under `data_dir`, with the records to replay.
+pub fn new_store(config: &Config) -> Result<(Arc<Store>, Vec<WalRecord>), ServeError> {
     let metrics = Arc::new(Metrics::new(config.metrics));
-    Arc::new(Store::with_metrics(
-        config.store.clone(),
-        Box::new(MemoryLog::new()),
-        metrics,
-    ))
+    let (log, records): (Box<dyn crate::log::Log>, Vec<WalRecord>) = match &config.wal {
+        None => (Box::new(MemoryLog::new()), Vec::new()),
+        Some(wal) => {
+            let opened = FileLog::open(wal.clone())?;
+            tracing::info!(
+                dir = %wal.dir.display(),
+                records = opened.records.len(),
+                dropped_torn_tail = opened.dropped_tail,
+                "opened the write-ahead log"
+            );
+            (Box::new(opened.log), opened.records)
+        }
+    };
+    let store = Store::with_metrics(config.store.clone(), log, metrics);
+    Ok((Arc::new(store), records))
 }
 
 /// Serves gRPC on `listener` (and the admin HTTP endpoint on
@@ -61,17 +76,20 @@ pub async fn serve(
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
-    let store = new_store(&config);
-    serve_store(config, listener, admin, store, shutdown).await
+    let (store, records) = new_store(&config)?;
+    serve_store(config, listener, admin, store, records, shutdown).await
 }
 
 /// Serves `store` on `listener` (gRPC) and `admin` (HTTP: `/metrics`,
-/// `/healthz`, `/readyz`) until `shutdown` completes, then drains.
+/// `/healthz`, `/readyz`) until `shutdown` completes, then drains. `recovery`
+/// holds the log records to replay first; health says NOT_SERVING, and the
+/// Coordinator answers UNAVAILABLE, until they are applied.
 pub async fn serve_store(
     config: Config,
     listener: TcpListener,
     admin: Option<TcpListener>,
     store: Arc<Store>,
+    recovery: Vec<WalRecord>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -98,9 +116,10 @@ pub async fn serve_store(
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let coordinator = CoordinatorServer::new(CoordinatorService::new(
+    let coordinator = CoordinatorServer::new(CoordinatorService::with_gate(
         store.clone(),
         config.limits.clone(),
+        ready.clone(),
     ))
     .max_decoding_message_size(config.max_message_bytes)
     .max_encoding_message_size(config.max_message_bytes);
@@ -127,6 +146,15 @@ pub async fn serve_store(
         config.expiry_batch,
     ));
 
+    if !recovery.is_empty() {
+        let started = std::time::Instant::now();
+        let count = recovery.len();
+        let replaying = store.clone();
+        tokio::task::spawn_blocking(move || replaying.recover(recovery))
+            .await
+            .map_err(|e| std::io::Error::other(format!("log replay failed: {e}")))?;
+        tracing::info!(records = count, took = ?started.elapsed(), "replayed the write-ahead log");
+    }
     set_health(&health, &ready, ServingStatus::Serving).await;
     tracing::info!(addr = %local, epoch = store.epoch(), shards = config.store.shards, "freshd serving");
 
@@ -203,13 +231,21 @@ impl RunningServer {
     /// Binds `config.listen` (port 0 picks a free port) and serves in the
     /// background. The server is ready when this returns.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
-        let store = new_store(&config);
-        Self::start_with_store(config, store).await
+        let (store, records) = new_store(&config)?;
+        Self::start_recovering(config, store, records).await
     }
 
     /// Like [`RunningServer::start`], serving a store built by the caller
     /// (over another [`crate::log::Log`], say).
     pub async fn start_with_store(config: Config, store: Arc<Store>) -> Result<Self, ServeError> {
+        Self::start_recovering(config, store, Vec::new()).await
+    }
+
+    async fn start_recovering(
+        config: Config,
+        store: Arc<Store>,
+        recovery: Vec<WalRecord>,
+    ) -> Result<Self, ServeError> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let admin = match config.admin_listen {
@@ -218,9 +254,16 @@ impl RunningServer {
         };
         let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_store(config, listener, admin, store.clone(), async {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(serve_store(
+            config,
+            listener,
+            admin,
+            store.clone(),
+            recovery,
+            async {
+                let _ = rx.await;
+            },
+        ));
         Ok(Self {
             addr,
             admin_addr,

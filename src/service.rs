@@ -21,6 +21,8 @@ use crate::validate::{self, Limits};
 pub struct CoordinatorService {
     store: Arc<Store>,
     limits: Limits,
+    /// False until the log is replayed and again from shutdown on.
+    ready: Arc<std::sync::atomic::AtomicBool>,
     started: Instant,
     /// When recent purges ran, for `purges_per_minute`.
     purges: parking_lot::Mutex<std::collections::VecDeque<Instant>>,
@@ -29,11 +31,37 @@ pub struct CoordinatorService {
 impl CoordinatorService {
     /// A service answering from `store` under `limits`.
     pub fn new(store: Arc<Store>, limits: Limits) -> Self {
+        Self::with_gate(
+            store,
+            limits,
+            Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        )
+    }
+
+    /// A service that answers UNAVAILABLE while `ready` is false (while the
+    /// log is replayed, and from the moment shutdown begins).
+    pub fn with_gate(
+        store: Arc<Store>,
+        limits: Limits,
+        ready: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         Self {
             store,
             limits,
+            ready,
             started: Instant::now(),
             purges: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    /// UNAVAILABLE until the server is ready.
+    fn gate(&self) -> Result<(), Status> {
+        if self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "freshd is not serving: it is replaying its log or shutting down; retry",
+            ))
         }
     }
 
@@ -189,7 +217,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
         let start = Instant::now();
-        let result = self.list_policies_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.list_policies_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("ListPolicies", start, &result);
         result
     }
@@ -199,7 +230,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
         let start = Instant::now();
-        let result = self.stats_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.stats_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("Stats", start, &result);
         result
     }
@@ -209,7 +243,10 @@ impl Coordinator for CoordinatorService {
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let start = Instant::now();
-        let result = self.watch_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.watch_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("Watch", start, &result);
         result
     }
@@ -219,7 +256,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let start = Instant::now();
-        let result = self.publish_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.publish_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("Publish", start, &result);
         result
     }
@@ -229,7 +269,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::FillRequest>,
     ) -> Result<Response<pb::FillResponse>, Status> {
         let start = Instant::now();
-        let result = self.fill_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.fill_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("Fill", start, &result);
         result
     }
@@ -239,7 +282,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let start = Instant::now();
-        let result = self.check_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.check_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("Check", start, &result);
         result
     }
@@ -249,7 +295,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::CheckBatchRequest>,
     ) -> Result<Response<pb::CheckBatchResponse>, Status> {
         let start = Instant::now();
-        let result = self.check_batch_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.check_batch_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("CheckBatch", start, &result);
         result
     }
@@ -259,7 +308,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let start = Instant::now();
-        let result = self.lease_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.lease_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("Lease", start, &result);
         result
     }
@@ -269,7 +321,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::PurgeRequest>,
     ) -> Result<Response<pb::PurgeResponse>, Status> {
         let start = Instant::now();
-        let result = self.purge_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.purge_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("Purge", start, &result);
         result
     }
@@ -279,7 +334,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::NamespacePolicy>, Status> {
         let start = Instant::now();
-        let result = self.get_policy_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.get_policy_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("GetPolicy", start, &result);
         result
     }
@@ -289,7 +347,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::NamespacePolicy>, Status> {
         let start = Instant::now();
-        let result = self.set_policy_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.set_policy_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("SetPolicy", start, &result);
         result
     }
@@ -299,7 +360,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
         let start = Instant::now();
-        let result = self.delete_policy_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.delete_policy_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("DeletePolicy", start, &result);
         result
     }
@@ -309,7 +373,10 @@ impl Coordinator for CoordinatorService {
         request: Request<pb::InspectRequest>,
     ) -> Result<Response<pb::InspectResponse>, Status> {
         let start = Instant::now();
-        let result = self.inspect_inner(request).await;
+        let result = match self.gate() {
+            Ok(()) => self.inspect_inner(request).await,
+            Err(status) => Err(status),
+        };
         self.observe("Inspect", start, &result);
         result
     }
@@ -334,6 +401,7 @@ impl CoordinatorService {
         let client_id = request.client_id.clone();
         let changes = self.limits.publish(request)?;
         let outcome = self.store.publish_from(&changes, &client_id)?;
+        self.store.wait_durable(outcome.seq).await;
         Ok(Response::new(pb::PublishResponse {
             seq: outcome.seq,
             epoch: self.store.epoch(),
@@ -379,6 +447,7 @@ impl CoordinatorService {
             };
         }
         let outcome = self.store.fill(&spec)?;
+        self.store.wait_durable(outcome.seq).await;
         for stream in self.store.hub().streams_of(&client_id) {
             stream.filled(&spec.key);
         }
@@ -518,6 +587,9 @@ impl CoordinatorService {
                 Ok((outcome, outcome.applied))
             })?
         };
+        if outcome.applied {
+            self.store.wait_durable(outcome.seq).await;
+        }
         tracing::info!(
             prefix = %spec.prefix,
             hard = spec.hard,
@@ -559,7 +631,8 @@ impl CoordinatorService {
                 .ok_or_else(|| Error::invalid("policy must be set"))?,
         )?;
         let namespace = (!request.namespace.is_empty()).then_some(request.namespace.as_str());
-        self.store.set_policy(namespace, policy)?;
+        let seq = self.store.set_policy(namespace, policy)?;
+        self.store.wait_durable(seq).await;
         Ok(Response::new(self.named_policy(&request.namespace)))
     }
 
@@ -598,11 +671,12 @@ impl CoordinatorService {
             .into());
         }
         self.limits.namespace("namespace", &namespace)?;
-        if !self.store.delete_policy(&namespace)? {
+        let Some(seq) = self.store.delete_policy(&namespace)? else {
             return Err(Status::not_found(format!(
                 "namespace {namespace:?} has no policy of its own; it uses the default"
             )));
-        }
+        };
+        self.store.wait_durable(seq).await;
         Ok(Response::new(pb::DeletePolicyResponse {}))
     }
 

@@ -46,6 +46,7 @@ use crate::lease::{LeaseOutcome, Leases};
 use crate::log::{Log, Record};
 use crate::metrics::Metrics;
 use crate::policy::{Policies, Policy};
+use crate::wal::{Body, Durability, WalRecord};
 
 /// A key as the store holds it: shared between the map and every edge.
 pub type Key = Arc<str>;
@@ -552,11 +553,18 @@ impl Sequencer {
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     start: tokio::time::Instant,
+    /// Unix ms at `start`, to place times read back from the log.
+    start_unix: u64,
 }
 
 impl Clock {
     fn now(&self) -> u64 {
         self.start.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The clock time of a Unix time (1 for anything before the start).
+    fn at_unix(&self, unix_ms: u64) -> u64 {
+        unix_ms.saturating_sub(self.start_unix) + 1
     }
 }
 
@@ -580,6 +588,7 @@ pub struct Store {
     oversized: AtomicU64,
     hub: Hub,
     metrics: Arc<Metrics>,
+    durability: Option<Durability>,
     leases: Leases,
     policies: RwLock<Policies>,
     /// Woken after every applied mutation, for read-your-writes waits.
@@ -613,6 +622,7 @@ impl Store {
             .map(|_| RwLock::new(Shard::default()))
             .collect();
         let last_seq = log.last_seq();
+        let durability = log.durability();
         let applied = AtomicU64::new(last_seq);
         let epoch = log.epoch();
         Self {
@@ -629,9 +639,11 @@ impl Store {
             }),
             clock: Clock {
                 start: tokio::time::Instant::now(),
+                start_unix: unix_ms(),
             },
             hub: Hub::new(config.hub.clone(), last_seq, metrics.clone()),
             metrics,
+            durability,
             leases: Leases::new(config.shards),
             policies: RwLock::new(config.policies.clone()),
             applied_notify: tokio::sync::Notify::new(),
@@ -645,6 +657,89 @@ impl Store {
     /// The fan-out hub that Watch streams subscribe to.
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// Waits until mutation `seq` is durable, as the log's fsync policy
+    /// says (at once for the memory-only log).
+    pub async fn wait_durable(&self, seq: u64) {
+        if let Some(durability) = &self.durability {
+            durability.wait(seq).await;
+        }
+    }
+
+    /// Applies the records of a log being recovered, in order. Call it once,
+    /// before serving; the hub records the notices again, so that Watch
+    /// streams resume from the replayed history.
+    pub fn recover(&self, records: Vec<WalRecord>) {
+        let mut sequencer = self.sequencer.lock();
+        let sequencer = &mut *sequencer;
+        let end = self.seq();
+        if let Some(first) = records.first() {
+            self.hub.replay_from(first.seq - 1);
+        }
+        for record in records {
+            self.replay(sequencer, record);
+        }
+        // Seqs continue past the log's reservation: nothing names them.
+        self.applied.store(end, Ordering::Release);
+        self.hub.fanout(end, Vec::new());
+    }
+
+    fn replay(&self, sequencer: &mut Sequencer, record: WalRecord) {
+        let seq = record.seq;
+        let now_unix = record.unix_ms;
+        let now = self.clock.at_unix(now_unix);
+        match record.body {
+            Some(Body::Publish(p)) => {
+                let duplicate: Vec<bool> = p.changes.iter().map(|c| c.duplicate).collect();
+                let changes: Vec<PublishChange> = p
+                    .changes
+                    .into_iter()
+                    .map(|c| PublishChange {
+                        key: c.key,
+                        external_version: c.external_version,
+                        critical: c.critical,
+                        event_time_ms: c.event_time_ms,
+                    })
+                    .collect();
+                let hashes: Vec<u64> = changes.iter().map(|c| hash_key(&c.key)).collect();
+                self.apply_publish(
+                    sequencer, seq, &changes, &hashes, &duplicate, &p.origin, now, now_unix,
+                );
+            }
+            Some(Body::Fill(f)) => {
+                let spec = FillSpec {
+                    key: f.key,
+                    dependencies: f.dependencies,
+                    ttl_ms: f.ttl_ms,
+                    observed_seq: f.observed_seq,
+                };
+                let hash = hash_key(&spec.key);
+                let dep_hashes: Vec<u64> = spec.dependencies.iter().map(|d| hash_key(d)).collect();
+                let (mut shards, old_deps) =
+                    self.lock_for_fill(sequencer, &spec, hash, &dep_hashes);
+                let expires_at = self.clock.at_unix(now_unix.saturating_add(spec.ttl_ms));
+                self.apply_fill(
+                    &mut shards,
+                    &spec,
+                    seq,
+                    hash,
+                    &dep_hashes,
+                    old_deps,
+                    now,
+                    expires_at,
+                );
+                self.applied.store(seq, Ordering::Release);
+            }
+            Some(Body::Policy(p)) => {
+                self.apply_policy(seq, p.namespace.as_deref(), p.policy());
+            }
+            Some(Body::Purge(p)) => {
+                let (_, affected) = self.purge_scope(&p.prefix);
+                self.apply_soft_purge(sequencer, seq, &affected, p.jitter_ms, now);
+            }
+            Some(Body::Reserve(_)) | None => {}
+        }
     }
 
     /// The metrics this store records into.
@@ -754,21 +849,62 @@ impl Store {
             return Ok(PublishOutcome { seq, results });
         }
 
-        // Read phase: which shards the walk will touch. The state cannot
-        // change under us: we are the only writer.
-        self.mark_publish_shards(sequencer, changes, &hashes, &duplicate);
-
+        let now_unix = unix_ms();
         let seq = self.append(
             sequencer,
             &Record::Publish {
                 changes,
                 duplicate: &duplicate,
+                origin,
+                unix_ms: now_unix,
             },
         )?;
-
-        let mut shards = WriteSet::lock(self, &sequencer.needed);
         let now = self.clock.now();
-        let now_unix = unix_ms();
+        let (mut results, total) = self.apply_publish(
+            sequencer, seq, changes, &hashes, &duplicate, origin, now, now_unix,
+        );
+
+        for (i, result) in results.iter_mut().enumerate() {
+            if duplicate[i] {
+                let h = hashes[i];
+                result.version = self
+                    .read(h)
+                    .get(h, &changes[i].key)
+                    .map_or(0, |n| n.version);
+            }
+        }
+        if total > self.config.max_invalidations_per_publish {
+            self.oversized.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                seq,
+                invalidated = total,
+                limit = self.config.max_invalidations_per_publish,
+                first_key = %changes[0].key,
+                "publish invalidated more keys than max_invalidations_per_publish"
+            );
+        }
+        Ok(PublishOutcome { seq, results })
+    }
+
+    /// Applies a logged publish: bumps the changed keys and their
+    /// transitive dependents, then fans the notices out. Returns the
+    /// per-change outcomes and the number of keys bumped.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_publish(
+        &self,
+        sequencer: &mut Sequencer,
+        seq: u64,
+        changes: &[PublishChange],
+        hashes: &[u64],
+        duplicate: &[bool],
+        origin: &str,
+        now: u64,
+        now_unix: u64,
+    ) -> (Vec<ChangeOutcome>, u64) {
+        // Read phase: which shards the walk will touch. The state cannot
+        // change under us: we are the only writer.
+        self.mark_publish_shards(sequencer, changes, hashes, duplicate);
+        let mut shards = WriteSet::lock(self, &sequencer.needed);
         let retention = now + self.config.change_retention.as_millis() as u64;
         let mut results = Vec::with_capacity(changes.len());
         let mut total = 0u64;
@@ -866,27 +1002,7 @@ impl Store {
         self.applied_notify.notify_waiters();
         // Still under the sequencer: fan-outs run in seq order.
         self.hub.fanout(seq, notices);
-
-        for (i, result) in results.iter_mut().enumerate() {
-            if duplicate[i] {
-                let h = hashes[i];
-                result.version = self
-                    .read(h)
-                    .get(h, &changes[i].key)
-                    .map_or(0, |n| n.version);
-            }
-        }
-        if total > self.config.max_invalidations_per_publish {
-            self.oversized.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                seq,
-                invalidated = total,
-                limit = self.config.max_invalidations_per_publish,
-                first_key = %changes[0].key,
-                "publish invalidated more keys than max_invalidations_per_publish"
-            );
-        }
-        Ok(PublishOutcome { seq, results })
+        (results, total)
     }
 
     /// Marks in `sequencer.needed` every shard a publish of the accepted
@@ -961,21 +1077,7 @@ impl Store {
         let hash = hash_key(&spec.key);
         let key_index = self.shard_index(hash);
         let dep_hashes: Vec<u64> = spec.dependencies.iter().map(|d| hash_key(d)).collect();
-
-        let old_deps: Option<Vec<Key>> = self.shards[key_index]
-            .read()
-            .get(hash, &spec.key)
-            .map(|n| n.deps.to_vec());
-
-        sequencer.reset_needed();
-        sequencer.needed[key_index] = true;
-        for &h in &dep_hashes {
-            sequencer.needed[self.shard_index(h)] = true;
-        }
-        for dep in old_deps.iter().flatten() {
-            sequencer.needed[self.shard_index(hash_key(dep))] = true;
-        }
-        let mut shards = WriteSet::lock(self, &sequencer.needed);
+        let (mut shards, old_deps) = self.lock_for_fill(sequencer, spec, hash, &dep_hashes);
 
         // Refuse a fill that raced a change.
         let raced = |key: &str, changed: u64| Error::FillRaced {
@@ -994,10 +1096,74 @@ impl Store {
             }
         }
 
-        let seq = self.append(sequencer, &Record::Fill(spec))?;
+        let now_unix = unix_ms();
+        let seq = self.append(
+            sequencer,
+            &Record::Fill {
+                spec,
+                unix_ms: now_unix,
+            },
+        )?;
         let now = self.clock.now();
-        let expires_at = now + spec.ttl_ms;
+        let version = self.apply_fill(
+            &mut shards,
+            spec,
+            seq,
+            hash,
+            &dep_hashes,
+            old_deps,
+            now,
+            now + spec.ttl_ms,
+        );
+        self.applied.store(seq, Ordering::Release);
+        drop(shards);
+        self.applied_notify.notify_waiters();
+        Ok(FillOutcome {
+            version,
+            seq,
+            ttl_ms: spec.ttl_ms,
+        })
+    }
 
+    /// Write-locks every shard a fill touches (the key's, its new and old
+    /// dependencies'); returns the locks and the old dependency set.
+    fn lock_for_fill(
+        &self,
+        sequencer: &mut Sequencer,
+        spec: &FillSpec,
+        hash: u64,
+        dep_hashes: &[u64],
+    ) -> (WriteSet<'_>, Option<Vec<Key>>) {
+        let key_index = self.shard_index(hash);
+        let old_deps: Option<Vec<Key>> = self.shards[key_index]
+            .read()
+            .get(hash, &spec.key)
+            .map(|n| n.deps.to_vec());
+        sequencer.reset_needed();
+        sequencer.needed[key_index] = true;
+        for &h in dep_hashes {
+            sequencer.needed[self.shard_index(h)] = true;
+        }
+        for dep in old_deps.iter().flatten() {
+            sequencer.needed[self.shard_index(hash_key(dep))] = true;
+        }
+        (WriteSet::lock(self, &sequencer.needed), old_deps)
+    }
+
+    /// Applies a logged fill under its locks; returns the key's version.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_fill(
+        &self,
+        shards: &mut WriteSet<'_>,
+        spec: &FillSpec,
+        seq: u64,
+        hash: u64,
+        dep_hashes: &[u64],
+        old_deps: Option<Vec<Key>>,
+        now: u64,
+        expires_at: u64,
+    ) -> u64 {
+        let key_index = self.shard_index(hash);
         let deps_changed = match &old_deps {
             None => true,
             Some(old) => {
@@ -1031,7 +1197,7 @@ impl Store {
                 }
             }
             let mut new_deps = Vec::with_capacity(spec.dependencies.len());
-            for (dep, &h) in spec.dependencies.iter().zip(&dep_hashes) {
+            for (dep, &h) in spec.dependencies.iter().zip(dep_hashes) {
                 let node = shards
                     .shard(self.shard_index(h))
                     .get_or_placeholder(h, dep, seq);
@@ -1047,14 +1213,7 @@ impl Store {
         }
         let shard = shards.shard(key_index);
         shard.set_expiry(hash, &spec.key, expires_at);
-        let version = shard.get(hash, &spec.key).expect("present").version;
-        self.applied.store(seq, Ordering::Release);
-        self.applied_notify.notify_waiters();
-        Ok(FillOutcome {
-            version,
-            seq,
-            ttl_ms: spec.ttl_ms,
-        })
+        shard.get(hash, &spec.key).expect("present").version
     }
 
     /// Checks one cached copy, `age_ms` old. Returns the answer and the seq
@@ -1191,26 +1350,35 @@ impl Store {
                 policy: Some(&policy),
             },
         )?;
+        self.apply_policy(seq, namespace, Some(policy));
+        Ok(seq)
+    }
+
+    /// Applies a logged policy change (`None`: removal).
+    fn apply_policy(&self, seq: u64, namespace: Option<&str>, policy: Option<Policy>) {
         {
             let mut policies = self.policies.write();
-            match namespace {
-                None => policies.default = policy,
-                Some(ns) => {
-                    policies.namespaces.insert(ns.to_owned(), policy);
+            match (namespace, policy) {
+                (None, Some(p)) => policies.default = p,
+                (None, None) => policies.default = Policy::default(),
+                (Some(ns), Some(p)) => {
+                    policies.namespaces.insert(ns.to_owned(), p);
+                }
+                (Some(ns), None) => {
+                    policies.namespaces.remove(ns);
                 }
             }
         }
         self.applied.store(seq, Ordering::Release);
         self.applied_notify.notify_waiters();
-        Ok(seq)
     }
 
     /// Removes the policy of `namespace`, which falls back to the default.
-    /// Returns whether it had one.
-    pub fn delete_policy(&self, namespace: &str) -> Result<bool> {
+    /// Returns the removal's seq, or `None` when it had none.
+    pub fn delete_policy(&self, namespace: &str) -> Result<Option<u64>> {
         let mut sequencer = self.sequencer.lock();
         if !self.policies.read().namespaces.contains_key(namespace) {
-            return Ok(false);
+            return Ok(None);
         }
         let seq = self.append(
             &mut sequencer,
@@ -1219,10 +1387,8 @@ impl Store {
                 policy: None,
             },
         )?;
-        self.policies.write().namespaces.remove(namespace);
-        self.applied.store(seq, Ordering::Release);
-        self.applied_notify.notify_waiters();
-        Ok(true)
+        self.apply_policy(seq, Some(namespace), None);
+        Ok(Some(seq))
     }
 
     /// Every key starting with `prefix` and every key that transitively
@@ -1311,27 +1477,44 @@ impl Store {
             outcome.applied = true;
             return Ok(outcome);
         }
+        let now_unix = unix_ms();
         let seq = self.append(
             &mut sequencer,
             &Record::Purge {
                 prefix: &spec.prefix,
-                hard: false,
                 jitter_ms: spec.jitter_ms,
+                unix_ms: now_unix,
             },
         )?;
-        let now = self.clock.now();
+        self.apply_soft_purge(
+            &mut sequencer,
+            seq,
+            &affected,
+            spec.jitter_ms,
+            self.clock.now(),
+        );
+        outcome.seq = seq;
+        outcome.applied = true;
+        Ok(outcome)
+    }
+
+    /// Applies a logged soft purge to the keys it affects.
+    fn apply_soft_purge(
+        &self,
+        sequencer: &mut Sequencer,
+        seq: u64,
+        affected: &[Key],
+        jitter_ms: u64,
+        now: u64,
+    ) {
         sequencer.reset_needed();
-        for key in &affected {
+        for key in affected {
             sequencer.needed[self.shard_index(hash_key(key))] = true;
         }
         let mut shards = WriteSet::lock(self, &sequencer.needed);
-        for key in &affected {
+        for key in affected {
             let hash = hash_key(key);
-            let jitter = if spec.jitter_ms == 0 {
-                0
-            } else {
-                hash % spec.jitter_ms
-            };
+            let jitter = if jitter_ms == 0 { 0 } else { hash % jitter_ms };
             if let Some(node) = shards.shard(self.shard_index(hash)).get_mut(hash, key) {
                 node.soft_purge_at = now + jitter;
             }
@@ -1339,9 +1522,6 @@ impl Store {
         self.applied.store(seq, Ordering::Release);
         drop(shards);
         self.applied_notify.notify_waiters();
-        outcome.seq = seq;
-        outcome.applied = true;
-        Ok(outcome)
     }
 
     /// The last change of `key` for a repair: `(last_change_seq, version,
@@ -1451,6 +1631,41 @@ fn bump(node: &mut Node, seq: u64, critical: bool, now_unix: u64, event_time: u6
         Bump::Upgraded
     } else {
         Bump::Seen
+    }
+}
+
+#[cfg(test)]
+impl Store {
+    /// Everything that must survive a replay, one line per key, sorted
+    /// (times that are relative to the process are left out).
+    fn digest(&self) -> Vec<String> {
+        let now = self.clock.now();
+        let mut lines = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.read();
+            for n in shard.nodes.iter() {
+                let mut dependents: Vec<&str> = n.dependents.iter().map(|d| &**d).collect();
+                dependents.sort();
+                lines.push(format!(
+                    "{} v{} c{} at{} ev{} x{} f{} crit{} live{} soft{} deps{:?} of{:?}",
+                    n.key,
+                    n.version,
+                    n.last_change_seq,
+                    n.changed_at_ms,
+                    n.event_time_ms,
+                    n.external_version,
+                    n.flags,
+                    n.last_critical_seq,
+                    n.live(now),
+                    n.soft_purge_at != 0,
+                    n.deps,
+                    dependents,
+                ));
+            }
+        }
+        lines.sort();
+        lines.push(format!("{:?}", self.policies.read()));
+        lines
     }
 }
 
@@ -1772,5 +1987,65 @@ mod tests {
             assert!(first <= seq);
         }
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn replaying_the_log_gives_the_same_state() {
+        use crate::wal::{FileLog, FsyncPolicy, WalConfig};
+        let dir = std::env::temp_dir().join(format!("freshd-replay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let wal = WalConfig {
+            dir: dir.clone(),
+            fsync: FsyncPolicy::Never,
+            segment_bytes: 4096,
+            repair: false,
+        };
+        let before = {
+            let s = Store::new(
+                StoreConfig::default(),
+                Box::new(FileLog::open(wal.clone()).unwrap().log),
+            );
+            fill(&s, "posts:1", &["author:1"]);
+            fill(&s, "feed:1", &["posts:1", "follows:1"]);
+            fill(&s, "feed:2", &["posts:1"]);
+            let with = |v, critical| PublishChange {
+                external_version: Some(v),
+                critical,
+                ..change("author:1")
+            };
+            s.publish(&[with(5, false), change("follows:1")]).unwrap();
+            s.publish(&[with(5, true)]).unwrap(); // a duplicate
+            s.publish_from(&[with(6, true), change("unregistered:9")], "svc")
+                .unwrap();
+            fill(&s, "feed:1", &["follows:1"]); // a new dependency set
+            s.set_policy(Some("feed"), Policy::default()).unwrap();
+            s.set_policy(Some("posts"), Policy::default()).unwrap();
+            s.delete_policy("posts").unwrap();
+            s.purge(
+                &PurgeSpec {
+                    prefix: "feed:".into(),
+                    hard: false,
+                    jitter_ms: 1,
+                    dry_run: false,
+                    confirm: false,
+                    max_keys: 100,
+                },
+                "",
+            )
+            .unwrap();
+            for i in 0..200 {
+                s.publish(&[change(&format!("bulk:{i}"))]).unwrap();
+            }
+            s.digest()
+        };
+        let opened = FileLog::open(wal).unwrap();
+        assert!(
+            std::fs::read_dir(&dir).unwrap().count() > 1,
+            "segments rotated"
+        );
+        let s = Store::new(StoreConfig::default(), Box::new(opened.log));
+        s.recover(opened.records);
+        assert_eq!(s.digest(), before);
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -2,6 +2,7 @@
 //! clients. One binary, one module per area.
 
 mod concurrency;
+mod durability;
 mod errors;
 mod harness;
 mod hostile;
