@@ -41,6 +41,9 @@ pub struct Args {
     /// Size after which a new log segment starts [default: 67108864]
     #[arg(long, env = "FRESHD_WAL_SEGMENT_BYTES", value_name = "BYTES")]
     pub wal_segment_bytes: Option<String>,
+    /// Bytes of closed log segments after which they are compacted into a snapshot [default: 134217728]
+    #[arg(long, env = "FRESHD_SNAPSHOT_BYTES", value_name = "BYTES")]
+    pub snapshot_bytes: Option<String>,
     /// Truncate a corrupt log at the first bad record instead of refusing to start
     #[arg(long)]
     pub repair: bool,
@@ -203,6 +206,7 @@ const FILE_SETTINGS: &[&str] = &[
     "fsync",
     "fsync_interval",
     "wal_segment_bytes",
+    "snapshot_bytes",
     "admin_listen",
     "metrics_max_namespaces",
     "metrics_max_endpoints",
@@ -326,6 +330,7 @@ struct WalArgs {
     fsync: Option<String>,
     fsync_interval: Option<String>,
     wal_segment_bytes: Option<String>,
+    snapshot_bytes: Option<String>,
     repair: bool,
 }
 
@@ -363,11 +368,16 @@ impl FileValues {
         if let Some(raw) = self.pick("wal_segment_bytes", args.wal_segment_bytes.clone())? {
             segment_bytes = parse_int("wal_segment_bytes", &raw, 4096, 1 << 40)?;
         }
+        let mut snapshot_bytes = 128 << 20;
+        if let Some(raw) = self.pick("snapshot_bytes", args.snapshot_bytes.clone())? {
+            snapshot_bytes = parse_int("snapshot_bytes", &raw, 4096, u64::MAX)?;
+        }
         Ok(Some(WalConfig {
             dir: PathBuf::from(dir.value),
             fsync,
             segment_bytes,
             repair: args.repair,
+            snapshot_bytes,
         }))
     }
 
@@ -518,6 +528,7 @@ impl Config {
             fsync: args.fsync.clone(),
             fsync_interval: args.fsync_interval.clone(),
             wal_segment_bytes: args.wal_segment_bytes.clone(),
+            snapshot_bytes: args.snapshot_bytes.clone(),
             repair: args.repair,
         };
         let mut config = Config::default();

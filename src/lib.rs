@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod service;
+pub mod snapshot;
 pub mod store;
 pub mod validate;
 pub mod wal;

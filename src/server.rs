@@ -46,23 +46,46 @@ pub enum ServeError {
 
 /// The store a configuration describes, with its metrics: memory-only, or
 /// over the write-ahead log under `data_dir`, with the records to replay.
-pub fn new_store(config: &Config) -> Result<(Arc<Store>, Vec<WalRecord>), ServeError> {
+pub fn new_store(config: &Config) -> Result<(Arc<Store>, Recovery), ServeError> {
     let metrics = Arc::new(Metrics::new(config.metrics));
-    let (log, records): (Box<dyn crate::log::Log>, Vec<WalRecord>) = match &config.wal {
-        None => (Box::new(MemoryLog::new()), Vec::new()),
+    let (log, recovery): (Box<dyn crate::log::Log>, Recovery) = match &config.wal {
+        None => (Box::new(MemoryLog::new()), Recovery::default()),
         Some(wal) => {
-            let opened = FileLog::open(wal.clone())?;
+            let mut opened = FileLog::open(wal.clone())?;
+            opened.log.enable_compaction(config.store.clone());
             tracing::info!(
                 dir = %wal.dir.display(),
+                snapshot = ?opened.snapshot,
                 records = opened.records.len(),
                 dropped_torn_tail = opened.dropped_tail,
                 "opened the write-ahead log"
             );
-            (Box::new(opened.log), opened.records)
+            (
+                Box::new(opened.log),
+                Recovery {
+                    snapshot: opened.snapshot,
+                    records: opened.records,
+                },
+            )
         }
     };
     let store = Store::with_metrics(config.store.clone(), log, metrics);
-    Ok((Arc::new(store), records))
+    Ok((Arc::new(store), recovery))
+}
+
+/// What a server must load before it serves: a snapshot, then log records.
+#[derive(Default)]
+pub struct Recovery {
+    /// The newest snapshot.
+    pub snapshot: Option<std::path::PathBuf>,
+    /// The log records after it.
+    pub records: Vec<WalRecord>,
+}
+
+impl Recovery {
+    fn is_empty(&self) -> bool {
+        self.snapshot.is_none() && self.records.is_empty()
+    }
 }
 
 /// Serves gRPC on `listener` (and the admin HTTP endpoint on
@@ -76,8 +99,8 @@ pub async fn serve(
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
-    let (store, records) = new_store(&config)?;
-    serve_store(config, listener, admin, store, records, shutdown).await
+    let (store, recovery) = new_store(&config)?;
+    serve_store(config, listener, admin, store, recovery, shutdown).await
 }
 
 /// Serves `store` on `listener` (gRPC) and `admin` (HTTP: `/metrics`,
@@ -89,7 +112,7 @@ pub async fn serve_store(
     listener: TcpListener,
     admin: Option<TcpListener>,
     store: Arc<Store>,
-    recovery: Vec<WalRecord>,
+    recovery: Recovery,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -148,12 +171,18 @@ pub async fn serve_store(
 
     if !recovery.is_empty() {
         let started = std::time::Instant::now();
-        let count = recovery.len();
+        let count = recovery.records.len();
         let replaying = store.clone();
-        tokio::task::spawn_blocking(move || replaying.recover(recovery))
-            .await
-            .map_err(|e| std::io::Error::other(format!("log replay failed: {e}")))?;
-        tracing::info!(records = count, took = ?started.elapsed(), "replayed the write-ahead log");
+        tokio::task::spawn_blocking(move || -> Result<(), crate::wal::WalError> {
+            if let Some(path) = &recovery.snapshot {
+                crate::snapshot::load(&replaying, path)?;
+            }
+            replaying.recover(recovery.records);
+            Ok(())
+        })
+        .await
+        .map_err(|e| std::io::Error::other(format!("recovery failed: {e}")))??;
+        tracing::info!(records = count, took = ?started.elapsed(), "recovered the state");
     }
     set_health(&health, &ready, ServingStatus::Serving).await;
     tracing::info!(addr = %local, epoch = store.epoch(), shards = config.store.shards, "freshd serving");
@@ -231,20 +260,20 @@ impl RunningServer {
     /// Binds `config.listen` (port 0 picks a free port) and serves in the
     /// background. The server is ready when this returns.
     pub async fn start(config: Config) -> Result<Self, ServeError> {
-        let (store, records) = new_store(&config)?;
-        Self::start_recovering(config, store, records).await
+        let (store, recovery) = new_store(&config)?;
+        Self::start_recovering(config, store, recovery).await
     }
 
     /// Like [`RunningServer::start`], serving a store built by the caller
     /// (over another [`crate::log::Log`], say).
     pub async fn start_with_store(config: Config, store: Arc<Store>) -> Result<Self, ServeError> {
-        Self::start_recovering(config, store, Vec::new()).await
+        Self::start_recovering(config, store, Recovery::default()).await
     }
 
     async fn start_recovering(
         config: Config,
         store: Arc<Store>,
-        recovery: Vec<WalRecord>,
+        recovery: Recovery,
     ) -> Result<Self, ServeError> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;

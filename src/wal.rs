@@ -45,7 +45,7 @@ use crate::policy::Policy;
 
 const MAGIC: &[u8; 8] = b"FRESHWAL";
 const FORMAT: u32 = 1;
-const HEADER_BYTES: u64 = 8 + 4 + 8;
+pub(crate) const HEADER_BYTES: u64 = 8 + 4 + 8;
 /// Largest record accepted when reading; larger lengths mean corruption.
 const MAX_RECORD_BYTES: u32 = 256 << 20;
 /// Seqs reserved per `Reserve` record.
@@ -73,6 +73,9 @@ pub struct WalConfig {
     pub segment_bytes: u64,
     /// Truncate at corruption instead of refusing to start.
     pub repair: bool,
+    /// Bytes of closed segments after which they are compacted into a
+    /// snapshot.
+    pub snapshot_bytes: u64,
 }
 
 /// A change as logged.
@@ -312,7 +315,7 @@ pub enum WalError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
     move |source| WalError::Io {
         path: path.to_owned(),
         source,
@@ -365,6 +368,11 @@ pub struct FileLog {
     segment_len: u64,
     sync: Arc<Sync>,
     syncer: Option<thread::JoinHandle<()>>,
+    /// Set: compact with this store configuration.
+    compactor: Option<crate::store::StoreConfig>,
+    /// Bytes of closed segments not yet in a snapshot.
+    uncompacted: u64,
+    compacting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for FileLog {
@@ -377,11 +385,11 @@ impl std::fmt::Debug for FileLog {
     }
 }
 
-fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+pub(crate) fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("wal-{first_seq:020}.log"))
 }
 
-fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
+pub(crate) fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
     let mut found = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
@@ -403,106 +411,217 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
 pub struct Opened {
     /// The log, positioned after the last good record.
     pub log: FileLog,
-    /// Every mutation in the log, in order, to replay.
+    /// The newest snapshot, to load before replaying `records`.
+    pub snapshot: Option<PathBuf>,
+    /// Every mutation after the snapshot, in order, to replay.
     pub records: Vec<WalRecord>,
     /// Torn records dropped at the tail.
     pub dropped_tail: bool,
 }
 
+/// One segment, read.
+struct SegmentRead {
+    records: Vec<WalRecord>,
+    reserved: u64,
+    /// Where the good records end.
+    end: u64,
+    /// The segment was truncated there (torn tail, or --repair).
+    truncated: bool,
+}
+
+/// Reads a segment's records. A bad record is a torn write when `is_last`
+/// and it reaches the end of the file; otherwise it is corruption, an error
+/// unless `repair`, which truncates there.
+fn read_segment(
+    path: &Path,
+    is_last: bool,
+    repair: bool,
+    epoch: &mut Option<u64>,
+    last_seq: &mut u64,
+) -> Result<SegmentRead, WalError> {
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io_err(path))?;
+    let corrupt = |offset: u64, what: String| WalError::Corrupt {
+        path: path.to_owned(),
+        offset,
+        what,
+    };
+    let file_epoch = read_header(&bytes, MAGIC).map_err(|(o, w)| corrupt(o, w))?;
+    if *epoch.get_or_insert(file_epoch) != file_epoch {
+        return Err(corrupt(
+            12,
+            format!("epoch {file_epoch} differs from the rest of the log"),
+        ));
+    }
+    let mut read = SegmentRead {
+        records: Vec::new(),
+        reserved: 0,
+        end: bytes.len() as u64,
+        truncated: false,
+    };
+    let mut offset = HEADER_BYTES as usize;
+    while offset < bytes.len() {
+        let failure = match read_frame(&bytes[offset..]) {
+            Ok((payload, len)) => match WalRecord::decode(payload) {
+                Ok(record) => {
+                    if record.seq != 0 && record.seq <= *last_seq {
+                        return Err(corrupt(
+                            offset as u64,
+                            format!("seq {} after seq {}", record.seq, last_seq),
+                        ));
+                    }
+                    match &record.body {
+                        Some(Body::Reserve(r)) => read.reserved = read.reserved.max(r.up_to),
+                        Some(_) => {
+                            *last_seq = record.seq;
+                            read.records.push(record);
+                        }
+                        None => {
+                            return Err(corrupt(offset as u64, "a record without a body".into()))
+                        }
+                    }
+                    offset += len;
+                    continue;
+                }
+                Err(e) => (
+                    format!("a record that does not decode ({e})"),
+                    offset + len == bytes.len(),
+                ),
+            },
+            Err(failure) => failure,
+        };
+        let (what, reaches_end) = failure;
+        if is_last && reaches_end {
+            tracing::warn!(file = %path.display(), offset, "dropping a torn record at the end of the log");
+        } else if repair {
+            tracing::warn!(file = %path.display(), offset, error = %what, "--repair: truncating the log here");
+        } else {
+            return Err(corrupt(offset as u64, what));
+        }
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        f.set_len(offset as u64).map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
+        read.end = offset as u64;
+        read.truncated = true;
+        break;
+    }
+    Ok(read)
+}
+
+/// Checks a file header; returns its epoch, or the offset and what is wrong.
+pub(crate) fn read_header(bytes: &[u8], magic: &[u8; 8]) -> Result<u64, (u64, String)> {
+    if bytes.len() < HEADER_BYTES as usize || &bytes[..8] != magic {
+        return Err((0, "not a freshd file of this kind (bad header)".into()));
+    }
+    let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if format != FORMAT {
+        return Err((8, format!("format {format}, expected {FORMAT}")));
+    }
+    Ok(u64::from_le_bytes(
+        bytes[12..20].try_into().expect("8 bytes"),
+    ))
+}
+
+/// The header of a log segment or snapshot.
+pub(crate) fn header(magic: &[u8; 8], epoch: u64) -> Vec<u8> {
+    let mut header = Vec::with_capacity(HEADER_BYTES as usize);
+    header.extend_from_slice(magic);
+    header.extend_from_slice(&FORMAT.to_le_bytes());
+    header.extend_from_slice(&epoch.to_le_bytes());
+    header
+}
+
+/// Reads every record of closed segments, for a compaction.
+pub(crate) fn read_closed(
+    segments: &[PathBuf],
+    epoch: u64,
+) -> Result<(Vec<WalRecord>, u64), WalError> {
+    let mut records = Vec::new();
+    let mut reserved = 0;
+    let (mut e, mut last) = (Some(epoch), 0);
+    for path in segments {
+        let read = read_segment(path, false, false, &mut e, &mut last)?;
+        records.extend(read.records);
+        reserved = reserved.max(read.reserved);
+    }
+    Ok((records, reserved))
+}
+
 impl FileLog {
-    /// Opens (or creates) the log in `config.dir`, reading every record.
+    /// Opens (or creates) the log in `config.dir`: finds the newest snapshot
+    /// and reads every record after it.
     pub fn open(config: WalConfig) -> Result<Opened, WalError> {
         fs::create_dir_all(&config.dir).map_err(io_err(&config.dir))?;
-        let found = segments(&config.dir)?;
-        let mut epoch = None;
+        crate::snapshot::remove_unfinished(&config.dir)?;
+        let snapshot = crate::snapshot::newest(&config.dir)?;
+        let (floor, mut reserved, mut epoch) = match &snapshot {
+            Some((seq, path)) => {
+                let meta = crate::snapshot::read_meta(path)?;
+                (*seq, meta.1.reserved, Some(meta.0))
+            }
+            None => (0, 0, None),
+        };
+        let mut found = segments(&config.dir)?;
+        // Segments wholly covered by the snapshot are leftovers of a
+        // compaction that stopped before deleting them.
+        while found.len() > 1 && found[1].0 <= floor + 1 {
+            let (_, path) = found.remove(0);
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        if let Some((first, path)) = found.first() {
+            let covered = if floor == 0 {
+                *first == 1
+            } else {
+                *first <= floor + 1
+            };
+            if !covered && !config.repair {
+                return Err(WalError::Corrupt {
+                    path: path.clone(),
+                    offset: 0,
+                    what: format!(
+                        "the log starts at seq {first} but no snapshot covers the seqs before it \
+                         (newest snapshot: {})",
+                        snapshot
+                            .as_ref()
+                            .map_or("none".into(), |(s, _)| format!("seq {s}"))
+                    ),
+                });
+            }
+        }
         let mut records = Vec::new();
-        let mut reserved = 0;
-        let mut last_seq = 0;
+        let mut last_seq = floor;
         let mut dropped_tail = false;
         let mut last: Option<(PathBuf, u64)> = None;
+        // Closed segments not yet in a snapshot count toward the next one.
+        let mut uncompacted = 0;
         for (i, (_, path)) in found.iter().enumerate() {
             let is_last = i + 1 == found.len();
-            let mut bytes = Vec::new();
-            File::open(path)
-                .and_then(|mut f| f.read_to_end(&mut bytes))
-                .map_err(io_err(path))?;
-            let corrupt = |offset: u64, what: String| WalError::Corrupt {
-                path: path.clone(),
-                offset,
-                what,
-            };
-            if bytes.len() < HEADER_BYTES as usize || &bytes[..8] != MAGIC {
-                return Err(corrupt(0, "not a freshd log segment (bad header)".into()));
-            }
-            let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-            if format != FORMAT {
-                return Err(corrupt(8, format!("format {format}, expected {FORMAT}")));
-            }
-            let seg_epoch = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-            if *epoch.get_or_insert(seg_epoch) != seg_epoch {
-                return Err(corrupt(
-                    12,
-                    format!("epoch {seg_epoch} differs from the first segment's"),
-                ));
-            }
-            let mut offset = HEADER_BYTES as usize;
-            let mut truncate_at = None;
-            while offset < bytes.len() {
-                let problem = read_record(&bytes[offset..]);
-                match problem {
-                    Ok((record, len)) => {
-                        if record.seq != 0 && record.seq <= last_seq {
-                            return Err(corrupt(
-                                offset as u64,
-                                format!("seq {} after seq {last_seq}", record.seq),
-                            ));
-                        }
-                        match &record.body {
-                            Some(Body::Reserve(r)) => reserved = reserved.max(r.up_to),
-                            Some(_) => {
-                                last_seq = record.seq;
-                                records.push(record);
-                            }
-                            None => {
-                                return Err(corrupt(
-                                    offset as u64,
-                                    "a record without a body".into(),
-                                ))
-                            }
-                        }
-                        offset += len;
-                    }
-                    Err((what, reaches_end)) => {
-                        if is_last && reaches_end {
-                            tracing::warn!(file = %path.display(), offset, "dropping a torn record at the end of the log");
-                            dropped_tail = true;
-                        } else if config.repair {
-                            tracing::warn!(file = %path.display(), offset, error = %what, "--repair: truncating the log here");
-                        } else {
-                            return Err(corrupt(offset as u64, what));
-                        }
-                        truncate_at = Some(offset as u64);
-                        break;
-                    }
+            let mut skip_to = 0;
+            let read = read_segment(path, is_last, config.repair, &mut epoch, &mut skip_to)?;
+            reserved = reserved.max(read.reserved);
+            for record in read.records {
+                if record.seq > floor {
+                    last_seq = last_seq.max(record.seq);
+                    records.push(record);
                 }
             }
-            if let Some(at) = truncate_at {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(io_err(path))?;
-                f.set_len(at).map_err(io_err(path))?;
-                f.sync_all().map_err(io_err(path))?;
-                if !is_last {
-                    // --repair: what follows the corruption goes.
-                    for (_, later) in &found[i + 1..] {
-                        fs::remove_file(later).map_err(io_err(later))?;
-                    }
-                    last = Some((path.clone(), at));
-                    break;
-                }
+            dropped_tail |= read.truncated && is_last;
+            if !is_last {
+                uncompacted += read.end;
             }
-            last = Some((path.clone(), truncate_at.unwrap_or(bytes.len() as u64)));
+            last = Some((path.clone(), read.end));
+            if read.truncated && !is_last {
+                // --repair: what follows the corruption goes.
+                for (_, later) in &found[i + 1..] {
+                    fs::remove_file(later).map_err(io_err(later))?;
+                }
+                break;
+            }
         }
         let epoch = epoch.unwrap_or_else(new_epoch);
         // Continue past everything that may have been handed out.
@@ -510,7 +629,7 @@ impl FileLog {
         let (path, len) = match last {
             Some(last) => last,
             None => {
-                let path = segment_path(&config.dir, 1);
+                let path = segment_path(&config.dir, seq + 1);
                 write_header(&path, epoch)?;
                 (path, HEADER_BYTES)
             }
@@ -547,10 +666,21 @@ impl FileLog {
                 segment_len: len,
                 sync,
                 syncer: Some(syncer),
+                compactor: None,
+                uncompacted,
+                compacting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             },
+            snapshot: snapshot.map(|(_, p)| p),
             records,
             dropped_tail,
         })
+    }
+
+    /// Lets the log compact itself: once `snapshot_bytes` of closed segments
+    /// pile up, a background thread writes a snapshot of them with this store
+    /// configuration and deletes them.
+    pub fn enable_compaction(&mut self, store: crate::store::StoreConfig) {
+        self.compactor = Some(store);
     }
 
     /// A handle to wait for durability.
@@ -562,29 +692,61 @@ impl FileLog {
     }
 
     fn write(&mut self, record: &WalRecord) -> io::Result<()> {
-        let payload = record.encode_to_vec();
-        let mut frame = Vec::with_capacity(8 + payload.len());
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        frame.extend_from_slice(&payload);
+        let frame = frame(&record.encode_to_vec());
         (&*self.file).write_all(&frame)?;
         self.segment_len += frame.len() as u64;
         Ok(())
     }
 
-    /// Starts a new segment at `first_seq` once the current one is full.
+    /// Starts a new segment at `first_seq` once the current one is full, and
+    /// compacts the closed ones in the background once they add up to
+    /// `snapshot_bytes`.
     fn rotate(&mut self, first_seq: u64) -> io::Result<()> {
         if self.segment_len < self.config.segment_bytes {
             return Ok(());
         }
         self.file.sync_data()?;
+        self.uncompacted += self.segment_len;
         let path = segment_path(&self.config.dir, first_seq);
         write_header(&path, self.epoch).map_err(|e| io::Error::other(e.to_string()))?;
         let file = Arc::new(OpenOptions::new().append(true).open(&path)?);
         self.file = file.clone();
         self.segment_len = HEADER_BYTES;
         self.sync.state.lock().file = Some(file);
-        sync_dir(&self.config.dir)
+        sync_dir(&self.config.dir)?;
+        self.maybe_compact(first_seq);
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self, next_segment: u64) {
+        use std::sync::atomic::Ordering;
+        let Some(store) = self.compactor.clone() else {
+            return;
+        };
+        if self.uncompacted < self.config.snapshot_bytes
+            || self.compacting.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.uncompacted = 0;
+        let (dir, epoch, running) = (self.config.dir.clone(), self.epoch, self.compacting.clone());
+        let spawned = thread::Builder::new()
+            .name("freshd-compact".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                match crate::snapshot::compact(&store, &dir, epoch, next_segment) {
+                    Ok(path) => tracing::info!(
+                        snapshot = %path.display(),
+                        took = ?started.elapsed(),
+                        "compacted the log into a snapshot"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "log compaction failed; will retry at the next segment"),
+                }
+                running.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.compacting.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -594,11 +756,7 @@ fn write_header(path: &Path, epoch: u64) -> Result<(), WalError> {
         .write(true)
         .open(path)
         .map_err(io_err(path))?;
-    let mut header = Vec::with_capacity(HEADER_BYTES as usize);
-    header.extend_from_slice(MAGIC);
-    header.extend_from_slice(&FORMAT.to_le_bytes());
-    header.extend_from_slice(&epoch.to_le_bytes());
-    f.write_all(&header).map_err(io_err(path))?;
+    f.write_all(&header(MAGIC, epoch)).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir).map_err(io_err(dir))?;
@@ -606,14 +764,13 @@ fn write_header(path: &Path, epoch: u64) -> Result<(), WalError> {
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Reads one framed record: the record and the bytes it took, or what is
-/// wrong and whether the bad frame reaches the end of the data (a torn
-/// write).
-fn read_record(data: &[u8]) -> Result<(WalRecord, usize), (String, bool)> {
+/// Reads one frame: its payload and the bytes it took, or what is wrong and
+/// whether the bad frame reaches the end of the data (a torn write).
+pub(crate) fn read_frame(data: &[u8]) -> Result<(&[u8], usize), (String, bool)> {
     if data.len() < 8 {
         return Err(("a record header cut short".into(), true));
     }
@@ -630,12 +787,16 @@ fn read_record(data: &[u8]) -> Result<(WalRecord, usize), (String, bool)> {
     if crc32fast::hash(payload) != crc {
         return Err(("a checksum mismatch".into(), end == data.len()));
     }
-    WalRecord::decode(payload).map(|r| (r, end)).map_err(|e| {
-        (
-            format!("a record that does not decode ({e})"),
-            end == data.len(),
-        )
-    })
+    Ok((payload, end))
+}
+
+/// Frames a payload: `[u32 length][u32 CRC-32][payload]`.
+pub(crate) fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(8 + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    frame.extend_from_slice(payload);
+    frame
 }
 
 fn sync_loop(sync: &Sync, policy: FsyncPolicy) {
@@ -743,6 +904,7 @@ mod tests {
             fsync: FsyncPolicy::Always,
             segment_bytes: 1 << 20,
             repair: false,
+            snapshot_bytes: u64::MAX,
         }
     }
 

@@ -81,7 +81,18 @@ async fn a_crash_loop_loses_nothing_acknowledged() {
     let mut token: Option<pb::ResumeToken> = None;
     let mut hot_version = 0;
     for round in 0..20 {
-        let (mut child, url) = spawn(&dir, &["--fsync", "always"]);
+        // Tiny segments and snapshots: compaction runs every round or two.
+        let (mut child, url) = spawn(
+            &dir,
+            &[
+                "--fsync",
+                "always",
+                "--wal-segment-bytes",
+                "4096",
+                "--snapshot-bytes",
+                "16384",
+            ],
+        );
         let mut c = client(&url).await;
 
         // Everything acknowledged before the crash is there, with its seq.
@@ -199,6 +210,83 @@ async fn a_crash_loop_loses_nothing_acknowledged() {
         "the loop published: {}",
         acked.lock().len()
     );
+    // Disk use stays bounded: one snapshot or two, and a few segments.
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let snapshots = files.iter().filter(|f| f.starts_with("snapshot-")).count();
+    let segments = files.iter().filter(|f| f.starts_with("wal-")).count();
+    assert!((1..=2).contains(&snapshots), "{files:?}");
+    assert!(segments < 20, "{segments} segments: {files:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn a_missing_snapshot_stops_startup() {
+    let dir = temp_dir("missing-snapshot");
+    let (mut child, url) = spawn(
+        &dir,
+        &["--wal-segment-bytes", "4096", "--snapshot-bytes", "4096"],
+    );
+    let mut c = client(&url).await;
+    for i in 0..400 {
+        c.publish(pb::PublishRequest {
+            changes: vec![pb::Change {
+                key: format!("key-with-a-longish-name:{i}"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let snapshot = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "snap"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while snapshot().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot was written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill9(&mut child);
+    // A restart loads it; without it the log has a hole.
+    let (mut child, url) = spawn(&dir, &[]);
+    let stats = client(&url)
+        .await
+        .stats(pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.keys, 400);
+    kill9(&mut child);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "snap") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_freshd"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no snapshot covers"), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
