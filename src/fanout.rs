@@ -548,6 +548,23 @@ impl Hub {
         history.bytes = 0;
     }
 
+    /// The resume history: its floor and its notices, oldest first.
+    pub fn history(&self) -> (u64, Vec<Arc<Notice>>) {
+        let history = self.history.lock();
+        (history.floor, history.notices.iter().cloned().collect())
+    }
+
+    /// Restores a resume history (from a snapshot) and starts recording.
+    pub fn restore_history(&self, floor: u64, notices: Vec<Notice>, fanned: u64) {
+        let _routes = self.routes.write();
+        self.recording.store(true, Ordering::Release);
+        self.fanned.store(fanned, Ordering::Release);
+        let mut history = self.history.lock();
+        history.floor = floor;
+        history.bytes = notices.iter().map(Notice::bytes).sum();
+        history.notices = notices.into_iter().map(Arc::new).collect();
+    }
+
     /// Whether publishes must build notices.
     pub fn recording(&self) -> bool {
         self.recording.load(Ordering::Acquire)

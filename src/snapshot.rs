@@ -8,7 +8,8 @@
 //! renamed, so a snapshot either exists whole or not at all.
 //!
 //! Compaction never stops writes: when closed log segments add up to
-//! `snapshot_bytes`, a background thread builds the state they describe in a
+//! `snapshot_bytes`, a background thread builds the state they describe (and
+//! the resume history of Watch streams) in a
 //! separate store (the previous snapshot plus their records, through the same
 //! replay code as recovery), writes it as a new snapshot, and deletes those
 //! segments and older snapshots. Disk use stays bounded by about one snapshot
@@ -46,6 +47,38 @@ pub struct SnapMeta {
     /// The freshness policies; the one without a namespace is the default.
     #[prost(message, repeated, tag = "5")]
     pub policies: Vec<WalPolicy>,
+    /// The resume history's floor: every notice after it is in `history`.
+    #[prost(uint64, tag = "6")]
+    pub history_floor: u64,
+    /// The resume history, oldest first.
+    #[prost(message, repeated, tag = "7")]
+    pub history: Vec<SnapNotice>,
+}
+
+/// A notice of the resume history.
+#[derive(Clone, PartialEq, Message)]
+pub struct SnapNotice {
+    /// Its seq.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// The key.
+    #[prost(string, tag = "2")]
+    pub key: String,
+    /// Its version.
+    #[prost(uint64, tag = "3")]
+    pub version: u64,
+    /// The published key that caused it.
+    #[prost(string, tag = "4")]
+    pub cause: String,
+    /// The critical bit.
+    #[prost(bool, tag = "5")]
+    pub critical: bool,
+    /// The producer's event time.
+    #[prost(uint64, tag = "6")]
+    pub event_time_ms: u64,
+    /// The publishing client.
+    #[prost(string, tag = "7")]
+    pub origin: String,
 }
 
 /// One key in a snapshot.
@@ -232,7 +265,9 @@ pub fn compact(
     }
     let (records, res) = wal::read_closed(&closed, epoch)?;
     reserved = reserved.max(res);
-    store.replay_quietly(records.into_iter().filter(|r| r.seq > floor).collect());
+    // The replay records notices too: the snapshot carries the resume
+    // history, so that streams resume exactly across a restart.
+    store.recover(records.into_iter().filter(|r| r.seq > floor).collect());
     let seq = next_segment - 1;
     let path = write(dir, epoch, seq, reserved, &store)?;
     for segment in &closed {
