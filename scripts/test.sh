@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of the project: formatting and lint checks, then the
-# server's unit and integration tests (real servers on loopback port 0).
+# Runs every test of the project: formatting and lint checks, the server's
+# unit and integration tests (real servers on loopback port 0), then the
+# client libraries' suites, which run the conformance scenarios against real
+# servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,4 +14,5 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --locked
+cargo test --workspace --locked
+clients/python/run-tests.sh

@@ -99,7 +99,9 @@ impl CoordinatorService {
             stale,
             answer.critical_since,
         );
-        if !stale || answer.last_change_seq <= version {
+        // Version 0 is a check without a copy (a miss noting the seq): it
+        // cannot have missed anything.
+        if !stale || version == 0 || answer.last_change_seq <= version {
             return;
         }
         if let Some(stream) = streams
@@ -189,12 +191,13 @@ fn decision(d: Decision) -> pb::Decision {
     }
 }
 
-fn result(a: CheckAnswer, d: Decision) -> pb::CheckResult {
+fn result(a: CheckAnswer, d: Decision, check_sample_rate: f64) -> pb::CheckResult {
     pb::CheckResult {
         freshness: freshness(a.freshness).into(),
         version: a.version,
         critical: a.critical,
         decision: decision(d).into(),
+        check_sample_rate,
     }
 }
 
@@ -203,6 +206,7 @@ const UNKNOWN: pb::CheckResult = pb::CheckResult {
     version: 0,
     critical: false,
     decision: pb::Decision::Unknown as i32,
+    check_sample_rate: 1.0,
 };
 
 /// The response stream of Watch.
@@ -482,7 +486,11 @@ impl CoordinatorService {
                 &streams,
             );
             (
-                result(answer, policy::decide(&policy, &answer, request.age_ms)),
+                result(
+                    answer,
+                    policy::decide(&policy, &answer, request.age_ms),
+                    policy.check_sample_rate,
+                ),
                 seq,
             )
         } else {
@@ -529,7 +537,7 @@ impl CoordinatorService {
                         &streams,
                     );
                     let p = policies.for_key(&item.key);
-                    result(a, policy::decide(p, &a, item.age_ms))
+                    result(a, policy::decide(p, &a, item.age_ms), p.check_sample_rate)
                 })
                 .collect();
             (results, seq)

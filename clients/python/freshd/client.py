@@ -1,0 +1,503 @@
+"""The Coordinator client: one method per RPC, typed requests and results,
+failures as :class:`~freshd.errors.FreshdError`."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import grpc
+
+from ._pb import coordinator_pb2 as pb
+from ._pb import coordinator_pb2_grpc as pb_grpc
+from .errors import DeadlineExceeded, FreshdError, from_rpc_error
+from .types import (
+    Change,
+    CheckBatchResult,
+    CheckItem,
+    CheckResult,
+    FillResult,
+    KeyInfo,
+    LeaseResult,
+    NamespacePolicy,
+    Notice,
+    NoticeBatch,
+    Policy,
+    Progress,
+    PublishResult,
+    PurgeResult,
+    Reset,
+    ResumeToken,
+    Stats,
+    WatchStarted,
+)
+
+__all__ = ["Client", "WatchStream", "WatchEvent", "SyncResult", "StreamEnded"]
+
+#: What a :class:`WatchStream` yields.
+WatchEvent = Union[WatchStarted, NoticeBatch, Progress, Reset]
+
+# Reconnect quickly after a server restart: the defaults wait up to minutes.
+_CHANNEL_OPTIONS: List[Tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 30000),
+    ("grpc.keepalive_timeout_ms", 10000),
+]
+
+
+def _normalise_target(target: str) -> str:
+    for scheme in ("http://", "grpc://"):
+        if target.startswith(scheme):
+            return target[len(scheme) :].rstrip("/")
+    return target
+
+
+class Client:
+    """A connection to one freshd server.
+
+    ``target`` is ``host:port`` (``http://host:port`` is accepted too).
+    ``client_id`` is sent with publishes, fills, checks and purges that do
+    not name one, for no-loop and the freshness metrics. ``timeout`` bounds
+    every unary call, in seconds.
+
+    Use it as a context manager, or call :meth:`close`::
+
+        with freshd.Client("127.0.0.1:50051") as client:
+            client.publish(["posts:author:77"])
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        client_id: str = "",
+        timeout: Optional[float] = 10.0,
+        credentials: Optional[grpc.ChannelCredentials] = None,
+        options: Sequence[Tuple[str, Any]] = (),
+        channel: Optional[grpc.Channel] = None,
+    ) -> None:
+        self.target = _normalise_target(target)
+        self.client_id = client_id
+        self.timeout = timeout
+        merged = dict(_CHANNEL_OPTIONS)
+        merged.update(dict(options))
+        if channel is not None:
+            self._channel = channel
+            self._owns_channel = False
+        elif credentials is not None:
+            self._channel = grpc.secure_channel(self.target, credentials, list(merged.items()))
+            self._owns_channel = True
+        else:
+            self._channel = grpc.insecure_channel(self.target, list(merged.items()))
+            self._owns_channel = True
+        self.stub = pb_grpc.CoordinatorStub(self._channel)
+        self._closed = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Closes the channel (when this client created it)."""
+        if not self._closed:
+            self._closed = True
+            if self._owns_channel:
+                self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 5.0) -> None:
+        """Waits until the channel is connected; raises
+        :class:`~freshd.errors.Unavailable`-like errors otherwise."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise DeadlineExceeded(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no connection to {self.target} within {timeout}s",
+            ) from None
+
+    def _unary(self, method: str, request: Any) -> Any:
+        fn = getattr(self.stub, method)
+        try:
+            return fn(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, method) from None
+
+    def _id(self, client_id: Optional[str]) -> str:
+        return self.client_id if client_id is None else client_id
+
+    # ----------------------------------------------------------------- RPCs
+
+    def publish(
+        self,
+        changes: Iterable[Union[Change, str]],
+        *,
+        client_id: Optional[str] = None,
+    ) -> PublishResult:
+        """Publishes changes: each key and every transitive dependent is
+        bumped once. A plain string is a change of that key."""
+        request = pb.PublishRequest(
+            changes=[(Change(c) if isinstance(c, str) else c).to_pb() for c in changes],
+            client_id=self._id(client_id),
+        )
+        return PublishResult.from_pb(self._unary("Publish", request))
+
+    def fill(
+        self,
+        key: str,
+        dependencies: Iterable[str] = (),
+        *,
+        ttl_ms: int = 0,
+        observed_seq: int = 0,
+        epoch: int = 0,
+        lease_token: int = 0,
+        client_id: Optional[str] = None,
+    ) -> FillResult:
+        """Registers a cached key with its dependencies. Raises
+        :class:`~freshd.errors.FillRaced` when the key or a dependency changed
+        after ``observed_seq`` (or the lease's seq)."""
+        request = pb.FillRequest(
+            key=key,
+            dependencies=list(dependencies),
+            ttl_ms=ttl_ms,
+            observed_seq=observed_seq,
+            epoch=epoch,
+            lease_token=lease_token,
+            client_id=self._id(client_id),
+        )
+        return FillResult.from_pb(self._unary("Fill", request))
+
+    def check(
+        self,
+        key: str,
+        version: int = 0,
+        *,
+        age_ms: int = 0,
+        epoch: int = 0,
+        min_seq: int = 0,
+        endpoint: str = "",
+        served: bool = False,
+        client_id: Optional[str] = None,
+    ) -> CheckResult:
+        """Is a cached copy still right? The fact and the policy's decision."""
+        request = pb.CheckRequest(
+            key=key,
+            version=version,
+            age_ms=age_ms,
+            epoch=epoch,
+            min_seq=min_seq,
+            endpoint=endpoint,
+            served=served,
+            client_id=self._id(client_id),
+        )
+        return CheckResult.from_pb(self._unary("Check", request))
+
+    def check_batch(
+        self,
+        items: Iterable[Union[CheckItem, Tuple[str, int]]],
+        *,
+        epoch: int = 0,
+        min_seq: int = 0,
+        endpoint: str = "",
+        client_id: Optional[str] = None,
+    ) -> CheckBatchResult:
+        """Checks many copies, answered from one consistent state. An item is
+        a :class:`CheckItem` or a ``(key, version)`` pair."""
+        pb_items = [
+            (item if isinstance(item, CheckItem) else CheckItem(item[0], item[1])).to_pb()
+            for item in items
+        ]
+        request = pb.CheckBatchRequest(
+            items=pb_items,
+            epoch=epoch,
+            min_seq=min_seq,
+            endpoint=endpoint,
+            client_id=self._id(client_id),
+        )
+        return CheckBatchResult.from_pb(self._unary("CheckBatch", request))
+
+    def inspect(self, key: str) -> KeyInfo:
+        """Everything freshd holds for one key; raises
+        :class:`~freshd.errors.NotFound` when it holds nothing."""
+        return KeyInfo.from_pb(self._unary("Inspect", pb.InspectRequest(key=key)))
+
+    def stats(self) -> Stats:
+        """Server-wide counters."""
+        return Stats.from_pb(self._unary("Stats", pb.StatsRequest()))
+
+    def lease(self, key: str, *, min_seq: int = 0) -> LeaseResult:
+        """Asks for the fill lease of a key before reading the origin."""
+        return LeaseResult.from_pb(self._unary("Lease", pb.LeaseRequest(key=key, min_seq=min_seq)))
+
+    def purge(
+        self,
+        prefix: str,
+        *,
+        dry_run: bool = False,
+        hard: bool = False,
+        confirm: bool = False,
+        jitter_ms: int = 0,
+        client_id: Optional[str] = None,
+    ) -> PurgeResult:
+        """Invalidates every key under a prefix (soft by default)."""
+        request = pb.PurgeRequest(
+            prefix=prefix,
+            dry_run=dry_run,
+            hard=hard,
+            confirm=confirm,
+            jitter_ms=jitter_ms,
+            client_id=self._id(client_id),
+        )
+        return PurgeResult.from_pb(self._unary("Purge", request))
+
+    def get_policy(self, namespace: str = "") -> NamespacePolicy:
+        """The policy in force for a namespace (the empty one is the default)."""
+        return NamespacePolicy.from_pb(
+            self._unary("GetPolicy", pb.GetPolicyRequest(namespace=namespace))
+        )
+
+    def set_policy(self, namespace: str, policy: Policy) -> NamespacePolicy:
+        """Sets a namespace's policy (the empty namespace: the default)."""
+        request = pb.SetPolicyRequest(namespace=namespace, policy=policy.to_pb())
+        return NamespacePolicy.from_pb(self._unary("SetPolicy", request))
+
+    def list_policies(self) -> List[NamespacePolicy]:
+        """The default first, then namespaces in order."""
+        response = self._unary("ListPolicies", pb.ListPoliciesRequest())
+        return [NamespacePolicy.from_pb(p) for p in response.policies]
+
+    def delete_policy(self, namespace: str) -> None:
+        """Removes a namespace's policy; it falls back to the default."""
+        self._unary("DeletePolicy", pb.DeletePolicyRequest(namespace=namespace))
+
+    def watch(
+        self,
+        *,
+        client_id: Optional[str] = None,
+        no_loop: bool = False,
+        resume: Optional[ResumeToken] = None,
+        track: Iterable[str] = (),
+        subscribe: Iterable[str] = (),
+        start_timeout: Optional[float] = None,
+    ) -> "WatchStream":
+        """Opens the invalidation stream and waits for its ``started``
+        message. Raises :class:`~freshd.errors.FreshdError` when the server
+        refuses the start (a bad key, a limit)."""
+        return WatchStream(
+            self.stub,
+            client_id=self._id(client_id),
+            no_loop=no_loop,
+            resume=resume,
+            track=track,
+            subscribe=subscribe,
+            start_timeout=self.timeout if start_timeout is None else start_timeout,
+        )
+
+
+class StreamEnded(Exception):
+    """The Watch stream ended without an error (the client closed its side)."""
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What :meth:`WatchStream.sync` collected up to the progress watermark."""
+
+    notices: Tuple[Notice, ...]
+    resets: Tuple[Reset, ...]
+    progress: Progress
+
+
+_END = object()
+
+
+class WatchStream:
+    """One Watch stream: send filter changes, acks and progress requests;
+    read notice batches, progress and resets.
+
+    A reader thread moves responses into a queue, so :meth:`recv` can wait
+    with a timeout. Use it as a context manager, or call :meth:`cancel` or
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        stub: pb_grpc.CoordinatorStub,
+        *,
+        client_id: str = "",
+        no_loop: bool = False,
+        resume: Optional[ResumeToken] = None,
+        track: Iterable[str] = (),
+        subscribe: Iterable[str] = (),
+        start_timeout: Optional[float] = 10.0,
+    ) -> None:
+        self._requests: "queue.Queue[Optional[pb.WatchRequest]]" = queue.Queue()
+        self._events: "queue.Queue[Any]" = queue.Queue()
+        self._closed = False
+        self._ended: Optional[BaseException] = None
+        start = pb.WatchStart(
+            client_id=client_id,
+            no_loop=no_loop,
+            track=list(track),
+            subscribe=list(subscribe),
+        )
+        if resume is not None:
+            start.resume.CopyFrom(resume.to_pb())
+        self._requests.put(pb.WatchRequest(start=start))
+        self._call = stub.Watch(self._outbound())
+        self._reader = threading.Thread(target=self._read, name="freshd-watch-reader", daemon=True)
+        self._reader.start()
+        try:
+            first = self.recv(timeout=start_timeout)
+        except TimeoutError:
+            self.cancel()
+            raise DeadlineExceeded(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no `started` within {start_timeout}s",
+                "Watch",
+            ) from None
+        except StreamEnded:
+            raise FreshdError(
+                grpc.StatusCode.UNKNOWN, "the stream ended before `started`", "Watch"
+            ) from None
+        except FreshdError:
+            self.close()  # the server refused the start
+            raise
+        if not isinstance(first, WatchStarted):
+            self.cancel()
+            raise FreshdError(
+                grpc.StatusCode.UNKNOWN, f"expected `started`, got {first!r}", "Watch"
+            )
+        #: The epoch, the seq the stream starts from and the resume outcome.
+        self.started: WatchStarted = first
+
+    # ------------------------------------------------------------ plumbing
+
+    def _outbound(self) -> Iterator[pb.WatchRequest]:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            yield request
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                kind = response.WhichOneof("response")
+                if kind == "started":
+                    self._events.put(WatchStarted.from_pb(response.started))
+                elif kind == "notices":
+                    self._events.put(NoticeBatch.from_pb(response.notices))
+                elif kind == "progress":
+                    self._events.put(Progress.from_pb(response.progress))
+                elif kind == "reset":
+                    self._events.put(Reset.from_pb(response.reset))
+            self._events.put(_END)
+        except grpc.RpcError as e:
+            self._events.put(from_rpc_error(e, "Watch"))
+        except BaseException as e:  # pragma: no cover - defensive
+            self._events.put(e)
+        finally:
+            # The call is over: let the request iterator end too.
+            self._requests.put(None)
+
+    def _send(self, request: pb.WatchRequest) -> None:
+        if self._closed:
+            raise StreamEnded("the Watch stream is closed")
+        self._requests.put(request)
+
+    # --------------------------------------------------------------- sends
+
+    def track(self, keys: Iterable[str]) -> None:
+        """Tracks exact keys (do it before reading them from the origin)."""
+        self._send(pb.WatchRequest(track=pb.KeyList(keys=list(keys))))
+
+    def untrack(self, keys: Iterable[str]) -> None:
+        self._send(pb.WatchRequest(untrack=pb.KeyList(keys=list(keys))))
+
+    def subscribe(self, prefixes: Iterable[str]) -> None:
+        """Watches prefixes (every notice under them; "" is every key)."""
+        self._send(pb.WatchRequest(subscribe=pb.KeyList(keys=list(prefixes))))
+
+    def unsubscribe(self, prefixes: Iterable[str]) -> None:
+        self._send(pb.WatchRequest(unsubscribe=pb.KeyList(keys=list(prefixes))))
+
+    def ack(self, seq: int) -> None:
+        """Acknowledges every notice up to ``seq`` as applied."""
+        self._send(pb.WatchRequest(ack=pb.Ack(seq=seq)))
+
+    def request_progress(self) -> None:
+        """Asks for a watermark: what is queued, then a :class:`Progress`."""
+        self._send(pb.WatchRequest(progress=pb.ProgressRequest()))
+
+    # ------------------------------------------------------------- receive
+
+    def recv(self, timeout: Optional[float] = None) -> WatchEvent:
+        """The next event. Raises :class:`TimeoutError` after ``timeout``
+        seconds, :class:`~freshd.errors.FreshdError` when the stream failed
+        and :class:`StreamEnded` when it ended."""
+        if self._ended is not None:
+            raise self._ended
+        try:
+            event = self._events.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no Watch event within {timeout}s") from None
+        if event is _END:
+            self._ended = StreamEnded("the Watch stream ended")
+            raise self._ended
+        if isinstance(event, BaseException):
+            self._ended = event
+            raise event
+        return event  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[WatchEvent]:
+        while True:
+            try:
+                yield self.recv()
+            except StreamEnded:
+                return
+
+    def sync(self, timeout: Optional[float] = 10.0) -> SyncResult:
+        """Requests progress and collects every notice and reset up to it.
+        Not for use while another thread reads the stream."""
+        self.request_progress()
+        notices: List[Notice] = []
+        resets: List[Reset] = []
+        while True:
+            event = self.recv(timeout=timeout)
+            if isinstance(event, NoticeBatch):
+                notices.extend(event.notices)
+            elif isinstance(event, Reset):
+                resets.append(event)
+            elif isinstance(event, Progress):
+                return SyncResult(tuple(notices), tuple(resets), event)
+
+    # ------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        """Closes the client side: the server ends the stream."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(None)
+
+    def cancel(self) -> None:
+        """Cancels the call at once."""
+        self.close()
+        self._call.cancel()
+
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Waits for the reader to see the end of the stream."""
+        self._reader.join(timeout)
+        return not self._reader.is_alive()
+
+    def __enter__(self) -> "WatchStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
