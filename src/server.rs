@@ -115,6 +115,19 @@ pub async fn serve_store(
     recovery: Recovery,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_until(config, listener, admin, store, recovery, shutdown, None).await
+}
+
+/// [`serve_store`], telling `serving` once the server answers requests.
+async fn serve_until(
+    config: Config,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    store: Arc<Store>,
+    recovery: Recovery,
+    shutdown: impl Future<Output = ()>,
+    on_serving: Option<oneshot::Sender<()>>,
+) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let ready = Arc::new(AtomicBool::new(false));
     set_health(&health, &ready, ServingStatus::NotServing).await;
@@ -185,6 +198,9 @@ pub async fn serve_store(
         tracing::info!(records = count, took = ?started.elapsed(), "recovered the state");
     }
     set_health(&health, &ready, ServingStatus::Serving).await;
+    if let Some(on_serving) = on_serving {
+        let _ = on_serving.send(());
+    }
     tracing::info!(addr = %local, epoch = store.epoch(), shards = config.store.shards, "freshd serving");
 
     let result = tokio::select! {
@@ -283,7 +299,8 @@ impl RunningServer {
         };
         let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_store(
+        let (serving_tx, serving_rx) = oneshot::channel::<()>();
+        let mut task = tokio::spawn(serve_until(
             config,
             listener,
             admin,
@@ -292,7 +309,20 @@ impl RunningServer {
             async {
                 let _ = rx.await;
             },
+            Some(serving_tx),
         ));
+        // Ready when this returns: wait until the server serves (recovery
+        // done), or report why it stopped before.
+        tokio::select! {
+            _ = serving_rx => {}
+            result = &mut task => {
+                return Err(match result {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => ServeError::Io(std::io::Error::other("the server stopped before serving")),
+                    Err(e) => ServeError::Io(std::io::Error::other(e.to_string())),
+                });
+            }
+        }
         Ok(Self {
             addr,
             admin_addr,
