@@ -2317,4 +2317,100 @@ mod tests {
         assert_eq!(from_snapshot.len(), from_zero.len());
         std::fs::remove_dir_all(&base).ok();
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: usize = 12;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Fill { key: usize, deps: Vec<usize> },
+            Publish { keys: Vec<usize>, critical: bool },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0..KEYS, proptest::collection::vec(0..KEYS, 0..4))
+                    .prop_map(|(key, deps)| Op::Fill { key, deps }),
+                (proptest::collection::vec(0..KEYS, 1..3), any::<bool>())
+                    .prop_map(|(keys, critical)| Op::Publish { keys, critical }),
+            ]
+        }
+
+        fn name(i: usize) -> String {
+            format!("k{i}")
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+
+            /// Any sequence of fills and publishes keeps every version
+            /// monotonic, and a publish bumps each changed key and every
+            /// transitive dependent (cycles included) to its seq.
+            #[test]
+            fn versions_are_monotonic_and_dependents_invalidated(ops in proptest::collection::vec(op(), 1..40)) {
+                let s = store();
+                // The model: each registered key's dependency set.
+                let mut deps: Vec<Option<Vec<usize>>> = vec![None; KEYS];
+                let mut last: Vec<u64> = vec![0; KEYS];
+                for op in ops {
+                    match op {
+                        Op::Fill { key, deps: d } => {
+                            let mut names: Vec<String> = d.iter().filter(|&&x| x != key).map(|&x| name(x)).collect();
+                            names.sort();
+                            names.dedup();
+                            s.fill(&FillSpec {
+                                key: name(key),
+                                dependencies: names,
+                                ttl_ms: 3_600_000,
+                                observed_seq: s.seq(),
+                            })
+                            .unwrap();
+                            deps[key] = Some(d.into_iter().filter(|&x| x != key).collect());
+                        }
+                        Op::Publish { keys, critical } => {
+                            let changes: Vec<PublishChange> = keys
+                                .iter()
+                                .map(|&k| PublishChange { critical, ..change(&name(k)) })
+                                .collect();
+                            let seq = s.publish(&changes).unwrap().seq;
+                            // Every key that reaches a published key through
+                            // registered dependencies, or is one.
+                            let mut reached = vec![false; KEYS];
+                            for &k in &keys {
+                                reached[k] = true;
+                            }
+                            loop {
+                                let mut grew = false;
+                                for k in 0..KEYS {
+                                    if !reached[k] && deps[k].as_ref().is_some_and(|d| d.iter().any(|&x| reached[x])) {
+                                        reached[k] = true;
+                                        grew = true;
+                                    }
+                                }
+                                if !grew {
+                                    break;
+                                }
+                            }
+                            for k in 0..KEYS {
+                                if reached[k] {
+                                    prop_assert_eq!(version(&s, &name(k)), seq, "{} not bumped", name(k));
+                                    if critical {
+                                        prop_assert!(s.inspect(&name(k)).unwrap().critical);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    for (k, last) in last.iter_mut().enumerate() {
+                        let v = version(&s, &name(k));
+                        prop_assert!(v >= *last, "{} went back from {} to {}", name(k), last, v);
+                        *last = v;
+                    }
+                }
+            }
+        }
+    }
 }
