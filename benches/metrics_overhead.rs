@@ -151,4 +151,20 @@ fn main() {
         on.stop().await.unwrap();
         off.stop().await.unwrap();
     });
+
+    // The recording itself, in-process: what one check adds on its server.
+    let metrics = Metrics::new(MetricsConfig::default());
+    let n = 1_000_000u64;
+    let started = Instant::now();
+    for i in 0..n {
+        let key = if i % 2 == 0 {
+            "feed:user:1"
+        } else {
+            "posts:author:2"
+        };
+        metrics.check(key, "home", 7, 1_500, true, i % 10 == 0, false);
+        metrics.rpc("Check", tonic::Code::Ok, Duration::from_micros(40));
+    }
+    let per = started.elapsed().as_nanos() as f64 / n as f64;
+    println!("recording one check's figures (hit age, served, RPC count and latency): {per:.0} ns in-process");
 }

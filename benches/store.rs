@@ -17,7 +17,13 @@
 //!   `no_dependents` publishes a registered key nothing depends on (1 key
 //!   bumped); `10_dependents` a key with 10 dependents (11 bumped);
 //!   `fanout_10000` a key with 10,000 dependents (10,001 bumped, throughput
-//!   in keys bumped).
+//!   in keys bumped). No Watch stream has subscribed yet, so no notice is
+//!   built.
+//! - `publish_watched/*`: the same three publishes once one Watch stream
+//!   (`Store::subscribe`) tracks the three published keys: each publish now
+//!   also builds a notice per bumped key, appends them to the resume history
+//!   (full after a few fan-outs: 100k notices, so each publish also evicts
+//!   as many old ones) and queues the published key's notice for the stream.
 //! - `fill/*`: one `Store::fill` of a key with 4 dependencies on existing
 //!   `posts:author:M` nodes: `new_key_4_deps` registers a key not seen
 //!   before (each sample starts from a fresh store of the 10k author keys);
@@ -163,8 +169,25 @@ fn publish(c: &mut Criterion) {
         ("fanout_10000", "posts:author:viral", 10_001),
     ];
 
-    let mut group = c.benchmark_group("publish");
-    for (name, key, bumped) in cases {
+    // No Watch stream has ever subscribed: publishes build no notices.
+    publish_cases(c, "publish", &store, &cases);
+
+    // One Watch stream that tracks the three published keys (not their
+    // dependents): from now on every publish builds a notice per bumped key,
+    // keeps it in the history and routes it; one notice per publish reaches
+    // the stream's queue, where it replaces the previous one for the same
+    // key (conflation), so the queue never fills although nobody drains it.
+    let tracked: Vec<String> = cases.iter().map(|(_, key, _)| key.to_string()).collect();
+    let (_subscriber, _) = store
+        .subscribe("c", false, None, &tracked, &[])
+        .expect("subscribe");
+    publish_cases(c, "publish_watched", &store, &cases);
+}
+
+/// One bench per case: a publish of its key, which bumps `bumped` keys.
+fn publish_cases(c: &mut Criterion, group_name: &str, store: &Store, cases: &[(&str, &str, u64)]) {
+    let mut group = c.benchmark_group(group_name);
+    for &(name, key, bumped) in cases {
         let changes = change(key);
         let outcome = store.publish(&changes).expect("publish");
         assert_eq!(outcome.results[0].invalidated, bumped, "{name}");

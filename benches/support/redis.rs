@@ -1,6 +1,8 @@
-//! What the loopback and memory benches need of Redis: a `redis-server`
-//! child process on a free loopback port, and a minimal RESP2 client (an
-//! encoder, an incremental reply parser, and blocking and tokio connections).
+//! What the loopback, memory and notices benches need of Redis: a
+//! `redis-server` child process on a free loopback port, and a minimal RESP
+//! client (an encoder, an incremental reply parser for RESP2 and the RESP3
+//! types Redis 7 sends after `HELLO 3`, including push messages, and
+//! blocking and tokio connections).
 //!
 //! Included by each bench with `#[path = "support/redis.rs"] mod redis;`;
 //! each bench uses a different part of it.
@@ -98,7 +100,7 @@ impl Drop for RedisServer {
     }
 }
 
-/// A RESP2 reply.
+/// A RESP2 or RESP3 reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// `+OK`
@@ -109,8 +111,19 @@ pub enum Reply {
     Int(i64),
     /// `$3\r\nfoo`, `None` for `$-1`.
     Bulk(Option<Vec<u8>>),
-    /// `*2\r\n...`, `None` for `*-1`.
+    /// `*2\r\n...`, `None` for `*-1`; also a RESP3 set (`~`).
     Array(Option<Vec<Reply>>),
+    /// RESP3 `_`.
+    Null,
+    /// RESP3 `#t` / `#f`.
+    Bool(bool),
+    /// RESP3 `,3.14` and `(1234...` (big number), as written.
+    Number(String),
+    /// RESP3 `%2\r\n...`: key-value pairs in order.
+    Map(Vec<(Reply, Reply)>),
+    /// RESP3 `>3\r\n...`: an out-of-band push, such as a client-tracking
+    /// `invalidate` or a pub/sub `message`.
+    Push(Vec<Reply>),
 }
 
 /// Appends `args` to `out` as one RESP command (an array of bulk strings).
@@ -154,11 +167,26 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("bad RESP integer {:?}", text()))
     };
+    // `n` replies in a row after the header, or `None` if not all are in.
+    let items = |n: usize, pos: &mut usize| -> Result<Option<Vec<Reply>>, String> {
+        let mut items = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            match parse(&buf[*pos..])? {
+                Some((item, used)) => {
+                    items.push(item);
+                    *pos += used;
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(items))
+    };
     let reply = match kind {
         b'+' => Reply::Simple(text()),
         b'-' => Reply::Error(text()),
         b':' => Reply::Int(int()?),
-        b'$' => {
+        // Bulk string, RESP3 verbatim string and blob error.
+        b'$' | b'=' | b'!' => {
             let len = int()?;
             if len < 0 {
                 Reply::Bulk(None)
@@ -169,27 +197,50 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
                 }
                 let data = buf[pos..pos + len].to_vec();
                 pos += len + 2;
-                Reply::Bulk(Some(data))
+                if kind == b'!' {
+                    Reply::Error(String::from_utf8_lossy(&data).into_owned())
+                } else {
+                    Reply::Bulk(Some(data))
+                }
             }
         }
-        b'*' => {
+        b'*' | b'~' | b'>' => {
             let len = int()?;
             if len < 0 {
                 Reply::Array(None)
             } else {
-                let mut items = Vec::with_capacity(len as usize);
-                for _ in 0..len {
-                    match parse(&buf[pos..])? {
-                        Some((item, used)) => {
-                            items.push(item);
-                            pos += used;
-                        }
-                        None => return Ok(None),
-                    }
+                let Some(items) = items(len as usize, &mut pos)? else {
+                    return Ok(None);
+                };
+                if kind == b'>' {
+                    Reply::Push(items)
+                } else {
+                    Reply::Array(Some(items))
                 }
-                Reply::Array(Some(items))
             }
         }
+        b'%' | b'|' => {
+            let len = int()?;
+            let Some(flat) = items(2 * len.max(0) as usize, &mut pos)? else {
+                return Ok(None);
+            };
+            let mut flat = flat.into_iter();
+            let mut pairs = Vec::with_capacity(len.max(0) as usize);
+            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                pairs.push((k, v));
+            }
+            if kind == b'|' {
+                // Attributes describe the reply that follows: skip them.
+                return match parse(&buf[pos..])? {
+                    Some((reply, used)) => Ok(Some((reply, pos + used))),
+                    None => Ok(None),
+                };
+            }
+            Reply::Map(pairs)
+        }
+        b'_' => Reply::Null,
+        b'#' => Reply::Bool(rest == b"t"),
+        b',' | b'(' => Reply::Number(text()),
         other => return Err(format!("unknown RESP type byte {other:#x}")),
     };
     Ok(Some((reply, pos)))
@@ -389,6 +440,44 @@ impl AsyncConn {
     }
 
     /// Reads the next reply.
+    pub async fn read_reply(&mut self) -> io::Result<Reply> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(reply) = self.buf.next()? {
+                return Ok(reply);
+            }
+            let n = self.stream.read(self.buf.room()).await?;
+            self.buf.filled(n)?;
+        }
+    }
+
+    /// Splits the connection into a reader (which keeps any bytes already
+    /// read) and the write half, for a writer that does not wait for replies.
+    pub fn into_split(
+        self,
+    ) -> (
+        AsyncReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let (read, write) = self.stream.into_split();
+        (
+            AsyncReader {
+                stream: read,
+                buf: self.buf,
+            },
+            write,
+        )
+    }
+}
+
+/// Replies read from the read half of a tokio connection.
+pub struct AsyncReader<R> {
+    stream: R,
+    buf: ReadBuf,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> AsyncReader<R> {
+    /// Reads the next reply. Cancel-safe: dropping the future loses nothing.
     pub async fn read_reply(&mut self) -> io::Result<Reply> {
         use tokio::io::AsyncReadExt;
         loop {
