@@ -429,13 +429,17 @@ pub struct SubscriberStats {
     pub ack_delay_ms: u64,
 }
 
+/// The streams on one route, by id: adding and removing one is O(1), so
+/// closing a stream costs its own routes, not everyone's.
+type Streams = HashMap<u64, Arc<Subscriber>>;
+
 #[derive(Default)]
 struct Routes {
     subscribers: HashMap<u64, Arc<Subscriber>>,
     /// Streams by client id (ids given), for repair accounting.
     by_client: HashMap<Arc<str>, Vec<Arc<Subscriber>>>,
-    by_key: HashMap<Key, Vec<Arc<Subscriber>>, KeyHash>,
-    by_prefix: HashMap<Box<str>, Vec<Arc<Subscriber>>>,
+    by_key: HashMap<Key, Streams, KeyHash>,
+    by_prefix: HashMap<Box<str>, Streams>,
     /// Distinct prefix lengths in `by_prefix`, with how many prefixes have it.
     prefix_lens: std::collections::BTreeMap<usize, usize>,
 }
@@ -444,7 +448,7 @@ impl Routes {
     /// Every subscriber that wants a notice for `key`, possibly repeated.
     fn targets<'a>(&'a self, key: &str, out: &mut Vec<&'a Arc<Subscriber>>) {
         if let Some(subs) = self.by_key.get(key) {
-            out.extend(subs.iter());
+            out.extend(subs.values());
         }
         for &len in self.prefix_lens.keys() {
             if len > key.len() {
@@ -454,7 +458,7 @@ impl Routes {
                 continue;
             }
             if let Some(subs) = self.by_prefix.get(&key[..len]) {
-                out.extend(subs.iter());
+                out.extend(subs.values());
             }
         }
     }
@@ -760,12 +764,16 @@ impl Hub {
             }
             let key: Key = Key::from(key.as_str());
             filters.tracked.insert(key.clone());
-            routes.by_key.entry(key).or_default().push(sub.clone());
+            routes
+                .by_key
+                .entry(key)
+                .or_default()
+                .insert(sub.id, sub.clone());
         }
         for prefix in prefixes {
             if filters.prefixes.insert(prefix.clone()) {
                 let subs = routes.by_prefix.entry(prefix.as_str().into()).or_default();
-                subs.push(sub.clone());
+                subs.insert(sub.id, sub.clone());
                 if subs.len() == 1 {
                     *routes.prefix_lens.entry(prefix.len()).or_default() += 1;
                 }
@@ -920,7 +928,7 @@ impl Hub {
 }
 
 /// Removes `id` from the route of `key`; true when the route is gone.
-fn remove_route<K, S>(map: &mut HashMap<K, Vec<Arc<Subscriber>>, S>, key: &str, id: u64) -> bool
+fn remove_route<K, S>(map: &mut HashMap<K, Streams, S>, key: &str, id: u64) -> bool
 where
     K: std::borrow::Borrow<str> + std::hash::Hash + Eq,
     S: std::hash::BuildHasher,
@@ -928,7 +936,7 @@ where
     let Some(subs) = map.get_mut(key) else {
         return false;
     };
-    subs.retain(|s| s.id != id);
+    subs.remove(&id);
     if subs.is_empty() {
         map.remove(key);
         true

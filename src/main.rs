@@ -43,6 +43,13 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGTERM and SIGINT");
+                return ExitCode::FAILURE;
+            }
+        };
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -50,7 +57,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match freshd::server::serve(config, listener, shutdown_signal()).await {
+        match freshd::server::serve(config, listener, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "freshd failed");
@@ -71,28 +78,26 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the server");
-                let _ = interrupt.await;
-                return;
-            }
-        };
+/// Watches SIGTERM and SIGINT from now on (the handlers are installed before
+/// this returns, so a signal that arrives while the server starts is not
+/// lost); the future completes on the first of them.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
-            _ = interrupt => tracing::info!("SIGINT received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
             _ = term.recv() => tracing::info!("SIGTERM received"),
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
-    }
+    })
+}
+
+/// Completes on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
