@@ -37,18 +37,19 @@
 //! Run: `cargo bench --bench loopback` (about one minute once built). Exits
 //! non-zero when `redis-server` is not installed.
 
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/redis.rs"]
 mod redis;
 
+use harness::{env_usize, process_cpu, threads_cpu, ticks_per_sec, Bench};
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshd::config::Config;
 use freshd::pb::coordinator_client::CoordinatorClient;
 use freshd::pb::{CheckBatchRequest, CheckItem, CheckRequest, FillRequest, Freshness};
-use freshd::server::RunningServer;
 use rand::rngs::SmallRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -67,13 +68,6 @@ const SERVER_THREADS: usize = 2;
 const WARM_UP: Duration = Duration::from_secs(1);
 /// TTL of every fill: longer than the run.
 const TTL_MS: u64 = 3_600_000;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Settings {
     keys: usize,
@@ -182,26 +176,6 @@ impl Recorder {
     }
 }
 
-/// CPU time (user + system) from a `/proc/.../stat` line.
-fn stat_cpu(stat: &str, ticks_per_sec: u64) -> Duration {
-    // Fields after the `(comm)`, which may hold spaces: state is field 3,
-    // utime 14 and stime 15.
-    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-    Duration::from_secs_f64(ticks as f64 / ticks_per_sec as f64)
-}
-
-fn ticks_per_sec() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
-}
-
 /// Where the server's CPU time is read.
 #[derive(Clone, Copy)]
 enum CpuSource {
@@ -214,25 +188,8 @@ enum CpuSource {
 impl CpuSource {
     fn read(self, ticks: u64) -> Duration {
         match self {
-            CpuSource::Process(pid) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| stat_cpu(&s, ticks))
-                .unwrap_or_default(),
-            CpuSource::Threads => {
-                let mut total = Duration::ZERO;
-                let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-                    return total;
-                };
-                for task in tasks.flatten() {
-                    let comm =
-                        std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-                    if comm.trim_end().starts_with("freshd-server") {
-                        if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
-                            total += stat_cpu(&stat, ticks);
-                        }
-                    }
-                }
-                total
-            }
+            CpuSource::Process(pid) => process_cpu(pid, ticks),
+            CpuSource::Threads => threads_cpu(&["freshd-server"], ticks),
         }
     }
 }
@@ -540,21 +497,11 @@ fn main() -> ExitCode {
         }
     };
     let ticks = ticks_per_sec();
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(s.server_threads)
-        .thread_name("freshd-server")
-        .enable_all()
-        .build()
-        .expect("server runtime");
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-client")
-        .enable_all()
-        .build()
-        .expect("client runtime");
-    let server = server_rt
-        .block_on(RunningServer::start(Config::ephemeral()))
-        .expect("start freshd");
+    let Bench {
+        server_rt,
+        client_rt,
+        server,
+    } = Bench::start(s.server_threads);
     let url = server.url();
 
     println!(

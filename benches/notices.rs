@@ -78,16 +78,18 @@
 //! Run: `cargo bench --bench notices` (about two minutes once built). Exits
 //! non-zero when `redis-server` is not installed.
 
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/redis.rs"]
 mod redis;
 
+use harness::{env_usize, process_cpu, threads_cpu, ticks_per_sec, Bench};
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use freshd::config::Config;
 use freshd::pb::coordinator_client::CoordinatorClient;
 use freshd::pb::watch_request::Request as WatchIn;
 use freshd::pb::watch_response::Response as WatchOut;
@@ -119,13 +121,6 @@ const CONNECT_CONCURRENCY: usize = 64;
 /// How long subscribers may take to receive the last notices after the
 /// writer stops.
 const DRAIN: Duration = Duration::from_secs(10);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One latency run: how many subscribers, how many changes per second.
 #[derive(Clone, Copy)]
@@ -175,50 +170,6 @@ impl Settings {
 }
 
 // ---------------------------------------------------------------- CPU time
-
-/// CPU time (user + system) from a `/proc/.../stat` line.
-fn stat_cpu(stat: &str, ticks_per_sec: u64) -> Duration {
-    // Fields after the `(comm)`, which may hold spaces: utime is field 14,
-    // stime 15.
-    let after = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
-    Duration::from_secs_f64(ticks as f64 / ticks_per_sec as f64)
-}
-
-fn ticks_per_sec() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
-}
-
-/// CPU time of this process's threads whose name starts with one of
-/// `prefixes`.
-fn threads_cpu(prefixes: &[&str], ticks: u64) -> Duration {
-    let mut total = Duration::ZERO;
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return total;
-    };
-    for task in tasks.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if prefixes.iter().any(|p| comm.trim_end().starts_with(p)) {
-            if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
-                total += stat_cpu(&stat, ticks);
-            }
-        }
-    }
-    total
-}
-
-fn process_cpu(pid: u32, ticks: u64) -> Duration {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| stat_cpu(&s, ticks))
-        .unwrap_or_default()
-}
 
 /// Which server is measured.
 #[derive(Clone, Copy)]
@@ -1404,21 +1355,11 @@ fn main() -> ExitCode {
         }
     };
     let ticks = ticks_per_sec();
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(s.server_threads)
-        .thread_name("freshd-server")
-        .enable_all()
-        .build()
-        .expect("server runtime");
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-client")
-        .enable_all()
-        .build()
-        .expect("client runtime");
-    let server = server_rt
-        .block_on(RunningServer::start(Config::ephemeral()))
-        .expect("start freshd");
+    let Bench {
+        server_rt,
+        client_rt,
+        server,
+    } = Bench::start(s.server_threads);
     let url = server.url();
     println!(
         "freshd {} on {} ({} server threads), {} on port {}",
