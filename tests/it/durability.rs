@@ -60,6 +60,24 @@ fn spawn(dir: &Path, extra: &[&str]) -> (Child, String) {
     (child, format!("http://{addr}"))
 }
 
+/// Starts `freshd --data-dir dir`, expects it to refuse, and returns what it
+/// printed.
+fn failed_start(dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_freshd"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "freshd started on a broken data dir");
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
 fn kill9(child: &mut Child) {
     let _ = Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
@@ -272,20 +290,7 @@ async fn a_missing_snapshot_stops_startup() {
             std::fs::remove_file(path).unwrap();
         }
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_freshd"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "off",
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let text = failed_start(&dir);
     assert!(text.contains("no snapshot covers"), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -341,23 +346,7 @@ async fn a_corrupt_log_stops_startup_unless_repaired() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x55;
     std::fs::write(&segment, &bytes).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_freshd"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "off",
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = failed_start(&dir);
     let name = segment.file_name().unwrap().to_str().unwrap();
     assert!(text.contains(name) && text.contains("offset"), "{text}");
     assert!(text.contains("--repair"), "{text}");
