@@ -179,7 +179,7 @@ fn publish(c: &mut Criterion) {
     // key (conflation), so the queue never fills although nobody drains it.
     let tracked: Vec<String> = cases.iter().map(|(_, key, _)| key.to_string()).collect();
     let (_subscriber, _) = store
-        .subscribe("c", false, None, &tracked, &[])
+        .subscribe("c", false, None, &tracked, &[], None)
         .expect("subscribe");
     publish_cases(c, "publish_watched", &store, &cases);
 }

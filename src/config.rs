@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::auth::{AuthConfig, PrincipalConfig, Quotas, Scope, Scopes};
 use crate::metrics::MetricsConfig;
 use crate::policy::{Policies, Policy};
 use crate::store::StoreConfig;
+use crate::tls::TlsConfig;
 use crate::validate::Limits;
 use crate::wal::{FsyncPolicy, WalConfig};
 
@@ -131,6 +133,27 @@ pub struct Args {
     /// Log format: text or json [default: text]; the filter comes from RUST_LOG
     #[arg(long, env = "FRESHD_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// The server's TLS certificate chain (PEM); with --tls-key, serves TLS only
+    #[arg(long, env = "FRESHD_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<String>,
+    /// The server's TLS private key (PEM)
+    #[arg(long, env = "FRESHD_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<String>,
+    /// CA certificates (PEM) that client certificates must chain to: requires mutual TLS
+    #[arg(long, env = "FRESHD_TLS_CLIENT_CA", value_name = "PATH")]
+    pub tls_client_ca: Option<String>,
+    /// How often the TLS files are checked for changes and reloaded [default: 10s]
+    #[arg(long, env = "FRESHD_TLS_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub tls_reload_interval: Option<String>,
+    /// Allow plaintext gRPC on an address that is not loopback
+    #[arg(long, env = "FRESHD_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
+    /// Print a new random token and the SHA-256 to configure for it, then exit
+    #[arg(long)]
+    pub new_token: bool,
+    /// Read a token from standard input and print its SHA-256, then exit
+    #[arg(long)]
+    pub hash_token: bool,
 }
 
 /// How logs are written.
@@ -167,6 +190,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// TLS; `None`: plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Tokens, principals, scopes and quotas; no principal: open.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -183,6 +210,8 @@ impl Default for Config {
             max_message_bytes: 16 << 20,
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            tls: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -234,10 +263,30 @@ const FILE_SETTINGS: &[&str] = &[
     "purges_per_minute",
     "purge_jitter",
     "log_format",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "tls_reload_interval",
+    "allow_plaintext",
 ];
 
 /// The tables a TOML file may hold: freshness policies.
-const FILE_TABLES: &[&str] = &["default_policy", "policies"];
+const FILE_TABLES: &[&str] = &["default_policy", "policies", "auth"];
+
+/// The keys of the `[auth]` table.
+const AUTH_KEYS: &[&str] = &["health", "reflection", "default_quotas", "principals"];
+
+/// The keys of one `[[auth.principals]]` entry.
+const PRINCIPAL_KEYS: &[&str] = &["name", "token_sha256", "expires", "scopes", "quotas"];
+
+/// The keys of a quotas table.
+const QUOTA_KEYS: &[&str] = &[
+    "connections",
+    "streams",
+    "tracked_keys",
+    "publishes_per_second",
+    "fanout_per_second",
+];
 
 /// The keys of a policy table.
 const POLICY_KEYS: &[&str] = &[
@@ -402,6 +451,227 @@ impl FileValues {
             }
         }
         Ok(policies)
+    }
+
+    /// The `[auth]` table.
+    fn auth(&self) -> Result<AuthConfig, ConfigError> {
+        let mut auth = AuthConfig::default();
+        let Some(value) = self.table.get("auth") else {
+            return Ok(auth);
+        };
+        let toml::Value::Table(table) = value else {
+            return Err(self.error("auth", "expected a table"));
+        };
+        if let Some(unknown) = table.keys().find(|k| !AUTH_KEYS.contains(&k.as_str())) {
+            return Err(self.error(
+                &format!("auth.{unknown}"),
+                format!("unknown setting; known: {}", AUTH_KEYS.join(", ")),
+            ));
+        }
+        for (key, slot) in [
+            ("health", &mut auth.health_requires_token),
+            ("reflection", &mut auth.reflection_requires_token),
+        ] {
+            match table.get(key) {
+                None => {}
+                Some(toml::Value::String(s)) if s == "open" => *slot = false,
+                Some(toml::Value::String(s)) if s == "token" => *slot = true,
+                Some(_) => {
+                    return Err(self.error(&format!("auth.{key}"), "expected \"open\" or \"token\""))
+                }
+            }
+        }
+        let defaults = match table.get("default_quotas") {
+            None => Quotas::default(),
+            Some(v) => self.quotas("auth.default_quotas", v, Quotas::default())?,
+        };
+        let principals = match table.get("principals") {
+            None => return Ok(auth),
+            Some(toml::Value::Array(list)) => list,
+            Some(_) => {
+                return Err(self.error(
+                    "auth.principals",
+                    "expected an array of tables: [[auth.principals]]",
+                ))
+            }
+        };
+        for (i, value) in principals.iter().enumerate() {
+            let at = format!("auth.principals[{i}]");
+            let principal = self.principal(&at, value, defaults)?;
+            if auth.principals.iter().any(|p| p.name == principal.name) {
+                return Err(self.error(
+                    &format!("{at}.name"),
+                    format!("{:?} names two principals", principal.name),
+                ));
+            }
+            if auth
+                .principals
+                .iter()
+                .any(|p| p.token_sha256 == principal.token_sha256)
+            {
+                return Err(self.error(
+                    &format!("{at}.token_sha256"),
+                    "two principals have the same token",
+                ));
+            }
+            auth.principals.push(principal);
+        }
+        Ok(auth)
+    }
+
+    fn principal(
+        &self,
+        at: &str,
+        value: &toml::Value,
+        defaults: Quotas,
+    ) -> Result<PrincipalConfig, ConfigError> {
+        let toml::Value::Table(table) = value else {
+            return Err(self.error(at, "expected a table"));
+        };
+        if let Some(unknown) = table.keys().find(|k| !PRINCIPAL_KEYS.contains(&k.as_str())) {
+            return Err(self.error(
+                &format!("{at}.{unknown}"),
+                format!("unknown setting; known: {}", PRINCIPAL_KEYS.join(", ")),
+            ));
+        }
+        let name = match table.get("name") {
+            Some(toml::Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(self.error(&format!("{at}.name"), "expected a non-empty string")),
+        };
+        let token_sha256 = match table.get("token_sha256") {
+            Some(toml::Value::String(s)) => crate::auth::parse_sha256(s),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            self.error(
+                &format!("{at}.token_sha256"),
+                "expected the token's SHA-256 as 64 hex digits (`freshd --new-token` makes a token and its hash)",
+            )
+        })?;
+        let expires = match table.get("expires") {
+            None => None,
+            Some(toml::Value::String(s)) => {
+                Some(humantime::parse_rfc3339_weak(s).map_err(|e| {
+                    self.error(
+                        &format!("{at}.expires"),
+                        format!("{s:?} is not a time like 2027-01-31T00:00:00Z ({e})"),
+                    )
+                })?)
+            }
+            Some(toml::Value::Datetime(d)) => {
+                let s = d.to_string();
+                Some(humantime::parse_rfc3339_weak(&s).map_err(|e| {
+                    self.error(
+                        &format!("{at}.expires"),
+                        format!("{s:?} is not a UTC time like 2027-01-31T00:00:00Z ({e})"),
+                    )
+                })?)
+            }
+            Some(_) => {
+                return Err(self.error(
+                    &format!("{at}.expires"),
+                    "expected a time like 2027-01-31T00:00:00Z",
+                ))
+            }
+        };
+        let mut scopes = Vec::new();
+        match table.get("scopes") {
+            None => {}
+            Some(toml::Value::Table(by_ns)) => {
+                for (ns, list) in by_ns {
+                    let field = format!("{at}.scopes.{ns}");
+                    if ns.is_empty() || (ns != "*" && ns.contains(':')) {
+                        return Err(self.error(
+                            &field,
+                            "a namespace is non-empty and has no ':' (or is \"*\" for every namespace)",
+                        ));
+                    }
+                    let toml::Value::Array(list) = list else {
+                        return Err(
+                            self.error(&field, "expected a list like [\"check\", \"watch\"]")
+                        );
+                    };
+                    let mut set = Scopes::default();
+                    for item in list {
+                        let scope = item.as_str().and_then(Scope::parse).ok_or_else(|| {
+                            self.error(
+                                &field,
+                                format!(
+                                    "{item} is not a scope; scopes: {}",
+                                    Scope::ALL.map(Scope::name).join(", ")
+                                ),
+                            )
+                        })?;
+                        set.insert(scope);
+                    }
+                    scopes.push((ns.clone(), set));
+                }
+            }
+            Some(_) => {
+                return Err(self.error(
+                    &format!("{at}.scopes"),
+                    "expected a table of namespace = [scopes]",
+                ))
+            }
+        }
+        let quotas = match table.get("quotas") {
+            None => defaults,
+            Some(v) => self.quotas(&format!("{at}.quotas"), v, defaults)?,
+        };
+        Ok(PrincipalConfig {
+            name,
+            token_sha256,
+            expires,
+            scopes,
+            quotas,
+        })
+    }
+
+    fn quotas(
+        &self,
+        at: &str,
+        value: &toml::Value,
+        defaults: Quotas,
+    ) -> Result<Quotas, ConfigError> {
+        let toml::Value::Table(table) = value else {
+            return Err(self.error(at, "expected a table"));
+        };
+        let mut quotas = defaults;
+        for (key, value) in table {
+            let slot = match key.as_str() {
+                "connections" => &mut quotas.connections,
+                "streams" => &mut quotas.streams,
+                "tracked_keys" => &mut quotas.tracked_keys,
+                "publishes_per_second" => &mut quotas.publishes_per_second,
+                "fanout_per_second" => &mut quotas.fanout_per_second,
+                _ => {
+                    return Err(self.error(
+                        &format!("{at}.{key}"),
+                        format!("unknown quota; known: {}", QUOTA_KEYS.join(", ")),
+                    ))
+                }
+            };
+            match value {
+                toml::Value::Integer(n) if *n >= 0 => *slot = Some(*n as u64),
+                toml::Value::String(s) if s == "unlimited" => *slot = None,
+                _ => {
+                    return Err(self.error(
+                        &format!("{at}.{key}"),
+                        "expected a whole number from 0, or \"unlimited\"",
+                    ))
+                }
+            }
+        }
+        Ok(quotas)
+    }
+
+    /// `allow_plaintext` from the file: a boolean.
+    fn allow_plaintext(&self) -> Result<bool, ConfigError> {
+        match self.table.get("allow_plaintext") {
+            None => Ok(false),
+            Some(toml::Value::Boolean(b)) => Ok(*b),
+            Some(_) => Err(self.error("allow_plaintext", "expected true or false")),
+        }
     }
 
     fn error(&self, setting: &str, message: impl Into<String>) -> ConfigError {
@@ -757,6 +1027,53 @@ impl Config {
         config.limits.max_dependencies = max_dependencies as usize;
         config.limits.max_batch_items = max_batch_items as usize;
         config.max_message_bytes = max_message_bytes as usize;
+
+        config.auth = file.auth()?;
+        let tls_cert = file.pick("tls_cert", args.tls_cert)?;
+        let tls_key = file.pick("tls_key", args.tls_key)?;
+        let tls_client_ca = file.pick("tls_client_ca", args.tls_client_ca)?;
+        let mut reload_interval = Duration::from_secs(10);
+        if let Some(raw) = file.pick("tls_reload_interval", args.tls_reload_interval)? {
+            reload_interval = parse_duration("tls_reload_interval", &raw)?;
+            if reload_interval.is_zero() {
+                return Err(raw.error("tls_reload_interval", "must be above zero"));
+            }
+        }
+        config.tls = match (tls_cert, tls_key) {
+            (None, None) => {
+                if let Some(raw) = tls_client_ca {
+                    return Err(raw.error(
+                        "tls_client_ca",
+                        "mutual TLS needs the server's own certificate: set tls_cert and tls_key",
+                    ));
+                }
+                None
+            }
+            (Some(cert), Some(key)) => Some(TlsConfig {
+                cert: PathBuf::from(cert.value),
+                key: PathBuf::from(key.value),
+                client_ca: tls_client_ca.map(|raw| PathBuf::from(raw.value)),
+                reload_interval,
+            }),
+            (Some(raw), None) => {
+                return Err(raw.error("tls_key", "tls_cert is set, tls_key is not: set both"))
+            }
+            (None, Some(raw)) => {
+                return Err(raw.error("tls_cert", "tls_key is set, tls_cert is not: set both"))
+            }
+        };
+        let allow_plaintext = args.allow_plaintext || file.allow_plaintext()?;
+        if config.tls.is_none() && !allow_plaintext && !config.listen.ip().is_loopback() {
+            return Err(ConfigError {
+                setting: "listen".into(),
+                origin: "listen, tls_cert and allow_plaintext".into(),
+                message: format!(
+                    "{} is not a loopback address and TLS is off: set tls_cert and tls_key, \
+                     or allow_plaintext to serve plaintext gRPC (key names and tokens would cross the network in clear)",
+                    config.listen
+                ),
+            });
+        }
 
         if let Some(raw) = file.pick("log_format", args.log_format)? {
             config.log_format = match raw.value.as_str() {

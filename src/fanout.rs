@@ -32,6 +32,7 @@ use hashbrown::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
+use crate::auth::{Principal, QuotaExceeded, Scope};
 use crate::metrics::{unix_ms, Label, Metrics};
 use crate::store::{Key, KeyHash};
 
@@ -261,6 +262,9 @@ pub struct Subscriber {
     /// Keys found behind by a check, awaiting the fill that repairs them;
     /// bounded.
     repairs_awaiting_fill: Mutex<HashMap<Key, Label, KeyHash>>,
+    /// The principal whose watch scope bounds what the stream may see;
+    /// `None` when authentication is off.
+    owner: Option<Arc<Principal>>,
     metrics: Arc<Metrics>,
 }
 
@@ -278,6 +282,30 @@ impl Subscriber {
                 .origin
                 .as_deref()
                 .is_some_and(|o| !o.is_empty() && o == &*self.client_id))
+    }
+
+    /// Whether the stream's principal may see a notice for `key`. Routes
+    /// only reach keys in scope; this holds the line if one did not.
+    fn may_see(&self, key: &str) -> bool {
+        self.owner
+            .as_ref()
+            .is_none_or(|p| p.allows_key(Scope::Watch, key))
+    }
+
+    /// The cause key a notice may show this stream: empty when the cause
+    /// lies in a namespace outside its watch scope (a dependency edge across
+    /// namespaces must not leak the name of the key that changed).
+    pub fn visible_cause<'a>(&self, cause: &'a str) -> &'a str {
+        if self.may_see(cause) {
+            cause
+        } else {
+            ""
+        }
+    }
+
+    /// The principal that owns the stream.
+    pub fn owner(&self) -> Option<&Arc<Principal>> {
+        self.owner.as_ref()
     }
 
     /// Records an acknowledgement, and the delay from the producer's event
@@ -611,7 +639,7 @@ impl Hub {
                 scratch.clear();
                 routes.targets(&n.key, &mut scratch);
                 for sub in scratch.drain(..) {
-                    if sub.wants_origin(n) {
+                    if sub.wants_origin(n) && sub.may_see(&n.key) {
                         targets.push((sub.id, i, sub));
                     }
                 }
@@ -657,8 +685,10 @@ impl Hub {
     /// fan-out. Call it through `Store::subscribe`, which holds the
     /// sequencer so that no publish decides whether to record notices while
     /// the first stream arrives. `resume` is `(epoch matches, seq)`; the stream starts behind
-    /// when it resumes, and live from now otherwise. Returns the subscriber
-    /// and the seq it starts from; fails, registering nothing, past a limit.
+    /// when it resumes, and live from now otherwise. `owner` is the
+    /// principal whose quotas it counts against and whose watch scope bounds
+    /// what it sees. Returns the subscriber and the seq it starts from;
+    /// fails, registering nothing, past a limit or a quota.
     pub fn subscribe(
         &self,
         client_id: &str,
@@ -666,7 +696,11 @@ impl Hub {
         resume: Option<(bool, u64)>,
         track: &[String],
         prefixes: &[String],
+        owner: Option<Arc<Principal>>,
     ) -> Result<(Arc<Subscriber>, u64), String> {
+        if let Some(owner) = &owner {
+            owner.open_stream().map_err(|e| self.refused(e))?;
+        }
         let mut routes = self.routes.write();
         let now = self.fanned();
         if !self.recording.swap(true, Ordering::AcqRel) {
@@ -709,9 +743,15 @@ impl Hub {
             ack_delay_ms: AtomicU64::new(0),
             repairs_awaiting_ack: Mutex::new(VecDeque::new()),
             repairs_awaiting_fill: Mutex::new(HashMap::with_hasher(KeyHash)),
+            owner,
             metrics: self.metrics.clone(),
         });
-        self.add_filters(&mut routes, &sub, track, prefixes)?;
+        if let Err(e) = self.add_filters(&mut routes, &sub, track, prefixes) {
+            if let Some(owner) = &sub.owner {
+                owner.close_stream();
+            }
+            return Err(e);
+        }
         routes.subscribers.insert(sub.id, sub.clone());
         if !client_id.is_empty() {
             routes
@@ -758,6 +798,11 @@ impl Hub {
                 self.config.max_prefixes
             ));
         }
+        if let Some(owner) = &sub.owner {
+            owner
+                .track((new_keys + new_prefixes) as u64)
+                .map_err(|e| self.refused(e))?;
+        }
         for key in keys {
             if filters.tracked.contains(key.as_str()) {
                 continue;
@@ -793,6 +838,12 @@ impl Hub {
         self.add_filters(&mut routes, sub, keys, prefixes)
     }
 
+    /// Counts a quota refusal and turns it into the error message.
+    fn refused(&self, e: QuotaExceeded) -> String {
+        self.metrics.quota_refused(e.quota);
+        e.message
+    }
+
     /// Removes a stream and its routes.
     pub fn unsubscribe(&self, sub: &Arc<Subscriber>) {
         let mut routes = self.routes.write();
@@ -804,6 +855,10 @@ impl Hub {
             }
         }
         let filters = std::mem::take(&mut *sub.filters.lock());
+        if let Some(owner) = &sub.owner {
+            owner.untrack((filters.tracked.len() + filters.prefixes.len()) as u64);
+            owner.close_stream();
+        }
         for key in &filters.tracked {
             remove_route(&mut routes.by_key, key, sub.id);
         }
@@ -818,10 +873,15 @@ impl Hub {
     pub fn untrack(&self, sub: &Arc<Subscriber>, keys: &[String]) {
         let mut routes = self.routes.write();
         let mut filters = sub.filters.lock();
+        let mut removed = 0;
         for key in keys {
             if filters.tracked.remove(key.as_str()) {
                 remove_route(&mut routes.by_key, key.as_str(), sub.id);
+                removed += 1;
             }
+        }
+        if let Some(owner) = &sub.owner {
+            owner.untrack(removed);
         }
     }
 
@@ -829,12 +889,17 @@ impl Hub {
     pub fn unwatch_prefixes(&self, sub: &Arc<Subscriber>, prefixes: &[String]) {
         let mut routes = self.routes.write();
         let mut filters = sub.filters.lock();
+        let mut removed = 0;
         for prefix in prefixes {
-            if filters.prefixes.remove(prefix)
-                && remove_route(&mut routes.by_prefix, prefix.as_str(), sub.id)
-            {
-                dec_len(&mut routes.prefix_lens, prefix.len());
+            if filters.prefixes.remove(prefix) {
+                removed += 1;
+                if remove_route(&mut routes.by_prefix, prefix.as_str(), sub.id) {
+                    dec_len(&mut routes.prefix_lens, prefix.len());
+                }
             }
+        }
+        if let Some(owner) = &sub.owner {
+            owner.untrack(removed);
         }
     }
 
@@ -852,7 +917,7 @@ impl Hub {
                 .notices
                 .range(start..)
                 .take_while(|n| n.seq <= through)
-                .filter(|n| sub.wants_origin(n) && filters.matches(&n.key))
+                .filter(|n| sub.wants_origin(n) && sub.may_see(&n.key) && filters.matches(&n.key))
                 .cloned()
                 .collect(),
         )
@@ -1072,6 +1137,7 @@ mod tests {
                 None,
                 &["exact".into()],
                 &["fé".into(), "posts:".into()],
+                None,
             )
             .unwrap();
         hub.fanout(

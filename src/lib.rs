@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod server;
 pub mod service;
 pub mod snapshot;
 pub mod store;
+pub mod tls;
 pub mod validate;
 pub mod wal;
 pub mod watch;

@@ -23,6 +23,27 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if args.new_token {
+        let token = freshd::auth::new_token();
+        println!("token:        {token}");
+        println!("token_sha256: {}", freshd::auth::hash_token(&token));
+        println!();
+        println!("# Give the token to the client; put only its hash in the configuration:");
+        println!("# [[auth.principals]]");
+        println!("# name = \"my-service\"");
+        println!("# token_sha256 = \"{}\"", freshd::auth::hash_token(&token));
+        println!("# scopes = {{ mynamespace = [\"check\", \"watch\", \"fill\"] }}");
+        return ExitCode::SUCCESS;
+    }
+    if args.hash_token {
+        let mut line = String::new();
+        if std::io::stdin().read_line(&mut line).is_err() || line.trim().is_empty() {
+            eprintln!("freshd: --hash-token reads one token from standard input");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        println!("{}", freshd::auth::hash_token(line.trim()));
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::from_args(args) {
         Ok(config) => config,
         Err(e) => {
@@ -31,6 +52,13 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    if let Some(tls) = &config.tls {
+        // Refuse bad certificate files as the configuration errors they are.
+        if let Err(e) = freshd::tls::load(tls) {
+            eprintln!("freshd: invalid TLS setting: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

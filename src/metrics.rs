@@ -131,6 +131,16 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuotaLabels {
+    quota: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn age_buckets() -> Histogram {
@@ -191,6 +201,10 @@ pub struct Metrics {
     resumes: Family<OutcomeLabels, Counter>,
     publish_amplification: Histogram,
     log_append: Histogram,
+    auth_refusals: Family<ReasonLabels, Counter>,
+    quota_refusals: Family<QuotaLabels, Counter>,
+    tls_reloads: Family<ResultLabels, Counter>,
+    tls_handshake_failures: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -230,6 +244,10 @@ impl Metrics {
                 1.0, 2.0, 5.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0,
             ]),
             log_append: latency_buckets(),
+            auth_refusals: Family::default(),
+            quota_refusals: Family::default(),
+            tls_reloads: Family::default(),
+            tls_handshake_failures: Counter::default(),
         };
         {
             let mut r = metrics.registry.lock();
@@ -292,6 +310,26 @@ impl Metrics {
                 "freshd_log_append_seconds",
                 "Time to append one mutation to the log",
                 metrics.log_append.clone(),
+            );
+            r.register(
+                "freshd_auth_refusals",
+                "Requests refused UNAUTHENTICATED, by reason: missing, malformed, unknown or expired token",
+                metrics.auth_refusals.clone(),
+            );
+            r.register(
+                "freshd_quota_refusals",
+                "Requests refused RESOURCE_EXHAUSTED by a principal's quota, by quota",
+                metrics.quota_refusals.clone(),
+            );
+            r.register(
+                "freshd_tls_reloads",
+                "TLS certificate reloads after a file changed, by result: ok or error",
+                metrics.tls_reloads.clone(),
+            );
+            r.register(
+                "freshd_tls_handshake_failures",
+                "TLS handshakes that failed or timed out",
+                metrics.tls_handshake_failures.clone(),
             );
         }
         metrics
@@ -442,6 +480,40 @@ impl Metrics {
     pub fn publish_amplification(&self, invalidated: u64) {
         if self.enabled {
             self.publish_amplification.observe(invalidated as f64);
+        }
+    }
+
+    /// Records a request refused UNAUTHENTICATED.
+    pub fn auth_refused(&self, reason: &'static str) {
+        if self.enabled {
+            self.auth_refusals
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        }
+    }
+
+    /// Records a request refused by a quota.
+    pub fn quota_refused(&self, quota: &'static str) {
+        if self.enabled {
+            self.quota_refusals
+                .get_or_create(&QuotaLabels { quota })
+                .inc();
+        }
+    }
+
+    /// Records a TLS reload attempt.
+    pub fn tls_reload(&self, result: &'static str) {
+        if self.enabled {
+            self.tls_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc();
+        }
+    }
+
+    /// Records a failed TLS handshake.
+    pub fn tls_handshake_failed(&self) {
+        if self.enabled {
+            self.tls_handshake_failures.inc();
         }
     }
 

@@ -13,15 +13,17 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
+use crate::auth::{Auth, Interceptor};
 use crate::config::Config;
 use crate::log::MemoryLog;
 use crate::metrics::Metrics;
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::service::CoordinatorService;
 use crate::store::Store;
+use crate::tls::Reloadable;
 use crate::wal::{FileLog, WalRecord};
 
 /// The gRPC name of the Coordinator service, as health checks name it.
@@ -42,6 +44,9 @@ pub enum ServeError {
     /// The write-ahead log could not be opened.
     #[error("the log under --data-dir: {0}")]
     Wal(#[from] crate::wal::WalError),
+    /// The TLS certificate, key or client CA could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The store a configuration describes, with its metrics: memory-only, or
@@ -152,30 +157,47 @@ async fn serve_until(
         .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let coordinator = CoordinatorServer::new(CoordinatorService::with_gate(
-        store.clone(),
-        config.limits.clone(),
-        ready.clone(),
-    ))
-    .max_decoding_message_size(config.max_message_bytes)
-    .max_encoding_message_size(config.max_message_bytes);
+    let tls = config.tls.clone().map(Reloadable::new).transpose()?;
+    let auth = Arc::new(Auth::new(&config.auth));
+    let metrics = store.metrics().clone();
+    let guard = |required: bool| Interceptor::new(auth.clone(), metrics.clone(), required);
+    let coordinator = InterceptedService::new(
+        CoordinatorServer::new(CoordinatorService::with_gate(
+            store.clone(),
+            config.limits.clone(),
+            ready.clone(),
+        ))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes),
+        guard(true),
+    );
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(
+            health_service,
+            guard(auth.health_requires_token()),
+        ))
+        .add_service(InterceptedService::new(
+            reflection_v1,
+            guard(auth.reflection_requires_token()),
+        ))
+        .add_service(InterceptedService::new(
+            reflection_v1alpha,
+            guard(auth.reflection_requires_token()),
+        ))
         .add_service(coordinator);
     let local = listener.local_addr()?;
-    let mut serving: JoinHandle<Result<(), tonic::transport::Error>> = tokio::spawn(
-        // Nagle's algorithm would hold small responses back for tens of ms.
-        router.serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+    let reload = tls
+        .clone()
+        .map(|tls| tokio::spawn(tls.watch(metrics.clone())));
+    let mut serving: JoinHandle<Result<(), tonic::transport::Error>> =
+        tokio::spawn(router.serve_with_incoming_shutdown(
+            crate::tls::incoming(listener, tls, metrics.clone()),
             async {
                 let _ = drain_rx.await;
             },
-        ),
-    );
+        ));
     let expiry = tokio::spawn(expire_forever(
         store.clone(),
         config.expiry_interval,
@@ -201,7 +223,15 @@ async fn serve_until(
     if let Some(on_serving) = on_serving {
         let _ = on_serving.send(());
     }
-    tracing::info!(addr = %local, epoch = store.epoch(), shards = config.store.shards, "freshd serving");
+    tracing::info!(
+        addr = %local,
+        epoch = store.epoch(),
+        shards = config.store.shards,
+        tls = config.tls.is_some(),
+        mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        principals = config.auth.principals.len(),
+        "freshd serving"
+    );
 
     let result = tokio::select! {
         // The transport ended on its own: report it.
@@ -209,6 +239,9 @@ async fn serve_until(
         () = shutdown => None,
     };
     expiry.abort();
+    if let Some(reload) = reload {
+        reload.abort();
+    }
     let result = match result {
         Some(r) => r.unwrap_or(Ok(())),
         None => {
@@ -268,6 +301,7 @@ pub struct RunningServer {
     pub admin_addr: Option<SocketAddr>,
     /// Its store.
     pub store: Arc<Store>,
+    tls: bool,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -298,6 +332,7 @@ impl RunningServer {
             None => None,
         };
         let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
+        let tls = config.tls.is_some();
         let (tx, rx) = oneshot::channel::<()>();
         let (serving_tx, serving_rx) = oneshot::channel::<()>();
         let mut task = tokio::spawn(serve_until(
@@ -327,14 +362,17 @@ impl RunningServer {
             addr,
             admin_addr,
             store,
+            tls,
             shutdown: Some(tx),
             task: Some(task),
         })
     }
 
-    /// `http://addr`, for gRPC clients.
+    /// `http://addr`, or `https://addr` when it serves TLS, for gRPC
+    /// clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Begins shutdown and waits for the server to stop.

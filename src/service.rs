@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Caller, Principal, Scope};
 use crate::error::Error;
 use crate::fanout::Subscriber;
 use crate::lease::LeaseOutcome;
@@ -168,10 +169,22 @@ impl CoordinatorService {
         }
     }
 
+    /// Counts a quota refusal and turns it into its status.
+    fn quota(&self, e: crate::auth::QuotaExceeded) -> Status {
+        self.store.metrics().quota_refused(e.quota);
+        e.into()
+    }
+
     /// Whether a client's epoch (0: none given) matches the store's.
     fn same_epoch(&self, epoch: u64) -> bool {
         epoch == 0 || epoch == self.store.epoch()
     }
+}
+
+/// The authenticated principal of a request; `None` when authentication is
+/// off.
+fn caller<T>(request: &Request<T>) -> Option<Arc<Principal>> {
+    request.extensions().get::<Caller>().map(|c| c.0.clone())
 }
 
 fn freshness(f: Freshness) -> pb::Freshness {
@@ -208,6 +221,18 @@ const UNKNOWN: pb::CheckResult = pb::CheckResult {
     decision: pb::Decision::Unknown as i32,
     check_sample_rate: 1.0,
 };
+
+/// PERMISSION_DENIED unless `who` (when authenticated) administers
+/// `namespace`; the default policy (`""`) needs admin on every namespace.
+fn require_admin(who: Option<&Principal>, namespace: &str) -> Result<(), Status> {
+    match who {
+        None => Ok(()),
+        Some(who) if namespace.is_empty() => {
+            who.require_everywhere(Scope::Admin, "the default policy")
+        }
+        Some(who) => who.require(Scope::Admin, namespace),
+    }
+}
 
 /// The response stream of Watch.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
@@ -391,9 +416,10 @@ impl CoordinatorService {
         &self,
         request: Request<Streaming<pb::WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        let who = caller(&request);
         let mut inbound = request.into_inner();
         let first = inbound.next().await.transpose()?;
-        let rx = crate::watch::start(self.store.clone(), self.limits.clone(), first, inbound)?;
+        let rx = crate::watch::start(self.store.clone(), self.limits.clone(), who, first, inbound)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -401,10 +427,22 @@ impl CoordinatorService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let who = caller(&request);
         let request = request.into_inner();
-        let client_id = request.client_id.clone();
+        let client_id = crate::auth::client_id(who.as_ref(), request.client_id.clone());
         let changes = self.limits.publish(request)?;
+        if let Some(who) = &who {
+            for change in &changes {
+                who.require_key(Scope::Publish, &change.key)?;
+            }
+            who.admit_fanout().map_err(|e| self.quota(e))?;
+            who.publish(changes.len() as u64)
+                .map_err(|e| self.quota(e))?;
+        }
         let outcome = self.store.publish_from(&changes, &client_id)?;
+        if let Some(who) = &who {
+            who.charge_fanout(outcome.results.iter().map(|r| r.invalidated).sum());
+        }
         self.store.wait_durable(outcome.seq).await;
         Ok(Response::new(pb::PublishResponse {
             seq: outcome.seq,
@@ -425,6 +463,7 @@ impl CoordinatorService {
         &self,
         request: Request<pb::FillRequest>,
     ) -> Result<Response<pb::FillResponse>, Status> {
+        let who = caller(&request);
         let mut request = request.into_inner();
         if !self.same_epoch(request.epoch) {
             return Err(Error::EpochMismatch {
@@ -434,8 +473,17 @@ impl CoordinatorService {
             .into());
         }
         let token = request.lease_token;
-        let client_id = std::mem::take(&mut request.client_id);
+        let client_id =
+            crate::auth::client_id(who.as_ref(), std::mem::take(&mut request.client_id));
         let mut spec = self.limits.fill(request, self.store.config())?;
+        if let Some(who) = &who {
+            who.require_key(Scope::Fill, &spec.key)?;
+            // A dependency edge tells the filler when that key changes:
+            // it needs the right to check it.
+            for dependency in &spec.dependencies {
+                who.require_key(Scope::Check, dependency)?;
+            }
+        }
         if token != 0 {
             let Some(lease_seq) = self.store.release_lease(&spec.key, token) else {
                 return Err(Error::LeaseNotHeld {
@@ -467,8 +515,14 @@ impl CoordinatorService {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        let request = request.into_inner();
+        let who = caller(&request);
+        let mut request = request.into_inner();
         self.limits.key(|| "key".to_owned(), &request.key)?;
+        if let Some(who) = &who {
+            who.require_key(Scope::Check, &request.key)?;
+            request.client_id =
+                crate::auth::client_id(Some(who), std::mem::take(&mut request.client_id));
+        }
         self.wait_for(request.min_seq).await?;
         let policy = self.store.policy_for(&request.key);
         let (answer, seq) = if self.same_epoch(request.epoch) {
@@ -511,10 +565,18 @@ impl CoordinatorService {
         &self,
         request: Request<pb::CheckBatchRequest>,
     ) -> Result<Response<pb::CheckBatchResponse>, Status> {
-        let request = request.into_inner();
+        let who = caller(&request);
+        let mut request = request.into_inner();
         self.limits.batch("items", request.items.len())?;
         for (i, item) in request.items.iter().enumerate() {
             self.limits.key(|| format!("items[{i}].key"), &item.key)?;
+        }
+        if let Some(who) = &who {
+            for item in &request.items {
+                who.require_key(Scope::Check, &item.key)?;
+            }
+            request.client_id =
+                crate::auth::client_id(Some(who), std::mem::take(&mut request.client_id));
         }
         self.wait_for(request.min_seq).await?;
         let (results, seq) = if self.same_epoch(request.epoch) {
@@ -555,8 +617,12 @@ impl CoordinatorService {
         &self,
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let who = caller(&request);
         let request = request.into_inner();
         self.limits.key(|| "key".to_owned(), &request.key)?;
+        if let Some(who) = &who {
+            who.require_key(Scope::Fill, &request.key)?;
+        }
         self.wait_for(request.min_seq).await?;
         let epoch = self.store.epoch();
         let response = match self.store.lease(&request.key) {
@@ -585,16 +651,27 @@ impl CoordinatorService {
         &self,
         request: Request<pb::PurgeRequest>,
     ) -> Result<Response<pb::PurgeResponse>, Status> {
+        let who = caller(&request);
         let request = request.into_inner();
         let spec = self.limits.purge(&request)?;
+        let client_id = crate::auth::client_id(who.as_ref(), request.client_id.clone());
+        if let Some(who) = &who {
+            who.require_prefix(Scope::Purge, &spec.prefix)?;
+            if !spec.dry_run {
+                who.admit_fanout().map_err(|e| self.quota(e))?;
+            }
+        }
         let outcome = if spec.dry_run {
-            self.store.purge(&spec, &request.client_id)?
+            self.store.purge(&spec, &client_id)?
         } else {
             self.rate_limited(|| {
-                let outcome = self.store.purge(&spec, &request.client_id)?;
+                let outcome = self.store.purge(&spec, &client_id)?;
                 Ok((outcome, outcome.applied))
             })?
         };
+        if let (Some(who), true) = (&who, outcome.applied) {
+            who.charge_fanout(outcome.affected);
+        }
         if outcome.applied {
             self.store.wait_durable(outcome.seq).await;
         }
@@ -621,8 +698,10 @@ impl CoordinatorService {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::NamespacePolicy>, Status> {
+        let who = caller(&request);
         let namespace = request.into_inner().namespace;
         self.limits.namespace("namespace", &namespace)?;
+        require_admin(who.as_deref(), &namespace)?;
         Ok(Response::new(self.named_policy(&namespace)))
     }
 
@@ -630,8 +709,10 @@ impl CoordinatorService {
         &self,
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::NamespacePolicy>, Status> {
+        let who = caller(&request);
         let request = request.into_inner();
         self.limits.namespace("namespace", &request.namespace)?;
+        require_admin(who.as_deref(), &request.namespace)?;
         let policy = validate::policy(
             request
                 .policy
@@ -646,18 +727,37 @@ impl CoordinatorService {
 
     async fn list_policies_inner(
         &self,
-        _request: Request<pb::ListPoliciesRequest>,
+        request: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        // A principal sees the policies of the namespaces it administers,
+        // and the default policy when it administers every namespace.
+        let who = caller(&request);
+        if let Some(who) = &who {
+            if !who.allows_somewhere(Scope::Admin) {
+                return Err(Status::permission_denied(format!(
+                    "principal {:?} lacks scope \"admin\" in any namespace",
+                    who.name
+                )));
+            }
+        }
+        let sees = |ns: &str| who.as_ref().is_none_or(|w| w.allows(Scope::Admin, ns));
         let policies = self.store.policies();
-        let mut list = vec![pb::NamespacePolicy {
-            namespace: String::new(),
-            policy: Some(validate::policy_to_pb(&policies.default)),
-            is_default: true,
-        }];
+        let mut list = Vec::new();
+        if who
+            .as_ref()
+            .is_none_or(|w| w.allows_everywhere(Scope::Admin))
+        {
+            list.push(pb::NamespacePolicy {
+                namespace: String::new(),
+                policy: Some(validate::policy_to_pb(&policies.default)),
+                is_default: true,
+            });
+        }
         list.extend(
             policies
                 .namespaces
                 .iter()
+                .filter(|(ns, _)| sees(ns))
                 .map(|(ns, p)| pb::NamespacePolicy {
                     namespace: ns.clone(),
                     policy: Some(validate::policy_to_pb(p)),
@@ -671,7 +771,9 @@ impl CoordinatorService {
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let who = caller(&request);
         let namespace = request.into_inner().namespace;
+        require_admin(who.as_deref(), &namespace)?;
         if namespace.is_empty() {
             return Err(Error::invalid(
                 "namespace must not be empty: the default policy cannot be deleted, set it instead",
@@ -692,9 +794,19 @@ impl CoordinatorService {
         &self,
         request: Request<pb::InspectRequest>,
     ) -> Result<Response<pb::InspectResponse>, Status> {
+        let who = caller(&request);
         let key = request.into_inner().key;
         self.limits.key(|| "key".to_owned(), &key)?;
-        let info = self.store.inspect(&key).ok_or(Error::NotFound(key))?;
+        if let Some(who) = &who {
+            who.require_key(Scope::Check, &key)?;
+        }
+        let mut info = self.store.inspect(&key).ok_or(Error::NotFound(key))?;
+        if let Some(who) = &who {
+            // Dependencies name keys: show only those the caller may
+            // check. (`dependents` is a count and names none.)
+            info.dependencies
+                .retain(|k| who.allows_key(Scope::Check, k));
+        }
         Ok(Response::new(pb::InspectResponse {
             key: info.key,
             version: info.version,
@@ -712,8 +824,11 @@ impl CoordinatorService {
 
     async fn stats_inner(
         &self,
-        _request: Request<pb::StatsRequest>,
+        request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::StatsResponse>, Status> {
+        if let Some(who) = caller(&request) {
+            who.require_everywhere(Scope::Admin, "Stats")?;
+        }
         let s = self.store.stats();
         let hub = self.store.hub();
         let (history_notices, history_floor_seq) = hub.history_stats();

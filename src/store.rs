@@ -956,10 +956,11 @@ impl Store {
         resume: Option<(bool, u64)>,
         track: &[String],
         prefixes: &[String],
+        owner: Option<Arc<crate::auth::Principal>>,
     ) -> std::result::Result<(Arc<crate::fanout::Subscriber>, u64), String> {
         let _sequencer = self.sequencer.lock();
         self.hub
-            .subscribe(client_id, no_loop, resume, track, prefixes)
+            .subscribe(client_id, no_loop, resume, track, prefixes, owner)
     }
 
     /// The epoch of this store's history.

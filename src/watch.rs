@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
+use crate::auth::{Principal, Scope};
 use crate::fanout::{Behind, Notice, Subscriber};
 use crate::pb::{self, watch_request::Request as In, watch_response::Response as Out};
 use crate::store::Store;
@@ -21,12 +22,13 @@ const BATCH: usize = 512;
 
 type Sender = mpsc::Sender<Result<pb::WatchResponse, Status>>;
 
-fn notice(n: &Notice) -> pb::Notice {
+/// A notice as `sub` may see it (its cause hidden when out of scope).
+fn notice(n: &Notice, sub: &Subscriber) -> pb::Notice {
     pb::Notice {
         seq: n.seq,
         key: n.key.to_string(),
         version: n.version,
-        cause: n.cause.to_string(),
+        cause: sub.visible_cause(&n.cause).to_owned(),
         critical: n.critical,
         event_time_unix_ms: n.event_time_ms,
     }
@@ -62,23 +64,41 @@ fn progress(store: &Store, seq: u64) -> pb::WatchResponse {
     }
 }
 
-/// Checks every key or prefix of a request against the limits.
-fn check_keys(limits: &Limits, field: &str, keys: &[String], prefixes: bool) -> Result<(), Status> {
+/// Checks every key or prefix of a request against the limits, and against
+/// the watch scope of the stream's principal.
+fn check_keys(
+    limits: &Limits,
+    owner: Option<&Arc<Principal>>,
+    field: &str,
+    keys: &[String],
+    prefixes: bool,
+) -> Result<(), Status> {
     for (i, key) in keys.iter().enumerate() {
-        if prefixes && key.is_empty() {
-            continue; // The empty prefix watches everything.
+        // The empty prefix watches everything.
+        if !(prefixes && key.is_empty()) {
+            limits.key(|| format!("{field}[{i}]"), key)?;
         }
-        limits.key(|| format!("{field}[{i}]"), key)?;
+        if let Some(owner) = owner {
+            if prefixes {
+                owner.require_prefix(Scope::Watch, key)?;
+            } else {
+                owner.require_key(Scope::Watch, key)?;
+            }
+        }
     }
     Ok(())
 }
 
 /// Validates a stream's first message and registers it. On success the
 /// stream's task is running and its responses flow into the returned
-/// receiver.
+/// receiver. `owner` is the authenticated principal, if any: its watch scope
+/// bounds what the stream may track and see, and its quotas count the stream.
+/// Its name prefixes the stream's client id (`principal/client_id`), so one
+/// principal cannot pass for another's client.
 pub fn start<S>(
     store: Arc<Store>,
     limits: Limits,
+    owner: Option<Arc<Principal>>,
     first: Option<pb::WatchRequest>,
     inbound: S,
 ) -> Result<mpsc::Receiver<Result<pb::WatchResponse, Status>>, Status>
@@ -93,16 +113,24 @@ where
             "the first message of a Watch stream must be `start`",
         ));
     };
-    check_keys(&limits, "start.track", &start.track, false)?;
-    check_keys(&limits, "start.subscribe", &start.subscribe, true)?;
+    check_keys(&limits, owner.as_ref(), "start.track", &start.track, false)?;
+    check_keys(
+        &limits,
+        owner.as_ref(),
+        "start.subscribe",
+        &start.subscribe,
+        true,
+    )?;
     let resume = start.resume.map(|t| (t.epoch == store.epoch(), t.seq));
+    let client_id = crate::auth::client_id(owner.as_ref(), start.client_id);
     let (sub, from) = store
         .subscribe(
-            &start.client_id,
+            &client_id,
             start.no_loop,
             resume,
             &start.track,
             &start.subscribe,
+            owner,
         )
         .map_err(Status::resource_exhausted)?;
     let (tx, rx) = mpsc::channel(16);
@@ -128,7 +156,10 @@ fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::Res
         };
         match exact {
             Some(notices) => {
-                batches(notices.iter().map(|n| notice(n)).collect(), &mut messages);
+                batches(
+                    notices.iter().map(|n| notice(n, sub)).collect(),
+                    &mut messages,
+                );
             }
             None => {
                 outcome = pb::ResumeOutcome::Repaired;
@@ -238,7 +269,7 @@ async fn flush_with_progress(
             break;
         }
         sub.sent(&buf);
-        out.send(Ok(batch(buf.iter().map(|n| notice(n)).collect())))
+        out.send(Ok(batch(buf.iter().map(|n| notice(n, sub)).collect())))
             .await
             .ok()?;
     }
@@ -320,7 +351,7 @@ async fn run<S>(
         sub.drain(BATCH, &mut buf);
         if !buf.is_empty() {
             sub.sent(&buf);
-            let message = batch(buf.iter().map(|n| notice(n)).collect());
+            let message = batch(buf.iter().map(|n| notice(n, &sub)).collect());
             if out.send(Ok(message)).await.is_err() {
                 return;
             }
@@ -361,7 +392,7 @@ async fn handle(
             "`start` may only be the first message of a Watch stream",
         )),
         Some(In::Track(list)) => {
-            check_keys(limits, "track.keys", &list.keys, false)?;
+            check_keys(limits, sub.owner(), "track.keys", &list.keys, false)?;
             hub.add(sub, &list.keys, &[])
                 .map_err(Status::resource_exhausted)
         }
@@ -370,7 +401,7 @@ async fn handle(
             Ok(())
         }
         Some(In::Subscribe(list)) => {
-            check_keys(limits, "subscribe.keys", &list.keys, true)?;
+            check_keys(limits, sub.owner(), "subscribe.keys", &list.keys, true)?;
             hub.add(sub, &[], &list.keys)
                 .map_err(Status::resource_exhausted)
         }

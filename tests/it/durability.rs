@@ -217,6 +217,12 @@ async fn a_crash_loop_loses_nothing_acknowledged() {
                 }
             }));
         }
+        // Enough writes every round for compaction to have work, however
+        // slow the machine, then a crash at a random moment.
+        let before = acked.lock().len();
+        while acked.lock().len() < before + 100 && tasks.iter().any(|t| !t.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         tokio::time::sleep(Duration::from_millis(rng.random_range(30..200))).await;
         kill9(&mut child);
         for t in tasks {

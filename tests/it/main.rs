@@ -10,4 +10,5 @@ mod metrics;
 mod ops;
 mod policies;
 mod rpc;
+mod security;
 mod watch;

@@ -11,23 +11,10 @@ use std::time::Duration;
 
 use freshd::config::Config;
 use freshd::pb::{self, watch_request::Request as In, watch_response::Response as Out};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::harness::{connect, fill_req, publish_req, start_with};
-
-/// GET `path` over plain HTTP/1.1: `(status, body)`.
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: freshd\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
-}
+use crate::harness::{connect, fill_req, http_get, publish_req, start_with};
 
 /// The value of the sample `name` whose labels include all of `labels`.
 fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

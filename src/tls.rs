@@ -1,0 +1,349 @@
+//! Accepting connections: plaintext or TLS (rustls), optional mutual TLS, and
+//! certificates reloaded from disk without a restart.
+//!
+//! Every accepted connection becomes a [`Conn`], whose [`ConnInfo`] reaches
+//! each request's extensions; the authenticator counts connections per
+//! principal through it. TLS handshakes run in their own tasks, bounded by
+//! [`HANDSHAKE_TIMEOUT`], so a slow or hostile client cannot hold up others.
+//!
+//! Reload: a task compares the modification time and size of the certificate,
+//! key and client CA files every `reload_interval`; when one changed it builds
+//! a new configuration and, if that succeeds, new handshakes use it (open
+//! connections keep theirs). A configuration that fails to load is logged and
+//! counted (`freshd_tls_reloads{result="error"}`), and the old one stays.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use parking_lot::RwLock;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::auth::ConnectionUse;
+use crate::metrics::Metrics;
+
+/// Longest a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The server's certificate chain, PEM.
+    pub cert: PathBuf,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates, PEM, that client certificates must chain to; when
+    /// set, every client must present one (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// A TLS configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {message}")]
+pub struct TlsError {
+    what: &'static str,
+    path: String,
+    message: String,
+}
+
+fn fail(what: &'static str, path: &Path, message: impl ToString) -> TlsError {
+    TlsError {
+        what,
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| fail(what, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(what, path, e))?;
+    if certs.is_empty() {
+        return Err(fail(what, path, "holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+/// Builds the rustls server configuration `config` describes.
+pub fn load(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = certs("tls_cert", &config.cert)?;
+    let key =
+        PrivateKeyDer::from_pem_file(&config.key).map_err(|e| fail("tls_key", &config.key, e))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail("tls_cert", &config.cert, e))?;
+    let builder = match &config.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certs("tls_client_ca", ca)? {
+                roots.add(cert).map_err(|e| fail("tls_client_ca", ca, e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| fail("tls_client_ca", ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut server = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| fail("tls_cert and tls_key", &config.cert, e))?;
+    // gRPC runs over HTTP/2 only.
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(server))
+}
+
+/// What identifies a file's content for reload purposes.
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// The current TLS configuration, swapped on reload.
+pub struct Reloadable {
+    config: TlsConfig,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+    stamps: parking_lot::Mutex<Vec<Option<(SystemTime, u64)>>>,
+}
+
+impl Reloadable {
+    /// Loads `config` now; fails if it does not load.
+    pub fn new(config: TlsConfig) -> Result<Arc<Self>, TlsError> {
+        let current = load(&config)?;
+        let stamps = Self::stamps_of(&config);
+        Ok(Arc::new(Self {
+            config,
+            current: RwLock::new(current),
+            stamps: parking_lot::Mutex::new(stamps),
+        }))
+    }
+
+    fn stamps_of(config: &TlsConfig) -> Vec<Option<(SystemTime, u64)>> {
+        let mut files = vec![config.cert.as_path(), config.key.as_path()];
+        files.extend(config.client_ca.as_deref());
+        files.into_iter().map(stamp).collect()
+    }
+
+    /// Reloads if a file changed. `Some(result)` when it tried.
+    pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
+        let stamps = Self::stamps_of(&self.config);
+        {
+            let mut known = self.stamps.lock();
+            if *known == stamps {
+                return None;
+            }
+            *known = stamps;
+        }
+        Some(load(&self.config).map(|c| *self.current.write() = c))
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.read().clone())
+    }
+
+    /// Checks the files every `reload_interval`, forever.
+    pub async fn watch(self: Arc<Self>, metrics: Arc<Metrics>) {
+        let mut tick = tokio::time::interval(self.config.reload_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let this = self.clone();
+            // Reading and parsing files blocks.
+            let outcome = tokio::task::spawn_blocking(move || this.reload_if_changed())
+                .await
+                .ok()
+                .flatten();
+            match outcome {
+                None => {}
+                Some(Ok(())) => {
+                    metrics.tls_reload("ok");
+                    tracing::info!(cert = %self.config.cert.display(), "reloaded the TLS certificates");
+                }
+                Some(Err(e)) => {
+                    metrics.tls_reload("error");
+                    tracing::error!(error = %e, "cannot reload the TLS certificates; keeping the previous ones");
+                }
+            }
+        }
+    }
+}
+
+/// What a request learns of its connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub remote: Option<SocketAddr>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// Quota accounting for the principals using it.
+    pub usage: Arc<ConnectionUse>,
+}
+
+/// An accepted connection.
+pub struct Conn {
+    io: Io,
+    info: ConnInfo,
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The accepted connections of `listener`, TLS-terminated when `tls` is set,
+/// as a stream for tonic. Accepting stops when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<Reloadable>>,
+    metrics: Arc<Metrics>,
+) -> ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (socket, remote) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, say: keep serving the
+                    // connections we have and try again shortly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Nagle's algorithm would hold small responses back for tens of ms.
+            let _ = socket.set_nodelay(true);
+            let info = ConnInfo {
+                remote: Some(remote),
+                tls: tls.is_some(),
+                usage: Arc::new(ConnectionUse::default()),
+            };
+            match &tls {
+                None => {
+                    let conn = Conn {
+                        io: Io::Plain(socket),
+                        info,
+                    };
+                    if tx.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(tls) => {
+                    let acceptor = tls.acceptor();
+                    let tx = tx.clone();
+                    let metrics = metrics.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await
+                        {
+                            Ok(Ok(stream)) => {
+                                let conn = Conn {
+                                    io: Io::Tls(Box::new(stream)),
+                                    info,
+                                };
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                            Ok(Err(e)) => {
+                                metrics.tls_handshake_failed();
+                                tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                metrics.tls_handshake_failed();
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
