@@ -328,6 +328,9 @@ check_sample_rate = 0.25
     .unwrap();
     let config = Config::from_args(freshd::config::Args {
         config: Some(file.clone()),
+        // Free ports: the defaults may be taken on this machine.
+        listen: Some("127.0.0.1:0".into()),
+        admin_listen: Some("127.0.0.1:0".into()),
         ..Default::default()
     })
     .unwrap();
