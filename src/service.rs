@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -419,8 +418,9 @@ impl CoordinatorService {
         let who = caller(&request);
         let mut inbound = request.into_inner();
         let first = inbound.next().await.transpose()?;
-        let rx = crate::watch::start(self.store.clone(), self.limits.clone(), who, first, inbound)?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let responses =
+            crate::watch::start(self.store.clone(), self.limits.clone(), who, first, inbound)?;
+        Ok(Response::new(responses))
     }
 
     async fn publish_inner(
