@@ -24,7 +24,7 @@ fi
 stamp="$venv/.freshd-installed"
 wanted="$(cat "$here/pyproject.toml" "$here/setup.py" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ] \
-   || ! "$venv/bin/python" -c 'import freshd, pytest, grpc_tools' >/dev/null 2>&1; then
+   || ! "$venv/bin/python" -c 'import freshd, pytest, grpc_tools, cryptography' >/dev/null 2>&1; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here[test]"
   echo "$wanted" > "$stamp"
 fi

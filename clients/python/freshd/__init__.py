@@ -11,7 +11,7 @@ The generated messages and stub are at hand as ``freshd.pb`` and
 
 from ._pb import coordinator_pb2 as pb
 from ._pb import coordinator_pb2_grpc as pb_grpc
-from .client import Client, StreamEnded, SyncResult, WatchEvent, WatchStream
+from .client import Client, Pem, StreamEnded, SyncResult, WatchEvent, WatchStream
 from .errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -22,7 +22,9 @@ from .errors import (
     LeaseLost,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from .nearcache import Loader, NearCache, NearCacheStats
@@ -84,6 +86,8 @@ __all__ = [
     "Notice",
     "NoticeBatch",
     "OutOfRange",
+    "Pem",
+    "PermissionDenied",
     "Policy",
     "Progress",
     "PublishResult",
@@ -97,6 +101,7 @@ __all__ = [
     "StreamEnded",
     "SubscriberStats",
     "SyncResult",
+    "Unauthenticated",
     "Unavailable",
     "WatchEvent",
     "WatchStarted",

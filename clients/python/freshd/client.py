@@ -3,10 +3,22 @@ failures as :class:`~freshd.errors.FreshdError`."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import grpc
 
@@ -34,7 +46,11 @@ from .types import (
     WatchStarted,
 )
 
-__all__ = ["Client", "WatchStream", "WatchEvent", "SyncResult", "StreamEnded"]
+__all__ = ["Client", "Pem", "WatchStream", "WatchEvent", "SyncResult", "StreamEnded"]
+
+#: PEM given as its content (``bytes``, or a ``str`` that starts with
+#: ``-----BEGIN``) or as the path of a file that holds it.
+Pem = Union[bytes, str, "os.PathLike[str]"]
 
 #: What a :class:`WatchStream` yields.
 WatchEvent = Union[WatchStarted, NoticeBatch, Progress, Reset]
@@ -50,24 +66,134 @@ _CHANNEL_OPTIONS: List[Tuple[str, Any]] = [
 
 
 def _normalise_target(target: str) -> str:
-    for scheme in ("http://", "grpc://"):
+    for scheme in ("http://", "grpc://", "https://"):
         if target.startswith(scheme):
             return target[len(scheme) :].rstrip("/")
     return target
 
 
+def _read_pem(value: Optional[Pem], what: str) -> Optional[bytes]:
+    """PEM content from bytes, PEM text or a file path."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        pem = value
+    elif isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        pem = value.encode()
+    else:
+        try:
+            with open(value, "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise ValueError(f"{what}: cannot read {os.fspath(value)}: {e.strerror}") from None
+    if b"-----BEGIN" not in pem:
+        raise ValueError(f"{what}: holds no PEM block")
+    return pem
+
+
+def _bearer(token: str) -> str:
+    """The ``authorization`` value for ``token``; refuses what cannot be sent."""
+    token = token.strip()
+    if not token:
+        raise ValueError("token: the token is empty")
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise ValueError(
+            "token: the token must be visible ASCII without spaces "
+            "(as `freshd --new-token` prints it)"
+        )
+    return f"Bearer {token}"
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: Optional[float]
+    metadata: Optional[Sequence[Tuple[str, Union[str, bytes]]]]
+    credentials: Optional[grpc.CallCredentials]
+    wait_for_ready: Optional[bool]
+    compression: Any
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds ``authorization: Bearer <token>`` to every call, Watch streams
+    included, over TLS and plaintext alike."""
+
+    def __init__(self, token: str) -> None:
+        self._value = _bearer(token)
+
+    def __repr__(self) -> str:
+        return "_BearerToken(<redacted>)"
+
+    def _details(self, details: Any) -> _CallDetails:
+        metadata = [(k, v) for k, v in (details.metadata or ()) if k.lower() != "authorization"]
+        metadata.append(("authorization", self._value))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return continuation(self._details(details), requests)
+
+
 class Client:
     """A connection to one freshd server.
 
-    ``target`` is ``host:port`` (``http://host:port`` is accepted too).
-    ``client_id`` is sent with publishes, fills, checks and purges that do
-    not name one, for no-loop and the freshness metrics. ``timeout`` bounds
-    every unary call, in seconds.
+    ``target`` is ``host:port`` (``http://host:port`` is accepted too;
+    ``https://host:port`` means TLS). ``client_id`` is sent with publishes,
+    fills, checks and purges that do not name one, for no-loop and the
+    freshness metrics. ``timeout`` bounds every unary call, in seconds.
+
+    Security:
+
+    * ``token``: sent as ``authorization: Bearer <token>`` with every call,
+      Watch streams included (``freshd --new-token`` makes one).
+    * ``root_certificates``: the CA certificates (PEM) that the server's
+      certificate must chain to; without it, TLS trusts the system's roots.
+    * ``certificate_chain`` and ``private_key``: a client certificate (PEM),
+      for a server that requires mutual TLS.
+    * ``server_name``: the name the server's certificate must carry, when it
+      is not the target's host.
+    * ``tls``: TLS with none of the above (the system's roots).
+
+    Each PEM argument is ``bytes``, a ``str`` holding PEM, or a file path.
+    Any of them, or an ``https://`` target, makes the connection TLS.
+    ``credentials`` (a :func:`grpc.ssl_channel_credentials`, say) and
+    ``channel`` remain for full control; ``token`` applies to them too.
 
     Use it as a context manager, or call :meth:`close`::
 
         with freshd.Client("127.0.0.1:50051") as client:
             client.publish(["posts:author:77"])
+
+        with freshd.Client("freshd.internal:50051", token=os.environ["FRESHD_TOKEN"],
+                           root_certificates="/etc/freshd/ca.pem") as client:
+            client.check("feed:user:4821")
     """
 
     def __init__(
@@ -76,6 +202,12 @@ class Client:
         *,
         client_id: str = "",
         timeout: Optional[float] = 10.0,
+        token: Optional[str] = None,
+        root_certificates: Optional[Pem] = None,
+        certificate_chain: Optional[Pem] = None,
+        private_key: Optional[Pem] = None,
+        server_name: Optional[str] = None,
+        tls: bool = False,
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Sequence[Tuple[str, Any]] = (),
         channel: Optional[grpc.Channel] = None,
@@ -83,17 +215,41 @@ class Client:
         self.target = _normalise_target(target)
         self.client_id = client_id
         self.timeout = timeout
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("certificate_chain and private_key go together: give both or neither")
+        tls_settings = (root_certificates, certificate_chain, private_key, server_name)
+        use_tls = tls or target.startswith("https://") or any(v is not None for v in tls_settings)
+        if target.startswith(("http://", "grpc://")) and use_tls:
+            raise ValueError(
+                f"TLS settings are given for {target}, a plaintext target: "
+                "write https:// or host:port"
+            )
+        if use_tls and (credentials is not None or channel is not None):
+            raise ValueError("give either TLS settings or credentials/channel, not both")
+        interceptor = _BearerToken(token) if token is not None else None
         merged = dict(_CHANNEL_OPTIONS)
+        if server_name is not None:
+            merged["grpc.ssl_target_name_override"] = server_name
         merged.update(dict(options))
+        if use_tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read_pem(root_certificates, "root_certificates"),
+                private_key=_read_pem(private_key, "private_key"),
+                certificate_chain=_read_pem(certificate_chain, "certificate_chain"),
+            )
+        #: Whether the connection uses TLS (``None``: a channel given).
+        self.tls: Optional[bool] = None if channel is not None else credentials is not None
         if channel is not None:
-            self._channel = channel
             self._owns_channel = False
         elif credentials is not None:
-            self._channel = grpc.secure_channel(self.target, credentials, list(merged.items()))
+            channel = grpc.secure_channel(self.target, credentials, list(merged.items()))
             self._owns_channel = True
         else:
-            self._channel = grpc.insecure_channel(self.target, list(merged.items()))
+            channel = grpc.insecure_channel(self.target, list(merged.items()))
             self._owns_channel = True
+        if interceptor is not None:
+            channel = grpc.intercept_channel(channel, interceptor)
+        self._channel: grpc.Channel = channel
         self.stub = pb_grpc.CoordinatorStub(self._channel)
         self._closed = False
 

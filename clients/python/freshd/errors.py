@@ -53,7 +53,21 @@ class NotFound(FreshdError):
 
 
 class ResourceExhausted(FreshdError):
-    """RESOURCE_EXHAUSTED: a per-stream Watch limit or ``purges_per_minute``."""
+    """RESOURCE_EXHAUSTED: a per-stream Watch limit, ``purges_per_minute``,
+    or one of the principal's quotas (the details say ``quota <name>`` and,
+    for rates, when to retry)."""
+
+
+class Unauthenticated(FreshdError):
+    """UNAUTHENTICATED: the server requires a token and the call carried
+    none, or one it does not know, or one that expired. Pass ``token=`` to
+    :class:`~freshd.Client`."""
+
+
+class PermissionDenied(FreshdError):
+    """PERMISSION_DENIED: the token's principal lacks the scope the call needs
+    in the key's namespace; the details name the principal, the scope and the
+    namespace. Nothing was changed."""
 
 
 class OutOfRange(FreshdError):
@@ -81,6 +95,8 @@ _BY_CODE: Dict[grpc.StatusCode, Type[FreshdError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

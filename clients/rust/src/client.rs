@@ -1,14 +1,17 @@
 //! [`Client`]: the typed client of `freshd.v1.Coordinator`, and [`Watch`],
 //! one invalidation stream.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::credentials::{BearerToken, Pem, Secret, TlsSettings};
 use crate::error::{innermost, Error, Result};
 use crate::pb::{
     self, coordinator_client::CoordinatorClient, watch_request::Request as In,
@@ -18,7 +21,17 @@ use crate::pb::{
 /// The address freshd listens on by default.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
 
+/// The generated stub behind a [`Client`], which sends its token with every
+/// request: see [`Client::authorized_stub`].
+pub type AuthorizedStub = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
+
 /// Settings of a [`Client`], from [`Client::builder`].
+///
+/// Security: [`token`](Self::token) sends `authorization: Bearer <token>`
+/// with every request; the `tls_*` settings make the connection TLS. An
+/// address without a scheme means `http://`, or `https://` when a `tls_*`
+/// setting is given; an `https://` address with no CA given trusts the
+/// system's roots (feature `native-roots`, on by default).
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     addr: String,
@@ -26,9 +39,59 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     timeout: Option<Duration>,
     max_message_bytes: usize,
+    token: Option<Secret>,
+    tls: TlsSettings,
 }
 
 impl ClientBuilder {
+    /// The bearer token sent with every request, Watch streams included, as
+    /// `authorization: Bearer <token>` (`freshd --new-token` makes one). A
+    /// server with principals configured answers [`Error::Unauthenticated`]
+    /// without one. A token that cannot be sent in a header fails the
+    /// connect with [`Error::InvalidSetting`].
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(Secret(token.into()));
+        self
+    }
+
+    /// Trusts the CA certificate(s) in `pem` (PEM text) for the server's
+    /// certificate instead of the system's roots; repeat it to trust more.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.ca.push(Pem::Bytes(pem.into()));
+        self
+    }
+
+    /// The same with the PEM read from `path` at connect time (an
+    /// unreadable file fails it with [`Error::InvalidSetting`]).
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca.push(Pem::File(path.into()));
+        self
+    }
+
+    /// A client certificate chain and its private key (PEM text), for a
+    /// server that requires mutual TLS (`--tls-client-ca`).
+    pub fn tls_identity(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.identity = Some((Pem::Bytes(cert_pem.into()), Pem::Bytes(key_pem.into())));
+        self
+    }
+
+    /// The same with the PEM read from files at connect time.
+    pub fn tls_identity_files(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls.identity = Some((Pem::File(cert.into()), Pem::File(key.into())));
+        self
+    }
+
+    /// The name the server's certificate must carry, when it is not the
+    /// address's host (say, dialing an IP address or a load balancer).
+    pub fn tls_domain(mut self, domain: impl Into<String>) -> Self {
+        self.tls.domain = Some(domain.into());
+        self
+    }
+
     /// The client's id. It is sent with every publish, fill, check, purge and
     /// Watch stream that does not name one itself, so that the server's
     /// freshness metrics and `no_loop` streams can tell this client apart.
@@ -56,8 +119,32 @@ impl ClientBuilder {
         self
     }
 
-    fn endpoint(&self) -> Result<Endpoint> {
-        Endpoint::from_shared(self.addr.clone())
+    /// Whether the connection uses TLS: an `https://` address, or any
+    /// `tls_*` setting.
+    fn uses_tls(&self) -> bool {
+        self.addr.starts_with("https://") || self.tls.is_set()
+    }
+
+    /// The address to dial, with its scheme, and the checked settings.
+    fn prepare(&mut self) -> Result<(Endpoint, BearerToken)> {
+        if !self.addr.contains("://") {
+            let scheme = if self.tls.is_set() { "https" } else { "http" };
+            self.addr = format!("{scheme}://{}", self.addr);
+        }
+        if self.tls.is_set() && !self.addr.starts_with("https://") {
+            return Err(Error::InvalidSetting {
+                setting: "tls".into(),
+                message: format!(
+                    "TLS settings are given for {}, a plaintext address: write https://",
+                    self.addr
+                ),
+            });
+        }
+        let token = match &self.token {
+            Some(Secret(token)) => BearerToken::new(token)?,
+            None => BearerToken::none(),
+        };
+        let mut endpoint = Endpoint::from_shared(self.addr.clone())
             .map(|e| {
                 e.connect_timeout(self.connect_timeout)
                     .tcp_nodelay(true)
@@ -67,15 +154,27 @@ impl ClientBuilder {
             .map_err(|e| Error::InvalidAddress {
                 addr: self.addr.clone(),
                 message: innermost(&e),
-            })
+            })?;
+        if self.uses_tls() {
+            endpoint =
+                endpoint
+                    .tls_config(self.tls.config()?)
+                    .map_err(|e| Error::InvalidSetting {
+                        setting: "tls".into(),
+                        message: innermost(&e),
+                    })?;
+        }
+        Ok((endpoint, token))
     }
 
-    fn with_channel(self, channel: Channel) -> Client {
-        let stub = CoordinatorClient::new(channel)
+    fn with_channel(self, channel: Channel, token: BearerToken) -> Client {
+        let stub = CoordinatorClient::with_interceptor(channel.clone(), token)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
         Client {
             stub,
+            channel,
+            max_message_bytes: self.max_message_bytes,
             addr: self.addr.into(),
             client_id: self.client_id.into(),
             timeout: self.timeout,
@@ -83,24 +182,25 @@ impl ClientBuilder {
     }
 
     /// Connects now: fails with [`Error::Connect`] when the server cannot be
-    /// reached. The connection is re-established on its own later.
-    pub async fn connect(self) -> Result<Client> {
-        let channel = self
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|e| Error::Connect {
-                addr: self.addr.clone(),
-                message: innermost(&e),
-            })?;
-        Ok(self.with_channel(channel))
+    /// reached or the TLS handshake fails (an untrusted certificate, a name
+    /// that does not match, a client certificate the server refuses). The
+    /// connection is re-established on its own later.
+    pub async fn connect(mut self) -> Result<Client> {
+        let (endpoint, token) = self.prepare()?;
+        let channel = endpoint.connect().await.map_err(|e| Error::Connect {
+            addr: self.addr.clone(),
+            message: innermost(&e),
+        })?;
+        Ok(self.with_channel(channel, token))
     }
 
     /// Connects at the first call: never fails for an unreachable server,
-    /// whose calls fail with [`Error::Connect`] until it is up.
-    pub fn connect_lazy(self) -> Result<Client> {
-        let channel = self.endpoint()?.connect_lazy();
-        Ok(self.with_channel(channel))
+    /// whose calls fail with [`Error::Connect`] until it is up. Settings
+    /// that cannot be used (an unreadable CA file, say) fail here.
+    pub fn connect_lazy(mut self) -> Result<Client> {
+        let (endpoint, token) = self.prepare()?;
+        let channel = endpoint.connect_lazy();
+        Ok(self.with_channel(channel, token))
     }
 }
 
@@ -112,7 +212,9 @@ impl ClientBuilder {
 /// [`crate::pb`]).
 #[derive(Debug, Clone)]
 pub struct Client {
-    stub: CoordinatorClient<Channel>,
+    stub: AuthorizedStub,
+    channel: Channel,
+    max_message_bytes: usize,
     addr: Arc<str>,
     client_id: Arc<str>,
     timeout: Option<Duration>,
@@ -128,15 +230,17 @@ pub fn normalize_addr(addr: &str) -> String {
 }
 
 impl Client {
-    /// Settings for a client of the server at `addr` (`http://host:port`;
-    /// `host:port` works too).
+    /// Settings for a client of the server at `addr` (`http://host:port`,
+    /// `https://host:port` for TLS; `host:port` works too).
     pub fn builder(addr: impl AsRef<str>) -> ClientBuilder {
         ClientBuilder {
-            addr: normalize_addr(addr.as_ref()),
+            addr: addr.as_ref().to_owned(),
             client_id: String::new(),
             connect_timeout: Duration::from_secs(5),
             timeout: Some(Duration::from_secs(30)),
             max_message_bytes: 16 << 20,
+            token: None,
+            tls: TlsSettings::default(),
         }
     }
 
@@ -163,8 +267,30 @@ impl Client {
         }
     }
 
-    /// The generated stub, for what this type does not cover.
+    /// A client on the same connection that sends `token` instead (say, a
+    /// service acting for several principals). Errors:
+    /// [`Error::InvalidSetting`] for a token that cannot be sent.
+    pub fn with_token(&self, token: &str) -> Result<Client> {
+        let stub =
+            CoordinatorClient::with_interceptor(self.channel.clone(), BearerToken::new(token)?)
+                .max_decoding_message_size(self.max_message_bytes)
+                .max_encoding_message_size(self.max_message_bytes);
+        Ok(Client {
+            stub,
+            ..self.clone()
+        })
+    }
+
+    /// The generated stub, for what this type does not cover. Its requests
+    /// carry no token: with a token, use [`Client::authorized_stub`].
     pub fn stub(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.channel.clone())
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes)
+    }
+
+    /// The generated stub that sends the client's token with every request.
+    pub fn authorized_stub(&self) -> AuthorizedStub {
         self.stub.clone()
     }
 

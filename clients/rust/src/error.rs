@@ -38,6 +38,29 @@ pub enum Error {
         message: String,
     },
 
+    /// A client setting cannot be used: a token that cannot be sent in a
+    /// header, a CA or key file that cannot be read or holds no PEM, TLS
+    /// settings for an `http://` address. Nothing was sent.
+    #[error("invalid setting {setting}: {message}")]
+    InvalidSetting {
+        /// The setting (`token`, `tls_ca`, `tls_cert`, `tls_key`, `tls`).
+        setting: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// `UNAUTHENTICATED`: the server requires a token and the request
+    /// carried none, or one it does not know, or one that expired. Set one
+    /// with [`crate::ClientBuilder::token`].
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+
+    /// `PERMISSION_DENIED`: the token's principal lacks the scope the call
+    /// needs in the key's namespace; the message names the principal, the
+    /// scope and the namespace. Nothing was changed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+
     /// `INVALID_ARGUMENT`: a request broke a documented rule or limit; the
     /// message names the field, the size and the limit. Nothing was changed.
     #[error("invalid argument: {0}")]
@@ -61,8 +84,10 @@ pub enum Error {
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
 
-    /// `RESOURCE_EXHAUSTED`: more than `purges_per_minute` purges, or a Watch
-    /// stream went past a per-stream limit (the message names it).
+    /// `RESOURCE_EXHAUSTED`: more than `purges_per_minute` purges, a Watch
+    /// stream went past a per-stream limit (the message names it), or the
+    /// principal went past one of its quotas (the message says `quota
+    /// <name>` and, for rates, when to retry).
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
 
@@ -120,6 +145,8 @@ impl Error {
             Code::FailedPrecondition => Error::FailedPrecondition(message),
             Code::ResourceExhausted => Error::ResourceExhausted(message),
             Code::OutOfRange => Error::OutOfRange(message),
+            Code::Unauthenticated => Error::Unauthenticated(message),
+            Code::PermissionDenied => Error::PermissionDenied(message),
             Code::DeadlineExceeded => Error::Timeout(message),
             // A status made on this side from a transport failure carries
             // its cause; one sent by the server does not.
@@ -148,11 +175,14 @@ impl Error {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::OutOfRange(_) => Code::OutOfRange,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Status { code, .. } => *code,
             Error::InvalidAddress { .. }
+            | Error::InvalidSetting { .. }
             | Error::Protocol(_)
             | Error::Closed(_)
             | Error::Load(_) => return None,
@@ -162,10 +192,12 @@ impl Error {
     /// The message alone: the server's for status errors.
     pub fn message(&self) -> String {
         match self {
-            Error::Connect { message, .. } | Error::InvalidAddress { message, .. } => {
-                message.clone()
-            }
+            Error::Connect { message, .. }
+            | Error::InvalidAddress { message, .. }
+            | Error::InvalidSetting { message, .. } => message.clone(),
             Error::InvalidArgument(m)
+            | Error::Unauthenticated(m)
+            | Error::PermissionDenied(m)
             | Error::FillRaced(m)
             | Error::NotFound(m)
             | Error::FailedPrecondition(m)
@@ -193,6 +225,12 @@ impl Error {
                 addr: addr.clone(),
                 message: message.clone(),
             },
+            Error::InvalidSetting { setting, message } => Error::InvalidSetting {
+                setting: setting.clone(),
+                message: message.clone(),
+            },
+            Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
             Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
             Error::FillRaced(m) => Error::FillRaced(m.clone()),
             Error::NotFound(m) => Error::NotFound(m.clone()),
@@ -293,6 +331,24 @@ mod tests {
         assert!(!e.is_unreachable());
         assert_eq!(code_name(e.code().unwrap()), "INVALID_ARGUMENT");
         assert_eq!(e.message(), "key is 9 bytes");
+    }
+
+    #[test]
+    fn security_codes_map_to_their_errors_and_keep_the_message() {
+        let e = Error::from_status(tonic::Status::unauthenticated("unknown token"), "a");
+        assert!(matches!(&e, Error::Unauthenticated(m) if m == "unknown token"));
+        assert_eq!(e.code(), Some(Code::Unauthenticated));
+        assert!(!e.is_unreachable());
+        let denied = "principal \"feed-api\" lacks scope publish in namespace \"feed\"";
+        let e = Error::from_status(tonic::Status::permission_denied(denied), "a");
+        assert!(matches!(&e, Error::PermissionDenied(m) if m == denied));
+        assert_eq!(e.code(), Some(Code::PermissionDenied));
+        assert_eq!(e.duplicate().to_string(), e.to_string());
+        let e = Error::from_status(
+            tonic::Status::resource_exhausted("quota streams: 2 open"),
+            "a",
+        );
+        assert!(matches!(&e, Error::ResourceExhausted(m) if m.contains("quota streams")));
     }
 
     #[test]

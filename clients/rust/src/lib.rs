@@ -24,11 +24,25 @@
 //! # let _ = feed; Ok(()) }
 //! ```
 //!
+//! Against a server with tokens and TLS, the builder sets a bearer token
+//! (sent with every request, Watch streams included) and the TLS settings:
+//!
+//! ```no_run
+//! # async fn demo() -> freshd_client::Result<()> {
+//! let client = freshd_client::Client::builder("https://freshd.internal:50051")
+//!     .token("fd_...") // as printed by `freshd --new-token`
+//!     .tls_ca_file("/etc/freshd/ca.pem")
+//!     .connect()
+//!     .await?;
+//! # let _ = client; Ok(()) }
+//! ```
+//!
 //! `proto/freshd/v1/coordinator.proto` documents every field and status code.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod client;
+mod credentials;
 mod error;
 mod near;
 mod requests;
@@ -48,7 +62,9 @@ pub mod pb {
 }
 
 pub use client::{
-    normalize_addr, Client, ClientBuilder, Watch, WatchEvent, WatchSender, DEFAULT_ADDR,
+    normalize_addr, AuthorizedStub, Client, ClientBuilder, Watch, WatchEvent, WatchSender,
+    DEFAULT_ADDR,
 };
+pub use credentials::BearerToken;
 pub use error::{code_name, BoxError, Error, Result};
 pub use near::{namespace, NearCache, NearCacheBuilder, NearCacheStats};

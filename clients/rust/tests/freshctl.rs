@@ -19,6 +19,7 @@ async fn freshctl(args: &[&str]) -> Output {
         Command::new(FRESHCTL)
             .args(&args)
             .env_remove("FRESHD_ADDR")
+            .env_remove("FRESHD_TOKEN")
             .env("NO_COLOR", "1")
             .output()
             .expect("freshctl runs")
@@ -265,4 +266,154 @@ async fn watch_tails_notices_as_json_lines() {
     assert_eq!(keys, ["feed:1", "users:7"]);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_the_environment_and_a_ca_reach_a_tls_server() {
+    use common::security::{principals, start, temp_dir, token_of, Pki};
+
+    let dir = temp_dir("freshctl");
+    let pki = Pki::new("servers");
+    let server = start(principals(), Some(pki.server_tls(&dir, None))).await;
+    let ca = pki.write_ca(&dir, "ca.pem");
+    let ca = ca.to_str().unwrap().to_owned();
+    let url = server.url();
+    let run = |token: Option<String>, args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let mut command = Command::new(FRESHCTL);
+            command
+                .args(&args)
+                .env_remove("FRESHD_ADDR")
+                .env_remove("FRESHD_TOKEN")
+                .env("NO_COLOR", "1");
+            if let Some(token) = token {
+                command.env("FRESHD_TOKEN", token);
+            }
+            command.output().expect("freshctl runs")
+        })
+    };
+    let args = |extra: &[&str]| {
+        let mut all = vec![
+            "--addr".to_owned(),
+            url.clone(),
+            "--tls-ca".into(),
+            ca.clone(),
+        ];
+        all.extend(extra.iter().map(|a| a.to_string()));
+        all
+    };
+
+    let out = run(
+        Some(token_of("admin")),
+        args(&["--json", "publish", "feed:1"]),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let published: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(published["seq"].as_u64().unwrap() > 0);
+
+    // host:port with --tls-ca is TLS; --tls-domain names the certificate.
+    let out = run(
+        Some(token_of("admin")),
+        vec![
+            "--addr".into(),
+            server.addr.to_string(),
+            "--tls-ca".into(),
+            ca.clone(),
+            "--tls-domain".into(),
+            "localhost".into(),
+            "stats".into(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // No token: exit 4, and where to put one.
+    let out = run(None, args(&["check", "feed:1"])).await.unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FRESHD_TOKEN"), "{stderr}");
+    // Out of scope: exit 4, the server's message, as JSON too.
+    let out = run(
+        Some(token_of("feed")),
+        args(&["--json", "publish", "feed:1"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let error: Value = serde_json::from_slice(&out.stderr).expect("a JSON error");
+    assert_eq!(error["error"]["code"], "PERMISSION_DENIED");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("publish"),
+        "{error}"
+    );
+    // The token given on the command line works too.
+    let out = run(
+        None,
+        args(&["--token", &token_of("feed"), "check", "feed:1"]),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A CA that does not sign the server's certificate: exit 3.
+    let stranger = Pki::new("stranger").write_ca(&dir, "stranger.pem");
+    let out = run(
+        Some(token_of("admin")),
+        vec![
+            "--addr".into(),
+            url.clone(),
+            "--tls-ca".into(),
+            stranger.to_str().unwrap().into(),
+            "stats".into(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-ca"));
+    // An unreadable CA file, or --tls-cert without --tls-key: exit 2.
+    let out = run(
+        Some(token_of("admin")),
+        vec![
+            "--addr".into(),
+            url.clone(),
+            "--tls-ca".into(),
+            "/nonexistent/ca.pem".into(),
+            "stats".into(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ca.pem"));
+    let out = run(None, args(&["--tls-cert", &ca, "stats"]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    server.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
 }

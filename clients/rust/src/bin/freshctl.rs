@@ -1,33 +1,67 @@
 //! freshctl: freshd from a shell.
 //!
-//! Exit codes: 0 done, 1 the server refused or failed, 2 usage, 3 cannot
-//! connect. With `--json` every result is one JSON object per line on
-//! stdout (errors: one object on stderr).
+//! Exit codes: 0 done, 1 the server refused or failed, 2 usage (including
+//! unusable --token or --tls-* settings), 3 cannot connect (including a
+//! failed TLS handshake), 4 not allowed (UNAUTHENTICATED: no token, or one the
+//! server does not know; PERMISSION_DENIED: the token lacks the scope). With
+//! `--json` every result is one JSON object per line on stdout (errors: one
+//! object on stderr).
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use freshd_client::pb;
-use freshd_client::{code_name, Client, Error, WatchEvent, DEFAULT_ADDR};
+use freshd_client::{code_name, Client, Error, WatchEvent};
 use serde::Serialize;
 
 const EXIT_SERVER: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_CONNECT: u8 = 3;
+const EXIT_NOT_ALLOWED: u8 = 4;
+
+/// The default address: `http://`, or `https://` with a --tls-* option.
+const DEFAULT_ADDR: &str = "127.0.0.1:50051";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "freshctl",
     version,
     about = "freshctl: publish, fill, check, inspect and watch keys of a freshd server",
-    after_help = "Exit codes: 0 done, 1 the server refused or failed, 2 usage, 3 cannot connect."
+    after_help = "Exit codes: 0 done, 1 the server refused or failed, 2 usage, 3 cannot connect \
+                  (or the TLS handshake failed), 4 not allowed (UNAUTHENTICATED or PERMISSION_DENIED)."
 )]
 struct Cli {
-    /// freshd's gRPC address
+    /// freshd's gRPC address: host:port, http://host:port, or https://host:port
+    /// for TLS (host:port with a --tls-* option is TLS too)
     #[arg(long, global = true, env = "FRESHD_ADDR", default_value = DEFAULT_ADDR)]
     addr: String,
+    /// The bearer token sent with every request; prefer the environment
+    /// variable, which keeps it out of the process list and shell history
+    #[arg(
+        long,
+        global = true,
+        env = "FRESHD_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+    /// CA certificates (PEM) to trust for the server's certificate [default:
+    /// the system's]
+    #[arg(long, global = true, value_name = "PEM_FILE")]
+    tls_ca: Option<PathBuf>,
+    /// A client certificate chain (PEM), for servers that require mutual TLS
+    #[arg(long, global = true, value_name = "PEM_FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert
+    #[arg(long, global = true, value_name = "PEM_FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it is not the
+    /// address's host
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_domain: Option<String>,
     /// Write results as JSON, one object per line (for scripts)
     #[arg(long, global = true)]
     json: bool,
@@ -223,6 +257,14 @@ impl Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         match &e {
+            Error::Connect { addr, message } if addr.starts_with("https://") => Failure {
+                code: EXIT_CONNECT,
+                kind: "CANNOT_CONNECT",
+                message: format!(
+                    "cannot connect to {addr} ({message}): is freshd running with TLS there, \
+                     and does --tls-ca trust its certificate (--tls-domain if the name differs)?"
+                ),
+            },
             Error::Connect { addr, message } => Failure {
                 code: EXIT_CONNECT,
                 kind: "CANNOT_CONNECT",
@@ -235,6 +277,23 @@ impl From<Error> for Failure {
                 code: EXIT_USAGE,
                 kind: "USAGE",
                 message: format!("{e}: write it like http://127.0.0.1:50051"),
+            },
+            Error::InvalidSetting { .. } => Failure {
+                code: EXIT_USAGE,
+                kind: "USAGE",
+                message: e.to_string(),
+            },
+            Error::Unauthenticated(_) => Failure {
+                code: EXIT_NOT_ALLOWED,
+                kind: "UNAUTHENTICATED",
+                message: format!(
+                    "{e}: set the token in FRESHD_TOKEN (or --token); `freshd --new-token` makes one"
+                ),
+            },
+            Error::PermissionDenied(_) => Failure {
+                code: EXIT_NOT_ALLOWED,
+                kind: "PERMISSION_DENIED",
+                message: e.to_string(),
             },
             _ => Failure {
                 code: EXIT_SERVER,
@@ -325,12 +384,23 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, out: &Out) -> Result<(), Failure> {
-    let client = Client::builder(&cli.addr)
+    let mut builder = Client::builder(&cli.addr)
         .client_id(cli.client_id.clone())
         .connect_timeout(Duration::from_secs(3).min(cli.timeout))
-        .timeout(Some(cli.timeout))
-        .connect()
-        .await?;
+        .timeout(Some(cli.timeout));
+    if let Some(token) = &cli.token {
+        builder = builder.token(token.as_str());
+    }
+    if let Some(ca) = &cli.tls_ca {
+        builder = builder.tls_ca_file(ca);
+    }
+    if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+        builder = builder.tls_identity_files(cert, key);
+    }
+    if let Some(domain) = &cli.tls_domain {
+        builder = builder.tls_domain(domain.as_str());
+    }
+    let client = builder.connect().await?;
     match cli.command {
         Command::Publish {
             keys,
