@@ -567,12 +567,13 @@ impl Clock {
         unix_ms.saturating_sub(self.start_unix) + 1
     }
 
-    /// The Unix time of a clock time (0 stays 0: "none").
+    /// The Unix time of a clock time (0 stays 0: "none"). Saturates: a
+    /// time read back from the log may lie at the end of time.
     fn unix_at(&self, at: u64) -> u64 {
         if at == 0 {
             0
         } else {
-            self.start_unix + at - 1
+            self.start_unix.saturating_add(at - 1)
         }
     }
 }
@@ -1704,7 +1705,7 @@ impl Store {
             let hash = hash_key(key);
             let jitter = if jitter_ms == 0 { 0 } else { hash % jitter_ms };
             if let Some(node) = shards.shard(self.shard_index(hash)).get_mut(hash, key) {
-                node.soft_purge_at = now + jitter;
+                node.soft_purge_at = now.saturating_add(jitter);
             }
         }
         self.applied.store(seq, Ordering::Release);
@@ -2316,6 +2317,38 @@ mod tests {
         assert!(differ.is_empty(), "first differences: {differ:#?}");
         assert_eq!(from_snapshot.len(), from_zero.len());
         std::fs::remove_dir_all(&base).ok();
+    }
+
+    #[test]
+    fn a_snapshot_of_times_at_the_end_of_the_clock_saturates() {
+        use crate::wal::{Body, WalFill, WalPurge, WalRecord};
+        // A log record may carry any time; a snapshot of its state must not
+        // overflow converting it back to Unix time.
+        let s = store();
+        s.recover(vec![
+            WalRecord {
+                seq: 1,
+                unix_ms: u64::MAX - 1,
+                body: Some(Body::Fill(WalFill {
+                    key: "k".into(),
+                    dependencies: vec!["d".into()],
+                    ttl_ms: 60_000,
+                    observed_seq: 0,
+                })),
+            },
+            WalRecord {
+                seq: 2,
+                unix_ms: u64::MAX,
+                body: Some(Body::Purge(WalPurge {
+                    prefix: String::new(),
+                    jitter_ms: u64::MAX,
+                })),
+            },
+        ]);
+        let (_, nodes) = s.snapshot(2, 2);
+        let k = nodes.iter().find(|n| n.key == "k").unwrap();
+        assert_eq!(k.expires_unix_ms, u64::MAX);
+        assert!(k.soft_purge_unix_ms > 0);
     }
 
     mod properties {
