@@ -272,6 +272,8 @@ impl Run {
             digest(&self.store),
             "the state after a snapshot"
         );
+        sweep(&self.store);
+        sweep(&loaded);
     }
 
     /// Keys a publish of `keys` must reach: those and their transitive
@@ -595,6 +597,28 @@ impl Run {
     }
 }
 
+/// Runs the expiry sweep as the server's background task does, until it
+/// has nothing left that is due (bounded), checking the edge count on the
+/// way.
+fn sweep(store: &Store) {
+    edges_add_up(store);
+    for _ in 0..1_000 {
+        let processed = store.expire(64);
+        edges_add_up(store);
+        if processed < 64 {
+            break;
+        }
+    }
+}
+
+/// The store's edge count is the number of dependencies its keys hold.
+fn edges_add_up(store: &Store) {
+    let seq = store.seq();
+    let (_, nodes) = store.snapshot(seq, seq);
+    let edges: u64 = nodes.iter().map(|n| n.dependencies.len() as u64).sum();
+    assert_eq!(store.stats().edges, edges, "edge count");
+}
+
 /// Decodes a request as the server's codec does.
 fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, prost::DecodeError> {
     M::decode(bytes)
@@ -632,6 +656,8 @@ pub fn log_segment(data: &[u8]) {
     assert!(store.seq() >= last);
     let (meta, nodes) = store.snapshot(store.seq(), parsed.reserved);
     assert_eq!(meta.nodes, nodes.len() as u64);
+    // Then the server serves: the expiry sweep runs over what was replayed.
+    sweep(&store);
 }
 
 /// Decodes `data` as a snapshot after its header, as recovery does, loads
@@ -649,6 +675,7 @@ pub fn snapshot(data: &[u8]) {
     let store = small_store();
     store.load_snapshot(meta, nodes);
     let _ = store.snapshot(store.seq(), 0);
+    sweep(&store);
 }
 
 /// Generates inputs for the targets: valid encodings of random messages, and
