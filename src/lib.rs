@@ -17,6 +17,8 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod fanout;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lease;
 pub mod log;
 pub mod metrics;

@@ -27,7 +27,7 @@ use crate::log::MemoryLog;
 use crate::store::{Store, StoreConfig};
 use crate::wal::{self, io_err, WalError, WalPolicy, HEADER_BYTES};
 
-const MAGIC: &[u8; 8] = b"FRESHSNP";
+pub(crate) const MAGIC: &[u8; 8] = b"FRESHSNP";
 
 /// What a snapshot says about itself.
 #[derive(Clone, PartialEq, Message)]
@@ -165,28 +165,38 @@ fn read(path: &Path, nodes: bool) -> Result<(u64, SnapMeta, Vec<SnapNode>), WalE
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(io_err(path))?;
-    let corrupt = |offset: usize, what: String| WalError::Corrupt {
+    decode(&bytes, nodes).map_err(|(offset, what)| WalError::Corrupt {
         path: path.to_owned(),
         offset: offset as u64,
         what,
-    };
-    let epoch = wal::read_header(&bytes, MAGIC).map_err(|(o, w)| corrupt(o as usize, w))?;
+    })
+}
+
+/// Decodes a snapshot file's bytes: its epoch and meta, and (when `nodes`)
+/// every key; or the offset and what is wrong.
+pub(crate) fn decode(
+    bytes: &[u8],
+    nodes: bool,
+) -> Result<(u64, SnapMeta, Vec<SnapNode>), (usize, String)> {
+    let epoch = wal::read_header(bytes, MAGIC).map_err(|(o, w)| (o as usize, w))?;
     let mut offset = HEADER_BYTES as usize;
-    let (payload, len) =
-        wal::read_frame(&bytes[offset..]).map_err(|(what, _)| corrupt(offset, what))?;
-    let meta = SnapMeta::decode(payload).map_err(|e| corrupt(offset, e.to_string()))?;
+    let (payload, len) = wal::read_frame(&bytes[offset..]).map_err(|(what, _)| (offset, what))?;
+    let meta = SnapMeta::decode(payload).map_err(|e| (offset, e.to_string()))?;
     offset += len;
     let mut out = Vec::new();
     if nodes {
-        out.reserve(meta.nodes as usize);
+        // `meta.nodes` is only a claim: reserve no more than the frames left
+        // could hold, so a corrupt count cannot ask for unbounded memory.
+        let room = (bytes.len() - offset) / wal::FRAME_OVERHEAD;
+        out.reserve(meta.nodes.min(room as u64) as usize);
         while offset < bytes.len() {
             let (payload, len) =
-                wal::read_frame(&bytes[offset..]).map_err(|(what, _)| corrupt(offset, what))?;
-            out.push(SnapNode::decode(payload).map_err(|e| corrupt(offset, e.to_string()))?);
+                wal::read_frame(&bytes[offset..]).map_err(|(what, _)| (offset, what))?;
+            out.push(SnapNode::decode(payload).map_err(|e| (offset, e.to_string()))?);
             offset += len;
         }
         if out.len() as u64 != meta.nodes {
-            return Err(corrupt(
+            return Err((
                 offset,
                 format!("{} keys, the snapshot announced {}", out.len(), meta.nodes),
             ));
@@ -280,4 +290,28 @@ pub fn compact(
     }
     wal::sync_dir(dir).map_err(io_err(dir))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_node_count_is_refused_without_reserving_memory_for_it() {
+        for nodes in [u64::MAX, 1 << 40, 3] {
+            let meta = SnapMeta {
+                seq: 1,
+                nodes,
+                ..Default::default()
+            };
+            let mut bytes = wal::header(MAGIC, 7);
+            bytes.extend(wal::frame(&meta.encode_to_vec()));
+            bytes.extend(wal::frame(&SnapNode::default().encode_to_vec()));
+            let (offset, what) = decode(&bytes, true).unwrap_err();
+            assert_eq!(offset, bytes.len());
+            assert_eq!(what, format!("1 keys, the snapshot announced {nodes}"));
+            // The meta alone still reads.
+            assert_eq!(decode(&bytes, false).unwrap().1, meta);
+        }
+    }
 }

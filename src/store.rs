@@ -567,12 +567,13 @@ impl Clock {
         unix_ms.saturating_sub(self.start_unix) + 1
     }
 
-    /// The Unix time of a clock time (0 stays 0: "none").
+    /// The Unix time of a clock time (0 stays 0: "none"). Saturates: a
+    /// time read back from the log may lie at the end of time.
     fn unix_at(&self, at: u64) -> u64 {
         if at == 0 {
             0
         } else {
-            self.start_unix + at - 1
+            self.start_unix.saturating_add(at - 1)
         }
     }
 }
@@ -1705,7 +1706,7 @@ impl Store {
             let hash = hash_key(key);
             let jitter = if jitter_ms == 0 { 0 } else { hash % jitter_ms };
             if let Some(node) = shards.shard(self.shard_index(hash)).get_mut(hash, key) {
-                node.soft_purge_at = now + jitter;
+                node.soft_purge_at = now.saturating_add(jitter);
             }
         }
         self.applied.store(seq, Ordering::Release);
@@ -2319,6 +2320,38 @@ mod tests {
         std::fs::remove_dir_all(&base).ok();
     }
 
+    #[test]
+    fn a_snapshot_of_times_at_the_end_of_the_clock_saturates() {
+        use crate::wal::{Body, WalFill, WalPurge, WalRecord};
+        // A log record may carry any time; a snapshot of its state must not
+        // overflow converting it back to Unix time.
+        let s = store();
+        s.recover(vec![
+            WalRecord {
+                seq: 1,
+                unix_ms: u64::MAX - 1,
+                body: Some(Body::Fill(WalFill {
+                    key: "k".into(),
+                    dependencies: vec!["d".into()],
+                    ttl_ms: 60_000,
+                    observed_seq: 0,
+                })),
+            },
+            WalRecord {
+                seq: 2,
+                unix_ms: u64::MAX,
+                body: Some(Body::Purge(WalPurge {
+                    prefix: String::new(),
+                    jitter_ms: u64::MAX,
+                })),
+            },
+        ]);
+        let (_, nodes) = s.snapshot(2, 2);
+        let k = nodes.iter().find(|n| n.key == "k").unwrap();
+        assert_eq!(k.expires_unix_ms, u64::MAX);
+        assert!(k.soft_purge_unix_ms > 0);
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -2327,16 +2360,35 @@ mod tests {
 
         #[derive(Debug, Clone)]
         enum Op {
-            Fill { key: usize, deps: Vec<usize> },
-            Publish { keys: Vec<usize>, critical: bool },
+            /// A fill that observed the seq `lag` mutations ago.
+            Fill {
+                key: usize,
+                deps: Vec<usize>,
+                lag: u64,
+            },
+            /// A publish of `(key, external version, critical)` changes.
+            Publish {
+                changes: Vec<(usize, Option<u64>, bool)>,
+            },
         }
 
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
-                (0..KEYS, proptest::collection::vec(0..KEYS, 0..4))
-                    .prop_map(|(key, deps)| Op::Fill { key, deps }),
-                (proptest::collection::vec(0..KEYS, 1..3), any::<bool>())
-                    .prop_map(|(keys, critical)| Op::Publish { keys, critical }),
+                (
+                    0..KEYS,
+                    proptest::collection::vec(0..KEYS, 0..4),
+                    prop_oneof![3 => Just(0u64), 1 => 1..4u64],
+                )
+                    .prop_map(|(key, deps, lag)| Op::Fill { key, deps, lag }),
+                proptest::collection::vec(
+                    (
+                        0..KEYS,
+                        proptest::option::weighted(0.3, 0..4u64),
+                        any::<bool>()
+                    ),
+                    1..4
+                )
+                .prop_map(|changes| Op::Publish { changes }),
             ]
         }
 
@@ -2344,61 +2396,144 @@ mod tests {
             format!("k{i}")
         }
 
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Every key that reaches `from` through registered dependencies,
+        /// or is in it.
+        fn reach(deps: &[Option<Vec<usize>>], from: &[usize]) -> [bool; KEYS] {
+            let mut reached = [false; KEYS];
+            for &k in from {
+                reached[k] = true;
+            }
+            loop {
+                let mut grew = false;
+                for k in 0..KEYS {
+                    if !reached[k]
+                        && deps[k]
+                            .as_ref()
+                            .is_some_and(|d| d.iter().any(|&x| reached[x]))
+                    {
+                        reached[k] = true;
+                        grew = true;
+                    }
+                }
+                if !grew {
+                    return reached;
+                }
+            }
+        }
 
-            /// Any sequence of fills and publishes keeps every version
-            /// monotonic, and a publish bumps each changed key and every
-            /// transitive dependent (cycles included) to its seq.
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Any sequence of fills (some of them racing a publish) and
+            /// publishes (some of them duplicates by external version) keeps
+            /// every version monotonic; a publish bumps each changed key and
+            /// every transitive dependent (cycles included) to its seq,
+            /// counting each exactly once, carries the critical bit of the
+            /// changes that reached it, and leaves every other key alone; a
+            /// fill is refused exactly when the key or a dependency changed
+            /// after the seq it observed.
             #[test]
             fn versions_are_monotonic_and_dependents_invalidated(ops in proptest::collection::vec(op(), 1..40)) {
                 let s = store();
-                // The model: each registered key's dependency set.
+                // The model: each registered key's dependency set, the seq
+                // of the last publish that reached each key, and the last
+                // external version of each key.
                 let mut deps: Vec<Option<Vec<usize>>> = vec![None; KEYS];
+                let mut changed: Vec<u64> = vec![0; KEYS];
+                let mut external: Vec<Option<u64>> = vec![None; KEYS];
                 let mut last: Vec<u64> = vec![0; KEYS];
                 for op in ops {
+                    let before: Vec<u64> = (0..KEYS).map(|k| version(&s, &name(k))).collect();
                     match op {
-                        Op::Fill { key, deps: d } => {
-                            let mut names: Vec<String> = d.iter().filter(|&&x| x != key).map(|&x| name(x)).collect();
-                            names.sort();
-                            names.dedup();
-                            s.fill(&FillSpec {
+                        Op::Fill { key, deps: d, lag } => {
+                            let mut d: Vec<usize> = d.into_iter().filter(|&x| x != key).collect();
+                            d.sort_by_key(|&x| name(x));
+                            d.dedup();
+                            let seq_before = s.seq();
+                            let observed = seq_before.saturating_sub(lag);
+                            let result = s.fill(&FillSpec {
                                 key: name(key),
-                                dependencies: names,
+                                dependencies: d.iter().map(|&x| name(x)).collect(),
                                 ttl_ms: 3_600_000,
-                                observed_seq: s.seq(),
-                            })
-                            .unwrap();
-                            deps[key] = Some(d.into_iter().filter(|&x| x != key).collect());
+                                observed_seq: observed,
+                            });
+                            let raced = std::iter::once(key).chain(d.iter().copied()).any(|k| changed[k] > observed);
+                            prop_assert_eq!(result.is_err(), raced, "fill of {} observing {}", name(key), observed);
+                            if let Ok(outcome) = result {
+                                // A new node, or a new dependency set, takes
+                                // the fill's seq; otherwise the version stays.
+                                let old: &[usize] = deps[key].as_deref().unwrap_or(&[]);
+                                let expected = if before[key] == 0 || old != d.as_slice() {
+                                    outcome.seq
+                                } else {
+                                    before[key]
+                                };
+                                prop_assert_eq!(outcome.version, expected, "version of {}", name(key));
+                                deps[key] = Some(d);
+                            } else {
+                                prop_assert_eq!(s.seq(), seq_before, "a refused fill took a seq");
+                            }
+                            // A fill bumps no other key.
+                            for k in (0..KEYS).filter(|&k| k != key) {
+                                let v = version(&s, &name(k));
+                                prop_assert!(v == before[k] || before[k] == 0, "{} changed by a fill", name(k));
+                            }
                         }
-                        Op::Publish { keys, critical } => {
-                            let changes: Vec<PublishChange> = keys
+                        Op::Publish { changes } => {
+                            // Which changes are duplicates, in order.
+                            let mut ext = external.clone();
+                            let duplicate: Vec<bool> = changes
                                 .iter()
-                                .map(|&k| PublishChange { critical, ..change(&name(k)) })
-                                .collect();
-                            let seq = s.publish(&changes).unwrap().seq;
-                            // Every key that reaches a published key through
-                            // registered dependencies, or is one.
-                            let mut reached = [false; KEYS];
-                            for &k in &keys {
-                                reached[k] = true;
-                            }
-                            loop {
-                                let mut grew = false;
-                                for k in 0..KEYS {
-                                    if !reached[k] && deps[k].as_ref().is_some_and(|d| d.iter().any(|&x| reached[x])) {
-                                        reached[k] = true;
-                                        grew = true;
+                                .map(|&(k, e, _)| match e {
+                                    Some(e) if ext[k].is_some_and(|l| e <= l) => true,
+                                    Some(e) => {
+                                        ext[k] = Some(e);
+                                        false
                                     }
-                                }
-                                if !grew {
-                                    break;
-                                }
+                                    None => false,
+                                })
+                                .collect();
+                            let list: Vec<PublishChange> = changes
+                                .iter()
+                                .map(|&(k, e, critical)| PublishChange {
+                                    external_version: e,
+                                    critical,
+                                    ..change(&name(k))
+                                })
+                                .collect();
+                            let seq_before = s.seq();
+                            let outcome = s.publish(&list).unwrap();
+                            let applied: Vec<usize> = changes
+                                .iter()
+                                .zip(&duplicate)
+                                .filter(|(_, d)| !**d)
+                                .map(|(c, _)| c.0)
+                                .collect();
+                            for (r, d) in outcome.results.iter().zip(&duplicate) {
+                                prop_assert_eq!(r.duplicate, *d);
                             }
-                            for (k, _) in reached.iter().enumerate().filter(|(_, r)| **r) {
-                                prop_assert_eq!(version(&s, &name(k)), seq, "{} not bumped", name(k));
-                                if critical {
-                                    prop_assert!(s.inspect(&name(k)).unwrap().critical);
+                            let reached = reach(&deps, &applied);
+                            if applied.is_empty() {
+                                prop_assert_eq!(outcome.seq, seq_before);
+                            } else {
+                                prop_assert_eq!(outcome.seq, seq_before + 1);
+                                external = ext;
+                            }
+                            let invalidated: u64 = outcome.results.iter().map(|r| r.invalidated).sum();
+                            prop_assert_eq!(invalidated, reached.iter().filter(|r| **r).count() as u64, "each reached key counts once");
+                            for k in 0..KEYS {
+                                let v = version(&s, &name(k));
+                                if reached[k] {
+                                    prop_assert_eq!(v, outcome.seq, "{} not bumped", name(k));
+                                    changed[k] = outcome.seq;
+                                    let critical = changes
+                                        .iter()
+                                        .zip(&duplicate)
+                                        .filter(|((c, _, _), d)| !**d && reach(&deps, &[*c])[k])
+                                        .any(|((_, _, critical), _)| *critical);
+                                    prop_assert_eq!(s.inspect(&name(k)).unwrap().critical, critical, "critical bit of {}", name(k));
+                                } else {
+                                    prop_assert_eq!(v, before[k], "{} bumped without being reached", name(k));
                                 }
                             }
                         }

@@ -43,11 +43,13 @@ use prost::Message;
 use crate::log::{new_epoch, Log, LogError, Record};
 use crate::policy::Policy;
 
-const MAGIC: &[u8; 8] = b"FRESHWAL";
+pub(crate) const MAGIC: &[u8; 8] = b"FRESHWAL";
 const FORMAT: u32 = 1;
 pub(crate) const HEADER_BYTES: u64 = 8 + 4 + 8;
 /// Largest record accepted when reading; larger lengths mean corruption.
 const MAX_RECORD_BYTES: u32 = 256 << 20;
+/// Bytes a frame adds to its payload: length and checksum.
+pub(crate) const FRAME_OVERHEAD: usize = 8;
 /// Seqs reserved per `Reserve` record.
 const RESERVE_BLOCK: u64 = 10_000;
 
@@ -429,6 +431,69 @@ struct SegmentRead {
     truncated: bool,
 }
 
+/// The records of a segment's bytes, as far as they read.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    /// The mutations, in order.
+    pub(crate) records: Vec<WalRecord>,
+    /// The highest seq reserved.
+    pub(crate) reserved: u64,
+    /// Where the good records end.
+    pub(crate) end: usize,
+    /// Why reading stopped before the end of the data, and whether the bad
+    /// record reaches the end of the data (a torn write); `None` when every
+    /// byte read.
+    pub(crate) failure: Option<(String, bool)>,
+}
+
+/// Reads the records of a segment from `bytes` (the whole file, header
+/// included, checked by the caller), continuing a log whose last seq was
+/// `last_seq`. A record that does not frame or decode stops the reading
+/// (see [`Parsed::failure`]); a seq that goes back or a record without a
+/// body is corruption that no truncation repairs: `Err((offset, what))`.
+pub(crate) fn parse_segment(bytes: &[u8], last_seq: &mut u64) -> Result<Parsed, (u64, String)> {
+    let mut parsed = Parsed {
+        records: Vec::new(),
+        reserved: 0,
+        end: bytes.len(),
+        failure: None,
+    };
+    let mut offset = HEADER_BYTES as usize;
+    while offset < bytes.len() {
+        let failure = match read_frame(&bytes[offset..]) {
+            Ok((payload, len)) => match WalRecord::decode(payload) {
+                Ok(record) => {
+                    if record.seq != 0 && record.seq <= *last_seq {
+                        return Err((
+                            offset as u64,
+                            format!("seq {} after seq {}", record.seq, last_seq),
+                        ));
+                    }
+                    match &record.body {
+                        Some(Body::Reserve(r)) => parsed.reserved = parsed.reserved.max(r.up_to),
+                        Some(_) => {
+                            *last_seq = record.seq;
+                            parsed.records.push(record);
+                        }
+                        None => return Err((offset as u64, "a record without a body".into())),
+                    }
+                    offset += len;
+                    continue;
+                }
+                Err(e) => (
+                    format!("a record that does not decode ({e})"),
+                    offset + len == bytes.len(),
+                ),
+            },
+            Err(failure) => failure,
+        };
+        parsed.end = offset;
+        parsed.failure = Some(failure);
+        break;
+    }
+    Ok(parsed)
+}
+
 /// Reads a segment's records. A bad record is a torn write when `is_last`
 /// and it reaches the end of the file; otherwise it is corruption, an error
 /// unless `repair`, which truncates there.
@@ -455,61 +520,31 @@ fn read_segment(
             format!("epoch {file_epoch} differs from the rest of the log"),
         ));
     }
+    let parsed = parse_segment(&bytes, last_seq).map_err(|(o, w)| corrupt(o, w))?;
     let mut read = SegmentRead {
-        records: Vec::new(),
-        reserved: 0,
-        end: bytes.len() as u64,
+        records: parsed.records,
+        reserved: parsed.reserved,
+        end: parsed.end as u64,
         truncated: false,
     };
-    let mut offset = HEADER_BYTES as usize;
-    while offset < bytes.len() {
-        let failure = match read_frame(&bytes[offset..]) {
-            Ok((payload, len)) => match WalRecord::decode(payload) {
-                Ok(record) => {
-                    if record.seq != 0 && record.seq <= *last_seq {
-                        return Err(corrupt(
-                            offset as u64,
-                            format!("seq {} after seq {}", record.seq, last_seq),
-                        ));
-                    }
-                    match &record.body {
-                        Some(Body::Reserve(r)) => read.reserved = read.reserved.max(r.up_to),
-                        Some(_) => {
-                            *last_seq = record.seq;
-                            read.records.push(record);
-                        }
-                        None => {
-                            return Err(corrupt(offset as u64, "a record without a body".into()))
-                        }
-                    }
-                    offset += len;
-                    continue;
-                }
-                Err(e) => (
-                    format!("a record that does not decode ({e})"),
-                    offset + len == bytes.len(),
-                ),
-            },
-            Err(failure) => failure,
-        };
-        let (what, reaches_end) = failure;
-        if is_last && reaches_end {
-            tracing::warn!(file = %path.display(), offset, "dropping a torn record at the end of the log");
-        } else if repair {
-            tracing::warn!(file = %path.display(), offset, error = %what, "--repair: truncating the log here");
-        } else {
-            return Err(corrupt(offset as u64, what));
-        }
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io_err(path))?;
-        f.set_len(offset as u64).map_err(io_err(path))?;
-        f.sync_all().map_err(io_err(path))?;
-        read.end = offset as u64;
-        read.truncated = true;
-        break;
+    let Some((what, reaches_end)) = parsed.failure else {
+        return Ok(read);
+    };
+    let offset = parsed.end;
+    if is_last && reaches_end {
+        tracing::warn!(file = %path.display(), offset, "dropping a torn record at the end of the log");
+    } else if repair {
+        tracing::warn!(file = %path.display(), offset, error = %what, "--repair: truncating the log here");
+    } else {
+        return Err(corrupt(offset as u64, what));
     }
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.set_len(offset as u64).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    read.truncated = true;
     Ok(read)
 }
 
@@ -928,6 +963,42 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("freshd-wal-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
+    }
+
+    #[test]
+    fn a_frame_length_is_checked_before_it_is_used() {
+        let good = frame(b"payload");
+        assert_eq!(read_frame(&good), Ok((&b"payload"[..], good.len())));
+        // Past the maximum: corruption wherever it is, and nothing is
+        // allocated or sliced for it.
+        for len in [u32::MAX, MAX_RECORD_BYTES + 1] {
+            let mut bad = good.clone();
+            bad[..4].copy_from_slice(&len.to_le_bytes());
+            assert_eq!(
+                read_frame(&bad),
+                Err((format!("a record of {len} bytes"), false))
+            );
+        }
+        // Within the maximum but past the data: a torn write.
+        let mut cut = good.clone();
+        cut[..4].copy_from_slice(&MAX_RECORD_BYTES.to_le_bytes());
+        assert_eq!(read_frame(&cut), Err(("a record cut short".into(), true)));
+        assert_eq!(
+            read_frame(&good[..5]),
+            Err(("a record header cut short".into(), true))
+        );
+        // A checksum mismatch is torn only at the end of the data.
+        let mut flipped = good.clone();
+        flipped[9] ^= 1;
+        assert_eq!(
+            read_frame(&flipped),
+            Err(("a checksum mismatch".into(), true))
+        );
+        flipped.push(0);
+        assert_eq!(
+            read_frame(&flipped),
+            Err(("a checksum mismatch".into(), false))
+        );
     }
 
     #[test]

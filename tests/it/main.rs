@@ -4,6 +4,7 @@
 mod concurrency;
 mod durability;
 mod errors;
+mod fuzz_smoke;
 mod harness;
 mod hostile;
 mod metrics;
