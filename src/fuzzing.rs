@@ -477,6 +477,7 @@ impl Run {
                 resume,
                 &start.track,
                 &start.subscribe,
+                None,
             ) {
                 assert!(from <= self.store.seq() || resume.is_some());
                 for key in &start.track {
