@@ -159,8 +159,15 @@ load() { # label target addr workload args...
   local label=$1 target=$2 addr=$3
   shift 3
   say "$label: $target (load average $(cut -d' ' -f1 /proc/loadavg))"
+  local pid
+  case $target in
+    freshd) pid=$FRESHD_PID ;;
+    redis) pid=$REDIS_PID ;;
+    etcd) pid=$ETCD_PID ;;
+  esac
   # A failed run is reported at the end; the others still run.
   if ! taskset -c "$LOAD_CPU" "$LOAD" --target "$target" --addr "$addr" --json "$JSON" \
+    --server-pid "$pid" \
     --label "$label" "$@" 2>&1 | tee -a "$RESULTS/load.txt"; then
     FAILED+=("$label/$target")
   fi

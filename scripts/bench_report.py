@@ -135,6 +135,33 @@ def table(reports):
     return "\n".join(lines)
 
 
+def cpu_table(reports):
+    """Server CPU per operation, freshd against each peer in the same case."""
+    lines = ["| workload | per | freshd µs | peer | peer µs | ratio | freshd cores busy | peer cores busy |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    per = {"check": "request", "notice": "notice received", "fanout": "notice received"}
+    for f in reports:
+        if f["target"] != "freshd" or f.get("server_cpu_s") is None or not f["ops"]:
+            continue
+        for p in reports:
+            if (p["target"] == "freshd" or p["workload"] != f["workload"] or p["mode"] != f["mode"]
+                    or p.get("server_cpu_s") is None or not p["ops"]):
+                continue
+            keys = ("batch", "rate", "subscribers")
+            if any(f["params"].get(k) != p["params"].get(k) for k in keys):
+                continue
+            fu = f["server_cpu_s"] * 1e6 / f["ops"]
+            pu = p["server_cpu_s"] * 1e6 / p["ops"]
+            what = f"{f['workload']} {f['variant']} ({f['mode']}"
+            what += f", {f['params']['rate']:g}/s" if f["params"].get("rate") else ""
+            what += f", {f['params']['subscribers']:,} subs" if f["params"].get("subscribers") else ""
+            what += ")"
+            lines.append(f"| {what} | {per.get(f['workload'], 'op')} | {fu:,.1f} | "
+                         f"{p['target']} {p['variant']} | {pu:,.1f} | {fu / pu:.2f} | "
+                         f"{f['server_cpu_s'] / f['secs']:.2f} | {p['server_cpu_s'] / p['secs']:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def errors(reports):
     bad = [r for r in reports if r["errors"]]
     if not bad:
@@ -268,6 +295,11 @@ def main():
         print("```\n" + open(args.machine).read().rstrip() + "\n```\n")
     print(table(reports))
     print()
+    cpu = cpu_table(reports)
+    if cpu:
+        print("Server CPU per operation (from /proc, over the measured window):\n")
+        print(cpu)
+        print()
     print(errors(reports))
     if args.plots:
         for p in plots(reports, args.plots):

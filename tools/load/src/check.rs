@@ -294,6 +294,7 @@ async fn measure(
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + secs(opts.warmup);
     let until = measure_from + secs(opts.secs);
+    let server_cpu = crate::cpu::window(measure_from, until);
     let way_or = way.unwrap_or(RedisBatch::Mget);
     let mut unanswered = 0;
     if run.rate == 0.0 {
@@ -393,6 +394,7 @@ async fn measure(
         keys_per_sec: (ops * run.batch as u64) as f64 / opts.secs,
         errors: tally.errors.load(Ordering::Relaxed) + unanswered,
         latency: Some(latencies.summary()),
+        server_cpu_s: server_cpu.await.ok().flatten(),
         extra: json!({ "unanswered": unanswered }),
     })
 }

@@ -139,6 +139,7 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
     let start = Instant::now();
     let measure_from = start + secs(opts.warmup);
     let until = measure_from + secs(opts.secs);
+    let server_cpu = crate::cpu::window(measure_from, until);
     let mut changes = 0u64;
     let mut changes_in_window = 0u64;
     let mut errors = 0u64;
@@ -254,6 +255,7 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
         keys_per_sec: received as f64 / opts.secs,
         errors,
         latency: None,
+        server_cpu_s: server_cpu.await.ok().flatten(),
         extra: json!({
             "changes": changes, "notices_expected": expected, "notices_received": total,
             "delivered_share": if expected > 0 { total as f64 / expected as f64 } else { 0.0 },

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod cpu;
 pub mod deps;
 pub mod fanout;
 pub mod memory;

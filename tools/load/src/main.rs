@@ -33,6 +33,10 @@ struct Cli {
     /// A label stored with each JSON report (the suite's case name).
     #[arg(long, global = true)]
     label: Option<String>,
+    /// The server's process id: reports then include its CPU time over each
+    /// measured window.
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -131,6 +135,9 @@ fn main() -> ExitCode {
         .thread_name("load-client")
         .build()
         .expect("tokio runtime");
+    if let Some(pid) = cli.server_pid {
+        freshd_load::cpu::set_server_pid(pid);
+    }
     let (target, addr) = (cli.target, cli.addr.clone());
     let result: Result<Vec<Report>, String> = runtime.block_on(async move {
         match cli.workload {

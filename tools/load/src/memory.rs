@@ -189,6 +189,7 @@ pub async fn run(opts: &MemoryOpts) -> Result<Report, Error> {
         keys_per_sec: k as f64 / load_secs.max(1e-9),
         errors: 0,
         latency: None,
+        server_cpu_s: None,
         extra,
     })
 }

@@ -191,6 +191,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         write_errors.clone(),
     ));
     let end = pace::intended(start, opts.rate, changes);
+    let server_cpu = crate::cpu::window(pace::intended(start, opts.rate, counted_from), end);
     let pacer = pace::spawn(
         opts.rate,
         start,
@@ -236,6 +237,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         keys_per_sec: counted as f64 / opts.secs,
         errors: expected.saturating_sub(received) + write_errors.load(Ordering::Relaxed),
         latency: Some(latencies.summary()),
+        server_cpu_s: server_cpu.await.ok().flatten(),
         extra: json!({
             "notices_expected": expected, "notices_received": received,
             "write_p50_us": writes.p50_us, "write_p99_us": writes.p99_us,

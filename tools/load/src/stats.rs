@@ -120,6 +120,9 @@ pub struct Report {
     pub errors: u64,
     /// Latency percentiles, when the workload measures latency.
     pub latency: Option<LatencySummary>,
+    /// CPU seconds the server process used in the measured window, when
+    /// its process id was given.
+    pub server_cpu_s: Option<f64>,
     /// Workload-specific figures (bytes per key, notices expected...).
     pub extra: serde_json::Value,
 }
@@ -141,6 +144,13 @@ impl Report {
             line.push_str(&format!(
                 "  n {}  p50 {} µs  p90 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
                 l.count, l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
+            ));
+        }
+        if let Some(cpu) = self.server_cpu_s {
+            line.push_str(&format!(
+                "  server cores busy {:.2}, {:.1} µs CPU/op",
+                cpu / self.secs.max(1e-9),
+                cpu * 1e6 / self.ops.max(1) as f64
             ));
         }
         if !self.extra.is_null() {

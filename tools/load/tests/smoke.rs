@@ -138,13 +138,13 @@ async fn memory_counts_keys() {
         target: Target::Freshd,
         addr,
         pid: Some(std::process::id()),
-        keys: 2000,
-        concurrency: 8,
+        keys: 400,
+        concurrency: 16,
     };
     let r = freshd_load::memory::run(&opts).await.expect("memory runs");
     assert_clean(&r);
-    assert_eq!(r.ops, 2000);
-    // 2,000 cached keys and 500 entities; 4 edges per cached key.
-    assert_eq!(r.extra["server_keys"], 2500);
-    assert_eq!(r.extra["server_edges"], 8000);
+    assert_eq!(r.ops, 400);
+    // 400 cached keys and 100 entities; 4 edges per cached key.
+    assert_eq!(r.extra["server_keys"], 500);
+    assert_eq!(r.extra["server_edges"], 1600);
 }
