@@ -116,7 +116,7 @@ stop_servers() {
 start_freshd() {
   FRESHD_PORT=$(free_port)
   taskset -c "$SERVER_CPU" "$FRESHD" --listen "127.0.0.1:$FRESHD_PORT" --admin-listen off \
-    >"$RESULTS/freshd.log" 2>&1 &
+    >>"$RESULTS/freshd.log" 2>&1 &
   FRESHD_PID=$!
   PIDS+=("$FRESHD_PID")
   wait_port "$FRESHD_PORT"
@@ -126,7 +126,7 @@ start_redis() {
   REDIS_PORT=$(free_port)
   taskset -c "$SERVER_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 \
     --save '' --appendonly no --daemonize no --loglevel warning \
-    >"$RESULTS/redis.log" 2>&1 &
+    >>"$RESULTS/redis.log" 2>&1 &
   REDIS_PID=$!
   PIDS+=("$REDIS_PID")
   wait_port "$REDIS_PORT"
@@ -143,7 +143,7 @@ start_etcd() {
     --listen-peer-urls "http://127.0.0.1:$peer" \
     --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
     --initial-cluster "bench=http://127.0.0.1:$peer" \
-    --log-level error >"$RESULTS/etcd.log" 2>&1 &
+    --log-level error >>"$RESULTS/etcd.log" 2>&1 &
   ETCD_PID=$!
   PIDS+=("$ETCD_PID")
   wait_port "$ETCD_PORT"

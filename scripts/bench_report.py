@@ -100,7 +100,8 @@ def rows(reports):
                 continue
             for q in ("p50", "p99"):
                 goal = 1.0 if (q == "p99" and peer == "redis") else None
-                add(f"write-to-notice, {subs:,} subscribers at {rate:g}/s, {q} µs",
+                noun = "subscriber" if subs == 1 else "subscribers"
+                add(f"write-to-notice, {subs:,} {noun} at {rate:g}/s, {q} µs",
                     f["latency"][f"{q}_us"], name, p["latency"][f"{q}_us"], goal,
                     higher_better=False)
     f = find(reports, workload="fanout", target="freshd")
@@ -135,6 +136,12 @@ def table(reports):
     return "\n".join(lines)
 
 
+def busy(r):
+    """Server cores busy over the window its CPU time was read in."""
+    window = (r.get("extra") or {}).get("cpu_window_s") or r["secs"]
+    return r["server_cpu_s"] / window
+
+
 def cpu_table(reports):
     """Server CPU per operation, freshd against each peer in the same case."""
     lines = ["| workload | per | freshd µs | peer | peer µs | ratio | freshd cores busy | peer cores busy |",
@@ -158,7 +165,7 @@ def cpu_table(reports):
             what += ")"
             lines.append(f"| {what} | {per.get(f['workload'], 'op')} | {fu:,.1f} | "
                          f"{p['target']} {p['variant']} | {pu:,.1f} | {fu / pu:.2f} | "
-                         f"{f['server_cpu_s'] / f['secs']:.2f} | {p['server_cpu_s'] / p['secs']:.2f} |")
+                         f"{busy(f):.2f} | {busy(p):.2f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

@@ -40,15 +40,20 @@ pub fn window(from: Instant, until: Instant) -> tokio::task::JoinHandle<Option<f
     })
 }
 
-/// The server's CPU seconds from now until `done` resolves.
-pub async fn during<F: std::future::Future>(done: F) -> (F::Output, Option<f64>) {
-    let pid = SERVER_PID.get().copied();
-    let before = pid.and_then(process_cpu);
-    let out = done.await;
-    let after = pid.and_then(process_cpu);
-    let used = match (before, after) {
-        (Some(b), Some(a)) => Some((a - b).as_secs_f64()),
-        _ => None,
-    };
-    (out, used)
+/// The server's CPU time at `from`, read by a task that sleeps until then;
+/// `None` without a server pid. With [`since`], for windows whose end is
+/// not known in advance.
+pub fn mark_at(from: Instant) -> tokio::task::JoinHandle<Option<(Instant, Duration)>> {
+    tokio::spawn(async move {
+        let pid = *SERVER_PID.get()?;
+        tokio::time::sleep_until(from.into()).await;
+        Some((Instant::now(), process_cpu(pid)?))
+    })
+}
+
+/// CPU seconds and wall seconds from a [`mark_at`] mark until now.
+pub fn since(mark: Option<(Instant, Duration)>) -> Option<(f64, f64)> {
+    let (at, cpu) = mark?;
+    let now = process_cpu(*SERVER_PID.get()?)?;
+    Some(((now - cpu).as_secs_f64(), at.elapsed().as_secs_f64()))
 }

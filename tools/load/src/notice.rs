@@ -191,7 +191,8 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         write_errors.clone(),
     ));
     let end = pace::intended(start, opts.rate, changes);
-    let server_cpu = crate::cpu::window(pace::intended(start, opts.rate, counted_from), end);
+    // Server CPU from the first counted write until every notice is in.
+    let cpu_mark = crate::cpu::mark_at(pace::intended(start, opts.rate, counted_from));
     let pacer = pace::spawn(
         opts.rate,
         start,
@@ -207,6 +208,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
     while shared.finished.load(Ordering::Relaxed) < opts.subscribers && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let server_cpu = crate::cpu::since(cpu_mark.await.ok().flatten());
     let _ = stop_tx.send(true);
     for s in subs {
         let _ = s.await;
@@ -237,10 +239,11 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         keys_per_sec: counted as f64 / opts.secs,
         errors: expected.saturating_sub(received) + write_errors.load(Ordering::Relaxed),
         latency: Some(latencies.summary()),
-        server_cpu_s: server_cpu.await.ok().flatten(),
+        server_cpu_s: server_cpu.map(|(cpu, _)| cpu),
         extra: json!({
             "notices_expected": expected, "notices_received": received,
             "write_p50_us": writes.p50_us, "write_p99_us": writes.p99_us,
+            "cpu_window_s": server_cpu.map(|(_, wall)| wall),
         }),
     })
 }

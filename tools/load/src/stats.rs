@@ -120,8 +120,10 @@ pub struct Report {
     pub errors: u64,
     /// Latency percentiles, when the workload measures latency.
     pub latency: Option<LatencySummary>,
-    /// CPU seconds the server process used in the measured window, when
-    /// its process id was given.
+    /// CPU seconds the server process used in the measured window (notice:
+    /// from the first counted write until the last notice arrived, with the
+    /// window's length in `extra.cpu_window_s`), when its process id was
+    /// given.
     pub server_cpu_s: Option<f64>,
     /// Workload-specific figures (bytes per key, notices expected...).
     pub extra: serde_json::Value,
@@ -149,7 +151,10 @@ impl Report {
         if let Some(cpu) = self.server_cpu_s {
             line.push_str(&format!(
                 "  server cores busy {:.2}, {:.1} µs CPU/op",
-                cpu / self.secs.max(1e-9),
+                cpu / self.extra["cpu_window_s"]
+                    .as_f64()
+                    .unwrap_or(self.secs)
+                    .max(1e-9),
                 cpu * 1e6 / self.ops.max(1) as f64
             ));
         }
