@@ -182,12 +182,15 @@ COLORS = {"freshd": "#1f77b4", "redis": "#d62728", "etcd": "#2ca02c"}
 
 
 def cdf_axes(ax, series, title):
+    styles = ["-", "--", ":", "-."]
+    rates = sorted({r["params"].get("rate") for _, r in series})
     for label, report in series:
+        style = styles[rates.index(report["params"].get("rate")) % len(styles)] if len(rates) > 1 else "-"
         cdf = report["latency"]["cdf"]
         xs = [max(v, 1) / 1000 for _, v in cdf]
         ys = [q for q, _ in cdf]
         ax.plot(xs, ys, label=f"{label} (p99 {report['latency']['p99_us'] / 1000:.2f} ms)",
-                color=COLORS.get(report["target"]), drawstyle="steps-post")
+                color=COLORS.get(report["target"]), linestyle=style, drawstyle="steps-post")
     ax.set_xscale("log")
     ax.set_xlabel("latency, ms (log)")
     ax.set_ylabel("fraction of notices" if "notice" in title else "fraction of requests")
