@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Turns the suite's results.jsonl (one freshd-load report per line) into the
+markdown table freshd | peer | ratio, and, with --plots DIR, PNG plots:
+notice_cdf_<subs>_at_<rate>.png (write-to-notice latency CDFs),
+check_cdf.png (open-loop check latency CDFs) and throughput.png (bars).
+
+Needs matplotlib only for --plots."""
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def find(reports, **want):
+    for r in reports:
+        if all(_get(r, k) == v for k, v in want.items()):
+            return r
+    return None
+
+
+def _get(r, key):
+    if key in ("subscribers", "rate", "batch"):
+        return r["params"].get(key)
+    return r.get(key)
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and x < 100:
+        return f"{x:,.1f}{unit}"
+    return f"{x:,.0f}{unit}"
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def rows(reports):
+    """(what, freshd, peer name, peer, ratio, goal, met) rows."""
+    out = []
+
+    def add(what, f, peer_name, p, goal=None, higher_better=True, unit=""):
+        r = ratio(f, p)
+        met = ""
+        if goal is not None and r is not None:
+            ok = r >= goal if higher_better else r <= goal
+            met = "yes" if ok else "**no**"
+        goal_text = "" if goal is None else (f">= {goal}x" if higher_better else f"<= {goal}x")
+        out.append((what, fmt(f, unit), peer_name, fmt(p, unit),
+                    "n/a" if r is None else f"{r:.2f}", goal_text, met))
+
+    # Checks.
+    f = find(reports, workload="check", target="freshd", mode="closed", batch=1)
+    p = find(reports, workload="check", target="redis", mode="closed", batch=1)
+    if f and p:
+        add("single-key check, ops/s (16 conns, closed loop)", f["ops_per_sec"], "Redis GET",
+            p["ops_per_sec"], 0.5)
+        add("  p50 at that load, µs", f["latency"]["p50_us"], "Redis GET", p["latency"]["p50_us"],
+            higher_better=False)
+        add("  p99 at that load, µs", f["latency"]["p99_us"], "Redis GET", p["latency"]["p99_us"],
+            higher_better=False)
+    for f in [r for r in reports if r["workload"] == "check" and r["target"] == "freshd"
+              and r["mode"] == "open" and r["params"]["batch"] == 1]:
+        rate = f["params"]["rate"]
+        p = find(reports, workload="check", target="redis", mode="open", batch=1, rate=rate)
+        if p:
+            add(f"single-key check at {rate:,.0f}/s (open loop), p50 µs", f["latency"]["p50_us"],
+                "Redis GET", p["latency"]["p50_us"], higher_better=False)
+            add(f"single-key check at {rate:,.0f}/s (open loop), p99 µs", f["latency"]["p99_us"],
+                "Redis GET", p["latency"]["p99_us"], higher_better=False)
+    for batch in (64, 1000):
+        f = find(reports, workload="check", target="freshd", mode="closed", batch=batch)
+        if not f:
+            continue
+        for variant, goal in ((f"MGET {batch}", 1.0), (f"pipelined GET {batch}", None)):
+            p = find(reports, workload="check", target="redis", mode="closed", batch=batch,
+                     variant=variant)
+            if p:
+                add(f"CheckBatch {batch}, keys/s", f["keys_per_sec"], "Redis " + variant,
+                    p["keys_per_sec"], goal)
+    # Notices.
+    cases = sorted({(r["params"]["subscribers"], r["params"]["rate"]) for r in reports
+                    if r["workload"] == "notice"})
+    for subs, rate in cases:
+        f = find(reports, workload="notice", target="freshd", subscribers=subs, rate=rate)
+        if not f:
+            continue
+        for peer, name in (("redis", "Redis SET -> tracking"), ("etcd", "etcd Put -> Watch")):
+            p = find(reports, workload="notice", target=peer, subscribers=subs, rate=rate)
+            if not p:
+                continue
+            for q in ("p50", "p99"):
+                goal = 1.0 if (q == "p99" and peer == "redis") else None
+                noun = "subscriber" if subs == 1 else "subscribers"
+                add(f"write-to-notice, {subs:,} {noun} at {rate:g}/s, {q} µs",
+                    f["latency"][f"{q}_us"], name, p["latency"][f"{q}_us"], goal,
+                    higher_better=False)
+    f = find(reports, workload="fanout", target="freshd")
+    p = find(reports, workload="fanout", target="redis")
+    if f and p:
+        add(f"notices/s to {f['params']['subscribers']:,} subscribers", f["keys_per_sec"],
+            "Redis PUBLISH", p["keys_per_sec"], 1.0)
+    f = find(reports, workload="deps", target="freshd")
+    p = find(reports, workload="deps", target="redis")
+    if f and p:
+        d = f["params"]["dependents"]
+        add(f"{d:,} dependents, time to last notice, median ms", f["latency"]["p50_us"] / 1000,
+            "Redis EVAL + tracking", p["latency"]["p50_us"] / 1000, 1.0, higher_better=False)
+        add(f"{d:,} dependents, time to last notice, max ms", f["latency"]["max_us"] / 1000,
+            "Redis EVAL + tracking", p["latency"]["max_us"] / 1000, higher_better=False)
+    f = find(reports, workload="memory", target="freshd")
+    p = find(reports, workload="memory", target="redis")
+    if f and p:
+        k = f["params"]["keys"]
+        add(f"bytes per key ({k:,} keys, 4 deps each; freshd RSS)", f["extra"]["bytes_per_key"],
+            "Redis used_memory", p["extra"]["bytes_per_key"], 1.0, higher_better=False)
+        add("  against Redis RSS", f["extra"]["bytes_per_key"], "Redis used_memory_rss",
+            p["extra"]["rss_per_key"], higher_better=False)
+    return out
+
+
+def table(reports):
+    lines = ["| workload | freshd | peer | peer's figure | ratio freshd/peer | goal | met |",
+             "|---|---:|---|---:|---:|---|---|"]
+    for what, f, peer, p, r, goal, met in rows(reports):
+        lines.append(f"| {what} | {f} | {peer} | {p} | {r} | {goal} | {met} |")
+    return "\n".join(lines)
+
+
+def busy(r):
+    """Server cores busy over the window its CPU time was read in."""
+    window = (r.get("extra") or {}).get("cpu_window_s") or r["secs"]
+    return r["server_cpu_s"] / window
+
+
+def cpu_table(reports):
+    """Server CPU per operation, freshd against each peer in the same case."""
+    lines = ["| workload | per | freshd µs | peer | peer µs | ratio | freshd cores busy | peer cores busy |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    per = {"check": "request", "notice": "notice received", "fanout": "notice received"}
+    for f in reports:
+        if f["target"] != "freshd" or f.get("server_cpu_s") is None or not f["ops"]:
+            continue
+        for p in reports:
+            if (p["target"] == "freshd" or p["workload"] != f["workload"] or p["mode"] != f["mode"]
+                    or p.get("server_cpu_s") is None or not p["ops"]):
+                continue
+            keys = ("batch", "rate", "subscribers")
+            if any(f["params"].get(k) != p["params"].get(k) for k in keys):
+                continue
+            fu = f["server_cpu_s"] * 1e6 / f["ops"]
+            pu = p["server_cpu_s"] * 1e6 / p["ops"]
+            what = f"{f['workload']} {f['variant']} ({f['mode']}"
+            what += f", {f['params']['rate']:g}/s" if f["params"].get("rate") else ""
+            what += f", {f['params']['subscribers']:,} subs" if f["params"].get("subscribers") else ""
+            what += ")"
+            lines.append(f"| {what} | {per.get(f['workload'], 'op')} | {fu:,.1f} | "
+                         f"{p['target']} {p['variant']} | {pu:,.1f} | {fu / pu:.2f} | "
+                         f"{busy(f):.2f} | {busy(p):.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def errors(reports):
+    bad = [r for r in reports if r["errors"]]
+    if not bad:
+        return "Every run finished without errors (every answer checked, every notice received)."
+    return "Runs with errors:\n" + "\n".join(
+        f"- {r['workload']} {r['target']} {r['variant']}: {r['errors']} ({json.dumps(r['extra'])})"
+        for r in bad)
+
+
+COLORS = {"freshd": "#1f77b4", "redis": "#d62728", "etcd": "#2ca02c"}
+
+
+def cdf_axes(ax, series, title):
+    styles = ["-", "--", ":", "-."]
+    rates = sorted({r["params"].get("rate") for _, r in series})
+    for label, report in series:
+        style = styles[rates.index(report["params"].get("rate")) % len(styles)] if len(rates) > 1 else "-"
+        cdf = report["latency"]["cdf"]
+        xs = [max(v, 1) / 1000 for _, v in cdf]
+        ys = [q for q, _ in cdf]
+        ax.plot(xs, ys, label=f"{label} (p99 {report['latency']['p99_us'] / 1000:.2f} ms)",
+                color=COLORS.get(report["target"]), linestyle=style, drawstyle="steps-post")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, ms (log)")
+    ax.set_ylabel("fraction of notices" if "notice" in title else "fraction of requests")
+    ax.set_ylim(0, 1.0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def plots(reports, out):
+    import os
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    written = []
+    names = {"freshd": "freshd Publish -> Watch", "redis": "Redis SET -> tracking",
+             "etcd": "etcd Put -> Watch"}
+    cases = sorted({(r["params"]["subscribers"], r["params"]["rate"]) for r in reports
+                    if r["workload"] == "notice"})
+    for subs, rate in cases:
+        series = [(names[t], r) for t in ("freshd", "redis", "etcd")
+                  if (r := find(reports, workload="notice", target=t, subscribers=subs, rate=rate))]
+        fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+        cdf_axes(ax, series, f"write-to-notice latency, {subs:,} subscribers, {rate:g} writes/s")
+        path = os.path.join(out, f"notice_cdf_{subs}_at_{rate:g}.png")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+
+    opens = [r for r in reports if r["workload"] == "check" and r["mode"] == "open"
+             and r["params"]["batch"] == 1]
+    if opens:
+        fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
+        series = [(f"{'freshd Check' if r['target'] == 'freshd' else 'Redis GET'} at "
+                   f"{r['params']['rate']:,.0f}/s", r) for r in opens]
+        cdf_axes(ax, series, "single-key check latency, open loop, 16 connections")
+        path = os.path.join(out, "check_cdf.png")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+
+    panels = []
+    def bars(title, items):
+        items = [(n, v, t) for n, v, t in items if v is not None]
+        if items:
+            panels.append((title, items))
+
+    def val(r, key):
+        return None if r is None else r[key]
+
+    bars("single-key check, ops/s", [
+        ("freshd Check", val(find(reports, workload="check", target="freshd", mode="closed", batch=1), "ops_per_sec"), "freshd"),
+        ("Redis GET", val(find(reports, workload="check", target="redis", mode="closed", batch=1), "ops_per_sec"), "redis")])
+    for batch in (64, 1000):
+        bars(f"batches of {batch}, keys/s", [
+            ("freshd CheckBatch", val(find(reports, workload="check", target="freshd", mode="closed", batch=batch), "keys_per_sec"), "freshd"),
+            ("Redis MGET", val(find(reports, workload="check", target="redis", mode="closed", batch=batch, variant=f"MGET {batch}"), "keys_per_sec"), "redis"),
+            ("Redis pipelined GET", val(find(reports, workload="check", target="redis", mode="closed", batch=batch, variant=f"pipelined GET {batch}"), "keys_per_sec"), "redis")])
+    bars("notices/s to 1,000 subscribers", [
+        ("freshd Watch", val(find(reports, workload="fanout", target="freshd"), "keys_per_sec"), "freshd"),
+        ("Redis pub/sub", val(find(reports, workload="fanout", target="redis"), "keys_per_sec"), "redis")])
+    fd = find(reports, workload="deps", target="freshd")
+    rd = find(reports, workload="deps", target="redis")
+    bars("10k dependents: ms to last notice (lower is better)", [
+        ("freshd", fd and fd["latency"]["p50_us"] / 1000, "freshd"),
+        ("Redis EVAL+tracking", rd and rd["latency"]["p50_us"] / 1000, "redis")])
+    fm = find(reports, workload="memory", target="freshd")
+    rm = find(reports, workload="memory", target="redis")
+    bars("bytes per key with 4 deps (lower is better)", [
+        ("freshd RSS", fm and fm["extra"]["bytes_per_key"], "freshd"),
+        ("Redis used_memory", rm and rm["extra"]["bytes_per_key"], "redis"),
+        ("Redis RSS", rm and rm["extra"]["rss_per_key"], "redis")])
+    if panels:
+        cols = 3
+        rows_n = (len(panels) + cols - 1) // cols
+        fig, axes = plt.subplots(rows_n, cols, figsize=(11, 3.3 * rows_n), dpi=80, squeeze=False)
+        for ax, (title, items) in zip(axes.flat, panels):
+            names_ = [n for n, _, _ in items]
+            values = [v for _, v, _ in items]
+            colors = [COLORS[t] for _, _, t in items]
+            shades = [c if i < 2 else "#f4a0a0" for i, c in enumerate(colors)]
+            ax.bar(range(len(values)), values, color=shades)
+            ax.set_xticks(range(len(values)))
+            ax.set_xticklabels(names_, fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.tick_params(axis="y", labelsize=7)
+            for i, v in enumerate(values):
+                ax.text(i, v, f"{v:,.0f}" if v >= 100 else f"{v:.1f}", ha="center", va="bottom",
+                        fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = os.path.join(out, "throughput.png")
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("results")
+    ap.add_argument("--machine")
+    ap.add_argument("--plots")
+    args = ap.parse_args()
+    reports = load(args.results)
+    if args.machine:
+        print("```\n" + open(args.machine).read().rstrip() + "\n```\n")
+    print(table(reports))
+    print()
+    cpu = cpu_table(reports)
+    if cpu:
+        print("Server CPU per operation (from /proc, over the measured window):\n")
+        print(cpu)
+        print()
+    print(errors(reports))
+    if args.plots:
+        for p in plots(reports, args.plots):
+            print(f"\nwrote {p}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

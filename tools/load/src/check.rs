@@ -1,0 +1,495 @@
+//! Version checks: `Check` / `CheckBatch` against Redis `GET` / `MGET` /
+//! pipelined `GET`, over `conns` connections.
+//!
+//! Setup: `keys` keys `check:N`. freshd registers each with `Fill` and one
+//! dependency (`check-dep:N%1000`), and the answer must be `FRESH` with the
+//! version the fill gave; Redis holds `SET check:N N`, and the value read
+//! must be `N`. A batch has distinct random keys.
+//!
+//! A run is `batch@rate`: rate 0 is closed loop (each connection sends,
+//! waits for the answer, sends again: the throughput at that concurrency,
+//! latency from the actual send); a positive rate is open loop (requests at
+//! that rate in total, dealt to the connections in turn, sent whether or not
+//! earlier ones were answered; latency from the intended send time).
+
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use freshd::pb::{CheckBatchRequest, CheckItem, CheckRequest, FillRequest, Freshness};
+use rand::rngs::SmallRng;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::pace::{self, Tick};
+use crate::resp::{self, AsyncConn, Reply};
+use crate::stats::{Latencies, Report};
+use crate::{freshd_client, parallel, secs, socket_addr, Error, Target};
+
+/// How Redis answers a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisBatch {
+    /// One `MGET k1 .. kn`.
+    Mget,
+    /// `n` `GET`s written at once, the replies read after.
+    Pipeline,
+}
+
+/// One measurement: keys per request and requests per second (0: closed
+/// loop).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Run {
+    /// Keys per request.
+    pub batch: usize,
+    /// Requests per second in total; 0 for closed loop.
+    pub rate: f64,
+}
+
+impl Run {
+    /// Parses `batch@rate` (or `batch`, closed loop).
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let text = text.trim();
+        let (batch, rate) = text.split_once('@').unwrap_or((text, "0"));
+        let run = Self {
+            batch: batch
+                .parse()
+                .map_err(|_| format!("bad batch in {text:?}"))?,
+            rate: rate.parse().map_err(|_| format!("bad rate in {text:?}"))?,
+        };
+        if run.batch == 0 || run.rate < 0.0 {
+            return Err(format!("bad run {text:?}"));
+        }
+        Ok(run)
+    }
+}
+
+/// Settings of the check workload.
+#[derive(Clone, Debug)]
+pub struct CheckOpts {
+    /// Which server.
+    pub target: Target,
+    /// Its `host:port`.
+    pub addr: String,
+    /// Connections (and, closed loop, requests in flight).
+    pub conns: usize,
+    /// Keys registered before measuring.
+    pub keys: usize,
+    /// The measurements, in order.
+    pub runs: Vec<Run>,
+    /// How Redis answers batches; each listed way is one measurement.
+    pub redis_batch: Vec<RedisBatch>,
+    /// Warm-up seconds before each measurement.
+    pub warmup: f64,
+    /// Measured seconds.
+    pub secs: f64,
+}
+
+/// What a measurement counts.
+#[derive(Default)]
+struct Tally {
+    ops: AtomicU64,
+    errors: AtomicU64,
+    latencies: Mutex<Latencies>,
+}
+
+impl Tally {
+    fn ok(&self, latency: Duration) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        self.latencies.lock().record(latency);
+    }
+
+    fn error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One client connection, of either kind.
+enum Conn {
+    Freshd(freshd::pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>),
+    Redis(AsyncConn),
+}
+
+/// A request: the key indexes it checks.
+fn pick(rng: &mut SmallRng, keys: usize, batch: usize) -> Vec<usize> {
+    if batch == 1 {
+        vec![rng.random_range(0..keys)]
+    } else {
+        sample(rng, keys, batch.min(keys)).into_vec()
+    }
+}
+
+fn key(i: usize) -> String {
+    format!("check:{i}")
+}
+
+/// Encodes the Redis commands of one request on `keys`.
+fn redis_request(keys: &[usize], how: RedisBatch, out: &mut Vec<u8>) -> usize {
+    out.clear();
+    let names: Vec<String> = keys.iter().map(|&i| key(i)).collect();
+    if keys.len() == 1 {
+        resp::encode(&[b"GET", names[0].as_bytes()], out);
+        return 1;
+    }
+    match how {
+        RedisBatch::Mget => {
+            let mut args: Vec<&[u8]> = vec![b"MGET"];
+            args.extend(names.iter().map(|n| n.as_bytes()));
+            resp::encode(&args, out);
+            1
+        }
+        RedisBatch::Pipeline => {
+            for n in &names {
+                resp::encode(&[b"GET", n.as_bytes()], out);
+            }
+            names.len()
+        }
+    }
+}
+
+/// Whether Redis's replies to a request on `keys` are right.
+fn redis_right(keys: &[usize], replies: &[Reply]) -> bool {
+    let value_is = |reply: &Reply, i: usize| matches!(reply, Reply::Bulk(Some(v)) if *v == i.to_string().as_bytes());
+    match replies {
+        [Reply::Array(Some(items))] if keys.len() > 1 => {
+            items.len() == keys.len() && items.iter().zip(keys).all(|(r, &i)| value_is(r, i))
+        }
+        _ => replies.len() == keys.len() && replies.iter().zip(keys).all(|(r, &i)| value_is(r, i)),
+    }
+}
+
+/// Sends one freshd request on `keys` and says whether the answer is right.
+async fn freshd_request(
+    client: &mut freshd::pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    keys: &[usize],
+    versions: &[u64],
+) -> bool {
+    if keys.len() == 1 {
+        let i = keys[0];
+        let answer = client
+            .check(CheckRequest {
+                key: key(i),
+                version: versions[i],
+                ..Default::default()
+            })
+            .await;
+        matches!(answer, Ok(r) if r.get_ref().freshness == Freshness::Fresh as i32 && r.get_ref().version == versions[i])
+    } else {
+        let answer = client
+            .check_batch(CheckBatchRequest {
+                items: keys
+                    .iter()
+                    .map(|&i| CheckItem {
+                        key: key(i),
+                        version: versions[i],
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .await;
+        match answer {
+            Ok(r) => {
+                let results = &r.get_ref().results;
+                results.len() == keys.len()
+                    && results.iter().zip(keys).all(|(r, &i)| {
+                        r.freshness == Freshness::Fresh as i32 && r.version == versions[i]
+                    })
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Registers the keys; answers the version of each (Redis: its index).
+async fn prepare(opts: &CheckOpts) -> Result<Arc<Vec<u64>>, Error> {
+    match opts.target {
+        Target::Freshd => {
+            let client = freshd_client(&opts.addr).await?;
+            let versions: Arc<Vec<AtomicU64>> =
+                Arc::new((0..opts.keys).map(|_| AtomicU64::new(0)).collect());
+            let v = versions.clone();
+            parallel(opts.keys, 64, move |_, i| {
+                let (mut client, v) = (client.clone(), v.clone());
+                async move {
+                    let r = client
+                        .fill(FillRequest {
+                            key: key(i),
+                            dependencies: vec![format!("check-dep:{}", i % 1000)],
+                            ttl_ms: 24 * 3_600_000,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| format!("fill {i}: {e}"))?;
+                    v[i].store(r.get_ref().version, Ordering::Relaxed);
+                    Ok(())
+                }
+            })
+            .await?;
+            Ok(Arc::new(
+                versions.iter().map(|v| v.load(Ordering::Relaxed)).collect(),
+            ))
+        }
+        Target::Redis => {
+            let mut conn = resp::SyncConn::connect(socket_addr(&opts.addr)?)
+                .map_err(|e| format!("cannot connect to redis {}: {e}", opts.addr))?;
+            let mut pipe = resp::Pipeline::new(&mut conn, 1000);
+            for i in 0..opts.keys {
+                let (k, v) = (key(i), i.to_string());
+                pipe.push(&[b"SET", k.as_bytes(), v.as_bytes()])
+                    .map_err(|e| format!("SET: {e}"))?;
+            }
+            pipe.flush().map_err(|e| format!("SET: {e}"))?;
+            Ok(Arc::new((0..opts.keys as u64).collect()))
+        }
+        Target::Etcd => Err("the check workload has no etcd variant".into()),
+    }
+}
+
+/// Runs every measurement of `opts`.
+pub async fn run(opts: &CheckOpts) -> Result<Vec<Report>, Error> {
+    if opts.keys == 0 || opts.conns == 0 {
+        return Err("keys and conns must be positive".into());
+    }
+    let versions = prepare(opts).await?;
+    let mut reports = Vec::new();
+    for run in &opts.runs {
+        let ways: Vec<Option<RedisBatch>> = match opts.target {
+            Target::Redis if run.batch > 1 => opts.redis_batch.iter().copied().map(Some).collect(),
+            Target::Redis => vec![Some(RedisBatch::Mget)],
+            _ => vec![None],
+        };
+        for way in ways {
+            reports.push(measure(opts, *run, way, versions.clone()).await?);
+        }
+    }
+    Ok(reports)
+}
+
+async fn connect(opts: &CheckOpts) -> Result<Vec<Conn>, Error> {
+    let mut conns = Vec::with_capacity(opts.conns);
+    for _ in 0..opts.conns {
+        conns.push(match opts.target {
+            Target::Freshd => Conn::Freshd(freshd_client(&opts.addr).await?),
+            _ => Conn::Redis(
+                AsyncConn::connect(socket_addr(&opts.addr)?)
+                    .await
+                    .map_err(|e| format!("cannot connect to redis {}: {e}", opts.addr))?,
+            ),
+        });
+    }
+    Ok(conns)
+}
+
+async fn measure(
+    opts: &CheckOpts,
+    run: Run,
+    way: Option<RedisBatch>,
+    versions: Arc<Vec<u64>>,
+) -> Result<Report, Error> {
+    let conns = connect(opts).await?;
+    let tally = Arc::new(Tally::default());
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + secs(opts.warmup);
+    let until = measure_from + secs(opts.secs);
+    let server_cpu = crate::cpu::window(measure_from, until);
+    let way_or = way.unwrap_or(RedisBatch::Mget);
+    let mut unanswered = 0;
+    if run.rate == 0.0 {
+        let mut tasks = Vec::new();
+        for (c, conn) in conns.into_iter().enumerate() {
+            let (tally, versions) = (tally.clone(), versions.clone());
+            let (keys, batch) = (opts.keys, run.batch);
+            tasks.push(tokio::spawn(async move {
+                let mut rng = SmallRng::seed_from_u64(c as u64 + 1);
+                let mut out = Vec::new();
+                tokio::time::sleep_until(start.into()).await;
+                let mut conn = conn;
+                loop {
+                    let sent = Instant::now();
+                    if sent >= until {
+                        break;
+                    }
+                    let picked = pick(&mut rng, keys, batch);
+                    let right = match &mut conn {
+                        Conn::Freshd(client) => freshd_request(client, &picked, &versions).await,
+                        Conn::Redis(redis) => {
+                            let n = redis_request(&picked, way_or, &mut out);
+                            redis_exchange(redis, &out, n)
+                                .await
+                                .is_some_and(|r| redis_right(&picked, &r))
+                        }
+                    };
+                    let done = Instant::now();
+                    if sent >= measure_from && done <= until {
+                        if right {
+                            tally.ok(done - sent);
+                        } else {
+                            tally.error();
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| format!("client task: {e}"))?;
+        }
+    } else {
+        let mut queues = Vec::new();
+        let mut tasks = Vec::new();
+        let in_flight = Arc::new(AtomicU64::new(0));
+        for (c, conn) in conns.into_iter().enumerate() {
+            let (tx, rx) = mpsc::unbounded_channel::<Tick>();
+            queues.push(tx);
+            let (tally, versions, in_flight) = (tally.clone(), versions.clone(), in_flight.clone());
+            let (keys, batch) = (opts.keys, run.batch);
+            tasks.push(tokio::spawn(open_conn(
+                conn,
+                rx,
+                c,
+                keys,
+                batch,
+                way_or,
+                versions,
+                tally,
+                in_flight,
+                measure_from,
+            )));
+        }
+        let pacer = pace::spawn(run.rate, start, until, None, queues);
+        let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+        // Let what was sent finish, for at most 10 s.
+        let drain_end = Instant::now() + Duration::from_secs(10);
+        for t in tasks {
+            let left = drain_end.saturating_duration_since(Instant::now());
+            if let Ok(r) = tokio::time::timeout(left, t).await {
+                r.map_err(|e| format!("client task: {e}"))?;
+            }
+        }
+        unanswered = in_flight.load(Ordering::Relaxed);
+    }
+    let latencies = tally.latencies.lock().clone();
+    let ops = tally.ops.load(Ordering::Relaxed);
+    let variant = match (opts.target, run.batch, way) {
+        (Target::Freshd, 1, _) => "Check".to_owned(),
+        (Target::Freshd, n, _) => format!("CheckBatch {n}"),
+        (_, 1, _) => "GET".to_owned(),
+        (_, n, Some(RedisBatch::Pipeline)) => format!("pipelined GET {n}"),
+        (_, n, _) => format!("MGET {n}"),
+    };
+    Ok(Report {
+        workload: "check".into(),
+        target: opts.target.name().into(),
+        variant,
+        mode: if run.rate == 0.0 { "closed" } else { "open" }.into(),
+        params: json!({
+            "conns": opts.conns, "keys": opts.keys, "batch": run.batch,
+            "rate": run.rate, "warmup_s": opts.warmup,
+        }),
+        secs: opts.secs,
+        ops,
+        ops_per_sec: ops as f64 / opts.secs,
+        keys_per_sec: (ops * run.batch as u64) as f64 / opts.secs,
+        errors: tally.errors.load(Ordering::Relaxed) + unanswered,
+        latency: Some(latencies.summary()),
+        server_cpu_s: server_cpu.await.ok().flatten(),
+        extra: json!({ "unanswered": unanswered }),
+    })
+}
+
+/// Writes a request and reads its `n` replies.
+async fn redis_exchange(conn: &mut AsyncConn, bytes: &[u8], n: usize) -> Option<Vec<Reply>> {
+    conn.write_raw(bytes).await.ok()?;
+    let mut replies = Vec::with_capacity(n);
+    for _ in 0..n {
+        replies.push(conn.read_reply().await.ok()?);
+    }
+    Some(replies)
+}
+
+/// One connection of an open-loop measurement: sends at each tick, records
+/// the latency from the tick's intended time.
+#[allow(clippy::too_many_arguments)]
+async fn open_conn(
+    conn: Conn,
+    mut ticks: mpsc::UnboundedReceiver<Tick>,
+    c: usize,
+    keys: usize,
+    batch: usize,
+    way: RedisBatch,
+    versions: Arc<Vec<u64>>,
+    tally: Arc<Tally>,
+    in_flight: Arc<AtomicU64>,
+    measure_from: Instant,
+) {
+    let mut rng = SmallRng::seed_from_u64(c as u64 + 1);
+    match conn {
+        Conn::Freshd(client) => {
+            let mut requests = tokio::task::JoinSet::new();
+            while let Some(tick) = ticks.recv().await {
+                let picked = pick(&mut rng, keys, batch);
+                let (mut client, versions, tally, in_flight) = (
+                    client.clone(),
+                    versions.clone(),
+                    tally.clone(),
+                    in_flight.clone(),
+                );
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                requests.spawn(async move {
+                    let right = freshd_request(&mut client, &picked, &versions).await;
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    if tick.intended >= measure_from {
+                        if right {
+                            tally.ok(tick.intended.elapsed());
+                        } else {
+                            tally.error();
+                        }
+                    }
+                });
+                while requests.try_join_next().is_some() {}
+            }
+            while requests.join_next().await.is_some() {}
+        }
+        Conn::Redis(redis) => {
+            let (mut reader, mut writer) = redis.into_split();
+            let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<(Tick, Vec<usize>, usize)>();
+            let read = {
+                let (tally, in_flight) = (tally.clone(), in_flight.clone());
+                tokio::spawn(async move {
+                    while let Some((tick, picked, n)) = sent_rx.recv().await {
+                        let mut replies = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            match reader.read_reply().await {
+                                Ok(r) => replies.push(r),
+                                Err(_) => return,
+                            }
+                        }
+                        in_flight.fetch_sub(1, Ordering::Relaxed);
+                        if tick.intended >= measure_from {
+                            if redis_right(&picked, &replies) {
+                                tally.ok(tick.intended.elapsed());
+                            } else {
+                                tally.error();
+                            }
+                        }
+                    }
+                })
+            };
+            let mut out = Vec::new();
+            while let Some(tick) = ticks.recv().await {
+                use tokio::io::AsyncWriteExt;
+                let picked = pick(&mut rng, keys, batch);
+                let n = redis_request(&picked, way, &mut out);
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                let _ = sent_tx.send((tick, picked, n));
+                if writer.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+            drop(sent_tx);
+            let _ = read.await;
+        }
+    }
+}

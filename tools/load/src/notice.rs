@@ -1,0 +1,616 @@
+//! Write-to-notice latency at a fixed rate, to N subscribers.
+//!
+//! Every subscriber follows the same `rate x (warmup + secs)` keys `hot:0`,
+//! `hot:1`, ... on a connection of its own; one writer changes them one at a
+//! time, in order, open loop: change `i` is intended at `start + i / rate`
+//! and sent then whether or not earlier writes were answered. For every
+//! notice each subscriber receives, latency = arrival minus the *intended*
+//! time of the change it reports. Each key changes once, so a notice names
+//! its change and nothing is conflated. Changes in the warm-up are not
+//! counted; a notice that never arrives (within 10 s of the last write)
+//! counts as an error.
+//!
+//! - freshd: the keys are registered with `Fill`; each subscriber is a
+//!   `Watch` stream tracking them (`start.track`); the writer sends
+//!   `Publish {changes: [hot:i]}`.
+//! - Redis: the keys are `SET`; each subscriber is a RESP3 connection with
+//!   `CLIENT TRACKING on` that read them with `MGET`; the writer sends
+//!   `SET hot:i`, and Redis pushes `invalidate [hot:i]`.
+//! - etcd: each subscriber is a `Watch` stream on the prefix `hot:` (one
+//!   gRPC connection each); the writer sends `Put hot:i`.
+
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use freshd::pb::watch_request::Request as WatchIn;
+use freshd::pb::watch_response::Response as WatchOut;
+use freshd::pb::{Change, FillRequest, PublishRequest, WatchRequest, WatchStart};
+use serde_json::json;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::etcdpb;
+use crate::pace::{self, Tick};
+use crate::resp::{self, AsyncConn, Reply};
+use crate::stats::{Latencies, Report};
+use crate::{freshd_client, grpc_channel, parallel, socket_addr, Error, Target};
+
+/// Settings of the write-to-notice workload.
+#[derive(Clone, Debug)]
+pub struct NoticeOpts {
+    /// Which server.
+    pub target: Target,
+    /// Its `host:port`.
+    pub addr: String,
+    /// Subscribers, each on a connection of its own.
+    pub subscribers: usize,
+    /// Changes per second.
+    pub rate: f64,
+    /// Seconds of changes not counted, first.
+    pub warmup: f64,
+    /// Seconds of changes counted.
+    pub secs: f64,
+}
+
+/// Connections opened at once while subscribers start.
+const CONNECT_CONCURRENCY: usize = 64;
+/// How long notices may take to arrive after the last write.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// The index of `hot:i`.
+fn index_of(key: &[u8]) -> Option<u64> {
+    std::str::from_utf8(key.strip_prefix(b"hot:")?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// What subscribers share: the schedule and the tallies.
+struct Shared {
+    start: OnceLock<Instant>,
+    rate: f64,
+    /// Changes before this index are warm-up.
+    counted_from: u64,
+    /// Notices every subscriber must get.
+    expected: u64,
+    finished: AtomicUsize,
+    received: AtomicU64,
+    latencies: Mutex<Latencies>,
+}
+
+/// One subscriber's count.
+struct Sub {
+    shared: Arc<Shared>,
+    got: u64,
+    hist: Latencies,
+}
+
+impl Sub {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            got: 0,
+            hist: Latencies::default(),
+        }
+    }
+
+    /// Notes a notice for `key` that arrived at `now`; true once every
+    /// expected notice has come.
+    fn note(&mut self, key: &[u8], now: Instant) -> bool {
+        let Some(i) = index_of(key) else { return false };
+        let Some(&start) = self.shared.start.get() else {
+            return false;
+        };
+        self.got += 1;
+        if i >= self.shared.counted_from {
+            let intended = pace::intended(start, self.shared.rate, i);
+            self.hist.record(now.saturating_duration_since(intended));
+        }
+        if self.got == self.shared.expected {
+            self.shared.finished.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        self.shared.received.fetch_add(self.got, Ordering::Relaxed);
+        self.shared.latencies.lock().merge(&self.hist);
+    }
+}
+
+/// Runs the workload once.
+pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
+    if opts.rate <= 0.0 || opts.subscribers == 0 {
+        return Err("rate and subscribers must be positive".into());
+    }
+    let counted_from = (opts.rate * opts.warmup).round() as u64;
+    let changes = counted_from + (opts.rate * opts.secs).round() as u64;
+    let keys: Arc<Vec<String>> = Arc::new((0..changes).map(|i| format!("hot:{i}")).collect());
+    let shared = Arc::new(Shared {
+        start: OnceLock::new(),
+        rate: opts.rate,
+        counted_from,
+        expected: changes,
+        finished: AtomicUsize::new(0),
+        received: AtomicU64::new(0),
+        latencies: Mutex::new(Latencies::default()),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // The keys, then the subscribers.
+    prepare(opts, &keys).await?;
+    let limit = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), Error>>(opts.subscribers);
+    let mut subs = Vec::with_capacity(opts.subscribers);
+    for id in 0..opts.subscribers {
+        let sub = Sub::new(shared.clone());
+        let (opts, keys, limit, ready, stop) = (
+            opts.clone(),
+            keys.clone(),
+            limit.clone(),
+            ready_tx.clone(),
+            stop_rx.clone(),
+        );
+        subs.push(tokio::spawn(async move {
+            let result = match opts.target {
+                Target::Freshd => {
+                    freshd_sub(&opts.addr, id, keys, limit, ready.clone(), stop, sub).await
+                }
+                Target::Redis => redis_sub(&opts.addr, keys, limit, ready.clone(), stop, sub).await,
+                Target::Etcd => etcd_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
+            };
+            if let Err(e) = result {
+                let _ = ready.send(Err(e)).await;
+            }
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..opts.subscribers {
+        match ready_rx.recv().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(format!("a subscriber failed to start: {e}")),
+            None => return Err("subscribers ended before starting".into()),
+        }
+    }
+
+    // The writer.
+    let start = Instant::now() + Duration::from_millis(100);
+    shared.start.set(start).expect("set once");
+    let writes = Arc::new(Mutex::new(Latencies::default()));
+    let write_errors = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::unbounded_channel::<Tick>();
+    let writer = tokio::spawn(write(
+        opts.clone(),
+        rx,
+        writes.clone(),
+        write_errors.clone(),
+    ));
+    let end = pace::intended(start, opts.rate, changes);
+    // Server CPU from the first counted write until every notice is in.
+    let cpu_mark = crate::cpu::mark_at(pace::intended(start, opts.rate, counted_from));
+    let pacer = pace::spawn(
+        opts.rate,
+        start,
+        end + Duration::from_secs(1),
+        Some(changes),
+        vec![tx],
+    );
+    let _ = tokio::task::spawn_blocking(move || pacer.join()).await;
+    writer.await.map_err(|e| format!("writer: {e}"))??;
+
+    // Wait for every notice, then close every subscriber at once.
+    let deadline = Instant::now() + DRAIN;
+    while shared.finished.load(Ordering::Relaxed) < opts.subscribers && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let server_cpu = crate::cpu::since(cpu_mark.await.ok().flatten());
+    let _ = stop_tx.send(true);
+    for s in subs {
+        let _ = s.await;
+    }
+
+    let latencies = shared.latencies.lock().clone();
+    let counted = latencies.count();
+    let received = shared.received.load(Ordering::Relaxed);
+    let expected = changes * opts.subscribers as u64;
+    let writes = writes.lock().summary();
+    Ok(Report {
+        workload: "notice".into(),
+        target: opts.target.name().into(),
+        variant: match opts.target {
+            Target::Freshd => "Publish -> Watch",
+            Target::Redis => "SET -> tracking push",
+            Target::Etcd => "Put -> Watch",
+        }
+        .into(),
+        mode: "open".into(),
+        params: json!({
+            "subscribers": opts.subscribers, "rate": opts.rate,
+            "warmup_s": opts.warmup, "keys": changes,
+        }),
+        secs: opts.secs,
+        ops: counted,
+        ops_per_sec: counted as f64 / opts.secs,
+        keys_per_sec: counted as f64 / opts.secs,
+        errors: expected.saturating_sub(received) + write_errors.load(Ordering::Relaxed),
+        latency: Some(latencies.summary()),
+        server_cpu_s: server_cpu.map(|(cpu, _)| cpu),
+        extra: json!({
+            "notices_expected": expected, "notices_received": received,
+            "write_p50_us": writes.p50_us, "write_p99_us": writes.p99_us,
+            "cpu_window_s": server_cpu.map(|(_, wall)| wall),
+        }),
+    })
+}
+
+/// Registers (freshd) or writes (Redis) the keys; etcd needs nothing.
+async fn prepare(opts: &NoticeOpts, keys: &Arc<Vec<String>>) -> Result<(), Error> {
+    match opts.target {
+        Target::Freshd => {
+            let client = freshd_client(&opts.addr).await?;
+            let keys = keys.clone();
+            parallel(keys.len(), 32, move |_, i| {
+                let (mut client, key) = (client.clone(), keys[i].clone());
+                async move {
+                    client
+                        .fill(FillRequest {
+                            key,
+                            ttl_ms: 3_600_000,
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| format!("fill: {e}"))
+                }
+            })
+            .await
+        }
+        Target::Redis => {
+            let mut conn = resp::SyncConn::connect(socket_addr(&opts.addr)?)
+                .map_err(|e| format!("cannot connect to redis {}: {e}", opts.addr))?;
+            let mut pipe = resp::Pipeline::new(&mut conn, 1000);
+            for k in keys.iter() {
+                pipe.push(&[b"SET", k.as_bytes(), b"0"])
+                    .map_err(|e| e.to_string())?;
+            }
+            pipe.flush().map_err(|e| e.to_string())
+        }
+        Target::Etcd => Ok(()),
+    }
+}
+
+/// The writer: one connection, a write per tick, answers awaited on the
+/// side (gRPC: a task per call; Redis: a reader task).
+async fn write(
+    opts: NoticeOpts,
+    mut ticks: mpsc::UnboundedReceiver<Tick>,
+    lat: Arc<Mutex<Latencies>>,
+    errors: Arc<AtomicU64>,
+) -> Result<(), Error> {
+    let mut calls = tokio::task::JoinSet::new();
+    match opts.target {
+        Target::Freshd => {
+            let client = freshd_client(&opts.addr).await?;
+            while let Some(tick) = ticks.recv().await {
+                let (mut client, lat, errors) = (client.clone(), lat.clone(), errors.clone());
+                calls.spawn(async move {
+                    let r = client
+                        .publish(PublishRequest {
+                            changes: vec![Change {
+                                key: format!("hot:{}", tick.index),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => lat.lock().record(tick.intended.elapsed()),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                while calls.try_join_next().is_some() {}
+            }
+        }
+        Target::Etcd => {
+            let client = etcdpb::kv_client::KvClient::new(grpc_channel(&opts.addr).await?);
+            while let Some(tick) = ticks.recv().await {
+                let (mut client, lat, errors) = (client.clone(), lat.clone(), errors.clone());
+                calls.spawn(async move {
+                    let r = client
+                        .put(etcdpb::PutRequest {
+                            key: format!("hot:{}", tick.index).into_bytes(),
+                            value: b"1".to_vec(),
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => lat.lock().record(tick.intended.elapsed()),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                while calls.try_join_next().is_some() {}
+            }
+        }
+        Target::Redis => {
+            use tokio::io::AsyncWriteExt;
+            let conn = AsyncConn::connect(socket_addr(&opts.addr)?)
+                .await
+                .map_err(|e| format!("cannot connect to redis: {e}"))?;
+            let (mut reader, mut writer) = conn.into_split();
+            let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<Tick>();
+            let (lat2, errors2) = (lat.clone(), errors.clone());
+            calls.spawn(async move {
+                while let Some(tick) = sent_rx.recv().await {
+                    match reader.read_reply().await {
+                        Ok(Reply::Error(_)) | Err(_) => {
+                            errors2.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => lat2.lock().record(tick.intended.elapsed()),
+                    }
+                }
+            });
+            let mut out = Vec::new();
+            while let Some(tick) = ticks.recv().await {
+                out.clear();
+                let key = format!("hot:{}", tick.index);
+                resp::encode(&[b"SET", key.as_bytes(), b"1"], &mut out);
+                let _ = sent_tx.send(tick);
+                writer
+                    .write_all(&out)
+                    .await
+                    .map_err(|e| format!("redis write: {e}"))?;
+            }
+        }
+    }
+    while calls.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Waits for `stop` (subscribers keep their streams open until all are
+/// done: closing one costs the server work that would delay the others).
+async fn wait_stop(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn freshd_sub(
+    addr: &str,
+    id: usize,
+    keys: Arc<Vec<String>>,
+    limit: Arc<Semaphore>,
+    ready: mpsc::Sender<Result<(), Error>>,
+    stop: watch::Receiver<bool>,
+    mut sub: Sub,
+) -> Result<(), Error> {
+    let (_requests, mut responses) = {
+        let _permit = limit.acquire().await.expect("semaphore");
+        freshd_watch(addr, format!("load-sub-{id}"), keys.to_vec()).await?
+    };
+    let _ = ready.send(Ok(())).await;
+    let mut stop2 = stop.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop2.changed() => return Ok(()),
+            message = responses.message() => {
+                let Ok(Some(message)) = message else { return Ok(()) };
+                let now = Instant::now();
+                if let Some(WatchOut::Notices(batch)) = message.response {
+                    let mut done = false;
+                    for n in &batch.notices {
+                        done |= sub.note(n.key.as_bytes(), now);
+                    }
+                    if done {
+                        wait_stop(stop).await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A freshd Watch stream tracking `track`, started; the request sender keeps
+/// it open.
+pub async fn freshd_watch(
+    addr: &str,
+    client_id: String,
+    track: Vec<String>,
+) -> Result<
+    (
+        mpsc::Sender<WatchRequest>,
+        tonic::Streaming<freshd::pb::WatchResponse>,
+    ),
+    Error,
+> {
+    let mut client = freshd_client(addr).await?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(WatchRequest {
+        request: Some(WatchIn::Start(WatchStart {
+            client_id,
+            track,
+            ..Default::default()
+        })),
+    })
+    .await
+    .map_err(|_| "watch request queue closed")?;
+    let mut responses = client
+        .watch(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("watch: {e}"))?
+        .into_inner();
+    match responses.message().await {
+        Ok(Some(freshd::pb::WatchResponse {
+            response: Some(WatchOut::Started(_)),
+        })) => Ok((tx, responses)),
+        other => Err(format!("expected `started`, got {other:?}")),
+    }
+}
+
+/// A RESP3 connection tracking `keys` (read once with `MGET`).
+pub async fn redis_tracking(addr: &str, keys: &[String]) -> Result<AsyncConn, Error> {
+    let mut conn = AsyncConn::connect(socket_addr(addr)?)
+        .await
+        .map_err(|e| format!("cannot connect to redis: {e}"))?;
+    let fail = |e: std::io::Error| format!("redis: {e}");
+    conn.command(&[b"HELLO", b"3"]).await.map_err(fail)?;
+    if let Reply::Error(e) = conn
+        .command(&[b"CLIENT", b"TRACKING", b"on"])
+        .await
+        .map_err(fail)?
+    {
+        return Err(format!("CLIENT TRACKING: {e}"));
+    }
+    redis_read(&mut conn, keys).await?;
+    Ok(conn)
+}
+
+/// Reads `keys` with `MGET`, 1,000 at a time (which makes Redis track them).
+pub async fn redis_read(conn: &mut AsyncConn, keys: &[String]) -> Result<(), Error> {
+    for chunk in keys.chunks(1000) {
+        let mut args: Vec<&[u8]> = vec![b"MGET"];
+        args.extend(chunk.iter().map(|k| k.as_bytes()));
+        match conn.command(&args).await {
+            Ok(Reply::Array(Some(_))) => {}
+            other => return Err(format!("MGET answered {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// The keys of a tracking `invalidate` push.
+pub fn invalidated(reply: &Reply) -> Vec<&[u8]> {
+    match reply {
+        Reply::Push(items) if matches!(items.first(), Some(Reply::Bulk(Some(k))) if k == b"invalidate") => {
+            match items.get(1) {
+                Some(Reply::Array(Some(keys))) => keys
+                    .iter()
+                    .filter_map(|k| match k {
+                        Reply::Bulk(Some(k)) => Some(k.as_slice()),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            }
+        }
+        _ => Vec::new(),
+    }
+}
+
+async fn redis_sub(
+    addr: &str,
+    keys: Arc<Vec<String>>,
+    limit: Arc<Semaphore>,
+    ready: mpsc::Sender<Result<(), Error>>,
+    stop: watch::Receiver<bool>,
+    mut sub: Sub,
+) -> Result<(), Error> {
+    let mut conn = {
+        let _permit = limit.acquire().await.expect("semaphore");
+        redis_tracking(addr, &keys).await?
+    };
+    let _ = ready.send(Ok(())).await;
+    let mut stop2 = stop.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop2.changed() => return Ok(()),
+            reply = conn.read_reply() => {
+                let Ok(reply) = reply else { return Ok(()) };
+                let now = Instant::now();
+                let mut done = false;
+                for key in invalidated(&reply) {
+                    done |= sub.note(key, now);
+                }
+                if done {
+                    wait_stop(stop).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+async fn etcd_sub(
+    addr: &str,
+    limit: Arc<Semaphore>,
+    ready: mpsc::Sender<Result<(), Error>>,
+    stop: watch::Receiver<bool>,
+    mut sub: Sub,
+) -> Result<(), Error> {
+    let (_requests, mut responses) = {
+        let _permit = limit.acquire().await.expect("semaphore");
+        etcd_watch(addr, b"hot:").await?
+    };
+    let _ = ready.send(Ok(())).await;
+    let mut stop2 = stop.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop2.changed() => return Ok(()),
+            message = responses.message() => {
+                let Ok(Some(message)) = message else { return Ok(()) };
+                let now = Instant::now();
+                let mut done = false;
+                for event in &message.events {
+                    if let Some(kv) = &event.kv {
+                        done |= sub.note(&kv.key, now);
+                    }
+                }
+                if done {
+                    wait_stop(stop).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// An etcd Watch stream on every key starting with `prefix`, created.
+pub async fn etcd_watch(
+    addr: &str,
+    prefix: &[u8],
+) -> Result<
+    (
+        mpsc::Sender<etcdpb::WatchRequest>,
+        tonic::Streaming<etcdpb::WatchResponse>,
+    ),
+    Error,
+> {
+    let mut client = etcdpb::watch_client::WatchClient::new(grpc_channel(addr).await?);
+    let mut range_end = prefix.to_vec();
+    *range_end.last_mut().expect("a prefix") += 1;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(etcdpb::WatchRequest {
+        request_union: Some(etcdpb::watch_request::RequestUnion::CreateRequest(
+            etcdpb::WatchCreateRequest {
+                key: prefix.to_vec(),
+                range_end,
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .map_err(|_| "watch request queue closed")?;
+    let mut responses = client
+        .watch(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("etcd watch: {e}"))?
+        .into_inner();
+    match responses.message().await {
+        Ok(Some(r)) if r.created => Ok((tx, responses)),
+        other => Err(format!("expected an etcd watch `created`, got {other:?}")),
+    }
+}

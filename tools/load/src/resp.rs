@@ -1,0 +1,403 @@
+//! A minimal RESP client for the Redis peer: an encoder, an incremental reply
+//! parser for RESP2 and the RESP3 types Redis 7 sends after `HELLO 3`
+//! (including push messages: client-tracking `invalidate`, pub/sub
+//! `message`), and blocking and tokio connections. The same code as the
+//! benches' `benches/support/redis.rs`, connecting to a given address.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+/// A RESP2 or RESP3 reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `+OK`
+    Simple(String),
+    /// `-ERR ...`
+    Error(String),
+    /// `:42`
+    Int(i64),
+    /// `$3\r\nfoo`, `None` for `$-1`.
+    Bulk(Option<Vec<u8>>),
+    /// `*2\r\n...`, `None` for `*-1`; also a RESP3 set (`~`).
+    Array(Option<Vec<Reply>>),
+    /// RESP3 `_`.
+    Null,
+    /// RESP3 `#t` / `#f`.
+    Bool(bool),
+    /// RESP3 `,3.14` and `(1234...` (big number), as written.
+    Number(String),
+    /// RESP3 `%2\r\n...`: key-value pairs in order.
+    Map(Vec<(Reply, Reply)>),
+    /// RESP3 `>3\r\n...`: an out-of-band push, such as a client-tracking
+    /// `invalidate` or a pub/sub `message`.
+    Push(Vec<Reply>),
+}
+
+/// Appends `args` to `out` as one RESP command (an array of bulk strings).
+pub fn encode(args: &[&[u8]], out: &mut Vec<u8>) {
+    write_header(out, b'*', args.len());
+    for arg in args {
+        write_header(out, b'$', arg.len());
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn write_header(out: &mut Vec<u8>, kind: u8, n: usize) {
+    out.push(kind);
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses one reply from the front of `buf`: `Ok(None)` when `buf` does not
+/// hold a whole reply yet, else the reply and the bytes it took.
+pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+    let Some((line, mut pos)) = line(buf, 0) else {
+        return Ok(None);
+    };
+    let (&kind, rest) = line.split_first().ok_or("empty RESP line")?;
+    let text = || String::from_utf8_lossy(rest).into_owned();
+    let int = || -> Result<i64, String> {
+        std::str::from_utf8(rest)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad RESP integer {:?}", text()))
+    };
+    // `n` replies in a row after the header, or `None` if not all are in.
+    let items = |n: usize, pos: &mut usize| -> Result<Option<Vec<Reply>>, String> {
+        let mut items = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            match parse(&buf[*pos..])? {
+                Some((item, used)) => {
+                    items.push(item);
+                    *pos += used;
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(items))
+    };
+    let reply = match kind {
+        b'+' => Reply::Simple(text()),
+        b'-' => Reply::Error(text()),
+        b':' => Reply::Int(int()?),
+        // Bulk string, RESP3 verbatim string and blob error.
+        b'$' | b'=' | b'!' => {
+            let len = int()?;
+            if len < 0 {
+                Reply::Bulk(None)
+            } else {
+                let len = len as usize;
+                if buf.len() < pos + len + 2 {
+                    return Ok(None);
+                }
+                let data = buf[pos..pos + len].to_vec();
+                pos += len + 2;
+                if kind == b'!' {
+                    Reply::Error(String::from_utf8_lossy(&data).into_owned())
+                } else {
+                    Reply::Bulk(Some(data))
+                }
+            }
+        }
+        b'*' | b'~' | b'>' => {
+            let len = int()?;
+            if len < 0 {
+                Reply::Array(None)
+            } else {
+                let Some(items) = items(len as usize, &mut pos)? else {
+                    return Ok(None);
+                };
+                if kind == b'>' {
+                    Reply::Push(items)
+                } else {
+                    Reply::Array(Some(items))
+                }
+            }
+        }
+        b'%' | b'|' => {
+            let len = int()?;
+            let Some(flat) = items(2 * len.max(0) as usize, &mut pos)? else {
+                return Ok(None);
+            };
+            let mut flat = flat.into_iter();
+            let mut pairs = Vec::with_capacity(len.max(0) as usize);
+            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                pairs.push((k, v));
+            }
+            if kind == b'|' {
+                // Attributes describe the reply that follows: skip them.
+                return match parse(&buf[pos..])? {
+                    Some((reply, used)) => Ok(Some((reply, pos + used))),
+                    None => Ok(None),
+                };
+            }
+            Reply::Map(pairs)
+        }
+        b'_' => Reply::Null,
+        b'#' => Reply::Bool(rest == b"t"),
+        b',' | b'(' => Reply::Number(text()),
+        other => return Err(format!("unknown RESP type byte {other:#x}")),
+    };
+    Ok(Some((reply, pos)))
+}
+
+/// The line starting at `from` (without its CRLF) and where the next begins.
+fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
+    let end = buf[from..].windows(2).position(|w| w == b"\r\n")? + from;
+    Some((&buf[from..end], end + 2))
+}
+
+/// Bytes read from a connection: `data[start..end]` is not parsed yet, and
+/// `data[end..]` is room for the next read.
+struct ReadBuf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Default for ReadBuf {
+    fn default() -> Self {
+        Self {
+            data: vec![0; 64 << 10],
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl ReadBuf {
+    fn next(&mut self) -> io::Result<Option<Reply>> {
+        match parse(&self.data[self.start..self.end]) {
+            Ok(Some((reply, used))) => {
+                self.start += used;
+                if self.start == self.end {
+                    self.start = 0;
+                    self.end = 0;
+                }
+                Ok(Some(reply))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+
+    /// Room to read into: moves unparsed bytes to the front, or doubles the
+    /// buffer when they fill it.
+    fn room(&mut self) -> &mut [u8] {
+        if self.end == self.data.len() {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else {
+                self.data.resize(self.data.len() * 2, 0);
+            }
+        }
+        &mut self.data[self.end..]
+    }
+
+    /// Notes `n` bytes read into [`ReadBuf::room`]; 0 is end of stream.
+    fn filled(&mut self, n: usize) -> io::Result<()> {
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.end += n;
+        Ok(())
+    }
+}
+
+/// A blocking connection.
+pub struct SyncConn {
+    stream: TcpStream,
+    buf: ReadBuf,
+    out: Vec<u8>,
+}
+
+impl SyncConn {
+    /// Connects to `addr`.
+    pub fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: ReadBuf::default(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Sends one command and reads its reply.
+    pub fn command(&mut self, args: &[&[u8]]) -> io::Result<Reply> {
+        self.out.clear();
+        encode(args, &mut self.out);
+        self.stream.write_all(&self.out)?;
+        self.read_reply()
+    }
+
+    /// Reads the next reply.
+    pub fn read_reply(&mut self) -> io::Result<Reply> {
+        loop {
+            if let Some(reply) = self.buf.next()? {
+                return Ok(reply);
+            }
+            let n = self.stream.read(self.buf.room())?;
+            self.buf.filled(n)?;
+        }
+    }
+
+    /// A field of `INFO section`, such as `used_memory` of `memory`.
+    pub fn info_field(&mut self, section: &str, field: &str) -> io::Result<u64> {
+        let Reply::Bulk(Some(text)) = self.command(&[b"INFO", section.as_bytes()])? else {
+            return Err(io::Error::other("INFO did not answer with a bulk string"));
+        };
+        let text = String::from_utf8_lossy(&text);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(field)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .ok_or_else(|| io::Error::other(format!("INFO {section} has no {field}")))
+    }
+}
+
+/// Pipelined commands on a [`SyncConn`]: sent in rounds of `depth` commands,
+/// and every reply is checked not to be an error.
+pub struct Pipeline<'a> {
+    conn: &'a mut SyncConn,
+    buf: Vec<u8>,
+    pending: usize,
+    depth: usize,
+}
+
+impl<'a> Pipeline<'a> {
+    /// A pipeline that sends a round every `depth` commands.
+    pub fn new(conn: &'a mut SyncConn, depth: usize) -> Self {
+        Self {
+            conn,
+            buf: Vec::new(),
+            pending: 0,
+            depth,
+        }
+    }
+
+    /// Queues one command.
+    pub fn push(&mut self, args: &[&[u8]]) -> io::Result<()> {
+        encode(args, &mut self.buf);
+        self.pending += 1;
+        if self.pending == self.depth {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is queued and reads all its replies.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.conn.stream.write_all(&self.buf)?;
+        self.buf.clear();
+        for _ in 0..std::mem::take(&mut self.pending) {
+            if let Reply::Error(e) = self.conn.read_reply()? {
+                return Err(io::Error::other(format!("redis: {e}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tokio connection.
+pub struct AsyncConn {
+    stream: tokio::net::TcpStream,
+    buf: ReadBuf,
+    out: Vec<u8>,
+}
+
+impl AsyncConn {
+    /// Connects to `addr`.
+    pub async fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: ReadBuf::default(),
+            out: Vec::new(),
+        })
+    }
+
+    /// Sends one command and reads its reply.
+    pub async fn command(&mut self, args: &[&[u8]]) -> io::Result<Reply> {
+        use tokio::io::AsyncWriteExt;
+        self.out.clear();
+        encode(args, &mut self.out);
+        self.stream.write_all(&self.out).await?;
+        self.read_reply().await
+    }
+
+    /// Reads the next reply.
+    pub async fn read_reply(&mut self) -> io::Result<Reply> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(reply) = self.buf.next()? {
+                return Ok(reply);
+            }
+            let n = self.stream.read(self.buf.room()).await?;
+            self.buf.filled(n)?;
+        }
+    }
+
+    /// Writes bytes already encoded (one or more commands) without reading.
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await
+    }
+
+    /// Splits the connection into a reader (which keeps any bytes already
+    /// read) and the write half, for a writer that does not wait for replies.
+    pub fn into_split(
+        self,
+    ) -> (
+        AsyncReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let (read, write) = self.stream.into_split();
+        (
+            AsyncReader {
+                stream: read,
+                buf: self.buf,
+            },
+            write,
+        )
+    }
+}
+
+/// Replies read from the read half of a tokio connection.
+pub struct AsyncReader<R> {
+    stream: R,
+    buf: ReadBuf,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> AsyncReader<R> {
+    /// Reads the next reply. Cancel-safe: dropping the future loses nothing.
+    pub async fn read_reply(&mut self) -> io::Result<Reply> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(reply) = self.buf.next()? {
+                return Ok(reply);
+            }
+            let n = self.stream.read(self.buf.room()).await?;
+            self.buf.filled(n)?;
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! A short run of every freshd workload of the load tool against a real
+//! freshd started in-process on a loopback port: each must complete
+//! operations without errors, and its histogram must hold one value per
+//! counted operation. No timing is asserted.
+
+use freshd::config::Config;
+use freshd::server::RunningServer;
+use freshd_load::check::{CheckOpts, RedisBatch, Run};
+use freshd_load::deps::DepsOpts;
+use freshd_load::fanout::FanoutOpts;
+use freshd_load::memory::MemoryOpts;
+use freshd_load::notice::NoticeOpts;
+use freshd_load::stats::Report;
+use freshd_load::Target;
+
+async fn server() -> (RunningServer, String) {
+    let server = RunningServer::start(Config::ephemeral())
+        .await
+        .expect("freshd starts");
+    let addr = server.addr.to_string();
+    (server, addr)
+}
+
+fn assert_clean(report: &Report) {
+    assert!(report.ops > 0, "no operation completed: {}", report.human());
+    assert_eq!(report.errors, 0, "errors: {}", report.human());
+    if let Some(latency) = &report.latency {
+        assert_eq!(
+            latency.count,
+            report.ops,
+            "histogram count: {}",
+            report.human()
+        );
+    }
+    // The JSON form carries the CDF series.
+    let json: serde_json::Value = serde_json::from_str(&report.json()).expect("valid JSON");
+    assert_eq!(json["target"], "freshd");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_closed_and_open_loop() {
+    let (_server, addr) = server().await;
+    let opts = CheckOpts {
+        target: Target::Freshd,
+        addr,
+        conns: 2,
+        keys: 200,
+        runs: vec![
+            Run::parse("1@0").unwrap(),
+            Run::parse("1@200").unwrap(),
+            Run::parse("16@0").unwrap(),
+            Run::parse("16@100").unwrap(),
+        ],
+        redis_batch: vec![RedisBatch::Mget],
+        warmup: 0.1,
+        secs: 0.3,
+    };
+    let reports = freshd_load::check::run(&opts).await.expect("check runs");
+    assert_eq!(reports.len(), 4);
+    for r in &reports {
+        assert_clean(r);
+    }
+    assert_eq!(reports[0].variant, "Check");
+    assert_eq!(reports[0].mode, "closed");
+    assert_eq!(reports[1].mode, "open");
+    assert_eq!(reports[2].variant, "CheckBatch 16");
+    assert_eq!(reports[2].keys_per_sec, reports[2].ops_per_sec * 16.0);
+    // Open loop: one request per tick in the window, 200/s and 100/s for
+    // 0.3 s (give or take the tick on the window's edge).
+    assert!(
+        (59..=61).contains(&reports[1].ops),
+        "{}",
+        reports[1].human()
+    );
+    assert!(
+        (29..=31).contains(&reports[3].ops),
+        "{}",
+        reports[3].human()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notice_reaches_every_subscriber() {
+    let (_server, addr) = server().await;
+    let opts = NoticeOpts {
+        target: Target::Freshd,
+        addr,
+        subscribers: 3,
+        rate: 100.0,
+        warmup: 0.1,
+        secs: 0.3,
+    };
+    let r = freshd_load::notice::run(&opts).await.expect("notice runs");
+    assert_clean(&r);
+    // 30 counted changes (10 in the warm-up), each to 3 subscribers.
+    assert_eq!(r.ops, 90);
+    assert_eq!(r.extra["notices_received"], 120);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_delivers() {
+    let (_server, addr) = server().await;
+    let opts = FanoutOpts {
+        target: Target::Freshd,
+        addr,
+        subscribers: 3,
+        keys: 20,
+        per_call: 5,
+        warmup: 0.1,
+        secs: 0.3,
+    };
+    let r = freshd_load::fanout::run(&opts).await.expect("fanout runs");
+    assert_clean(&r);
+    assert!(r.extra["changes"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deps_fan_out_reaches_every_dependent() {
+    let (_server, addr) = server().await;
+    let opts = DepsOpts {
+        target: Target::Freshd,
+        addr,
+        dependents: 200,
+        subscribers: 2,
+        rounds: 3,
+    };
+    let r = freshd_load::deps::run(&opts).await.expect("deps runs");
+    assert_clean(&r);
+    assert_eq!(r.ops, 3);
+    // The root and its 200 dependents.
+    assert_eq!(r.extra["invalidated_per_write"], 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_counts_keys() {
+    let (_server, addr) = server().await;
+    let opts = MemoryOpts {
+        target: Target::Freshd,
+        addr,
+        pid: Some(std::process::id()),
+        keys: 400,
+        concurrency: 16,
+    };
+    let r = freshd_load::memory::run(&opts).await.expect("memory runs");
+    assert_clean(&r);
+    assert_eq!(r.ops, 400);
+    // 400 cached keys and 100 entities; 4 edges per cached key.
+    assert_eq!(r.extra["server_keys"], 500);
+    assert_eq!(r.extra["server_edges"], 1600);
+}
