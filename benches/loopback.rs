@@ -287,7 +287,11 @@ async fn freshd_clients(url: &str, n: usize) -> Vec<CoordinatorClient<Channel>> 
 async fn redis_conns(port: u16, n: usize) -> Vec<AsyncConn> {
     let mut conns = Vec::with_capacity(n);
     for _ in 0..n {
-        conns.push(AsyncConn::connect(port).await.expect("connect to redis"));
+        conns.push(
+            AsyncConn::connect(redis::local(port))
+                .await
+                .expect("connect to redis"),
+        );
     }
     conns
 }

@@ -349,7 +349,7 @@ struct RedisFootprint {
 }
 
 fn measure_redis(port: u16) -> RedisFootprint {
-    let mut conn = SyncConn::connect(port).expect("connect to redis");
+    let mut conn = SyncConn::connect(redis::local(port)).expect("connect to redis");
     let dependents = dependents();
 
     let base = flushall(&mut conn);

@@ -1071,7 +1071,9 @@ async fn redis_subscribers<S: Sink>(
             tokio::spawn(async move {
                 let mut conn = {
                     let _permit = limit.acquire().await.expect("semaphore");
-                    let mut conn = AsyncConn::connect(port).await.expect("connect to redis");
+                    let mut conn = AsyncConn::connect(redis::local(port))
+                        .await
+                        .expect("connect to redis");
                     for command in setup.iter() {
                         let args: Vec<&[u8]> = command.iter().map(Vec::as_slice).collect();
                         let reply = conn.command(&args).await.expect("redis setup");
@@ -1109,7 +1111,7 @@ async fn redis_subscribers<S: Sink>(
 
 /// `SET`s every key to 0 on one pipelined connection.
 fn set_keys(port: u16, keys: &[String]) {
-    let mut conn = SyncConn::connect(port).expect("connect to redis");
+    let mut conn = SyncConn::connect(redis::local(port)).expect("connect to redis");
     let mut pipeline = Pipeline::new(&mut conn, 1000);
     for key in keys {
         pipeline.push(&[b"SET", key.as_bytes(), b"0"]).expect("SET");
@@ -1145,7 +1147,9 @@ async fn redis_latency(
         let (schedule, ready, go) = (schedule.clone(), ready_tx, go_rx);
         writer_thread(move || async move {
             use tokio::io::AsyncWriteExt;
-            let conn = AsyncConn::connect(port).await.expect("connect to redis");
+            let conn = AsyncConn::connect(redis::local(port))
+                .await
+                .expect("connect to redis");
             let (mut replies, mut out) = conn.into_split();
             let total = schedule.total;
             let reader = tokio::spawn(async move {
@@ -1208,7 +1212,7 @@ async fn redis_fanout(port: u16, pid: u32, mode: RedisMode, s: &Settings, ticks:
     let writer = {
         let (calls, halt) = (calls.clone(), halt.clone());
         spawn_writer(move || {
-            let mut conn = SyncConn::connect(port).expect("connect to redis");
+            let mut conn = SyncConn::connect(redis::local(port)).expect("connect to redis");
             let mut pipeline = Pipeline::new(&mut conn, FANOUT_BATCH);
             let mut next = 0u64;
             while !halt.load(Ordering::Relaxed) {
@@ -1228,7 +1232,7 @@ async fn redis_fanout(port: u16, pid: u32, mode: RedisMode, s: &Settings, ticks:
     join_writer(writer).await;
     let total_changes = calls.load(Ordering::Relaxed) * FANOUT_BATCH as u64;
     let received = drain(&counters, total_changes * n as u64).await;
-    let mut conn = SyncConn::connect(port).expect("connect to redis");
+    let mut conn = SyncConn::connect(redis::local(port)).expect("connect to redis");
     let peak = conn.info_field("memory", "used_memory_peak").unwrap_or(0);
     ending.stop();
     gather(tasks, ending).await;

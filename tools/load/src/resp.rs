@@ -1,8 +1,8 @@
 //! A minimal RESP client for the Redis peer: an encoder, an incremental reply
 //! parser for RESP2 and the RESP3 types Redis 7 sends after `HELLO 3`
 //! (including push messages: client-tracking `invalidate`, pub/sub
-//! `message`), and blocking and tokio connections. The same code as the
-//! benches' `benches/support/redis.rs`, connecting to a given address.
+//! `message`), and blocking and tokio connections. The benches in
+//! `benches/` include this file too (`benches/support/redis.rs`).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
