@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -418,9 +419,8 @@ impl CoordinatorService {
         let who = caller(&request);
         let mut inbound = request.into_inner();
         let first = inbound.next().await.transpose()?;
-        let responses =
-            crate::watch::start(self.store.clone(), self.limits.clone(), who, first, inbound)?;
-        Ok(Response::new(responses))
+        let rx = crate::watch::start(self.store.clone(), self.limits.clone(), who, first, inbound)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn publish_inner(

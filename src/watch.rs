@@ -1,16 +1,13 @@
-//! One Watch stream: reads the client's requests, catches the stream up
-//! after a resume or an overflow, and yields notice batches, progress and
-//! resets at the client's pace.
+//! One Watch stream: the task that reads the client's requests, catches the
+//! stream up after a resume or an overflow, and writes notice batches,
+//! progress and resets at the client's pace.
 //!
-//! The response stream is polled by the connection's task itself, so a
-//! publish that queues a notice wakes the task that writes it: no task or
-//! channel stands in between. It is generic over the inbound stream, so it
-//! can be driven by a channel as well as by a network stream.
+//! The task is generic over the inbound stream, so tests can drive it with a
+//! channel as well as with a network stream.
 
-use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
@@ -22,6 +19,8 @@ use crate::validate::Limits;
 
 /// Most notices per batch written to the stream.
 const BATCH: usize = 512;
+
+type Sender = mpsc::Sender<Result<pb::WatchResponse, Status>>;
 
 /// A notice as `sub` may see it (its cause hidden when out of scope).
 fn notice(n: &Notice, sub: &Subscriber) -> pb::Notice {
@@ -91,7 +90,8 @@ fn check_keys(
 }
 
 /// Validates a stream's first message and registers it. On success the
-/// returned stream yields its responses; dropping it unregisters the stream. `owner` is the authenticated principal, if any: its watch scope
+/// stream's task is running and its responses flow into the returned
+/// receiver. `owner` is the authenticated principal, if any: its watch scope
 /// bounds what the stream may track and see, and its quotas count the stream.
 /// Its name prefixes the stream's client id (`principal/client_id`), so one
 /// principal cannot pass for another's client.
@@ -101,7 +101,7 @@ pub fn start<S>(
     owner: Option<Arc<Principal>>,
     first: Option<pb::WatchRequest>,
     inbound: S,
-) -> Result<Responses, Status>
+) -> Result<mpsc::Receiver<Result<pb::WatchResponse, Status>>, Status>
 where
     S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
 {
@@ -133,238 +133,14 @@ where
             owner,
         )
         .map_err(Status::resource_exhausted)?;
-    let store_shutdown = store.hub().shutdown_signal();
-    let state = Watch {
-        _registration: Registered {
-            store: store.clone(),
-            sub: sub.clone(),
-        },
-        store,
-        limits,
-        sub,
-        from,
-        resumed: resume.is_some(),
-        inbound,
-        shutdown: store_shutdown,
-        pending: VecDeque::new(),
-        started: false,
-        done: false,
-        buf: Vec::new(),
-    };
-    Ok(Box::pin(futures_util::stream::unfold(
-        state,
-        |mut state| async move { state.next().await.map(|m| (m, state)) },
-    )))
-}
-
-/// The response stream of one Watch.
-pub type Responses = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
-
-type Message = Result<pb::WatchResponse, Status>;
-
-/// Unregisters the stream when its response stream is dropped: the client
-/// went away, the stream ended, or the server stopped.
-struct Registered {
-    store: Arc<Store>,
-    sub: Arc<Subscriber>,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.store.hub().unsubscribe(&self.sub);
-    }
-}
-
-/// One stream's state. The response stream polls it directly, from the
-/// connection's own task: a publish wakes that task, which drains the queue
-/// and writes, with no task or channel in between.
-struct Watch<S> {
-    /// Held for its `Drop`.
-    _registration: Registered,
-    store: Arc<Store>,
-    limits: Limits,
-    sub: Arc<Subscriber>,
-    from: u64,
-    resumed: bool,
-    inbound: S,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-    /// Messages decided and not yet taken by the response stream.
-    pending: VecDeque<Message>,
-    started: bool,
-    done: bool,
-    buf: Vec<Arc<Notice>>,
-}
-
-impl<S> Watch<S>
-where
-    S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
-{
-    /// The next message, or `None` when the stream ends.
-    async fn next(&mut self) -> Option<Message> {
-        loop {
-            if let Some(m) = self.pending.pop_front() {
-                return Some(m);
-            }
-            if self.done {
-                return None;
-            }
-            if !self.started {
-                self.started = true;
-                self.begin();
-                continue;
-            }
-            self.step().await;
-        }
-    }
-
-    fn push(&mut self, message: pb::WatchResponse) {
-        self.pending.push_back(Ok(message));
-    }
-
-    fn started_message(&self, outcome: pb::ResumeOutcome) -> pb::WatchResponse {
-        pb::WatchResponse {
-            response: Some(Out::Started(pb::WatchStarted {
-                epoch: self.store.epoch(),
-                seq: self.from,
-                outcome: outcome.into(),
-            })),
-        }
-    }
-
-    /// `started`, after the catch-up a resume owes, so that it names what
-    /// happened.
-    fn begin(&mut self) {
-        let outcome = if self.resumed {
-            let (early, outcome) = catch_up(&self.store, &self.sub);
-            self.push(self.started_message(outcome));
-            self.pending.extend(early.into_iter().map(Ok));
-            outcome
-        } else {
-            self.push(self.started_message(pb::ResumeOutcome::New));
-            pb::ResumeOutcome::New
-        };
-        self.store.metrics().resume(match outcome {
-            pb::ResumeOutcome::FromHistory => "from_history",
-            pb::ResumeOutcome::Repaired => "repaired",
-            _ => "new",
-        });
-    }
-
-    /// The catch-up owed, if the stream is behind.
-    fn catch_up_if_behind(&mut self) {
-        if self.sub.behind().is_some() {
-            let (messages, _) = catch_up(&self.store, &self.sub);
-            self.pending.extend(messages.into_iter().map(Ok));
-        }
-    }
-
-    /// Takes one batch from the queue; false when it was empty.
-    fn drain_batch(&mut self) -> bool {
-        self.buf.clear();
-        self.sub.drain(BATCH, &mut self.buf);
-        if self.buf.is_empty() {
-            return false;
-        }
-        self.sub.sent(&self.buf);
-        let message = batch(self.buf.iter().map(|n| notice(n, &self.sub)).collect());
-        self.push(message);
-        true
-    }
-
-    /// Everything queued (catching up as needed), then progress at `seq`, a
-    /// seq read before the drain.
-    fn flush_with_progress(&mut self, seq: u64) {
-        loop {
-            self.catch_up_if_behind();
-            if !self.drain_batch() {
-                break;
-            }
-        }
-        self.push(progress(&self.store, seq));
-    }
-
-    /// Decides the next messages, waiting for work when there is none.
-    async fn step(&mut self) {
-        let hub = self.store.hub();
-        if *self.shutdown.borrow() {
-            // Drain: a final watermark, so the client resumes elsewhere
-            // without loss.
-            let seq = hub.fanned();
-            self.flush_with_progress(seq);
-            self.pending.push_back(Err(Status::unavailable(format!(
-                "freshd is shutting down; resume elsewhere with token (epoch {}, seq {seq})",
-                self.store.epoch()
-            ))));
-            self.done = true;
-            return;
-        }
-        self.catch_up_if_behind();
-        if !self.pending.is_empty() || self.drain_batch() {
-            return;
-        }
-        let request = tokio::select! {
-            _ = self.shutdown.changed() => return,
-            () = self.sub.wake.notified() => return,
-            request = self.inbound.next() => request,
-        };
-        match request {
-            Some(Ok(request)) => {
-                if let Err(status) = self.handle(request) {
-                    self.pending.push_back(Err(status));
-                    self.done = true;
-                }
-            }
-            // The client closed its side or went away.
-            Some(Err(_)) | None => self.done = true,
-        }
-    }
-
-    /// Applies one client request.
-    fn handle(&mut self, request: pb::WatchRequest) -> Result<(), Status> {
-        let hub = self.store.hub();
-        let sub = &self.sub;
-        match request.request {
-            None => Err(Status::invalid_argument(
-                "a Watch request must set one field",
-            )),
-            Some(In::Start(_)) => Err(Status::invalid_argument(
-                "`start` may only be the first message of a Watch stream",
-            )),
-            Some(In::Track(list)) => {
-                check_keys(&self.limits, sub.owner(), "track.keys", &list.keys, false)?;
-                hub.add(sub, &list.keys, &[])
-                    .map_err(Status::resource_exhausted)
-            }
-            Some(In::Untrack(list)) => {
-                hub.untrack(sub, &list.keys);
-                Ok(())
-            }
-            Some(In::Subscribe(list)) => {
-                check_keys(
-                    &self.limits,
-                    sub.owner(),
-                    "subscribe.keys",
-                    &list.keys,
-                    true,
-                )?;
-                hub.add(sub, &[], &list.keys)
-                    .map_err(Status::resource_exhausted)
-            }
-            Some(In::Unsubscribe(list)) => {
-                hub.unwatch_prefixes(sub, &list.keys);
-                Ok(())
-            }
-            Some(In::Ack(ack)) => {
-                sub.ack(ack.seq);
-                Ok(())
-            }
-            Some(In::Progress(_)) => {
-                let seq = hub.fanned();
-                self.flush_with_progress(seq);
-                Ok(())
-            }
-        }
-    }
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let hub_sub = sub.clone();
+        let store2 = store.clone();
+        run(store, limits, sub, from, resume.is_some(), inbound, tx).await;
+        store2.hub().unsubscribe(&hub_sub);
+    });
+    Ok(rx)
 }
 
 /// The catch-up a stream owes: exact notices from the history when it covers
@@ -454,6 +230,16 @@ fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::Res
     (messages, outcome)
 }
 
+/// Catches a stream up and sends what that takes; `None` when the client
+/// went away.
+async fn send_catch_up(store: &Store, sub: &Subscriber, out: &Sender) -> Option<pb::ResumeOutcome> {
+    let (messages, outcome) = catch_up(store, sub);
+    for message in messages {
+        out.send(Ok(message)).await.ok()?;
+    }
+    Some(outcome)
+}
+
 fn reset(prefix: String, since: u64, reason: pb::ResetReason) -> pb::WatchResponse {
     pb::WatchResponse {
         response: Some(Out::Reset(pb::Reset {
@@ -461,5 +247,177 @@ fn reset(prefix: String, since: u64, reason: pb::ResetReason) -> pb::WatchRespon
             since,
             reason: reason.into(),
         })),
+    }
+}
+
+/// Drains the queue completely (catching up as needed), then sends progress
+/// at `seq`, a seq read before the drain.
+async fn flush_with_progress(
+    store: &Store,
+    sub: &Subscriber,
+    out: &Sender,
+    seq: u64,
+) -> Option<()> {
+    let mut buf = Vec::new();
+    loop {
+        if sub.behind().is_some() {
+            send_catch_up(store, sub, out).await?;
+        }
+        buf.clear();
+        sub.drain(BATCH, &mut buf);
+        if buf.is_empty() {
+            break;
+        }
+        sub.sent(&buf);
+        out.send(Ok(batch(buf.iter().map(|n| notice(n, sub)).collect())))
+            .await
+            .ok()?;
+    }
+    out.send(Ok(progress(store, seq))).await.ok()
+}
+
+async fn run<S>(
+    store: Arc<Store>,
+    limits: Limits,
+    sub: Arc<Subscriber>,
+    from: u64,
+    resumed: bool,
+    mut inbound: S,
+    out: Sender,
+) where
+    S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
+{
+    let hub = store.hub();
+    let mut shutdown = hub.shutdown_signal();
+    let outcome = if resumed {
+        // Catch up before saying so, so that `started` names what happened.
+        let (early, outcome) = catch_up(&store, &sub);
+        let started = pb::WatchResponse {
+            response: Some(Out::Started(pb::WatchStarted {
+                epoch: store.epoch(),
+                seq: from,
+                outcome: outcome.into(),
+            })),
+        };
+        if out.send(Ok(started)).await.is_err() {
+            return;
+        }
+        for m in early {
+            if out.send(Ok(m)).await.is_err() {
+                return;
+            }
+        }
+        outcome
+    } else {
+        pb::ResumeOutcome::New
+    };
+    store.metrics().resume(match outcome {
+        pb::ResumeOutcome::FromHistory => "from_history",
+        pb::ResumeOutcome::Repaired => "repaired",
+        _ => "new",
+    });
+    if outcome == pb::ResumeOutcome::New {
+        let started = pb::WatchResponse {
+            response: Some(Out::Started(pb::WatchStarted {
+                epoch: store.epoch(),
+                seq: from,
+                outcome: outcome.into(),
+            })),
+        };
+        if out.send(Ok(started)).await.is_err() {
+            return;
+        }
+    }
+
+    let mut buf: Vec<Arc<Notice>> = Vec::new();
+    loop {
+        if *shutdown.borrow() {
+            // Drain: a final watermark, so the client resumes elsewhere
+            // without loss.
+            let seq = hub.fanned();
+            let _ = flush_with_progress(&store, &sub, &out, seq).await;
+            let _ = out
+                .send(Err(Status::unavailable(format!(
+                    "freshd is shutting down; resume elsewhere with token (epoch {}, seq {seq})",
+                    store.epoch()
+                ))))
+                .await;
+            return;
+        }
+        if sub.behind().is_some() && send_catch_up(&store, &sub, &out).await.is_none() {
+            return;
+        }
+        buf.clear();
+        sub.drain(BATCH, &mut buf);
+        if !buf.is_empty() {
+            sub.sent(&buf);
+            let message = batch(buf.iter().map(|n| notice(n, &sub)).collect());
+            if out.send(Ok(message)).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            () = sub.wake.notified() => {}
+            request = inbound.next() => {
+                let request = match request {
+                    Some(Ok(r)) => r,
+                    // The client closed its side or went away.
+                    Some(Err(_)) | None => return,
+                };
+                if let Err(status) = handle(&store, &limits, &sub, &out, request).await {
+                    let _ = out.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Applies one client request.
+async fn handle(
+    store: &Store,
+    limits: &Limits,
+    sub: &Arc<Subscriber>,
+    out: &Sender,
+    request: pb::WatchRequest,
+) -> Result<(), Status> {
+    let hub = store.hub();
+    match request.request {
+        None => Err(Status::invalid_argument(
+            "a Watch request must set one field",
+        )),
+        Some(In::Start(_)) => Err(Status::invalid_argument(
+            "`start` may only be the first message of a Watch stream",
+        )),
+        Some(In::Track(list)) => {
+            check_keys(limits, sub.owner(), "track.keys", &list.keys, false)?;
+            hub.add(sub, &list.keys, &[])
+                .map_err(Status::resource_exhausted)
+        }
+        Some(In::Untrack(list)) => {
+            hub.untrack(sub, &list.keys);
+            Ok(())
+        }
+        Some(In::Subscribe(list)) => {
+            check_keys(limits, sub.owner(), "subscribe.keys", &list.keys, true)?;
+            hub.add(sub, &[], &list.keys)
+                .map_err(Status::resource_exhausted)
+        }
+        Some(In::Unsubscribe(list)) => {
+            hub.unwatch_prefixes(sub, &list.keys);
+            Ok(())
+        }
+        Some(In::Ack(ack)) => {
+            sub.ack(ack.seq);
+            Ok(())
+        }
+        Some(In::Progress(_)) => {
+            let seq = hub.fanned();
+            // A closed client ends the stream on the next read.
+            let _ = flush_with_progress(store, sub, out, seq).await;
+            Ok(())
+        }
     }
 }
