@@ -32,6 +32,12 @@
 //!   `change_4_deps` fills the same key alternately with two disjoint sets
 //!   of 4 dependencies (drops 4 reverse edges, adds 4, bumps the version).
 //!
+//! - `auth/*`: what a server with tokens adds to each request, in-process:
+//!   `authenticate` reads `authorization: Bearer <token>` from the metadata,
+//!   hashes the token (SHA-256) and finds its principal among 100;
+//!   `scope_check` is one `Principal::require_key` against scopes in 10
+//!   namespaces.
+//!
 //! Run: `cargo bench --bench store` (about one minute once built);
 //! `-- --quick` for a faster, rougher pass.
 
@@ -280,6 +286,51 @@ fn fill_benches(c: &mut Criterion) {
     group.finish();
 }
 
+fn auth(c: &mut Criterion) {
+    use freshd::auth::{hash_token, parse_sha256, Auth, AuthConfig, Principal, PrincipalConfig};
+    use freshd::auth::{Quotas, Scope, Scopes};
+    let mut scopes = Scopes::default();
+    scopes.insert(Scope::Check);
+    let principals: Vec<PrincipalConfig> = (0..100)
+        .map(|i| PrincipalConfig {
+            name: format!("service-{i}"),
+            token_sha256: parse_sha256(&hash_token(&format!(
+                "fd_token_of_service_{i:04}_padded_to_length"
+            )))
+            .expect("hex"),
+            expires: None,
+            scopes: (0..10).map(|n| (format!("ns{n}"), scopes)).collect(),
+            quotas: Quotas::default(),
+        })
+        .collect();
+    let auth = Auth::new(&AuthConfig {
+        principals: principals.clone(),
+        ..AuthConfig::default()
+    });
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        "authorization",
+        "Bearer fd_token_of_service_0042_padded_to_length"
+            .parse()
+            .expect("ascii"),
+    );
+    let principal = Principal::new(&principals[42]);
+    let mut group = c.benchmark_group("auth");
+    group.bench_function("authenticate", |b| {
+        b.iter(|| black_box(auth.authenticate(black_box(&metadata)).is_ok()))
+    });
+    group.bench_function("scope_check", |b| {
+        b.iter(|| {
+            black_box(
+                principal
+                    .require_key(Scope::Check, black_box("ns7:user:4821"))
+                    .is_ok(),
+            )
+        })
+    });
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -290,6 +341,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = check, check_batch, publish, fill_benches
+    targets = check, check_batch, publish, fill_benches, auth
 }
 criterion_main!(benches);
