@@ -35,6 +35,7 @@ use tokio::sync::{watch, Notify};
 use crate::auth::{Principal, QuotaExceeded, Scope};
 use crate::metrics::{unix_ms, Label, Metrics};
 use crate::store::{Key, KeyHash};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// One key changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,10 +378,22 @@ impl Subscriber {
             return;
         };
         if self.metrics.enabled() {
+            // One clock read per batch; one lookup per run of notices in the
+            // same namespace.
+            let now = unix_ms();
+            let mut current: Option<(&str, Histogram)> = None;
             for n in notices {
-                let namespace = self.metrics.namespace_label(&n.key);
-                self.metrics
-                    .invalidation_delay(&namespace, "written", n.event_time_ms);
+                let ns = crate::policy::namespace(&n.key);
+                if current.as_ref().is_none_or(|(c, _)| *c != ns) {
+                    let label = self.metrics.namespace_label(&n.key);
+                    current = self
+                        .metrics
+                        .delay_histogram(&label, "written")
+                        .map(|h| (ns, h));
+                }
+                if let Some((_, histogram)) = &current {
+                    histogram.observe(now.saturating_sub(n.event_time_ms) as f64 / 1000.0);
+                }
             }
         }
         let namespace = self.metrics.namespace_label(&oldest.key);
@@ -647,14 +660,23 @@ impl Hub {
             // Group by subscriber, keep seq order within, drop repeats.
             targets.sort_by_key(|(id, i, _)| (*id, *i));
             targets.dedup_by_key(|(id, i, _)| (*id, *i));
-            let labels: Vec<Option<Label>> = if self.metrics.enabled() {
-                notices
-                    .iter()
-                    .map(|n| Some(self.metrics.namespace_label(&n.key)))
-                    .collect()
-            } else {
-                vec![None; notices.len()]
-            };
+            // Each delivery records its delay; look each notice's histogram
+            // up, and read the clock, once per fan-out, not per delivery.
+            let now = unix_ms();
+            let delays: Vec<Option<(Histogram, f64)>> = notices
+                .iter()
+                .map(|n| {
+                    let label = self
+                        .metrics
+                        .enabled()
+                        .then(|| self.metrics.namespace_label(&n.key))?;
+                    let histogram = self.metrics.delay_histogram(&label, "enqueued")?;
+                    Some((
+                        histogram,
+                        now.saturating_sub(n.event_time_ms) as f64 / 1000.0,
+                    ))
+                })
+                .collect();
             let (mut conflations, mut overflows) = (0, 0);
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
@@ -667,9 +689,8 @@ impl Hub {
                             Pushed::Overflowed => overflows += 1,
                             Pushed::Queued | Pushed::Missed => {}
                         }
-                        if let Some(label) = &labels[i] {
-                            self.metrics
-                                .invalidation_delay(label, "enqueued", n.event_time_ms);
+                        if let Some((histogram, delay)) = &delays[i] {
+                            histogram.observe(*delay);
                         }
                     }
                 }

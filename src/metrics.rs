@@ -406,6 +406,20 @@ impl Metrics {
         }
     }
 
+    /// The histogram of `namespace`'s invalidation delays at `stage`, to
+    /// record many deliveries without a lookup each (fan-out records one
+    /// observation per stream a notice reaches); `None` when disabled.
+    pub fn delay_histogram(&self, namespace: &Label, stage: &'static str) -> Option<Histogram> {
+        self.enabled.then(|| {
+            self.invalidation_delay
+                .get_or_create(&StageLabels {
+                    namespace: namespace.clone(),
+                    stage,
+                })
+                .clone()
+        })
+    }
+
     /// Records the delay from a producer's event time (Unix ms) to a stage:
     /// `enqueued`, `written` or `acked`.
     pub fn invalidation_delay(&self, namespace: &Label, stage: &'static str, event_time_ms: u64) {
