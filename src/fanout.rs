@@ -130,8 +130,12 @@ struct Queue {
     items: VecDeque<Option<Arc<Notice>>>,
     /// Absolute position of `items[0]`.
     base: u64,
-    /// Key -> absolute position of its queued notice.
+    /// Key -> absolute position of its queued notice, kept only while the
+    /// queue is `indexed`; a short queue is searched instead, which spares
+    /// the common case (a notice queued and drained before the next) three
+    /// hash operations per delivery.
     latest: HashMap<Key, u64, KeyHash>,
+    indexed: bool,
     live: usize,
     bytes: usize,
     state: State,
@@ -146,6 +150,7 @@ impl Queue {
         self.base += self.items.len() as u64;
         self.items.clear();
         self.latest.clear();
+        self.indexed = false;
         self.live = 0;
         self.bytes = 0;
     }
@@ -158,7 +163,7 @@ impl Queue {
             return Pushed::Missed;
         }
         let mut pushed = Pushed::Queued;
-        if let Some(pos) = self.latest.get(&notice.key) {
+        if let Some(pos) = self.find(&notice.key) {
             if let Some(old) = self.items[(pos - self.base) as usize].take() {
                 self.bytes -= old.bytes();
             }
@@ -179,22 +184,51 @@ impl Queue {
         if self.items.len() >= cap.saturating_mul(2).max(16) {
             self.compact();
         }
-        self.latest
-            .insert(notice.key.clone(), self.base + self.items.len() as u64);
+        if self.indexed {
+            self.latest
+                .insert(notice.key.clone(), self.base + self.items.len() as u64);
+        }
         self.items.push_back(Some(notice.clone()));
+        if !self.indexed && self.items.len() > SEARCHED {
+            self.index();
+        }
         self.live += 1;
         self.bytes += notice.bytes();
         pushed
     }
 
+    /// The absolute position of the queued notice for `key`, if any.
+    fn find(&self, key: &Key) -> Option<u64> {
+        if self.indexed {
+            return self.latest.get(key).copied();
+        }
+        self.items
+            .iter()
+            .rposition(|item| {
+                item.as_ref()
+                    .is_some_and(|n| Arc::ptr_eq(&n.key, key) || n.key == *key)
+            })
+            .map(|i| self.base + i as u64)
+    }
+
+    /// Builds the key index, for a queue grown past [`SEARCHED`].
+    fn index(&mut self) {
+        self.latest.clear();
+        for (i, item) in self.items.iter().enumerate() {
+            if let Some(n) = item {
+                self.latest.insert(n.key.clone(), self.base + i as u64);
+            }
+        }
+        self.indexed = true;
+    }
+
     /// Drops the holes left by conflation.
     fn compact(&mut self) {
         let items: Vec<Arc<Notice>> = self.items.drain(..).flatten().collect();
-        self.latest.clear();
-        for (i, n) in items.iter().enumerate() {
-            self.latest.insert(n.key.clone(), self.base + i as u64);
-        }
         self.items.extend(items.into_iter().map(Some));
+        if self.indexed {
+            self.index();
+        }
     }
 
     /// Takes up to `max` notices, more only to finish the last seq taken, so
@@ -212,7 +246,7 @@ impl Queue {
             let pos = self.base;
             self.base += 1;
             if let Some(n) = item {
-                if self.latest.get(&n.key) == Some(&pos) {
+                if self.indexed && self.latest.get(&n.key) == Some(&pos) {
                     self.latest.remove(&n.key);
                 }
                 self.live -= 1;
@@ -220,6 +254,10 @@ impl Queue {
                 self.drained_through = self.drained_through.max(n.seq);
                 out.push(n);
             }
+        }
+        if self.items.is_empty() && self.indexed {
+            self.latest.clear();
+            self.indexed = false;
         }
     }
 }
@@ -268,6 +306,10 @@ pub struct Subscriber {
     owner: Option<Arc<Principal>>,
     metrics: Arc<Metrics>,
 }
+
+/// Longest queue (holes included) searched for conflation instead of
+/// indexed.
+const SEARCHED: usize = 16;
 
 /// Repairs remembered per stream while they await their ack or fill.
 const PENDING_REPAIRS: usize = 4096;
@@ -486,10 +528,13 @@ struct Routes {
 }
 
 impl Routes {
-    /// Every subscriber that wants a notice for `key`, possibly repeated.
-    fn targets<'a>(&'a self, key: &str, out: &mut Vec<&'a Arc<Subscriber>>) {
+    /// Every subscriber that wants a notice for `key`, possibly repeated
+    /// (a stream appears once per route); returns how many routes matched.
+    fn targets<'a>(&'a self, key: &str, out: &mut Vec<&'a Arc<Subscriber>>) -> usize {
+        let mut matched = 0;
         if let Some(subs) = self.by_key.get(key) {
             out.extend(subs.values());
+            matched += 1;
         }
         for &len in self.prefix_lens.keys() {
             if len > key.len() {
@@ -500,8 +545,10 @@ impl Routes {
             }
             if let Some(subs) = self.by_prefix.get(&key[..len]) {
                 out.extend(subs.values());
+                matched += 1;
             }
         }
+        matched
     }
 }
 
@@ -648,18 +695,22 @@ impl Hub {
         if !routes.subscribers.is_empty() {
             let mut targets: Vec<(u64, usize, &Arc<Subscriber>)> = Vec::new();
             let mut scratch = Vec::new();
+            let mut matched = 0;
             for (i, n) in notices.iter().enumerate() {
                 scratch.clear();
-                routes.targets(&n.key, &mut scratch);
+                matched += routes.targets(&n.key, &mut scratch);
                 for sub in scratch.drain(..) {
                     if sub.wants_origin(n) && sub.may_see(&n.key) {
                         targets.push((sub.id, i, sub));
                     }
                 }
             }
-            // Group by subscriber, keep seq order within, drop repeats.
-            targets.sort_by_key(|(id, i, _)| (*id, *i));
-            targets.dedup_by_key(|(id, i, _)| (*id, *i));
+            // Group by subscriber, keep seq order within, drop repeats. One
+            // notice through one route has neither groups nor repeats.
+            if notices.len() > 1 || matched > 1 {
+                targets.sort_by_key(|(id, i, _)| (*id, *i));
+                targets.dedup_by_key(|(id, i, _)| (*id, *i));
+            }
             // Each delivery records its delay; look each notice's histogram
             // up, and read the clock, once per fan-out, not per delivery.
             let now = unix_ms();
@@ -750,6 +801,7 @@ impl Hub {
                 items: VecDeque::new(),
                 base: 0,
                 latest: HashMap::with_hasher(KeyHash),
+                indexed: false,
                 live: 0,
                 bytes: 0,
                 state,
@@ -1061,6 +1113,7 @@ mod tests {
             items: VecDeque::new(),
             base: 0,
             latest: HashMap::with_hasher(KeyHash),
+            indexed: false,
             live: 0,
             bytes: 0,
             state: State::Live,
@@ -1087,6 +1140,35 @@ mod tests {
         let got = drained(&mut q, 10);
         assert_eq!(got, vec![(2, "b".into()), (4, "c".into()), (5, "a".into())]);
         assert_eq!(q.bytes, 0);
+    }
+
+    #[test]
+    fn conflation_works_searched_and_indexed_alike() {
+        let mut q = queue();
+        // Past SEARCHED distinct keys the queue indexes them.
+        for seq in 1..=40u64 {
+            q.push(&n(seq, &format!("k{seq}")), 1000, usize::MAX);
+        }
+        assert!(q.indexed);
+        q.push(&n(41, "k7"), 1000, usize::MAX);
+        q.push(&n(42, "k40"), 1000, usize::MAX);
+        assert_eq!((q.live, q.conflations), (40, 2));
+        let got = drained(&mut q, 1000);
+        assert_eq!(got.len(), 40);
+        assert_eq!(&got[38..], &[(41, "k7".into()), (42, "k40".into())]);
+        assert!(
+            !q.indexed && q.latest.is_empty(),
+            "an empty queue searches again"
+        );
+        // Short again: conflation by search.
+        q.push(&n(43, "a"), 1000, usize::MAX);
+        q.push(&n(44, "b"), 1000, usize::MAX);
+        q.push(&n(45, "a"), 1000, usize::MAX);
+        assert!(!q.indexed);
+        assert_eq!(
+            drained(&mut q, 10),
+            vec![(44, "b".into()), (45, "a".into())]
+        );
     }
 
     #[test]
