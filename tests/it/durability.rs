@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +17,7 @@ use rand::{Rng, SeedableRng};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("freshd-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
+use crate::harness::temp_dir;
 
 /// Starts `freshd --data-dir dir` and returns it with its gRPC address.
 fn spawn(dir: &Path, extra: &[&str]) -> (Child, String) {

@@ -23,14 +23,18 @@ pub async fn start_with(config: Config) -> TestServer {
     TestServer { server, client }
 }
 
-pub async fn connect(server: &RunningServer) -> CoordinatorClient<Channel> {
-    let channel = Channel::from_shared(server.url())
+/// A gRPC channel to a plaintext server.
+pub async fn channel(server: &RunningServer) -> Channel {
+    Channel::from_shared(server.url())
         .unwrap()
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .expect("client connects");
-    CoordinatorClient::new(channel)
+        .expect("client connects")
+}
+
+pub async fn connect(server: &RunningServer) -> CoordinatorClient<Channel> {
+    CoordinatorClient::new(channel(server).await)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20)
 }
@@ -90,4 +94,27 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, body.to_owned())
+}
+
+/// A new, empty directory under the system's temporary directory, its own
+/// to each call.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "freshd-{name}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The `freshd` binary, with an empty environment but `PATH`.
+pub fn freshd_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_freshd"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd
 }

@@ -15,7 +15,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-use crate::harness::start;
+use crate::harness::{freshd_command, start, temp_dir};
 
 #[tokio::test]
 async fn health_serves_then_reports_not_serving_at_shutdown() {
@@ -86,13 +86,6 @@ async fn reflection_lists_the_services() {
     }
 }
 
-fn freshd() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_freshd"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    cmd
-}
-
 #[test]
 fn bad_configuration_exits_64_naming_the_setting() {
     // (flags, environment, what the message must name)
@@ -109,16 +102,23 @@ fn bad_configuration_exits_64_naming_the_setting() {
         (vec!["--no-such-flag"], vec![], "--no-such-flag"),
     ];
     for (args, envs, needle) in cases {
-        let out = freshd().args(&args).envs(envs.clone()).output().unwrap();
+        let out = freshd_command()
+            .args(&args)
+            .envs(envs.clone())
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?} {envs:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
-    let dir = std::env::temp_dir().join(format!("freshd-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("config");
     let file = dir.join("freshd.toml");
     std::fs::write(&file, "shards = 64\nmax_keybytes = 10\n").unwrap();
-    let out = freshd().arg("--config").arg(&file).output().unwrap();
+    let out = freshd_command()
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
@@ -130,7 +130,7 @@ fn bad_configuration_exits_64_naming_the_setting() {
 
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
-    let mut child = freshd()
+    let mut child = freshd_command()
         .args([
             "--listen",
             "127.0.0.1:0",

@@ -304,8 +304,7 @@ async fn policies_are_managed_at_runtime_and_checked() {
 
 #[tokio::test]
 async fn policies_come_from_the_configuration_file() {
-    let dir = std::env::temp_dir().join(format!("freshd-policy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::harness::temp_dir("policy");
     let file = dir.join("freshd.toml");
     std::fs::write(
         &file,

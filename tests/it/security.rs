@@ -16,7 +16,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::{Code, Request, Status};
 
-use crate::harness::{eventually, fill_req, http_get, publish_req};
+use crate::harness::{
+    channel, eventually, fill_req, freshd_command, http_get, publish_req, temp_dir,
+};
 
 type Authed = CoordinatorClient<InterceptedService<Channel, Bearer>>;
 
@@ -59,15 +61,6 @@ fn principal(name: &str, list: &[(&str, &[Scope])], quotas: Quotas) -> Principal
 /// Each test principal's token is derived from its name.
 fn token_of(name: &str) -> String {
     format!("fd_test_token_of_{name}")
-}
-
-async fn channel(server: &RunningServer) -> Channel {
-    Channel::from_shared(server.url())
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connects")
 }
 
 async fn as_principal(server: &RunningServer, name: &str) -> Authed {
@@ -962,19 +955,6 @@ impl Pki {
     }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "freshd-tls-{name}-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 async fn tls_client(
     server: &RunningServer,
     ca_pem: &str,
@@ -1251,16 +1231,9 @@ fn plaintext_off_loopback_and_half_tls_settings_are_refused() {
     assert_eq!(tls.client_ca, None);
 }
 
-fn freshd_bin() -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_freshd"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    cmd
-}
-
 #[test]
 fn the_binary_makes_and_hashes_tokens_and_refuses_bad_certificates() {
-    let out = freshd_bin().arg("--new-token").output().unwrap();
+    let out = freshd_command().arg("--new-token").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let field = |name: &str| {
@@ -1274,7 +1247,7 @@ fn the_binary_makes_and_hashes_tokens_and_refuses_bad_certificates() {
     assert_eq!(hash_token(&token), hash);
 
     use std::io::Write;
-    let mut child = freshd_bin()
+    let mut child = freshd_command()
         .arg("--hash-token")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -1289,7 +1262,7 @@ fn the_binary_makes_and_hashes_tokens_and_refuses_bad_certificates() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), hash);
 
-    let out = freshd_bin()
+    let out = freshd_command()
         .args([
             "--tls-cert",
             "/nonexistent/c.pem",
