@@ -455,13 +455,10 @@ impl Run {
     }
 
     fn watch(&mut self, request: pb::WatchRequest) -> Result<(), Error> {
+        // The checks the Watch handler runs, without a principal.
         let keys = |field: &str, keys: &[String], prefixes: bool| -> Result<(), Error> {
-            for (i, key) in keys.iter().enumerate() {
-                if !(prefixes && key.is_empty()) {
-                    self.limits.key(|| format!("{field}[{i}]"), key)?;
-                }
-            }
-            Ok(())
+            crate::watch::check_keys(&self.limits, None, field, keys, prefixes)
+                .map_err(|status| Error::invalid(status.message()))
         };
         let hub = self.store.hub();
         let Some(stream) = &self.stream else {

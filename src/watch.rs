@@ -66,7 +66,7 @@ fn progress(store: &Store, seq: u64) -> pb::WatchResponse {
 
 /// Checks every key or prefix of a request against the limits, and against
 /// the watch scope of the stream's principal.
-fn check_keys(
+pub(crate) fn check_keys(
     limits: &Limits,
     owner: Option<&Arc<Principal>>,
     field: &str,
