@@ -77,7 +77,8 @@ LOAD=$TARGET_DIR/release/freshd-load
 
 # --- processes -----------------------------------------------------------
 PIDS=()
-TMP=$(mktemp -d /dev/shm/freshd-bench.XXXXXX 2>/dev/null || mktemp -d)
+# Scratch space for the servers (etcd's data directory), on tmpfs when there is one.
+SCRATCH=$(mktemp -d /dev/shm/freshd-bench.XXXXXX 2>/dev/null || mktemp -d)
 cleanup() {
   for pid in "${PIDS[@]:-}"; do
     [[ -n "$pid" ]] && kill "$pid" 2>/dev/null || true
@@ -85,7 +86,7 @@ cleanup() {
   for pid in "${PIDS[@]:-}"; do
     [[ -n "$pid" ]] && wait "$pid" 2>/dev/null || true
   done
-  rm -rf "$TMP"
+  rm -rf "$SCRATCH"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -110,7 +111,7 @@ stop_servers() {
     [[ -n "$pid" ]] && wait "$pid" 2>/dev/null || true
   done
   PIDS=()
-  rm -rf "${TMP:?}"/etcd
+  rm -rf "${SCRATCH:?}"/etcd
 }
 
 start_freshd() {
@@ -136,8 +137,8 @@ start_etcd() {
   ETCD_PORT=$(free_port)
   local peer
   peer=$(free_port)
-  mkdir -p "$TMP/etcd"
-  taskset -c "$SERVER_CPU" etcd --name bench --data-dir "$TMP/etcd" \
+  mkdir -p "$SCRATCH/etcd"
+  taskset -c "$SERVER_CPU" etcd --name bench --data-dir "$SCRATCH/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$peer" \

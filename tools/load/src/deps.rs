@@ -184,6 +184,9 @@ pub async fn run(opts: &DepsOpts) -> Result<Report, Error> {
                 }
             }
         }
+        // A pause between rounds, so that one round's writes and notices
+        // are done with before the next is timed (not a wait for a state:
+        // every subscriber has already reported itself armed).
         tokio::time::sleep(Duration::from_millis(50)).await;
         let t0 = Instant::now();
         let answered = if let Some(client) = writer_freshd.as_mut() {

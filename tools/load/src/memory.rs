@@ -77,6 +77,23 @@ pub fn rss_bytes(pid: u32) -> Result<u64, Error> {
         .ok_or_else(|| format!("no VmRSS for process {pid}"))
 }
 
+/// A figure once it has stopped moving: read every 200 ms until two reads in
+/// a row agree (the server finished growing its tables, Redis its
+/// incremental rehash), for at most 10 s; the last read otherwise.
+async fn settled(mut read: impl FnMut() -> Result<u64, Error>) -> Result<u64, Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = read()?;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = read()?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
 /// Runs the workload once.
 pub async fn run(opts: &MemoryOpts) -> Result<Report, Error> {
     let k = opts.keys;
@@ -111,8 +128,7 @@ pub async fn run(opts: &MemoryOpts) -> Result<Report, Error> {
             })
             .await?;
             let load_secs = started.elapsed().as_secs_f64();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let after = rss_bytes(pid)?;
+            let after = settled(|| rss_bytes(pid)).await?;
             let stats = client
                 .stats(StatsRequest {})
                 .await
@@ -153,8 +169,7 @@ pub async fn run(opts: &MemoryOpts) -> Result<Report, Error> {
                 pipe.flush().map_err(|e| e.to_string())?;
             }
             let load_secs = started.elapsed().as_secs_f64();
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let used_after = info(&mut conn, "used_memory")?;
+            let used_after = settled(|| info(&mut conn, "used_memory")).await?;
             let rss_after = info(&mut conn, "used_memory_rss")?;
             let grown = used_after.saturating_sub(used_before);
             (
