@@ -162,7 +162,9 @@ fn main() {
         } else {
             "posts:author:2"
         };
-        metrics.check(key, "home", 7, 1_500, true, i % 10 == 0, false);
+        metrics
+            .check_recorder("home")
+            .record(key, 7, 1_500, true, i % 10 == 0, false);
         metrics.rpc("Check", tonic::Code::Ok, Duration::from_micros(40));
     }
     let per = started.elapsed().as_nanos() as f64 / n as f64;

@@ -362,47 +362,23 @@ impl Metrics {
         self.namespaces.get(namespace(key))
     }
 
-    /// Records one check of a copy: its age, and whether it had been served
-    /// and was stale.
-    #[allow(clippy::too_many_arguments)]
-    pub fn check(
-        &self,
-        key: &str,
-        endpoint: &str,
-        version: u64,
-        age_ms: u64,
-        served: bool,
-        stale: bool,
-        critical: bool,
-    ) {
-        if !self.enabled || version == 0 {
-            return;
-        }
-        let namespace = self.namespace_label(key);
-        self.hit_age
-            .get_or_create(&HitAgeLabels {
-                namespace: namespace.clone(),
-                endpoint: self.endpoints.get(if endpoint.is_empty() {
+    /// A recorder for the checks of one request sent for `endpoint` (empty:
+    /// `unnamed`). It resolves the endpoint's label once, and each
+    /// namespace's metrics once per run of keys in that namespace: a batch's
+    /// keys mostly share one, and each resolution costs two label-set hashes
+    /// and lock reads.
+    pub fn check_recorder(&self, endpoint: &str) -> CheckRecorder<'_> {
+        CheckRecorder {
+            metrics: self,
+            endpoint: self.enabled.then(|| {
+                self.endpoints.get(if endpoint.is_empty() {
                     "unnamed"
                 } else {
                     endpoint
-                }),
-            })
-            .observe(age_ms as f64 / 1000.0);
-        if served {
-            self.served_checks
-                .get_or_create(&NamespaceLabels {
-                    namespace: namespace.clone(),
                 })
-                .inc();
-            if stale {
-                self.stale_serves
-                    .get_or_create(&CriticalLabels {
-                        namespace,
-                        critical: if critical { "true" } else { "false" },
-                    })
-                    .inc();
-            }
+            }),
+            namespace: String::new(),
+            current: None,
         }
     }
 
@@ -608,6 +584,87 @@ fn code_name(code: tonic::Code) -> &'static str {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The metrics of one namespace that every check records.
+struct CheckHandles {
+    namespace: Label,
+    hit_age: Histogram,
+    served: Counter,
+}
+
+/// Records the checks of one request; see [`Metrics::check_recorder`].
+pub struct CheckRecorder<'m> {
+    metrics: &'m Metrics,
+    /// `None` when metrics are disabled.
+    endpoint: Option<Label>,
+    /// The namespace `current` belongs to.
+    namespace: String,
+    current: Option<CheckHandles>,
+}
+
+impl CheckRecorder<'_> {
+    /// Records one check of a copy of `key`: its age, and whether it had
+    /// been served and was stale (`critical`: after a critical change). A
+    /// check at version 0 (a miss, noting the seq) has no copy and records
+    /// nothing.
+    pub fn record(
+        &mut self,
+        key: &str,
+        version: u64,
+        age_ms: u64,
+        served: bool,
+        stale: bool,
+        critical: bool,
+    ) {
+        let Some(endpoint) = &self.endpoint else {
+            return;
+        };
+        if version == 0 {
+            return;
+        }
+        let metrics = self.metrics;
+        let ns = namespace(key);
+        if self.current.is_none() || self.namespace != ns {
+            let namespace = metrics.namespaces.get(ns);
+            let hit_age = metrics
+                .hit_age
+                .get_or_create(&HitAgeLabels {
+                    namespace: namespace.clone(),
+                    endpoint: endpoint.clone(),
+                })
+                .clone();
+            let served = metrics
+                .served_checks
+                .get_or_create(&NamespaceLabels {
+                    namespace: namespace.clone(),
+                })
+                .clone();
+            self.namespace.clear();
+            self.namespace.push_str(ns);
+            self.current = Some(CheckHandles {
+                namespace,
+                hit_age,
+                served,
+            });
+        }
+        let Some(handles) = &self.current else {
+            return;
+        };
+        handles.hit_age.observe(age_ms as f64 / 1000.0);
+        if served {
+            handles.served.inc();
+            if stale {
+                metrics
+                    .stale_serves
+                    .get_or_create(&CriticalLabels {
+                        namespace: handles.namespace.clone(),
+                        critical: if critical { "true" } else { "false" },
+                    })
+                    .inc();
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use crate::auth::{Caller, Principal, Scope};
 use crate::error::Error;
 use crate::fanout::Subscriber;
 use crate::lease::LeaseOutcome;
+use crate::metrics::CheckRecorder;
 use crate::pb::{self, coordinator_server::Coordinator};
 use crate::policy::{self, Decision};
 use crate::store::{CheckAnswer, Freshness, Store};
@@ -81,25 +82,16 @@ impl CoordinatorService {
     #[allow(clippy::too_many_arguments)]
     fn record_check(
         &self,
+        recorder: &mut CheckRecorder<'_>,
         key: &str,
-        endpoint: &str,
         version: u64,
         age_ms: u64,
         served: bool,
         answer: &CheckAnswer,
         streams: &[Arc<Subscriber>],
     ) {
-        let metrics = self.store.metrics();
         let stale = answer.freshness == Freshness::Stale;
-        metrics.check(
-            key,
-            endpoint,
-            version,
-            age_ms,
-            served,
-            stale,
-            answer.critical_since,
-        );
+        recorder.record(key, version, age_ms, served, stale, answer.critical_since);
         // Version 0 is a check without a copy (a miss noting the seq): it
         // cannot have missed anything.
         if !stale || version == 0 || answer.last_change_seq <= version {
@@ -109,6 +101,7 @@ impl CoordinatorService {
             .iter()
             .find(|s| s.acked() >= answer.last_change_seq && s.tracks(key))
         {
+            let metrics = self.store.metrics();
             metrics.missed(key, "check");
             stream.await_fill_for_repair(key, metrics.namespace_label(key));
         }
@@ -531,8 +524,8 @@ impl CoordinatorService {
                 .check(&request.key, request.version, request.age_ms);
             let streams = self.store.hub().streams_of(&request.client_id);
             self.record_check(
+                &mut self.store.metrics().check_recorder(&request.endpoint),
                 &request.key,
-                &request.endpoint,
                 request.version,
                 request.age_ms,
                 request.served,
@@ -585,20 +578,32 @@ impl CoordinatorService {
                 .check_batch(&request.items, |i| (i.key.as_str(), i.version, i.age_ms));
             let policies = self.store.policies();
             let streams = self.store.hub().streams_of(&request.client_id);
+            let mut recorder = self.store.metrics().check_recorder(&request.endpoint);
+            // A batch's keys mostly share a namespace: look its policy up
+            // once per run of keys.
+            let mut current: Option<(&str, &policy::Policy)> = None;
             let results = answers
                 .into_iter()
                 .zip(&request.items)
                 .map(|(a, item)| {
                     self.record_check(
+                        &mut recorder,
                         &item.key,
-                        &request.endpoint,
                         item.version,
                         item.age_ms,
                         item.served,
                         &a,
                         &streams,
                     );
-                    let p = policies.for_key(&item.key);
+                    let ns = policy::namespace(&item.key);
+                    let p = match current {
+                        Some((n, p)) if n == ns => p,
+                        _ => {
+                            let p = policies.for_key(&item.key);
+                            current = Some((ns, p));
+                            p
+                        }
+                    };
                     result(a, policy::decide(p, &a, item.age_ms), p.check_sample_rate)
                 })
                 .collect();

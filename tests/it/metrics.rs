@@ -294,6 +294,89 @@ async fn the_scrape_matches_the_workload() {
     every_referenced_metric_exists(&scrape);
 }
 
+/// A batch records each item under its own key's namespace, whatever the
+/// order of the namespaces in the batch.
+#[tokio::test]
+async fn a_batch_records_each_item_under_its_namespace() {
+    let mut t = start_with(Config::ephemeral()).await;
+    let admin = t.server.admin_addr.unwrap();
+    let c = &mut t.client;
+    let mut versions = Vec::new();
+    for key in ["a:1", "b:1", "a:2"] {
+        versions.push(
+            c.fill(fill_req(key, &[], 0))
+                .await
+                .unwrap()
+                .into_inner()
+                .version,
+        );
+    }
+    let mut critical = publish_req(&["a:2"]);
+    critical.changes[0].critical = true;
+    c.publish(critical).await.unwrap();
+    let item = |key: &str, version, age_ms| pb::CheckItem {
+        key: key.into(),
+        version,
+        age_ms,
+        served: true,
+    };
+    let answer = c
+        .check_batch(pb::CheckBatchRequest {
+            items: vec![
+                item("a:1", versions[0], 1_000),
+                item("b:1", versions[1], 2_000),
+                item("a:2", versions[2], 3_000),
+                // No copy: nothing to record.
+                item("b:2", 0, 0),
+            ],
+            endpoint: "home".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let freshness: Vec<i32> = answer.results.iter().map(|r| r.freshness).collect();
+    assert_eq!(
+        freshness,
+        [
+            pb::Freshness::Fresh as i32,
+            pb::Freshness::Fresh as i32,
+            pb::Freshness::Stale as i32,
+            pb::Freshness::Unknown as i32
+        ]
+    );
+
+    let (_, scrape) = http_get(admin, "/metrics").await;
+    let age = |namespace, suffix| {
+        sample(
+            &scrape,
+            &format!("freshd_hit_age_seconds_{suffix}"),
+            &[("namespace", namespace), ("endpoint", "home")],
+        )
+    };
+    assert_eq!(age("a", "count"), 2.0);
+    assert_eq!(age("a", "sum"), 4.0);
+    assert_eq!(age("b", "count"), 1.0);
+    assert_eq!(age("b", "sum"), 2.0);
+    let served = |namespace| {
+        sample(
+            &scrape,
+            "freshd_served_checks_total",
+            &[("namespace", namespace)],
+        )
+    };
+    assert_eq!(served("a"), 2.0);
+    assert_eq!(served("b"), 1.0);
+    assert_eq!(
+        sample(
+            &scrape,
+            "freshd_stale_serves_total",
+            &[("namespace", "a"), ("critical", "true")]
+        ),
+        1.0
+    );
+}
+
 fn promtool() -> Command {
     let found = Command::new("promtool")
         .arg("--version")
