@@ -1442,16 +1442,39 @@ impl Store {
             .map(|(i, _)| (i, self.shards[i].read()))
             .collect();
         let now = self.clock.now();
-        let answers = items
+        // Two passes, so that the cache misses of different keys overlap
+        // instead of queueing: the first finds each key's slot by its hash
+        // and length alone (a miss on the table), the second confirms the
+        // key's bytes (a miss on the key's allocation) and answers. One
+        // pass would wait for both misses of each key in turn.
+        let slot = |h: u64| {
+            let pos = guards
+                .binary_search_by_key(&self.shard_index(h), |(i, _)| *i)
+                .expect("locked above");
+            &guards[pos].1
+        };
+        let candidates: Vec<Option<&Node>> = items
             .iter()
             .zip(&hashes)
             .map(|(t, &h)| {
+                let len = item(t).0.len();
+                slot(h).nodes.find(h, |n| n.key.len() == len)
+            })
+            .collect();
+        let answers = items
+            .iter()
+            .zip(&hashes)
+            .zip(candidates)
+            .map(|((t, &h), candidate)| {
                 let (key, version, age_ms) = item(t);
-                let index = self.shard_index(h);
-                let pos = guards
-                    .binary_search_by_key(&index, |(i, _)| *i)
-                    .expect("locked above");
-                match guards[pos].1.get(h, key) {
+                let node = match candidate {
+                    Some(n) if &*n.key == key => Some(n),
+                    // Another key of the same length shares the hash's
+                    // tag: look again, comparing keys.
+                    Some(_) => slot(h).get(h, key),
+                    None => None,
+                };
+                match node {
                     Some(node) if node.live(now) => node.answer(version, age_ms, now),
                     _ => UNKNOWN,
                 }
@@ -1894,6 +1917,45 @@ mod tests {
             observed_seq: s.seq(),
         })
         .expect("fill")
+    }
+
+    #[test]
+    fn batched_checks_tell_keys_of_one_length_apart() {
+        // One shard, thousands of keys of one length: many share a hash
+        // tag, which the batch's first pass cannot tell apart.
+        let s = Store::new(
+            StoreConfig {
+                shards: 1,
+                ..StoreConfig::default()
+            },
+            Box::new(MemoryLog::with_epoch(7)),
+        );
+        let keys: Vec<String> = (0..4000).map(|i| format!("k:{i:05}")).collect();
+        let versions: Vec<u64> = keys.iter().map(|k| fill(&s, k, &[]).version).collect();
+        s.publish(
+            &(0..4000)
+                .step_by(3)
+                .map(|i| change(&keys[i]))
+                .collect::<Vec<_>>(),
+        )
+        .expect("publish");
+        // Every key, at its fill's version, plus absent keys of the same
+        // length.
+        let mut items: Vec<(String, u64)> = keys.iter().cloned().zip(versions).collect();
+        items.extend((4000..5000).map(|i| (format!("k:{i:05}"), 1)));
+        let (answers, _) = s.check_batch(&items, |(k, v)| (k.as_str(), *v, 0));
+        for (i, ((key, version), answer)) in items.iter().zip(&answers).enumerate() {
+            let (single, _) = s.check(key, *version, 0);
+            assert_eq!(*answer, single, "{key}");
+            let expected = if i >= 4000 {
+                Freshness::Unknown
+            } else if i % 3 == 0 {
+                Freshness::Stale
+            } else {
+                Freshness::Fresh
+            };
+            assert_eq!(answer.freshness, expected, "{key}");
+        }
     }
 
     fn version(s: &Store, key: &str) -> u64 {
