@@ -195,6 +195,9 @@ cat "$RESULTS/machine.txt" >&2
 start_freshd; start_redis
 load check freshd "127.0.0.1:$FRESHD_PORT" check --conns 16 --keys "$CHECK_KEYS" \
   --runs "$CHECK_RUNS" --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS"
+# The same 16 requests in flight, as HTTP/2 streams on 2 connections.
+load check freshd "127.0.0.1:$FRESHD_PORT" check --conns 2 --streams 8 --keys "$CHECK_KEYS" \
+  --runs 1@0 --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS"
 load check redis "127.0.0.1:$REDIS_PORT" check --conns 16 --keys "$CHECK_KEYS" \
   --runs "$CHECK_RUNS" --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS" --redis-batch mget,pipeline
 stop_servers

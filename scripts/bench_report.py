@@ -59,7 +59,7 @@ def rows(reports):
                     "n/a" if r is None else f"{r:.2f}", goal_text, met))
 
     # Checks.
-    f = find(reports, workload="check", target="freshd", mode="closed", batch=1)
+    f = find(reports, workload="check", target="freshd", mode="closed", batch=1, variant="Check")
     p = find(reports, workload="check", target="redis", mode="closed", batch=1)
     if f and p:
         add("single-key check, ops/s (16 conns, closed loop)", f["ops_per_sec"], "Redis GET",
@@ -68,6 +68,15 @@ def rows(reports):
             higher_better=False)
         add("  p99 at that load, µs", f["latency"]["p99_us"], "Redis GET", p["latency"]["p99_us"],
             higher_better=False)
+    # The same 16 requests in flight as HTTP/2 streams over fewer connections,
+    # as a gRPC client sharing a channel sends them.
+    for f in [r for r in reports if r["workload"] == "check" and r["target"] == "freshd"
+              and r["mode"] == "closed" and r["params"]["batch"] == 1
+              and r["params"].get("streams", 1) > 1]:
+        if p:
+            conns, streams = f["params"]["conns"], f["params"]["streams"]
+            add(f"single-key check, ops/s ({conns} conns x {streams} streams, closed loop)",
+                f["ops_per_sec"], "Redis GET (16 conns)", p["ops_per_sec"])
     for f in [r for r in reports if r["workload"] == "check" and r["target"] == "freshd"
               and r["mode"] == "open" and r["params"]["batch"] == 1]:
         rate = f["params"]["rate"]
@@ -78,7 +87,8 @@ def rows(reports):
             add(f"single-key check at {rate:,.0f}/s (open loop), p99 µs", f["latency"]["p99_us"],
                 "Redis GET", p["latency"]["p99_us"], higher_better=False)
     for batch in (64, 1000):
-        f = find(reports, workload="check", target="freshd", mode="closed", batch=batch)
+        f = find(reports, workload="check", target="freshd", mode="closed", batch=batch,
+                 variant=f"CheckBatch {batch}")
         if not f:
             continue
         for variant, goal in ((f"MGET {batch}", 1.0), (f"pipelined GET {batch}", None)):
@@ -246,11 +256,11 @@ def plots(reports, out):
         return None if r is None else r[key]
 
     bars("single-key check, ops/s", [
-        ("freshd Check", val(find(reports, workload="check", target="freshd", mode="closed", batch=1), "ops_per_sec"), "freshd"),
+        ("freshd Check", val(find(reports, workload="check", target="freshd", mode="closed", batch=1, variant="Check"), "ops_per_sec"), "freshd"),
         ("Redis GET", val(find(reports, workload="check", target="redis", mode="closed", batch=1), "ops_per_sec"), "redis")])
     for batch in (64, 1000):
         bars(f"batches of {batch}, keys/s", [
-            ("freshd CheckBatch", val(find(reports, workload="check", target="freshd", mode="closed", batch=batch), "keys_per_sec"), "freshd"),
+            ("freshd CheckBatch", val(find(reports, workload="check", target="freshd", mode="closed", batch=batch, variant=f"CheckBatch {batch}"), "keys_per_sec"), "freshd"),
             ("Redis MGET", val(find(reports, workload="check", target="redis", mode="closed", batch=batch, variant=f"MGET {batch}"), "keys_per_sec"), "redis"),
             ("Redis pipelined GET", val(find(reports, workload="check", target="redis", mode="closed", batch=batch, variant=f"pipelined GET {batch}"), "keys_per_sec"), "redis")])
     bars("notices/s to 1,000 subscribers", [

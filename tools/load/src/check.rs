@@ -73,8 +73,12 @@ pub struct CheckOpts {
     pub target: Target,
     /// Its `host:port`.
     pub addr: String,
-    /// Connections (and, closed loop, requests in flight).
+    /// Connections.
     pub conns: usize,
+    /// Closed loop, freshd: requests in flight on each connection (HTTP/2
+    /// streams, as a gRPC client sharing one channel sends them). Redis
+    /// connections carry one request at a time, so it must be 1 there.
+    pub streams: usize,
     /// Keys registered before measuring.
     pub keys: usize,
     /// The measurements, in order.
@@ -250,8 +254,11 @@ async fn prepare(opts: &CheckOpts) -> Result<Arc<Vec<u64>>, Error> {
 
 /// Runs every measurement of `opts`.
 pub async fn run(opts: &CheckOpts) -> Result<Vec<Report>, Error> {
-    if opts.keys == 0 || opts.conns == 0 {
-        return Err("keys and conns must be positive".into());
+    if opts.keys == 0 || opts.conns == 0 || opts.streams == 0 {
+        return Err("keys, conns and streams must be positive".into());
+    }
+    if opts.streams > 1 && opts.target != Target::Freshd {
+        return Err("streams above 1 need HTTP/2: freshd only".into());
     }
     let versions = prepare(opts).await?;
     let mut reports = Vec::new();
@@ -299,7 +306,18 @@ async fn measure(
     let mut unanswered = 0;
     if run.rate == 0.0 {
         let mut tasks = Vec::new();
-        for (c, conn) in conns.into_iter().enumerate() {
+        // Each connection carries `streams` closed loops (freshd only).
+        let loops = conns.into_iter().flat_map(|conn| {
+            let mut loops = Vec::with_capacity(opts.streams);
+            if let Conn::Freshd(client) = &conn {
+                for _ in 1..opts.streams {
+                    loops.push(Conn::Freshd(client.clone()));
+                }
+            }
+            loops.push(conn);
+            loops
+        });
+        for (c, conn) in loops.enumerate() {
             let (tally, versions) = (tally.clone(), versions.clone());
             let (keys, batch) = (opts.keys, run.batch);
             tasks.push(tokio::spawn(async move {
@@ -373,7 +391,13 @@ async fn measure(
     let latencies = tally.latencies.lock().clone();
     let ops = tally.ops.load(Ordering::Relaxed);
     let variant = match (opts.target, run.batch, way) {
+        (Target::Freshd, 1, _) if opts.streams > 1 && run.rate == 0.0 => {
+            format!("Check, {} streams per conn", opts.streams)
+        }
         (Target::Freshd, 1, _) => "Check".to_owned(),
+        (Target::Freshd, n, _) if opts.streams > 1 && run.rate == 0.0 => {
+            format!("CheckBatch {n}, {} streams per conn", opts.streams)
+        }
         (Target::Freshd, n, _) => format!("CheckBatch {n}"),
         (_, 1, _) => "GET".to_owned(),
         (_, n, Some(RedisBatch::Pipeline)) => format!("pipelined GET {n}"),
@@ -385,7 +409,7 @@ async fn measure(
         variant,
         mode: if run.rate == 0.0 { "closed" } else { "open" }.into(),
         params: json!({
-            "conns": opts.conns, "keys": opts.keys, "batch": run.batch,
+            "conns": opts.conns, "streams": opts.streams, "keys": opts.keys, "batch": run.batch,
             "rate": run.rate, "warmup_s": opts.warmup,
         }),
         secs: opts.secs,

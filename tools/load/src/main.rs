@@ -45,9 +45,13 @@ struct Cli {
 enum Workload {
     /// Version checks: Check/CheckBatch vs GET/MGET/pipelined GET.
     Check {
-        /// Connections (closed loop: requests in flight).
+        /// Connections (closed loop: requests in flight, times --streams).
         #[arg(long, default_value_t = 16)]
         conns: usize,
+        /// Closed loop, freshd only: requests in flight on each connection,
+        /// as HTTP/2 streams (a gRPC client sharing one channel).
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
         /// Keys registered first.
         #[arg(long, default_value_t = 100_000)]
         keys: usize,
@@ -143,6 +147,7 @@ fn main() -> ExitCode {
         match cli.workload {
             Workload::Check {
                 conns,
+                streams,
                 keys,
                 runs,
                 redis_batch,
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
                     target,
                     addr,
                     conns,
+                    streams,
                     keys,
                     runs,
                     redis_batch,

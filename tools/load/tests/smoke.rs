@@ -44,6 +44,7 @@ async fn check_closed_and_open_loop() {
         target: Target::Freshd,
         addr,
         conns: 2,
+        streams: 2,
         keys: 200,
         runs: vec![
             Run::parse("1@0").unwrap(),
@@ -60,10 +61,10 @@ async fn check_closed_and_open_loop() {
     for r in &reports {
         assert_clean(r);
     }
-    assert_eq!(reports[0].variant, "Check");
+    assert_eq!(reports[0].variant, "Check, 2 streams per conn");
     assert_eq!(reports[0].mode, "closed");
     assert_eq!(reports[1].mode, "open");
-    assert_eq!(reports[2].variant, "CheckBatch 16");
+    assert_eq!(reports[2].variant, "CheckBatch 16, 2 streams per conn");
     assert_eq!(reports[2].keys_per_sec, reports[2].ops_per_sec * 16.0);
     // Open loop: one request per tick in the window, 200/s and 100/s for
     // 0.3 s (give or take the tick on the window's edge).
