@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::write(out.join("freshd_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .codec_path("crate::codec::Codec")
+        // Written from notices encoded once per fan-out; see src/wire.rs.
+        .extern_path(".freshd.v1.NoticeBatch", "crate::wire::NoticeBatch")
         .compile_fds(fds)?;
     Ok(())
 }

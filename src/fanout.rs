@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use hashbrown::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
@@ -54,14 +54,53 @@ pub struct Notice {
     pub event_time_ms: u64,
     /// The publishing client's id, for no-loop.
     pub origin: Option<Arc<str>>,
+    /// The notice encoded for the wire, cause included, made by the first
+    /// stream that writes it and shared by the rest.
+    pub wire: WireCache,
 }
 
 impl Notice {
-    /// Rough heap and inline size, for the history's byte bound.
+    /// Rough heap and inline size, for the history's byte bound (the
+    /// encoded copy included).
     fn bytes(&self) -> usize {
-        std::mem::size_of::<Notice>() + self.key.len() + self.cause.len() + 32
+        std::mem::size_of::<Notice>() + 2 * (self.key.len() + self.cause.len()) + 64
+    }
+
+    /// The notice as `NoticeBatch.notices` entry bytes, for a stream that
+    /// may see its cause; encoded on the first call.
+    pub fn entry(&self) -> &[u8] {
+        self.wire.0.get_or_init(|| {
+            let mut out = Vec::with_capacity(self.key.len() + self.cause.len() + 40);
+            crate::wire::encode_entry(&self.fields(&self.cause), &mut out);
+            out.into_boxed_slice()
+        })
+    }
+
+    /// The fields to encode, with the cause a stream may see.
+    pub fn fields<'a>(&'a self, cause: &'a str) -> crate::wire::NoticeFields<'a> {
+        crate::wire::NoticeFields {
+            seq: self.seq,
+            key: &self.key,
+            version: self.version,
+            cause,
+            critical: self.critical,
+            event_time_unix_ms: self.event_time_ms,
+        }
     }
 }
+
+/// A notice's encoded bytes, once made. It takes no part in comparisons: two
+/// notices are equal when their fields are.
+#[derive(Debug, Clone, Default)]
+pub struct WireCache(OnceLock<Box<[u8]>>);
+
+impl PartialEq for WireCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for WireCache {}
 
 /// Limits of the fan-out. Each is a setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1105,6 +1144,7 @@ mod tests {
             critical: false,
             event_time_ms: 0,
             origin: None,
+            wire: WireCache::default(),
         })
     }
 

@@ -31,11 +31,13 @@ pub mod tls;
 pub mod validate;
 pub mod wal;
 pub mod watch;
+pub mod wire;
 
 /// Generated protobuf types and gRPC stubs of `freshd.v1`.
 pub mod pb {
     #![allow(missing_docs, clippy::all)]
     tonic::include_proto!("freshd.v1");
+    pub use crate::wire::NoticeBatch;
     /// The encoded descriptor set of `freshd.v1`, for reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("freshd_descriptor");
 }

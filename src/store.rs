@@ -41,7 +41,7 @@ use hashbrown::{HashMap, HashSet, HashTable};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
-use crate::fanout::{Hub, HubConfig, Notice};
+use crate::fanout::{Hub, HubConfig, Notice, WireCache};
 use crate::lease::{LeaseOutcome, Leases};
 use crate::log::{Log, Record};
 use crate::metrics::Metrics;
@@ -865,6 +865,7 @@ impl Store {
                     critical: n.critical,
                     event_time_ms: n.event_time_ms,
                     origin: (!n.origin.is_empty()).then(|| Arc::from(n.origin.as_str())),
+                    wire: WireCache::default(),
                 })
                 .collect();
             self.hub
@@ -1145,6 +1146,7 @@ impl Store {
                     critical,
                     event_time_ms: event_time,
                     origin: origin.clone(),
+                    wire: WireCache::default(),
                 }),
                 Bump::Upgraded if record => upgraded.push(node.key.clone()),
                 _ => {}

@@ -51,7 +51,29 @@ fn batches(notices: Vec<pb::Notice>, out: &mut Vec<pb::WatchResponse>) {
 
 fn batch(notices: Vec<pb::Notice>) -> pb::WatchResponse {
     pb::WatchResponse {
-        response: Some(Out::Notices(pb::NoticeBatch { notices })),
+        response: Some(Out::Notices(pb::NoticeBatch::new(notices))),
+    }
+}
+
+/// Live notices as `sub` may see them, as one batch: each notice's shared
+/// encoding, or, when the cause is hidden from `sub`, its own.
+fn live_batch(notices: &[Arc<Notice>], sub: &Subscriber) -> pb::WatchResponse {
+    let mut out = Vec::with_capacity(
+        notices
+            .iter()
+            .map(|n| n.key.len() + n.cause.len() + 40)
+            .sum(),
+    );
+    for n in notices {
+        let cause = sub.visible_cause(&n.cause);
+        if cause.len() == n.cause.len() {
+            out.extend_from_slice(n.entry());
+        } else {
+            crate::wire::encode_entry(&n.fields(cause), &mut out);
+        }
+    }
+    pb::WatchResponse {
+        response: Some(Out::Notices(pb::NoticeBatch::from_encoded(out.into()))),
     }
 }
 
@@ -269,9 +291,7 @@ async fn flush_with_progress(
             break;
         }
         sub.sent(&buf);
-        out.send(Ok(batch(buf.iter().map(|n| notice(n, sub)).collect())))
-            .await
-            .ok()?;
+        out.send(Ok(live_batch(&buf, sub))).await.ok()?;
     }
     out.send(Ok(progress(store, seq))).await.ok()
 }
@@ -351,7 +371,7 @@ async fn run<S>(
         sub.drain(BATCH, &mut buf);
         if !buf.is_empty() {
             sub.sent(&buf);
-            let message = batch(buf.iter().map(|n| notice(n, &sub)).collect());
+            let message = live_batch(&buf, &sub);
             if out.send(Ok(message)).await.is_err() {
                 return;
             }
