@@ -471,6 +471,12 @@ pub(crate) fn parse_segment(bytes: &[u8], last_seq: &mut u64) -> Result<Parsed, 
                     }
                     match &record.body {
                         Some(Body::Reserve(r)) => parsed.reserved = parsed.reserved.max(r.up_to),
+                        // Only reservations go without a seq: a mutation
+                        // without one cannot be placed, and replaying it
+                        // would reset the order check.
+                        Some(_) if record.seq == 0 => {
+                            return Err((offset as u64, "a mutation record with seq 0".into()))
+                        }
                         Some(_) => {
                             *last_seq = record.seq;
                             parsed.records.push(record);
@@ -998,6 +1004,32 @@ mod tests {
         assert_eq!(
             read_frame(&flipped),
             Err(("a checksum mismatch".into(), false))
+        );
+    }
+
+    #[test]
+    fn a_mutation_without_a_seq_is_corruption() {
+        let record = |seq: u64| {
+            let r = to_wal(
+                seq,
+                &Record::Purge {
+                    prefix: "p",
+                    jitter_ms: 0,
+                    unix_ms: 1,
+                },
+            );
+            frame(&r.encode_to_vec())
+        };
+        let mut bytes = vec![0; HEADER_BYTES as usize];
+        bytes.extend(record(1));
+        let second = bytes.len() as u64;
+        bytes.extend(record(0));
+        bytes.extend(record(2));
+        let mut last_seq = 0;
+        let err = parse_segment(&bytes, &mut last_seq).err();
+        assert_eq!(
+            err,
+            Some((second, "a mutation record with seq 0".to_owned()))
         );
     }
 
