@@ -189,10 +189,12 @@ pub(crate) fn decode(
         // could hold, so a corrupt count cannot ask for unbounded memory.
         let room = (bytes.len() - offset) / wal::FRAME_OVERHEAD;
         out.reserve(meta.nodes.min(room as u64) as usize);
+        let mut offsets = Vec::with_capacity(out.capacity());
         while offset < bytes.len() {
             let (payload, len) =
                 wal::read_frame(&bytes[offset..]).map_err(|(what, _)| (offset, what))?;
             out.push(SnapNode::decode(payload).map_err(|e| (offset, e.to_string()))?);
+            offsets.push(offset);
             offset += len;
         }
         if out.len() as u64 != meta.nodes {
@@ -200,6 +202,26 @@ pub(crate) fn decode(
                 offset,
                 format!("{} keys, the snapshot announced {}", out.len(), meta.nodes),
             ));
+        }
+        // Each key once, each with distinct dependencies other than itself,
+        // as the store wrote them: loading anything else would corrupt the
+        // graph (a key held twice, an edge counted twice).
+        let mut seen = hashbrown::HashSet::with_capacity(out.len());
+        for (node, &at) in out.iter().zip(&offsets) {
+            if !seen.insert(node.key.as_str()) {
+                return Err((at, format!("the key {:?} a second time", node.key)));
+            }
+            let mut deps: Vec<&str> = node.dependencies.iter().map(String::as_str).collect();
+            deps.sort_unstable();
+            if deps.windows(2).any(|w| w[0] == w[1]) || deps.binary_search(&&*node.key).is_ok() {
+                return Err((
+                    at,
+                    format!(
+                        "the key {:?} with a repeated dependency or itself as one",
+                        node.key
+                    ),
+                ));
+            }
         }
     }
     Ok((epoch, meta, out))
@@ -312,6 +334,49 @@ mod tests {
             assert_eq!(what, format!("1 keys, the snapshot announced {nodes}"));
             // The meta alone still reads.
             assert_eq!(decode(&bytes, false).unwrap().1, meta);
+        }
+    }
+
+    #[test]
+    fn a_key_twice_or_a_bad_edge_list_is_refused() {
+        let node = |key: &str, deps: &[&str]| SnapNode {
+            key: key.into(),
+            dependencies: deps.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        };
+        let file = |nodes: &[SnapNode]| {
+            let meta = SnapMeta {
+                seq: 1,
+                nodes: nodes.len() as u64,
+                ..Default::default()
+            };
+            let mut bytes = wal::header(MAGIC, 7);
+            bytes.extend(wal::frame(&meta.encode_to_vec()));
+            let mut at = Vec::new();
+            for n in nodes {
+                at.push(bytes.len());
+                bytes.extend(wal::frame(&n.encode_to_vec()));
+            }
+            (bytes, at)
+        };
+        let good = [node("a", &["b", "c"]), node("b", &[]), node("c", &["b"])];
+        assert_eq!(decode(&file(&good).0, true).unwrap().2, good);
+
+        let (bytes, at) = file(&[node("a", &[]), node("b", &[]), node("a", &[])]);
+        assert_eq!(
+            decode(&bytes, true).unwrap_err(),
+            (at[2], "the key \"a\" a second time".to_owned())
+        );
+        for deps in [&["b", "b"][..], &["a"][..], &["c", "a", "b"][..]] {
+            let (bytes, at) = file(&[node("b", &[]), node("a", deps)]);
+            assert_eq!(
+                decode(&bytes, true).unwrap_err(),
+                (
+                    at[1],
+                    "the key \"a\" with a repeated dependency or itself as one".to_owned()
+                ),
+                "{deps:?}"
+            );
         }
     }
 }
