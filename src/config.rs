@@ -20,6 +20,9 @@ use crate::tls::TlsConfig;
 use crate::validate::Limits;
 use crate::wal::{FsyncPolicy, WalConfig};
 
+/// The largest `history_bytes`: 192 MiB.
+pub const MAX_HISTORY_BYTES: u64 = 192 << 20;
+
 /// Command-line flags. Each also reads its `FRESHD_*` environment variable.
 #[derive(Debug, Default, Parser)]
 #[command(
@@ -936,7 +939,10 @@ impl Config {
                 args.history_bytes,
                 &mut history_bytes,
                 0,
-                1 << 40,
+                // A snapshot saves the history in one record, and a record
+                // holds at most 256 MiB; the accounted bytes exceed the
+                // encoded ones.
+                MAX_HISTORY_BYTES,
             ),
             (
                 "queue_notices",

@@ -63,7 +63,10 @@ impl Notice {
     /// Rough heap and inline size, for the history's byte bound (the
     /// encoded copy included).
     fn bytes(&self) -> usize {
-        std::mem::size_of::<Notice>() + 2 * (self.key.len() + self.cause.len()) + 64
+        std::mem::size_of::<Notice>()
+            + 2 * (self.key.len() + self.cause.len())
+            + self.origin.as_ref().map_or(0, |o| o.len())
+            + 64
     }
 
     /// The notice as `NoticeBatch.notices` entry bytes, for a stream that

@@ -365,3 +365,21 @@ async fn a_corrupt_log_stops_startup_unless_repaired() {
     kill9(&mut child);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The history is saved in one snapshot record, which holds at most 256 MiB:
+/// a history budget that could outgrow it is refused at start, not found at
+/// the next restart.
+#[test]
+fn a_history_budget_a_snapshot_cannot_hold_is_refused() {
+    let with = |bytes: u64| {
+        freshd::config::Config::from_args(freshd::config::Args {
+            history_bytes: Some(bytes.to_string()),
+            ..Default::default()
+        })
+    };
+    let max = freshd::config::MAX_HISTORY_BYTES;
+    assert_eq!(with(max).unwrap().store.hub.history_bytes as u64, max);
+    let e = with(max + 1).unwrap_err();
+    assert_eq!(e.setting, "history_bytes", "{e}");
+    assert!(e.to_string().contains(&max.to_string()), "{e}");
+}
