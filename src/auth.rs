@@ -401,6 +401,24 @@ impl Principal {
     fn expired(&self, now: SystemTime) -> bool {
         self.expires.is_some_and(|e| now >= e)
     }
+
+    /// When the token stops working, if it does.
+    pub fn expires(&self) -> Option<SystemTime> {
+        self.expires
+    }
+
+    /// The refusal of a request, or the end of a stream, once the token has
+    /// expired.
+    pub fn expired_status(&self) -> Status {
+        let at = self
+            .expires
+            .map(|e| humantime::format_rfc3339_seconds(e).to_string())
+            .unwrap_or_default();
+        Status::unauthenticated(format!(
+            "the token of principal {:?} expired at {at}",
+            self.name
+        ))
+    }
 }
 
 fn retry_ms(missing: f64, rate: u64) -> u64 {
@@ -563,17 +581,7 @@ impl Auth {
             ));
         };
         if principal.expired(SystemTime::now()) {
-            let at = principal
-                .expires
-                .map(|e| humantime::format_rfc3339_seconds(e).to_string())
-                .unwrap_or_default();
-            return Err((
-                Status::unauthenticated(format!(
-                    "the token of principal {:?} expired at {at}",
-                    principal.name
-                )),
-                "expired",
-            ));
+            return Err((principal.expired_status(), "expired"));
         }
         Ok(principal.clone())
     }

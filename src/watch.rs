@@ -349,6 +349,23 @@ async fn run<S>(
         }
     }
 
+    // A stream lives no longer than its token: at the token's expiry it ends
+    // UNAUTHENTICATED, and the client resumes on a new stream with a valid
+    // token (the history covers the gap).
+    let expiry = sub.owner().and_then(|p| p.expires()).and_then(|at| {
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        // Too far off to represent: never, in practice.
+        tokio::time::Instant::now().checked_add(left)
+    });
+    let expired = async move {
+        match expiry {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let mut buf: Vec<Arc<Notice>> = Vec::new();
     loop {
         if *shutdown.borrow() {
@@ -380,6 +397,13 @@ async fn run<S>(
         tokio::select! {
             _ = shutdown.changed() => {}
             () = sub.wake.notified() => {}
+            () = &mut expired => {
+                if let Some(owner) = sub.owner() {
+                    store.metrics().auth_refused("expired");
+                    let _ = out.send(Err(owner.expired_status())).await;
+                }
+                return;
+            }
             request = inbound.next() => {
                 let request = match request {
                     Some(Ok(r)) => r,

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use freshd::auth::{hash_token, parse_sha256, AuthConfig, PrincipalConfig, Quotas, Scope, Scopes};
 use freshd::config::Config;
+use freshd::pb::watch_response::Response as Out;
 use freshd::pb::{self, coordinator_client::CoordinatorClient};
 use freshd::server::RunningServer;
 use freshd::tls::TlsConfig;
@@ -412,6 +413,50 @@ async fn server_wide_calls_need_the_star_namespace() {
         .into_inner()
         .policies;
     assert_eq!(all.len(), 3, "the default, ns and other: {all:?}");
+    server.stop().await.unwrap();
+}
+
+/// A Watch stream lives no longer than its token: it works until the token
+/// expires, then ends UNAUTHENTICATED, and a stream with another token goes
+/// on.
+#[tokio::test]
+async fn a_watch_stream_ends_when_its_token_expires() {
+    let mut short = principal("short", &[("*", ALL)], Quotas::default());
+    // Long enough for the streams to start and carry a notice first, even
+    // on a slow machine.
+    let expires = SystemTime::now() + Duration::from_secs(5);
+    short.expires = Some(expires);
+    let server = start(vec![
+        principal("long", &[("*", ALL)], Quotas::default()),
+        short,
+    ])
+    .await;
+    let start_req = || pb::WatchStart {
+        track: vec!["a:1".into()],
+        ..Default::default()
+    };
+    let mut short_client = as_principal(&server, "short").await;
+    let (mut short_stream, _short_tx) = watch(&mut short_client, start_req()).await.unwrap();
+    let mut long_client = as_principal(&server, "long").await;
+    let (mut long_stream, _long_tx) = watch(&mut long_client, start_req()).await.unwrap();
+    // Before the expiry, notices flow.
+    long_client.publish(publish_req(&["a:1"])).await.unwrap();
+    for stream in [&mut short_stream, &mut long_stream] {
+        let m = stream.message().await.unwrap().unwrap();
+        assert!(matches!(m.response, Some(Out::Notices(_))), "{m:?}");
+    }
+    // At the expiry, the short stream ends, with the reason.
+    let e = tokio::time::timeout(Duration::from_secs(30), short_stream.message())
+        .await
+        .expect("the stream ends at the expiry")
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("\"short\" expired"), "{}", e.message());
+    assert!(SystemTime::now() >= expires, "not before the expiry");
+    // The other stream goes on.
+    long_client.publish(publish_req(&["a:1"])).await.unwrap();
+    let m = long_stream.message().await.unwrap().unwrap();
+    assert!(matches!(m.response, Some(Out::Notices(_))), "{m:?}");
     server.stop().await.unwrap();
 }
 
