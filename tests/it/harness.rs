@@ -65,6 +65,21 @@ pub fn fill_req(key: &str, deps: &[&str], observed_seq: u64) -> pb::FillRequest 
     }
 }
 
+/// Fills each of `keys` without dependencies; returns their versions.
+pub async fn fill_all(c: &mut CoordinatorClient<Channel>, keys: &[&str]) -> Vec<u64> {
+    let mut versions = Vec::with_capacity(keys.len());
+    for key in keys {
+        versions.push(
+            c.fill(fill_req(key, &[], 0))
+                .await
+                .unwrap()
+                .into_inner()
+                .version,
+        );
+    }
+    versions
+}
+
 /// Retries `f` until it returns true, for at most `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
 where

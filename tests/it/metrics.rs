@@ -14,7 +14,7 @@ use freshd::pb::{self, watch_request::Request as In, watch_response::Response as
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::harness::{connect, fill_req, http_get, publish_req, start_with};
+use crate::harness::{connect, fill_all, fill_req, http_get, publish_req, start_with};
 
 /// The value of the sample `name` whose labels include all of `labels`.
 fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -301,16 +301,7 @@ async fn a_batch_records_each_item_under_its_namespace() {
     let mut t = start_with(Config::ephemeral()).await;
     let admin = t.server.admin_addr.unwrap();
     let c = &mut t.client;
-    let mut versions = Vec::new();
-    for key in ["a:1", "b:1", "a:2"] {
-        versions.push(
-            c.fill(fill_req(key, &[], 0))
-                .await
-                .unwrap()
-                .into_inner()
-                .version,
-        );
-    }
+    let versions = fill_all(c, &["a:1", "b:1", "a:2"]).await;
     let mut critical = publish_req(&["a:2"]);
     critical.changes[0].critical = true;
     c.publish(critical).await.unwrap();

@@ -8,7 +8,7 @@ use freshd::config::Config;
 use freshd::pb::{self, Decision, Freshness};
 use tonic::Code;
 
-use crate::harness::{connect, eventually, fill_req, publish_req, start, start_with};
+use crate::harness::{connect, eventually, fill_all, fill_req, publish_req, start, start_with};
 
 /// The article's example as one policy: serve if age < 5s, revalidate async
 /// if age > 2s, force an origin read if the critical bit changed.
@@ -544,16 +544,7 @@ async fn purges_dry_run_soft_and_hard() {
     config.limits.purges_per_minute = 3;
     let mut t = start_with(config).await;
     let c = &mut t.client;
-    let mut versions = Vec::new();
-    for key in ["feed:1", "feed:2"] {
-        versions.push(
-            c.fill(fill_req(key, &[], 0))
-                .await
-                .unwrap()
-                .into_inner()
-                .version,
-        );
-    }
+    let versions = fill_all(c, &["feed:1", "feed:2"]).await;
     let home = c
         .fill(fill_req("home:1", &["feed:1"], 0))
         .await
