@@ -404,36 +404,109 @@ impl Node {
     }
 }
 
+/// Reverse edges up to this many are kept in a sorted vector (16 bytes
+/// each, searched by halving); past it, in a hash set (about 35 bytes each),
+/// whose inserts and removals do not shift the other entries.
+const SMALL_DEPENDENTS: usize = 64;
+
 /// A node's reverse edges. Most keys have none (a cached entry that nothing
 /// depends on), so the set lives behind a pointer: 8 bytes per node instead
-/// of an inline table's 32.
+/// of an inline set's 24 or 32.
 #[derive(Default)]
-struct Dependents(Option<Box<HashSet<Key, KeyHash>>>);
+struct Dependents(Option<Box<DependentSet>>);
+
+/// A non-empty set of reverse edges.
+enum DependentSet {
+    /// Sorted by key, at most [`SMALL_DEPENDENTS`] entries.
+    Small(Vec<Key>),
+    /// More than [`SMALL_DEPENDENTS`] / 2 entries. Boxed so that the enum
+    /// is no larger than the vector (one 32-byte chunk for the box).
+    Large(Box<HashSet<Key, KeyHash>>),
+}
 
 impl Dependents {
     fn iter(&self) -> impl Iterator<Item = &Key> {
-        self.0.iter().flat_map(|set| set.iter())
+        let (small, large) = match self.0.as_deref() {
+            None => (None, None),
+            Some(DependentSet::Small(keys)) => (Some(keys.iter()), None),
+            Some(DependentSet::Large(set)) => (None, Some(set.iter())),
+        };
+        small
+            .into_iter()
+            .flatten()
+            .chain(large.into_iter().flatten())
     }
 
     fn insert(&mut self, key: Key) -> bool {
-        self.0
-            .get_or_insert_with(|| Box::new(HashSet::with_hasher(KeyHash)))
-            .insert(key)
+        let set = self
+            .0
+            .get_or_insert_with(|| Box::new(DependentSet::Small(Vec::new())));
+        match &mut **set {
+            DependentSet::Small(keys) => {
+                let Err(pos) = keys.binary_search_by(|k| (**k).cmp(&*key)) else {
+                    return false;
+                };
+                if keys.len() == SMALL_DEPENDENTS {
+                    let mut large = HashSet::with_capacity_and_hasher(keys.len() + 1, KeyHash);
+                    large.extend(keys.drain(..));
+                    large.insert(key);
+                    **set = DependentSet::Large(Box::new(large));
+                    return true;
+                }
+                if keys.len() == keys.capacity() {
+                    // Grow by a quarter, not the doubling of `push`: most
+                    // sets stop growing at a few dozen entries, and the
+                    // spare half of a doubled buffer would be kept for good.
+                    keys.reserve_exact((keys.len() / 4).max(2));
+                }
+                keys.insert(pos, key);
+                true
+            }
+            DependentSet::Large(large) => large.insert(key),
+        }
     }
 
     fn remove(&mut self, key: &str) -> bool {
         let Some(set) = &mut self.0 else {
             return false;
         };
-        let removed = set.remove(key);
-        if set.is_empty() {
+        let (removed, left) = match &mut **set {
+            DependentSet::Small(keys) => match keys.binary_search_by(|k| (**k).cmp(key)) {
+                Ok(pos) => {
+                    keys.remove(pos);
+                    if keys.capacity() > 2 * keys.len() + 4 {
+                        // Give back what a set that shrank no longer needs.
+                        keys.shrink_to(keys.len() + keys.len() / 4);
+                    }
+                    (true, keys.len())
+                }
+                Err(_) => (false, keys.len()),
+            },
+            DependentSet::Large(large) => {
+                let removed = large.remove(key);
+                let left = large.len();
+                if left <= SMALL_DEPENDENTS / 2 {
+                    // Back to the compact form at half the limit, so that a
+                    // set hovering at the limit does not switch on every edge.
+                    let mut keys: Vec<Key> = large.drain().collect();
+                    keys.sort_unstable();
+                    **set = DependentSet::Small(keys);
+                }
+                (removed, left)
+            }
+        };
+        if left == 0 {
             self.0 = None;
         }
         removed
     }
 
     fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |set| set.len())
+        match self.0.as_deref() {
+            None => 0,
+            Some(DependentSet::Small(keys)) => keys.len(),
+            Some(DependentSet::Large(set)) => set.len(),
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -1955,6 +2028,53 @@ mod tests {
         // glibc serves 72 bytes from an 80-byte chunk; one word more takes
         // 96. The per-key figures in docs/benchmarks.md rest on this.
         assert!(std::mem::size_of::<Node>() <= 72);
+    }
+
+    #[test]
+    fn dependents_stay_a_set_across_both_forms() {
+        let keys: Vec<Key> = (0..3 * SMALL_DEPENDENTS)
+            .map(|i| Key::from(format!("k{:03}", (i * 37) % (3 * SMALL_DEPENDENTS)).as_str()))
+            .collect();
+        let mut d = Dependents::default();
+        let mut model = std::collections::BTreeSet::new();
+        let agree = |d: &Dependents, model: &std::collections::BTreeSet<Key>| {
+            let mut held: Vec<Key> = d.iter().cloned().collect();
+            held.sort();
+            assert_eq!(held, model.iter().cloned().collect::<Vec<_>>());
+            assert_eq!(d.len(), model.len());
+            assert_eq!(d.is_empty(), model.is_empty());
+            match d.0.as_deref() {
+                None => assert!(model.is_empty()),
+                Some(DependentSet::Small(keys)) => {
+                    assert!(!keys.is_empty() && keys.len() <= SMALL_DEPENDENTS);
+                    assert!(keys.windows(2).all(|w| w[0] < w[1]), "sorted");
+                }
+                Some(DependentSet::Large(set)) => assert!(set.len() > SMALL_DEPENDENTS / 2),
+            }
+        };
+        // Up past the limit (every key twice: the second is a no-op), then
+        // down to nothing, then up and down around the limit.
+        for k in keys.iter().chain(&keys) {
+            assert_eq!(d.insert(k.clone()), model.insert(k.clone()));
+            agree(&d, &model);
+        }
+        assert!(matches!(d.0.as_deref(), Some(DependentSet::Large(_))));
+        for k in keys.iter().rev() {
+            assert_eq!(d.remove(k), model.remove(k));
+            assert!(!d.remove(k));
+            agree(&d, &model);
+        }
+        assert!(d.0.is_none());
+        for round in 0..4 {
+            for k in &keys[..SMALL_DEPENDENTS + 1 + round] {
+                assert_eq!(d.insert(k.clone()), model.insert(k.clone()));
+                agree(&d, &model);
+            }
+            for k in &keys[round..SMALL_DEPENDENTS] {
+                assert_eq!(d.remove(k), model.remove(k));
+                agree(&d, &model);
+            }
+        }
     }
 
     #[test]
