@@ -20,7 +20,8 @@
 //!   registered with `Store::fill` and no dependencies. Per key = A / 1.25M.
 //! - B, keys and edges: the same, with each feed key's 4 dependencies.
 //!   Per edge = (B - A) / 4M. freshd keeps every edge both ways (sorted
-//!   forward slice on the dependent, reverse hash set on the dependency).
+//!   forward slice on the dependent, reverse sorted vector on the
+//!   dependency, a hash set past 64 dependents).
 //! - C, natural: only the 1M feed keys are filled, with their dependencies;
 //!   the entities exist as dependency-only nodes. Reported per feed key.
 //!

@@ -297,28 +297,54 @@ pub struct StoreStats {
 const CRITICAL: u8 = 1;
 const HAS_EXTERNAL: u8 = 2;
 
-/// One key.
+/// One key. Nodes live boxed in their shard's table: a table keeps up to
+/// half of its buckets empty after it doubles, and an empty bucket costs a
+/// pointer instead of a whole node. What only a key that was ever changed,
+/// critically changed, externally versioned or soft-purged needs lives in a
+/// second box, [`Change`], so a key that was only filled carries 72 bytes.
 struct Node {
     key: Key,
     version: u64,
     last_change_seq: u64,
-    changed_at_ms: u64,
-    event_time_ms: u64,
-    external_version: u64,
     /// Clock ms until which the key answers checks; 0 when it does not and has
     /// no expiry entry. A non-zero value has exactly one expiry entry.
     expires_at: u64,
+    /// Forward edges, sorted by key.
+    deps: Box<[Key]>,
+    /// Reverse edges.
+    dependents: Dependents,
+    /// `None` reads as a `Change` of zeros: the key was never changed.
+    change: Option<Box<Change>>,
+}
+
+/// The rest of a node, which only keys that were changed or purged have.
+/// It is boxed once, on the key's first change; later changes overwrite it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Change {
+    /// Unix ms at which the last change was applied; 0 when none.
+    changed_at_ms: u64,
+    /// The producer's event time of the last change, Unix ms; 0 when none.
+    event_time_ms: u64,
+    /// The last external version seen (meaningful with `HAS_EXTERNAL`).
+    external_version: u64,
     /// Seq of the last critical change that reached the key; 0 if none.
     last_critical_seq: u64,
     /// Clock ms from which copies older than it must revalidate (a soft
     /// purge); 0 if none.
     soft_purge_at: u64,
+    /// `CRITICAL`, `HAS_EXTERNAL`.
     flags: u8,
-    /// Forward edges, sorted by key.
-    deps: Box<[Key]>,
-    /// Reverse edges.
-    dependents: Dependents,
 }
+
+/// What a node without a [`Change`] box reads as.
+static UNCHANGED: Change = Change {
+    changed_at_ms: 0,
+    event_time_ms: 0,
+    external_version: 0,
+    last_critical_seq: 0,
+    soft_purge_at: 0,
+    flags: 0,
+};
 
 impl Node {
     fn new(key: Key, version: u64, last_change_seq: u64) -> Self {
@@ -326,20 +352,30 @@ impl Node {
             key,
             version,
             last_change_seq,
-            changed_at_ms: 0,
-            event_time_ms: 0,
-            external_version: 0,
             expires_at: 0,
-            last_critical_seq: 0,
-            soft_purge_at: 0,
-            flags: 0,
             deps: Box::new([]),
             dependents: Dependents::default(),
+            change: None,
         }
     }
 
+    /// The change fields, zeros for a key never changed.
+    fn change(&self) -> &Change {
+        self.change.as_deref().unwrap_or(&UNCHANGED)
+    }
+
+    /// The change fields to write, boxed on first use.
+    fn change_mut(&mut self) -> &mut Change {
+        self.change.get_or_insert_with(Box::default)
+    }
+
     fn critical(&self) -> bool {
-        self.flags & CRITICAL != 0
+        self.change().flags & CRITICAL != 0
+    }
+
+    fn external_version(&self) -> Option<u64> {
+        let change = self.change();
+        (change.flags & HAS_EXTERNAL != 0).then_some(change.external_version)
     }
 
     fn live(&self, now: u64) -> bool {
@@ -349,6 +385,7 @@ impl Node {
     /// The answer for a copy at `version`, `age_ms` old, at clock `now`.
     fn answer(&self, version: u64, age_ms: u64, now: u64) -> CheckAnswer {
         let current = self.version == version;
+        let change = self.change();
         CheckAnswer {
             freshness: if current {
                 Freshness::Fresh
@@ -356,47 +393,120 @@ impl Node {
                 Freshness::Stale
             },
             version: self.version,
-            critical: self.critical(),
-            critical_since: !current && self.last_critical_seq > version,
+            critical: change.flags & CRITICAL != 0,
+            critical_since: !current && change.last_critical_seq > version,
             soft_purged: current
-                && self.soft_purge_at != 0
-                && now >= self.soft_purge_at
-                && now.saturating_sub(age_ms) < self.soft_purge_at,
+                && change.soft_purge_at != 0
+                && now >= change.soft_purge_at
+                && now.saturating_sub(age_ms) < change.soft_purge_at,
             last_change_seq: self.last_change_seq,
         }
     }
 }
 
+/// Reverse edges up to this many are kept in a sorted vector (16 bytes
+/// each, searched by halving); past it, in a hash set (about 35 bytes each),
+/// whose inserts and removals do not shift the other entries.
+const SMALL_DEPENDENTS: usize = 64;
+
 /// A node's reverse edges. Most keys have none (a cached entry that nothing
 /// depends on), so the set lives behind a pointer: 8 bytes per node instead
-/// of an inline table's 32.
+/// of an inline set's 24 or 32.
 #[derive(Default)]
-struct Dependents(Option<Box<HashSet<Key, KeyHash>>>);
+struct Dependents(Option<Box<DependentSet>>);
+
+/// A non-empty set of reverse edges.
+enum DependentSet {
+    /// Sorted by key, at most [`SMALL_DEPENDENTS`] entries.
+    Small(Vec<Key>),
+    /// More than [`SMALL_DEPENDENTS`] / 2 entries. Boxed so that the enum
+    /// is no larger than the vector (one 32-byte chunk for the box).
+    Large(Box<HashSet<Key, KeyHash>>),
+}
 
 impl Dependents {
     fn iter(&self) -> impl Iterator<Item = &Key> {
-        self.0.iter().flat_map(|set| set.iter())
+        let (small, large) = match self.0.as_deref() {
+            None => (None, None),
+            Some(DependentSet::Small(keys)) => (Some(keys.iter()), None),
+            Some(DependentSet::Large(set)) => (None, Some(set.iter())),
+        };
+        small
+            .into_iter()
+            .flatten()
+            .chain(large.into_iter().flatten())
     }
 
     fn insert(&mut self, key: Key) -> bool {
-        self.0
-            .get_or_insert_with(|| Box::new(HashSet::with_hasher(KeyHash)))
-            .insert(key)
+        let set = self
+            .0
+            .get_or_insert_with(|| Box::new(DependentSet::Small(Vec::new())));
+        match &mut **set {
+            DependentSet::Small(keys) => {
+                let Err(pos) = keys.binary_search_by(|k| (**k).cmp(&*key)) else {
+                    return false;
+                };
+                if keys.len() == SMALL_DEPENDENTS {
+                    let mut large = HashSet::with_capacity_and_hasher(keys.len() + 1, KeyHash);
+                    large.extend(keys.drain(..));
+                    large.insert(key);
+                    **set = DependentSet::Large(Box::new(large));
+                    return true;
+                }
+                if keys.len() == keys.capacity() {
+                    // Grow by a quarter, not the doubling of `push`: most
+                    // sets stop growing at a few dozen entries, and the
+                    // spare half of a doubled buffer would be kept for good.
+                    keys.reserve_exact((keys.len() / 4).max(2));
+                }
+                keys.insert(pos, key);
+                true
+            }
+            DependentSet::Large(large) => large.insert(key),
+        }
     }
 
     fn remove(&mut self, key: &str) -> bool {
         let Some(set) = &mut self.0 else {
             return false;
         };
-        let removed = set.remove(key);
-        if set.is_empty() {
+        let (removed, left) = match &mut **set {
+            DependentSet::Small(keys) => match keys.binary_search_by(|k| (**k).cmp(key)) {
+                Ok(pos) => {
+                    keys.remove(pos);
+                    if keys.capacity() > 2 * keys.len() + 4 {
+                        // Give back what a set that shrank no longer needs.
+                        keys.shrink_to(keys.len() + keys.len() / 4);
+                    }
+                    (true, keys.len())
+                }
+                Err(_) => (false, keys.len()),
+            },
+            DependentSet::Large(large) => {
+                let removed = large.remove(key);
+                let left = large.len();
+                if left <= SMALL_DEPENDENTS / 2 {
+                    // Back to the compact form at half the limit, so that a
+                    // set hovering at the limit does not switch on every edge.
+                    let mut keys: Vec<Key> = large.drain().collect();
+                    keys.sort_unstable();
+                    **set = DependentSet::Small(keys);
+                }
+                (removed, left)
+            }
+        };
+        if left == 0 {
             self.0 = None;
         }
         removed
     }
 
     fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |set| set.len())
+        match self.0.as_deref() {
+            None => 0,
+            Some(DependentSet::Small(keys)) => keys.len(),
+            Some(DependentSet::Large(set)) => set.len(),
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -418,7 +528,7 @@ enum Bump {
 /// One shard of nodes, with its expiry index.
 #[derive(Default)]
 struct Shard {
-    nodes: HashTable<Node>,
+    nodes: HashTable<Box<Node>>,
     /// `(expires_at, key)` for every node with a non-zero `expires_at`.
     expiry: BTreeSet<(u64, Key)>,
     /// Upper bound of the last change of every key not held here.
@@ -429,11 +539,13 @@ struct Shard {
 
 impl Shard {
     fn get(&self, hash: u64, key: &str) -> Option<&Node> {
-        self.nodes.find(hash, |n| &*n.key == key)
+        self.nodes.find(hash, |n| &*n.key == key).map(|n| &**n)
     }
 
     fn get_mut(&mut self, hash: u64, key: &str) -> Option<&mut Node> {
-        self.nodes.find_mut(hash, |n| &*n.key == key)
+        self.nodes
+            .find_mut(hash, |n| &*n.key == key)
+            .map(|n| &mut **n)
     }
 
     fn insert(&mut self, hash: u64, node: Node) {
@@ -441,7 +553,8 @@ impl Shard {
             self.expiry.insert((node.expires_at, node.key.clone()));
         }
         self.edges += node.deps.len() as u64;
-        self.nodes.insert_unique(hash, node, |n| hash_key(&n.key));
+        self.nodes
+            .insert_unique(hash, Box::new(node), |n| hash_key(&n.key));
     }
 
     fn remove(&mut self, hash: u64, key: &str) -> Option<Node> {
@@ -449,7 +562,7 @@ impl Shard {
         let (node, _) = entry.remove();
         self.edges -= node.deps.len() as u64;
         self.forgotten_seq = self.forgotten_seq.max(node.last_change_seq);
-        Some(node)
+        Some(*node)
     }
 
     /// The node for `key`, created as a dependency-only node if absent.
@@ -723,13 +836,13 @@ impl Store {
                 key: n.key.to_string(),
                 version: n.version,
                 last_change_seq: n.last_change_seq,
-                changed_at_ms: n.changed_at_ms,
-                event_time_ms: n.event_time_ms,
-                external_version: (n.flags & HAS_EXTERNAL != 0).then_some(n.external_version),
+                changed_at_ms: n.change().changed_at_ms,
+                event_time_ms: n.change().event_time_ms,
+                external_version: n.external_version(),
                 critical: n.critical(),
                 expires_unix_ms: self.clock.unix_at(n.expires_at),
-                last_critical_seq: n.last_critical_seq,
-                soft_purge_unix_ms: self.clock.unix_at(n.soft_purge_at),
+                last_critical_seq: n.change().last_critical_seq,
+                soft_purge_unix_ms: self.clock.unix_at(n.change().soft_purge_at),
                 dependencies: n.deps.iter().map(|d| d.to_string()).collect(),
             }));
         }
@@ -791,25 +904,32 @@ impl Store {
             let hash = hash_key(&n.key);
             let mut shard = self.shards[self.shard_index(hash)].write();
             let mut node = Node::new(Key::from(n.key.as_str()), n.version, n.last_change_seq);
-            node.changed_at_ms = n.changed_at_ms;
-            node.event_time_ms = n.event_time_ms;
-            if let Some(ext) = n.external_version {
-                node.external_version = ext;
-                node.flags |= HAS_EXTERNAL;
+            let mut change = Change {
+                changed_at_ms: n.changed_at_ms,
+                event_time_ms: n.event_time_ms,
+                external_version: n.external_version.unwrap_or(0),
+                last_critical_seq: n.last_critical_seq,
+                soft_purge_at: if n.soft_purge_unix_ms == 0 {
+                    0
+                } else {
+                    self.clock.at_unix(n.soft_purge_unix_ms)
+                },
+                flags: 0,
+            };
+            if n.external_version.is_some() {
+                change.flags |= HAS_EXTERNAL;
             }
             if n.critical {
-                node.flags |= CRITICAL;
+                change.flags |= CRITICAL;
+            }
+            // A key that was never changed stays without the box.
+            if change != UNCHANGED {
+                node.change = Some(Box::new(change));
             }
             node.expires_at = if n.expires_unix_ms == 0 {
                 0
             } else {
                 self.clock.at_unix(n.expires_unix_ms)
-            };
-            node.last_critical_seq = n.last_critical_seq;
-            node.soft_purge_at = if n.soft_purge_unix_ms == 0 {
-                0
-            } else {
-                self.clock.at_unix(n.soft_purge_unix_ms)
             };
             shard.forgotten_seq = meta.forgotten_seq;
             shard.insert(hash, node);
@@ -1016,8 +1136,7 @@ impl Store {
                     None => self
                         .read(hashes[i])
                         .get(hashes[i], &change.key)
-                        .filter(|n| n.flags & HAS_EXTERNAL != 0)
-                        .map(|n| n.external_version),
+                        .and_then(|n| n.external_version()),
                 };
                 if last.is_some_and(|last| ext <= last) {
                     duplicate[i] = true;
@@ -1131,8 +1250,9 @@ impl Store {
             }
             let node = shard.get_mut(hash, &change.key).expect("present");
             if let Some(ext) = change.external_version {
-                node.external_version = ext;
-                node.flags |= HAS_EXTERNAL;
+                let fields = node.change_mut();
+                fields.external_version = ext;
+                fields.flags |= HAS_EXTERNAL;
             }
             let mut invalidated = 0;
             let queue = &mut sequencer.queue;
@@ -1498,14 +1618,14 @@ impl Store {
             key: key.to_owned(),
             version: node.version,
             last_change_seq: node.last_change_seq,
-            last_change_unix_ms: node.changed_at_ms,
-            event_time_unix_ms: node.event_time_ms,
+            last_change_unix_ms: node.change().changed_at_ms,
+            event_time_unix_ms: node.change().event_time_ms,
             critical: node.critical(),
             dependencies: node.deps.iter().map(|d| d.to_string()).collect(),
             dependents: node.dependents.len() as u64,
             registered,
             ttl_left_ms: if registered { node.expires_at - now } else { 0 },
-            external_version: (node.flags & HAS_EXTERNAL != 0).then_some(node.external_version),
+            external_version: node.external_version(),
         })
     }
 
@@ -1731,7 +1851,7 @@ impl Store {
             let hash = hash_key(key);
             let jitter = if jitter_ms == 0 { 0 } else { hash % jitter_ms };
             if let Some(node) = shards.shard(self.shard_index(hash)).get_mut(hash, key) {
-                node.soft_purge_at = now.saturating_add(jitter);
+                node.change_mut().soft_purge_at = now.saturating_add(jitter);
             }
         }
         self.applied.store(seq, Ordering::Release);
@@ -1833,16 +1953,19 @@ fn bump(node: &mut Node, seq: u64, critical: bool, now_unix: u64, event_time: u6
     if node.last_change_seq != seq {
         node.version = seq;
         node.last_change_seq = seq;
-        node.changed_at_ms = now_unix;
-        node.event_time_ms = event_time;
-        node.flags = (node.flags & !CRITICAL) | if critical { CRITICAL } else { 0 };
+        // A key's first change boxes its change fields; later ones reuse them.
+        let change = node.change_mut();
+        change.changed_at_ms = now_unix;
+        change.event_time_ms = event_time;
+        change.flags = (change.flags & !CRITICAL) | if critical { CRITICAL } else { 0 };
         if critical {
-            node.last_critical_seq = seq;
+            change.last_critical_seq = seq;
         }
         Bump::New
     } else if critical && !node.critical() {
-        node.flags |= CRITICAL;
-        node.last_critical_seq = seq;
+        let change = node.change_mut();
+        change.flags |= CRITICAL;
+        change.last_critical_seq = seq;
         Bump::Upgraded
     } else {
         Bump::Seen
@@ -1866,13 +1989,13 @@ impl Store {
                     n.key,
                     n.version,
                     n.last_change_seq,
-                    n.changed_at_ms,
-                    n.event_time_ms,
-                    n.external_version,
-                    n.flags,
-                    n.last_critical_seq,
+                    n.change().changed_at_ms,
+                    n.change().event_time_ms,
+                    n.change().external_version,
+                    n.change().flags,
+                    n.change().last_critical_seq,
                     n.live(now),
-                    n.soft_purge_at != 0,
+                    n.change().soft_purge_at != 0,
                     n.deps,
                     dependents,
                 ));
@@ -1962,6 +2085,84 @@ mod tests {
 
     fn version(s: &Store, key: &str) -> u64 {
         s.inspect(key).map_or(0, |i| i.version)
+    }
+
+    #[test]
+    fn a_node_that_was_only_filled_fits_an_80_byte_chunk() {
+        // glibc serves 72 bytes from an 80-byte chunk; one word more takes
+        // 96. The per-key figures in docs/benchmarks.md rest on this.
+        assert!(std::mem::size_of::<Node>() <= 72);
+    }
+
+    #[test]
+    fn dependents_stay_a_set_across_both_forms() {
+        let keys: Vec<Key> = (0..3 * SMALL_DEPENDENTS)
+            .map(|i| Key::from(format!("k{:03}", (i * 37) % (3 * SMALL_DEPENDENTS)).as_str()))
+            .collect();
+        let mut d = Dependents::default();
+        let mut model = std::collections::BTreeSet::new();
+        let agree = |d: &Dependents, model: &std::collections::BTreeSet<Key>| {
+            let mut held: Vec<Key> = d.iter().cloned().collect();
+            held.sort();
+            assert_eq!(held, model.iter().cloned().collect::<Vec<_>>());
+            assert_eq!(d.len(), model.len());
+            assert_eq!(d.is_empty(), model.is_empty());
+            match d.0.as_deref() {
+                None => assert!(model.is_empty()),
+                Some(DependentSet::Small(keys)) => {
+                    assert!(!keys.is_empty() && keys.len() <= SMALL_DEPENDENTS);
+                    assert!(keys.windows(2).all(|w| w[0] < w[1]), "sorted");
+                }
+                Some(DependentSet::Large(set)) => assert!(set.len() > SMALL_DEPENDENTS / 2),
+            }
+        };
+        // Up past the limit (every key twice: the second is a no-op), then
+        // down to nothing, then up and down around the limit.
+        for k in keys.iter().chain(&keys) {
+            assert_eq!(d.insert(k.clone()), model.insert(k.clone()));
+            agree(&d, &model);
+        }
+        assert!(matches!(d.0.as_deref(), Some(DependentSet::Large(_))));
+        for k in keys.iter().rev() {
+            assert_eq!(d.remove(k), model.remove(k));
+            assert!(!d.remove(k));
+            agree(&d, &model);
+        }
+        assert!(d.0.is_none());
+        for round in 0..4 {
+            for k in &keys[..SMALL_DEPENDENTS + 1 + round] {
+                assert_eq!(d.insert(k.clone()), model.insert(k.clone()));
+                agree(&d, &model);
+            }
+            for k in &keys[round..SMALL_DEPENDENTS] {
+                assert_eq!(d.remove(k), model.remove(k));
+                agree(&d, &model);
+            }
+        }
+    }
+
+    #[test]
+    fn change_fields_survive_a_snapshot_and_a_key_never_changed_has_none() {
+        let s = store();
+        fill(&s, "a", &["e"]);
+        s.publish(&[PublishChange {
+            key: "e".into(),
+            external_version: Some(9),
+            critical: true,
+            event_time_ms: 5,
+        }])
+        .expect("publish");
+        fill(&s, "b", &[]);
+        let (meta, nodes) = s.snapshot(s.seq(), s.seq());
+        let t = store();
+        t.load_snapshot(meta, nodes);
+        assert_eq!(s.digest(false), t.digest(false));
+        let hash = hash_key("b");
+        assert!(t.read(hash).get(hash, "b").expect("b").change.is_none());
+        let e = t.inspect("e").expect("e");
+        assert_eq!(e.external_version, Some(9));
+        assert_eq!(e.event_time_unix_ms, 5);
+        assert!(e.critical);
     }
 
     #[test]
