@@ -1580,7 +1580,7 @@ impl Store {
             .zip(&hashes)
             .map(|(t, &h)| {
                 let len = item(t).0.len();
-                slot(h).nodes.find(h, |n| n.key.len() == len)
+                slot(h).nodes.find(h, |n| n.key.len() == len).map(|n| &**n)
             })
             .collect();
         let answers = items
