@@ -423,6 +423,11 @@ async fn chaos_subscribers_drop_and_resume_and_end_with_the_servers_versions() {
     let mut config = Config::ephemeral();
     // Small enough that some resumes fall out of the history and are repaired.
     config.store.hub.history_notices = 3_000;
+    // The keys are published, never filled: their changes are remembered for
+    // `change_retention`. On a loaded machine the run outlasts the default
+    // 60 s, and a key changed early would be forgotten before the final
+    // comparison reads it.
+    config.store.change_retention = Duration::from_secs(3_600);
     let server = std::sync::Arc::new(freshd::server::RunningServer::start(config).await.unwrap());
     let all: Vec<String> = (0..200).map(|i| format!("item:{i}")).collect();
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
