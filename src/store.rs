@@ -307,7 +307,8 @@ struct Node {
     version: u64,
     last_change_seq: u64,
     /// Clock ms until which the key answers checks; 0 when it does not and has
-    /// no expiry entry. A non-zero value has exactly one expiry entry.
+    /// no expiry entry. A non-zero value has an expiry entry (shared with any
+    /// other key of the same hash and expiry).
     expires_at: u64,
     /// Forward edges, sorted by key.
     deps: Box<[Key]>,
@@ -529,8 +530,10 @@ enum Bump {
 #[derive(Default)]
 struct Shard {
     nodes: HashTable<Box<Node>>,
-    /// `(expires_at, key)` for every node with a non-zero `expires_at`.
-    expiry: BTreeSet<(u64, Key)>,
+    /// `(expires_at, key hash)` for every node with a non-zero `expires_at`:
+    /// 16 bytes an entry, and the key is found again by its hash. Two keys
+    /// with one hash and one expiry share an entry, which stands for both.
+    expiry: BTreeSet<(u64, u64)>,
     /// Upper bound of the last change of every key not held here.
     forgotten_seq: u64,
     /// Forward edges of the nodes held here.
@@ -550,7 +553,7 @@ impl Shard {
 
     fn insert(&mut self, hash: u64, node: Node) {
         if node.expires_at != 0 {
-            self.expiry.insert((node.expires_at, node.key.clone()));
+            self.expiry.insert((node.expires_at, hash));
         }
         self.edges += node.deps.len() as u64;
         self.nodes
@@ -576,17 +579,28 @@ impl Shard {
 
     /// Moves a node's expiry to `expires_at` (0: none).
     fn set_expiry(&mut self, hash: u64, key: &str, expires_at: u64) {
-        let Shard { nodes, expiry, .. } = self;
-        let Some(node) = nodes.find_mut(hash, |n| &*n.key == key) else {
+        let Some(node) = self.get_mut(hash, key) else {
             return;
         };
-        if node.expires_at != 0 {
-            expiry.remove(&(node.expires_at, node.key.clone()));
+        let old = std::mem::replace(&mut node.expires_at, expires_at);
+        if old == expires_at {
+            return;
         }
-        node.expires_at = expires_at;
+        if old != 0 && self.expiring(hash, old).next().is_none() {
+            self.expiry.remove(&(old, hash));
+        }
         if expires_at != 0 {
-            expiry.insert((expires_at, node.key.clone()));
+            self.expiry.insert((expires_at, hash));
         }
+    }
+
+    /// The keys with hash `hash` whose registration ends at `at`.
+    fn expiring(&self, hash: u64, at: u64) -> impl Iterator<Item = &Key> {
+        // The table's candidates for a hash share only its tag.
+        self.nodes
+            .iter_hash(hash)
+            .filter(move |n| n.expires_at == at && hash_key(&n.key) == hash)
+            .map(|n| &n.key)
     }
 
     /// Removes the reverse edge `dependent -> key`; a key left with no
@@ -1914,20 +1928,20 @@ impl Store {
                         Some((at, _)) if *at <= now => {}
                         _ => break,
                     }
-                    let (at, key) = shard.expiry.pop_first().expect("checked");
+                    let (at, hash) = shard.expiry.pop_first().expect("checked");
                     processed += 1;
-                    let hash = hash_key(&key);
-                    let Some(node) = shard.get_mut(hash, &key) else {
-                        continue;
-                    };
-                    if node.expires_at != at {
-                        continue;
-                    }
-                    node.expires_at = 0;
-                    if node.dependents.is_empty() {
-                        let node = shard.remove(hash, &key).expect("present");
-                        self.expired.fetch_add(1, Ordering::Relaxed);
-                        released.extend(node.deps.iter().map(|d| (d.clone(), key.clone())));
+                    // Nearly always one key.
+                    let keys: Vec<Key> = shard.expiring(hash, at).cloned().collect();
+                    for key in keys {
+                        let Some(node) = shard.get_mut(hash, &key) else {
+                            continue;
+                        };
+                        node.expires_at = 0;
+                        if node.dependents.is_empty() {
+                            let node = shard.remove(hash, &key).expect("present");
+                            self.expired.fetch_add(1, Ordering::Relaxed);
+                            released.extend(node.deps.iter().map(|d| (d.clone(), key.clone())));
+                        }
                     }
                 }
             }
@@ -2379,6 +2393,51 @@ mod tests {
         let stats = s.stats();
         assert_eq!((stats.keys, stats.edges), (0, 0));
         assert_eq!(stats.expired, 3);
+    }
+
+    /// Entries in the shards' expiry indexes.
+    fn expiry_entries(s: &Store) -> usize {
+        s.shards.iter().map(|sh| sh.read().expiry.len()).sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refill_moves_the_expiry_and_leaves_no_entry_behind() {
+        let s = store();
+        let fill = |key: &str, ttl_ms| {
+            s.fill(&FillSpec {
+                key: key.into(),
+                dependencies: vec![],
+                ttl_ms,
+                observed_seq: s.seq(),
+            })
+            .unwrap()
+            .version
+        };
+        let a = fill("a", 1_000);
+        fill("b", 2_000);
+        assert_eq!(expiry_entries(&s), 2);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        // Later, then earlier than before: each move replaces the entry.
+        fill("a", 1_000);
+        fill("b", 100);
+        assert_eq!(expiry_entries(&s), 2);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        while s.expire(10) > 0 {}
+        assert!(
+            s.inspect("b").is_none(),
+            "b expired at its new, earlier time"
+        );
+        assert_eq!(s.check("a", a, 0).0.freshness, Freshness::Fresh);
+        assert_eq!(expiry_entries(&s), 1);
+        // a's first expiry passes; a stays until its second.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        while s.expire(10) > 0 {}
+        assert_eq!(s.check("a", a, 0).0.freshness, Freshness::Fresh);
+        tokio::time::advance(Duration::from_millis(400)).await;
+        while s.expire(10) > 0 {}
+        assert!(s.inspect("a").is_none());
+        assert_eq!(expiry_entries(&s), 0);
+        assert_eq!(s.stats().expired, 2);
     }
 
     #[tokio::test(start_paused = true)]
