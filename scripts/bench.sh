@@ -19,7 +19,9 @@
 # quick finishes in under 3 minutes once built; full runs longer windows,
 # more rates and 1M keys for memory.
 #
-# Environment: BENCH_SERVER_CPU (0), BENCH_LOAD_CPU (1), BENCH_RESULTS,
+# Environment: BENCH_ROUNDS (turns freshd and Redis take at the check and
+# fan-out throughputs: 1 in quick mode, 3 in full), BENCH_SERVER_CPU (0),
+# BENCH_LOAD_CPU (1), BENCH_RESULTS,
 # BENCH_PLOTS (1), BENCH_VENV (a Python venv for matplotlib, created when
 # missing; default $CARGO_TARGET_DIR/bench-venv), CARGO_TARGET_DIR.
 set -euo pipefail
@@ -31,12 +33,12 @@ case "$MODE" in
   quick)
     CHECK_KEYS=50000; CHECK_RUNS="1@0,1@4000,64@0,1000@0"; CHECK_SECS=2; CHECK_WARMUP=1
     NOTICE_CASES="1@200 100@100 1000@20"; NOTICE_SECS=3; NOTICE_WARMUP=1
-    FANOUT_SECS=3; DEPS_ROUNDS=5; MEMORY_KEYS=200000
+    FANOUT_SECS=3; DEPS_ROUNDS=5; MEMORY_KEYS=200000; ROUNDS=${BENCH_ROUNDS:-1}
     ;;
   full)
     CHECK_KEYS=100000; CHECK_RUNS="1@0,1@2000,1@4000,1@8000,64@0,64@200,1000@0,1000@20"; CHECK_SECS=10; CHECK_WARMUP=2
     NOTICE_CASES="1@200 100@100 1000@20 1000@100"; NOTICE_SECS=10; NOTICE_WARMUP=2
-    FANOUT_SECS=10; DEPS_ROUNDS=20; MEMORY_KEYS=1000000
+    FANOUT_SECS=10; DEPS_ROUNDS=20; MEMORY_KEYS=1000000; ROUNDS=${BENCH_ROUNDS:-3}
     ;;
   *)
     echo "usage: $0 [quick|full]" >&2
@@ -192,14 +194,20 @@ cat "$RESULTS/machine.txt" >&2
 
 # --- workloads -----------------------------------------------------------
 # Single-key and batched checks: the same keys, connections and runs.
+# Throughputs swing run to run on a shared machine, peers' as much as
+# freshd's: with ROUNDS > 1, freshd and Redis take turns ROUNDS times and the
+# report gives the median round's ratio and the range (labels check, check@2..).
 start_freshd; start_redis
-load check freshd "127.0.0.1:$FRESHD_PORT" check --conns 16 --keys "$CHECK_KEYS" \
-  --runs "$CHECK_RUNS" --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS"
-# The same 16 requests in flight, as HTTP/2 streams on 2 connections.
-load check freshd "127.0.0.1:$FRESHD_PORT" check --conns 2 --streams 8 --keys "$CHECK_KEYS" \
-  --runs 1@0 --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS"
-load check redis "127.0.0.1:$REDIS_PORT" check --conns 16 --keys "$CHECK_KEYS" \
-  --runs "$CHECK_RUNS" --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS" --redis-batch mget,pipeline
+for round in $(seq 1 "$ROUNDS"); do
+  label=check; ((round == 1)) || label=check@$round
+  load "$label" freshd "127.0.0.1:$FRESHD_PORT" check --conns 16 --keys "$CHECK_KEYS" \
+    --runs "$CHECK_RUNS" --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS"
+  # The same 16 requests in flight, as HTTP/2 streams on 2 connections.
+  load "$label" freshd "127.0.0.1:$FRESHD_PORT" check --conns 2 --streams 8 --keys "$CHECK_KEYS" \
+    --runs 1@0 --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS"
+  load "$label" redis "127.0.0.1:$REDIS_PORT" check --conns 16 --keys "$CHECK_KEYS" \
+    --runs "$CHECK_RUNS" --warmup "$CHECK_WARMUP" --secs "$CHECK_SECS" --redis-batch mget,pipeline
+done
 stop_servers
 
 # Write-to-notice latency: every case against all three, fresh servers.
@@ -219,10 +227,13 @@ for case in $NOTICE_CASES; do
 done
 
 # Notices per second to 1,000 subscribers.
-start_freshd; start_redis
-load fanout freshd "127.0.0.1:$FRESHD_PORT" fanout --subscribers 1000 --secs "$FANOUT_SECS"
-load fanout redis "127.0.0.1:$REDIS_PORT" fanout --subscribers 1000 --secs "$FANOUT_SECS"
-stop_servers
+for round in $(seq 1 "$ROUNDS"); do
+  label=fanout; ((round == 1)) || label=fanout@$round
+  start_freshd; start_redis
+  load "$label" freshd "127.0.0.1:$FRESHD_PORT" fanout --subscribers 1000 --secs "$FANOUT_SECS"
+  load "$label" redis "127.0.0.1:$REDIS_PORT" fanout --subscribers 1000 --secs "$FANOUT_SECS"
+  stop_servers
+done
 
 # One write invalidating 10,000 dependents.
 start_freshd; start_redis

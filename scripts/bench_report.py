@@ -17,11 +17,36 @@ def load(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def round_of(r):
+    """The round a report belongs to: its label's `@N` suffix, else 1."""
+    label = r.get("label") or ""
+    return int(label.rsplit("@", 1)[1]) if "@" in label else 1
+
+
 def find(reports, **want):
+    """The first report matching `want` (round 1 when there are rounds)."""
     for r in reports:
         if all(_get(r, k) == v for k, v in want.items()):
             return r
     return None
+
+
+def median_round(reports, fwant, pwant, metric):
+    """freshd and its peer in the round whose freshd/peer ratio of `metric`
+    is the median, with every round's ratio (sorted); None when no round has
+    both."""
+    def by_round(want):
+        out = {}
+        for r in reports:
+            if all(_get(r, k) == v for k, v in want.items()):
+                out.setdefault(round_of(r), r)
+        return out
+    fs, ps = by_round(fwant), by_round(pwant)
+    pairs = sorted((ratio(metric(fs[k]), metric(ps[k])) or 0.0, k) for k in set(fs) & set(ps))
+    if not pairs:
+        return None
+    _, k = pairs[(len(pairs) - 1) // 2]
+    return fs[k], ps[k], [x for x, _ in pairs]
 
 
 def _get(r, key):
@@ -48,35 +73,47 @@ def rows(reports):
     """(what, freshd, peer name, peer, ratio, goal, met) rows."""
     out = []
 
-    def add(what, f, peer_name, p, goal=None, higher_better=True, unit=""):
+    def add(what, f, peer_name, p, goal=None, higher_better=True, unit="", spread=None):
         r = ratio(f, p)
         met = ""
         if goal is not None and r is not None:
             ok = r >= goal if higher_better else r <= goal
             met = "yes" if ok else "**no**"
         goal_text = "" if goal is None else (f">= {goal}x" if higher_better else f"<= {goal}x")
-        out.append((what, fmt(f, unit), peer_name, fmt(p, unit),
-                    "n/a" if r is None else f"{r:.2f}", goal_text, met))
+        shown = "n/a" if r is None else f"{r:.2f}"
+        if r is not None and spread and len(spread) > 1:
+            shown += f" ({spread[0]:.2f}-{spread[-1]:.2f}, median of {len(spread)} rounds)"
+        out.append((what, fmt(f, unit), peer_name, fmt(p, unit), shown, goal_text, met))
+
+    ops = lambda r: r["ops_per_sec"]
+    keys = lambda r: r["keys_per_sec"]
 
     # Checks.
-    f = find(reports, workload="check", target="freshd", mode="closed", batch=1, variant="Check")
-    p = find(reports, workload="check", target="redis", mode="closed", batch=1)
+    m = median_round(reports, dict(workload="check", target="freshd", mode="closed", batch=1,
+                                   variant="Check"),
+                     dict(workload="check", target="redis", mode="closed", batch=1), ops)
+    f, p, spread = m if m else (None, None, None)
     if f and p:
         add("single-key check, ops/s (16 conns, closed loop)", f["ops_per_sec"], "Redis GET",
-            p["ops_per_sec"], 0.5)
+            p["ops_per_sec"], 0.5, spread=spread)
         add("  p50 at that load, µs", f["latency"]["p50_us"], "Redis GET", p["latency"]["p50_us"],
             higher_better=False)
         add("  p99 at that load, µs", f["latency"]["p99_us"], "Redis GET", p["latency"]["p99_us"],
             higher_better=False)
     # The same 16 requests in flight as HTTP/2 streams over fewer connections,
     # as a gRPC client sharing a channel sends them.
-    for f in [r for r in reports if r["workload"] == "check" and r["target"] == "freshd"
-              and r["mode"] == "closed" and r["params"]["batch"] == 1
-              and r["params"].get("streams", 1) > 1]:
-        if p:
+    streamed = next((r for r in reports if r["workload"] == "check" and r["target"] == "freshd"
+                     and r["mode"] == "closed" and r["params"]["batch"] == 1
+                     and r["params"].get("streams", 1) > 1), None)
+    if streamed:
+        m = median_round(reports, dict(workload="check", target="freshd", mode="closed",
+                                       batch=1, variant=streamed["variant"]),
+                         dict(workload="check", target="redis", mode="closed", batch=1), ops)
+        if m:
+            f, p, spread = m
             conns, streams = f["params"]["conns"], f["params"]["streams"]
             add(f"single-key check, ops/s ({conns} conns x {streams} streams, closed loop)",
-                f["ops_per_sec"], "Redis GET (16 conns)", p["ops_per_sec"])
+                f["ops_per_sec"], "Redis GET (16 conns)", p["ops_per_sec"], spread=spread)
     for f in [r for r in reports if r["workload"] == "check" and r["target"] == "freshd"
               and r["mode"] == "open" and r["params"]["batch"] == 1]:
         rate = f["params"]["rate"]
@@ -87,16 +124,15 @@ def rows(reports):
             add(f"single-key check at {rate:,.0f}/s (open loop), p99 µs", f["latency"]["p99_us"],
                 "Redis GET", p["latency"]["p99_us"], higher_better=False)
     for batch in (64, 1000):
-        f = find(reports, workload="check", target="freshd", mode="closed", batch=batch,
-                 variant=f"CheckBatch {batch}")
-        if not f:
-            continue
         for variant, goal in ((f"MGET {batch}", 1.0), (f"pipelined GET {batch}", None)):
-            p = find(reports, workload="check", target="redis", mode="closed", batch=batch,
-                     variant=variant)
-            if p:
+            m = median_round(reports, dict(workload="check", target="freshd", mode="closed",
+                                           batch=batch, variant=f"CheckBatch {batch}"),
+                             dict(workload="check", target="redis", mode="closed", batch=batch,
+                                  variant=variant), keys)
+            if m:
+                f, p, spread = m
                 add(f"CheckBatch {batch}, keys/s", f["keys_per_sec"], "Redis " + variant,
-                    p["keys_per_sec"], goal)
+                    p["keys_per_sec"], goal, spread=spread)
     # Notices.
     cases = sorted({(r["params"]["subscribers"], r["params"]["rate"]) for r in reports
                     if r["workload"] == "notice"})
@@ -114,11 +150,12 @@ def rows(reports):
                 add(f"write-to-notice, {subs:,} {noun} at {rate:g}/s, {q} µs",
                     f["latency"][f"{q}_us"], name, p["latency"][f"{q}_us"], goal,
                     higher_better=False)
-    f = find(reports, workload="fanout", target="freshd")
-    p = find(reports, workload="fanout", target="redis")
-    if f and p:
+    m = median_round(reports, dict(workload="fanout", target="freshd"),
+                     dict(workload="fanout", target="redis"), keys)
+    if m:
+        f, p, spread = m
         add(f"notices/s to {f['params']['subscribers']:,} subscribers", f["keys_per_sec"],
-            "Redis PUBLISH", p["keys_per_sec"], 1.0)
+            "Redis PUBLISH", p["keys_per_sec"], 1.0, spread=spread)
     f = find(reports, workload="deps", target="freshd")
     p = find(reports, workload="deps", target="redis")
     if f and p:
@@ -165,13 +202,15 @@ def cpu_table(reports):
                     or p.get("server_cpu_s") is None or not p["ops"]):
                 continue
             keys = ("batch", "rate", "subscribers")
-            if any(f["params"].get(k) != p["params"].get(k) for k in keys):
+            if (any(f["params"].get(k) != p["params"].get(k) for k in keys)
+                    or round_of(f) != round_of(p)):
                 continue
             fu = f["server_cpu_s"] * 1e6 / f["ops"]
             pu = p["server_cpu_s"] * 1e6 / p["ops"]
             what = f"{f['workload']} {f['variant']} ({f['mode']}"
             what += f", {f['params']['rate']:g}/s" if f["params"].get("rate") else ""
             what += f", {f['params']['subscribers']:,} subs" if f["params"].get("subscribers") else ""
+            what += f", round {round_of(f)}" if round_of(f) > 1 else ""
             what += ")"
             lines.append(f"| {what} | {per.get(f['workload'], 'op')} | {fu:,.1f} | "
                          f"{p['target']} {p['variant']} | {pu:,.1f} | {fu / pu:.2f} | "
@@ -234,7 +273,7 @@ def plots(reports, out):
         written.append(path)
 
     opens = [r for r in reports if r["workload"] == "check" and r["mode"] == "open"
-             and r["params"]["batch"] == 1]
+             and r["params"]["batch"] == 1 and round_of(r) == 1]
     if opens:
         fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
         series = [(f"{'freshd Check' if r['target'] == 'freshd' else 'Redis GET'} at "
