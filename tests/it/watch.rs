@@ -481,6 +481,55 @@ async fn chaos_subscribers_drop_and_resume_and_end_with_the_servers_versions() {
     );
 }
 
+async fn subscriber_ids(t: &mut TestServer) -> Vec<String> {
+    let stats = t.client.stats(pb::StatsRequest {}).await.unwrap();
+    let mut ids: Vec<String> = stats
+        .into_inner()
+        .subscribers
+        .into_iter()
+        .map(|s| s.client_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_leaves_or_closes_unsubscribes() {
+    let mut t = start().await;
+    // Each watcher has a connection of its own.
+    let (gone, _) = Watcher::open(&t, start_msg("gone", &["k"], &[])).await;
+    let (mut closed, _) = Watcher::open(&t, start_msg("closed", &["k"], &[])).await;
+    let (mut kept, _) = Watcher::open(&t, start_msg("kept", &["k"], &[])).await;
+    assert_eq!(subscriber_ids(&mut t).await, ["closed", "gone", "kept"]);
+
+    // The client goes away: its connection closes.
+    drop(gone);
+    // Ending the request side ends the stream.
+    drop(closed.tx);
+    let end = tokio::time::timeout(Duration::from_secs(10), closed.rx.message())
+        .await
+        .expect("the closed stream ends");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ids = subscriber_ids(&mut t).await;
+        if ids == ["kept"] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscribers left: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The remaining stream still gets its notices.
+    t.client.publish(publish_req(&["k"])).await.unwrap();
+    let (n, _, _) = kept.until_progress().await;
+    assert_eq!(n.len(), 1, "{n:?}");
+}
+
 #[tokio::test]
 async fn acks_show_in_stats_with_the_event_to_ack_delay() {
     let mut t = start().await;
