@@ -1578,11 +1578,13 @@ impl Store {
             .map(|(i, _)| (i, self.shards[i].read()))
             .collect();
         let now = self.clock.now();
-        // Two passes, so that the cache misses of different keys overlap
+        // Three passes, so that the cache misses of different keys overlap
         // instead of queueing: the first finds each key's slot by its hash
-        // and length alone (a miss on the table), the second confirms the
-        // key's bytes (a miss on the key's allocation) and answers. One
-        // pass would wait for both misses of each key in turn.
+        // and length alone (misses on the table and the node), the second
+        // touches each candidate's key bytes in a tight loop of independent
+        // loads (a miss on the key's allocation), and the third confirms
+        // the key and answers from cache. One pass would wait for all the
+        // misses of each key in turn.
         let slot = |h: u64| {
             let pos = guards
                 .binary_search_by_key(&self.shard_index(h), |(i, _)| *i)
@@ -1597,6 +1599,11 @@ impl Store {
                 slot(h).nodes.find(h, |n| n.key.len() == len).map(|n| &**n)
             })
             .collect();
+        let touched = candidates
+            .iter()
+            .flatten()
+            .fold(0u8, |acc, n| acc ^ n.key.as_bytes().first().copied().unwrap_or(0));
+        std::hint::black_box(touched);
         let answers = items
             .iter()
             .zip(&hashes)
