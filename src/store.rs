@@ -1599,10 +1599,9 @@ impl Store {
                 slot(h).nodes.find(h, |n| n.key.len() == len).map(|n| &**n)
             })
             .collect();
-        let touched = candidates
-            .iter()
-            .flatten()
-            .fold(0u8, |acc, n| acc ^ n.key.as_bytes().first().copied().unwrap_or(0));
+        let touched = candidates.iter().flatten().fold(0u8, |acc, n| {
+            acc ^ n.key.as_bytes().first().copied().unwrap_or(0)
+        });
         std::hint::black_box(touched);
         let answers = items
             .iter()
