@@ -26,7 +26,9 @@
 //! # Recovery
 //! Segments are read in order. A record cut short or failing its checksum at
 //! the very end of the last segment is a torn write: it is dropped and the
-//! file truncated. Anything else that does not read (a bad checksum, a bad
+//! file truncated. So is a last segment whose header was cut short (a crash
+//! between creating the file and writing its header): it holds no record
+//! and is removed. Anything else that does not read (a bad checksum, a bad
 //! header, a gap) stops startup with the file and offset, unless the operator
 //! passes `--repair`, which truncates the log there and drops what follows.
 
@@ -554,6 +556,19 @@ fn read_segment(
     Ok(read)
 }
 
+/// Whether the segment at `path` is shorter than a header and its bytes
+/// begin one (magic and format; the epoch is not known here): created by a
+/// rotation or a first start that stopped before the header was written.
+fn header_cut_short(path: &Path) -> Result<bool, WalError> {
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    if bytes.len() >= HEADER_BYTES as usize {
+        return Ok(false);
+    }
+    let expected = header(MAGIC, 0);
+    let n = bytes.len().min(12);
+    Ok(bytes[..n] == expected[..n])
+}
+
 /// Checks a file header; returns its epoch, or the offset and what is wrong.
 pub(crate) fn read_header(bytes: &[u8], magic: &[u8; 8]) -> Result<u64, (u64, String)> {
     if bytes.len() < HEADER_BYTES as usize || &bytes[..8] != magic {
@@ -608,6 +623,17 @@ impl FileLog {
             None => (0, 0, None),
         };
         let mut found = segments(&config.dir)?;
+        // A crash between creating a segment and writing its header leaves
+        // a last segment shorter than a header: a torn write that never
+        // held a record, dropped like a torn record.
+        if let Some((_, path)) = found.last() {
+            if header_cut_short(path)? {
+                tracing::warn!(file = %path.display(), "dropping a log segment whose header was cut short (it holds no records)");
+                fs::remove_file(path).map_err(io_err(path))?;
+                sync_dir(&config.dir).map_err(io_err(&config.dir))?;
+                found.pop();
+            }
+        }
         // Segments wholly covered by the snapshot are leftovers of a
         // compaction that stopped before deleting them.
         while found.len() > 1 && found[1].0 <= floor + 1 {
@@ -1049,6 +1075,54 @@ mod tests {
         assert_eq!(opened.records[1].seq, 2);
         // Seq 1 reserved up to 1 + RESERVE_BLOCK: the next seq is past it.
         assert_eq!(opened.log.last_seq(), 1 + RESERVE_BLOCK);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_last_segment_with_its_header_cut_short_is_dropped() {
+        let dir = tempdir("torn-header");
+        let epoch;
+        {
+            let mut log = FileLog::open(config(&dir)).unwrap().log;
+            epoch = log.epoch();
+            for k in ["a", "b"] {
+                publish(&mut log, k);
+            }
+        }
+        let full = header(MAGIC, epoch);
+        // A rotation cut short: an empty file, then part of a header.
+        for cut in [0, 5, 12, HEADER_BYTES as usize - 1] {
+            let next = segment_path(&dir, 1_000_000);
+            fs::write(&next, &full[..cut]).unwrap();
+            let opened = FileLog::open(config(&dir)).unwrap();
+            assert_eq!(opened.records.len(), 2, "cut at {cut}");
+            assert_eq!(opened.log.epoch(), epoch);
+            assert!(!next.exists(), "cut at {cut}: the stub is removed");
+            assert_eq!(segments(&dir).unwrap().len(), 1);
+        }
+        // Appending goes on in the segment before it.
+        {
+            let mut log = FileLog::open(config(&dir)).unwrap().log;
+            publish(&mut log, "c");
+        }
+        assert_eq!(FileLog::open(config(&dir)).unwrap().records.len(), 3);
+
+        // Short bytes that do not begin a header, or a short segment that
+        // is not the last, are still corruption.
+        let next = segment_path(&dir, 1_000_000);
+        fs::write(&next, b"garbage").unwrap();
+        assert!(matches!(
+            FileLog::open(config(&dir)),
+            Err(WalError::Corrupt { .. })
+        ));
+        fs::remove_file(&next).unwrap();
+        let (_, last) = segments(&dir).unwrap().pop().unwrap();
+        fs::write(segment_path(&dir, 2_000_000), &full).unwrap();
+        fs::write(&last, &full[..5]).unwrap();
+        assert!(matches!(
+            FileLog::open(config(&dir)),
+            Err(WalError::Corrupt { .. })
+        ));
         fs::remove_dir_all(&dir).ok();
     }
 

@@ -40,11 +40,23 @@ fn spawn(dir: &Path, extra: &[&str]) -> (Child, String) {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let line = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains("freshd serving"))
-        .expect("a serving log line");
+    let mut before = Vec::new();
+    let line = lines.by_ref().map_while(Result::ok).find(|l| {
+        before.push(l.clone());
+        l.contains("freshd serving")
+    });
+    let Some(line) = line else {
+        // Say why: the log so far, the exit status and standard error.
+        let status = child.wait();
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        panic!(
+            "no serving log line; exit {status:?}\nlog:\n{}\nstderr:\n{stderr}",
+            before.join("\n")
+        );
+    };
     // Keep draining so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines.by_ref() {});
     let addr = line
