@@ -560,6 +560,10 @@ fn read_segment(
 /// begin one (magic and format; the epoch is not known here): created by a
 /// rotation or a first start that stopped before the header was written.
 fn header_cut_short(path: &Path) -> Result<bool, WalError> {
+    // The length first: a whole segment is read once, by `read_segment`.
+    if fs::metadata(path).map_err(io_err(path))?.len() >= HEADER_BYTES {
+        return Ok(false);
+    }
     let bytes = fs::read(path).map_err(io_err(path))?;
     if bytes.len() >= HEADER_BYTES as usize {
         return Ok(false);
