@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use crate::harness::{connect, fill_req, publish_req, start, start_with, TestServer};
+use crate::harness::{connect, eventually, fill_req, publish_req, start, start_with, TestServer};
 
 /// A test-side Watch stream.
 struct Watcher {
@@ -481,8 +481,10 @@ async fn chaos_subscribers_drop_and_resume_and_end_with_the_servers_versions() {
     );
 }
 
-async fn subscriber_ids(t: &mut TestServer) -> Vec<String> {
-    let stats = t.client.stats(pb::StatsRequest {}).await.unwrap();
+async fn subscriber_ids(
+    client: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+) -> Vec<String> {
+    let stats = client.stats(pb::StatsRequest {}).await.unwrap();
     let mut ids: Vec<String> = stats
         .into_inner()
         .subscribers
@@ -500,7 +502,10 @@ async fn a_stream_whose_client_leaves_or_closes_unsubscribes() {
     let (gone, _) = Watcher::open(&t, start_msg("gone", &["k"], &[])).await;
     let (mut closed, _) = Watcher::open(&t, start_msg("closed", &["k"], &[])).await;
     let (mut kept, _) = Watcher::open(&t, start_msg("kept", &["k"], &[])).await;
-    assert_eq!(subscriber_ids(&mut t).await, ["closed", "gone", "kept"]);
+    assert_eq!(
+        subscriber_ids(&mut t.client).await,
+        ["closed", "gone", "kept"]
+    );
 
     // The client goes away: its connection closes.
     drop(gone);
@@ -511,18 +516,17 @@ async fn a_stream_whose_client_leaves_or_closes_unsubscribes() {
         .expect("the closed stream ends");
     assert!(matches!(end, Ok(None)), "{end:?}");
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let ids = subscriber_ids(&mut t).await;
-        if ids == ["kept"] {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "subscribers left: {ids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let client = t.client.clone();
+    let gone = eventually(Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move { subscriber_ids(&mut client).await == ["kept"] }
+    })
+    .await;
+    assert!(
+        gone,
+        "subscribers left: {:?}",
+        subscriber_ids(&mut t.client).await
+    );
 
     // The remaining stream still gets its notices.
     t.client.publish(publish_req(&["k"])).await.unwrap();
