@@ -22,6 +22,7 @@ use freshd::config::Config;
 use freshd::log::MemoryLog;
 use freshd::metrics::{Metrics, MetricsConfig};
 use freshd::pb::{self, coordinator_client::CoordinatorClient};
+use freshd::policy::namespace;
 use freshd::server::RunningServer;
 use freshd::store::Store;
 use tonic::transport::Channel;
@@ -164,7 +165,7 @@ fn main() {
         };
         metrics
             .check_recorder("home")
-            .record(key, 7, 1_500, true, i % 10 == 0, false);
+            .record(namespace(key), 7, 1_500, true, i % 10 == 0, false);
         metrics.rpc("Check", tonic::Code::Ok, Duration::from_micros(40));
     }
     let per = started.elapsed().as_nanos() as f64 / n as f64;

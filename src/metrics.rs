@@ -605,13 +605,13 @@ pub struct CheckRecorder<'m> {
 }
 
 impl CheckRecorder<'_> {
-    /// Records one check of a copy of `key`: its age, and whether it had
-    /// been served and was stale (`critical`: after a critical change). A
-    /// check at version 0 (a miss, noting the seq) has no copy and records
-    /// nothing.
+    /// Records one check of a copy of a key in `ns` (its namespace, as
+    /// [`namespace`] gives it): its age, and whether it had been served and
+    /// was stale (`critical`: after a critical change). A check at version 0
+    /// (a miss, noting the seq) has no copy and records nothing.
     pub fn record(
         &mut self,
-        key: &str,
+        ns: &str,
         version: u64,
         age_ms: u64,
         served: bool,
@@ -625,7 +625,6 @@ impl CheckRecorder<'_> {
             return;
         }
         let metrics = self.metrics;
-        let ns = namespace(key);
         if self.current.is_none() || self.namespace != ns {
             let namespace = metrics.namespaces.get(ns);
             let hit_age = metrics

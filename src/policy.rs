@@ -125,7 +125,12 @@ pub fn decide(policy: &Policy, answer: &CheckAnswer, age_ms: u64) -> Decision {
 /// The namespace of a key: the part before its first `:` (the whole key when
 /// it has none).
 pub fn namespace(key: &str) -> &str {
-    key.split(':').next().unwrap_or(key)
+    // A byte scan: it runs for every key of every check, namespaces are
+    // short, and `:` is ASCII, so the cut falls on a char boundary.
+    match key.bytes().position(|b| b == b':') {
+        Some(end) => &key[..end],
+        None => key,
+    }
 }
 
 /// The default policy and the policies of named namespaces.
@@ -140,7 +145,12 @@ pub struct Policies {
 impl Policies {
     /// The policy for `key`'s namespace.
     pub fn for_key(&self, key: &str) -> &Policy {
-        self.namespaces.get(namespace(key)).unwrap_or(&self.default)
+        self.for_namespace(namespace(key))
+    }
+
+    /// The policy for `namespace` (the default when it has none of its own).
+    pub fn for_namespace(&self, namespace: &str) -> &Policy {
+        self.namespaces.get(namespace).unwrap_or(&self.default)
     }
 }
 
@@ -255,7 +265,13 @@ mod tests {
         policies.namespaces.insert("feed".into(), article());
         assert_eq!(namespace("feed:user:1"), "feed");
         assert_eq!(namespace("plain"), "plain");
+        assert_eq!(namespace(":leading"), "");
+        assert_eq!(namespace("trailing:"), "trailing");
+        assert_eq!(namespace(""), "");
+        assert_eq!(namespace("épée:1"), "épée");
         assert_eq!(policies.for_key("feed:user:1"), &article());
         assert_eq!(policies.for_key("posts:1"), &Policy::default());
+        assert_eq!(policies.for_namespace("feed"), &article());
+        assert_eq!(policies.for_namespace("posts"), &Policy::default());
     }
 }

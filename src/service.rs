@@ -84,6 +84,7 @@ impl CoordinatorService {
         &self,
         recorder: &mut CheckRecorder<'_>,
         key: &str,
+        ns: &str,
         version: u64,
         age_ms: u64,
         served: bool,
@@ -91,7 +92,7 @@ impl CoordinatorService {
         streams: &[Arc<Subscriber>],
     ) {
         let stale = answer.freshness == Freshness::Stale;
-        recorder.record(key, version, age_ms, served, stale, answer.critical_since);
+        recorder.record(ns, version, age_ms, served, stale, answer.critical_since);
         // Version 0 is a check without a copy (a miss noting the seq): it
         // cannot have missed anything.
         if !stale || version == 0 || answer.last_change_seq <= version {
@@ -526,6 +527,7 @@ impl CoordinatorService {
             self.record_check(
                 &mut self.store.metrics().check_recorder(&request.endpoint),
                 &request.key,
+                policy::namespace(&request.key),
                 request.version,
                 request.age_ms,
                 request.served,
@@ -586,20 +588,21 @@ impl CoordinatorService {
                 .into_iter()
                 .zip(&request.items)
                 .map(|(a, item)| {
+                    let ns = policy::namespace(&item.key);
                     self.record_check(
                         &mut recorder,
                         &item.key,
+                        ns,
                         item.version,
                         item.age_ms,
                         item.served,
                         &a,
                         &streams,
                     );
-                    let ns = policy::namespace(&item.key);
                     let p = match current {
                         Some((n, p)) if n == ns => p,
                         _ => {
-                            let p = policies.for_key(&item.key);
+                            let p = policies.for_namespace(ns);
                             current = Some((ns, p));
                             p
                         }
