@@ -49,6 +49,15 @@ def median_round(reports, fwant, pwant, metric):
     return fs[k], ps[k], [x for x, _ in pairs]
 
 
+def notice_pair(reports, subs, rate, peer):
+    """freshd and `peer` in the round whose p99 ratio is the median, with
+    every round's ratio; etcd runs in the first round only."""
+    return median_round(reports, dict(workload="notice", target="freshd", subscribers=subs,
+                                      rate=rate),
+                        dict(workload="notice", target=peer, subscribers=subs, rate=rate),
+                        lambda r: r["latency"]["p99_us"])
+
+
 def _get(r, key):
     if key in ("subscribers", "rate", "batch"):
         return r["params"].get(key)
@@ -114,15 +123,19 @@ def rows(reports):
             conns, streams = f["params"]["conns"], f["params"]["streams"]
             add(f"single-key check, ops/s ({conns} conns x {streams} streams, closed loop)",
                 f["ops_per_sec"], "Redis GET (16 conns)", p["ops_per_sec"], spread=spread)
-    for f in [r for r in reports if r["workload"] == "check" and r["target"] == "freshd"
-              and r["mode"] == "open" and r["params"]["batch"] == 1]:
-        rate = f["params"]["rate"]
-        p = find(reports, workload="check", target="redis", mode="open", batch=1, rate=rate)
-        if p:
+    p99 = lambda r: r["latency"]["p99_us"]
+    rates = sorted({r["params"]["rate"] for r in reports if r["workload"] == "check"
+                    and r["target"] == "freshd" and r["mode"] == "open" and r["params"]["batch"] == 1})
+    for rate in rates:
+        m = median_round(reports, dict(workload="check", target="freshd", mode="open", batch=1,
+                                       rate=rate),
+                         dict(workload="check", target="redis", mode="open", batch=1, rate=rate), p99)
+        if m:
+            f, p, spread = m
             add(f"single-key check at {rate:,.0f}/s (open loop), p50 µs", f["latency"]["p50_us"],
                 "Redis GET", p["latency"]["p50_us"], higher_better=False)
             add(f"single-key check at {rate:,.0f}/s (open loop), p99 µs", f["latency"]["p99_us"],
-                "Redis GET", p["latency"]["p99_us"], higher_better=False)
+                "Redis GET", p["latency"]["p99_us"], higher_better=False, spread=spread)
     for batch in (64, 1000):
         for variant, goal in ((f"MGET {batch}", 1.0), (f"pipelined GET {batch}", None)):
             m = median_round(reports, dict(workload="check", target="freshd", mode="closed",
@@ -137,19 +150,17 @@ def rows(reports):
     cases = sorted({(r["params"]["subscribers"], r["params"]["rate"]) for r in reports
                     if r["workload"] == "notice"})
     for subs, rate in cases:
-        f = find(reports, workload="notice", target="freshd", subscribers=subs, rate=rate)
-        if not f:
-            continue
         for peer, name in (("redis", "Redis SET -> tracking"), ("etcd", "etcd Put -> Watch")):
-            p = find(reports, workload="notice", target=peer, subscribers=subs, rate=rate)
-            if not p:
+            m = notice_pair(reports, subs, rate, peer)
+            if not m:
                 continue
+            f, p, spread = m
             for q in ("p50", "p99"):
                 goal = 1.0 if (q == "p99" and peer == "redis") else None
                 noun = "subscriber" if subs == 1 else "subscribers"
                 add(f"write-to-notice, {subs:,} {noun} at {rate:g}/s, {q} µs",
                     f["latency"][f"{q}_us"], name, p["latency"][f"{q}_us"], goal,
-                    higher_better=False)
+                    higher_better=False, spread=spread if q == "p99" else None)
     m = median_round(reports, dict(workload="fanout", target="freshd"),
                      dict(workload="fanout", target="redis"), keys)
     if m:
@@ -262,8 +273,17 @@ def plots(reports, out):
     cases = sorted({(r["params"]["subscribers"], r["params"]["rate"]) for r in reports
                     if r["workload"] == "notice"})
     for subs, rate in cases:
-        series = [(names[t], r) for t in ("freshd", "redis", "etcd")
-                  if (r := find(reports, workload="notice", target=t, subscribers=subs, rate=rate))]
+        # freshd and Redis from the median round of the table, etcd from
+        # the first (it runs there only).
+        m = notice_pair(reports, subs, rate, "redis")
+        picked = {"freshd": m[0], "redis": m[1]} if m else {}
+        etcd = find(reports, workload="notice", target="etcd", subscribers=subs, rate=rate)
+        if etcd:
+            picked["etcd"] = etcd
+        if "freshd" not in picked:
+            picked["freshd"] = find(reports, workload="notice", target="freshd",
+                                    subscribers=subs, rate=rate)
+        series = [(names[t], picked[t]) for t in ("freshd", "redis", "etcd") if picked.get(t)]
         fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
         cdf_axes(ax, series, f"write-to-notice latency, {subs:,} subscribers, {rate:g} writes/s")
         path = os.path.join(out, f"notice_cdf_{subs}_at_{rate:g}.png")
@@ -294,17 +314,32 @@ def plots(reports, out):
     def val(r, key):
         return None if r is None else r[key]
 
-    bars("single-key check, ops/s", [
-        ("freshd Check", val(find(reports, workload="check", target="freshd", mode="closed", batch=1, variant="Check"), "ops_per_sec"), "freshd"),
-        ("Redis GET", val(find(reports, workload="check", target="redis", mode="closed", batch=1), "ops_per_sec"), "redis")])
+    def median_pair(fwant, pwant, key):
+        """The pair of the table's median round, or nones."""
+        m = median_round(reports, fwant, pwant, lambda r: r[key])
+        return (val(m[0], key), val(m[1], key)) if m else (None, None)
+
+    f, p = median_pair(dict(workload="check", target="freshd", mode="closed", batch=1,
+                            variant="Check"),
+                       dict(workload="check", target="redis", mode="closed", batch=1),
+                       "ops_per_sec")
+    bars("single-key check, ops/s", [("freshd Check", f, "freshd"), ("Redis GET", p, "redis")])
     for batch in (64, 1000):
+        fwant = dict(workload="check", target="freshd", mode="closed", batch=batch,
+                     variant=f"CheckBatch {batch}")
+        f, mget = median_pair(fwant, dict(workload="check", target="redis", mode="closed",
+                                          batch=batch, variant=f"MGET {batch}"), "keys_per_sec")
+        _, piped = median_pair(fwant, dict(workload="check", target="redis", mode="closed",
+                                           batch=batch, variant=f"pipelined GET {batch}"),
+                               "keys_per_sec")
         bars(f"batches of {batch}, keys/s", [
-            ("freshd CheckBatch", val(find(reports, workload="check", target="freshd", mode="closed", batch=batch, variant=f"CheckBatch {batch}"), "keys_per_sec"), "freshd"),
-            ("Redis MGET", val(find(reports, workload="check", target="redis", mode="closed", batch=batch, variant=f"MGET {batch}"), "keys_per_sec"), "redis"),
-            ("Redis pipelined GET", val(find(reports, workload="check", target="redis", mode="closed", batch=batch, variant=f"pipelined GET {batch}"), "keys_per_sec"), "redis")])
-    bars("notices/s to 1,000 subscribers", [
-        ("freshd Watch", val(find(reports, workload="fanout", target="freshd"), "keys_per_sec"), "freshd"),
-        ("Redis pub/sub", val(find(reports, workload="fanout", target="redis"), "keys_per_sec"), "redis")])
+            ("freshd CheckBatch", f, "freshd"),
+            ("Redis MGET", mget, "redis"),
+            ("Redis pipelined GET", piped, "redis")])
+    f, p = median_pair(dict(workload="fanout", target="freshd"),
+                       dict(workload="fanout", target="redis"), "keys_per_sec")
+    bars("notices/s to 1,000 subscribers", [("freshd Watch", f, "freshd"),
+                                            ("Redis pub/sub", p, "redis")])
     fd = find(reports, workload="deps", target="freshd")
     rd = find(reports, workload="deps", target="redis")
     bars("10k dependents: ms to last notice (lower is better)", [
