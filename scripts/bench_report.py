@@ -82,8 +82,11 @@ def rows(reports):
     """(what, freshd, peer name, peer, ratio, goal, met) rows."""
     out = []
 
-    def add(what, f, peer_name, p, goal=None, higher_better=True, unit="", spread=None):
+    def add(what, f, peer_name, p, goal=None, higher_better=True, unit="", spread=None,
+            runs=()):
         r = ratio(f, p)
+        if any(load_bound(x) for x in runs):
+            what += " (load tool saturated)"
         met = ""
         if goal is not None and r is not None:
             ok = r >= goal if higher_better else r <= goal
@@ -104,7 +107,7 @@ def rows(reports):
     f, p, spread = m if m else (None, None, None)
     if f and p:
         add("single-key check, ops/s (16 conns, closed loop)", f["ops_per_sec"], "Redis GET",
-            p["ops_per_sec"], 0.5, spread=spread)
+            p["ops_per_sec"], 0.5, spread=spread, runs=(f, p))
         add("  p50 at that load, µs", f["latency"]["p50_us"], "Redis GET", p["latency"]["p50_us"],
             higher_better=False)
         add("  p99 at that load, µs", f["latency"]["p99_us"], "Redis GET", p["latency"]["p99_us"],
@@ -122,7 +125,8 @@ def rows(reports):
             f, p, spread = m
             conns, streams = f["params"]["conns"], f["params"]["streams"]
             add(f"single-key check, ops/s ({conns} conns x {streams} streams, closed loop)",
-                f["ops_per_sec"], "Redis GET (16 conns)", p["ops_per_sec"], spread=spread)
+                f["ops_per_sec"], "Redis GET (16 conns)", p["ops_per_sec"], spread=spread,
+                runs=(f, p))
     p99 = lambda r: r["latency"]["p99_us"]
     rates = sorted({r["params"]["rate"] for r in reports if r["workload"] == "check"
                     and r["target"] == "freshd" and r["mode"] == "open" and r["params"]["batch"] == 1})
@@ -133,9 +137,10 @@ def rows(reports):
         if m:
             f, p, spread = m
             add(f"single-key check at {rate:,.0f}/s (open loop), p50 µs", f["latency"]["p50_us"],
-                "Redis GET", p["latency"]["p50_us"], higher_better=False)
+                "Redis GET", p["latency"]["p50_us"], higher_better=False, runs=(f, p))
             add(f"single-key check at {rate:,.0f}/s (open loop), p99 µs", f["latency"]["p99_us"],
-                "Redis GET", p["latency"]["p99_us"], higher_better=False, spread=spread)
+                "Redis GET", p["latency"]["p99_us"], higher_better=False, spread=spread,
+                runs=(f, p))
     for batch in (64, 1000):
         for variant, goal in ((f"MGET {batch}", 1.0), (f"pipelined GET {batch}", None)):
             m = median_round(reports, dict(workload="check", target="freshd", mode="closed",
@@ -145,7 +150,7 @@ def rows(reports):
             if m:
                 f, p, spread = m
                 add(f"CheckBatch {batch}, keys/s", f["keys_per_sec"], "Redis " + variant,
-                    p["keys_per_sec"], goal, spread=spread)
+                    p["keys_per_sec"], goal, spread=spread, runs=(f, p))
     # Notices.
     cases = sorted({(r["params"]["subscribers"], r["params"]["rate"]) for r in reports
                     if r["workload"] == "notice"})
@@ -160,13 +165,13 @@ def rows(reports):
                 noun = "subscriber" if subs == 1 else "subscribers"
                 add(f"write-to-notice, {subs:,} {noun} at {rate:g}/s, {q} µs",
                     f["latency"][f"{q}_us"], name, p["latency"][f"{q}_us"], goal,
-                    higher_better=False, spread=spread if q == "p99" else None)
+                    higher_better=False, spread=spread if q == "p99" else None, runs=(f, p))
     m = median_round(reports, dict(workload="fanout", target="freshd"),
                      dict(workload="fanout", target="redis"), keys)
     if m:
         f, p, spread = m
         add(f"notices/s to {f['params']['subscribers']:,} subscribers", f["keys_per_sec"],
-            "Redis PUBLISH", p["keys_per_sec"], 1.0, spread=spread)
+            "Redis PUBLISH", p["keys_per_sec"], 1.0, spread=spread, runs=(f, p))
     f = find(reports, workload="deps", target="freshd")
     p = find(reports, workload="deps", target="redis")
     if f and p:
@@ -194,16 +199,41 @@ def table(reports):
     return "\n".join(lines)
 
 
+def window(r):
+    """The window a report's CPU times were read over, seconds."""
+    return (r.get("extra") or {}).get("cpu_window_s") or r["secs"]
+
+
 def busy(r):
     """Server cores busy over the window its CPU time was read in."""
-    window = (r.get("extra") or {}).get("cpu_window_s") or r["secs"]
-    return r["server_cpu_s"] / window
+    return r["server_cpu_s"] / window(r)
+
+
+def load_busy(r):
+    """The load tool's cores busy in the same window; None when not read."""
+    cpu = r.get("load_cpu_s")
+    return None if cpu is None else cpu / window(r)
+
+
+# The load tool runs on one core: at this share of it or more, a run's
+# figures measure the load generator as much as the server.
+LOAD_BOUND = 0.85
+
+
+def load_bound(r):
+    b = load_busy(r)
+    return b is not None and b >= LOAD_BOUND
+
+
+def fmt_busy(r):
+    b = load_busy(r)
+    return "n/a" if b is None else f"{b:.2f}"
 
 
 def cpu_table(reports):
     """Server CPU per operation, freshd against each peer in the same case."""
-    lines = ["| workload | per | freshd µs | peer | peer µs | ratio | freshd cores busy | peer cores busy |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| workload | per | freshd µs | peer | peer µs | ratio | freshd cores busy | peer cores busy | load tool cores busy (freshd / peer run) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     per = {"check": "request", "notice": "notice received", "fanout": "notice received"}
     for f in reports:
         if f["target"] != "freshd" or f.get("server_cpu_s") is None or not f["ops"]:
@@ -225,7 +255,7 @@ def cpu_table(reports):
             what += ")"
             lines.append(f"| {what} | {per.get(f['workload'], 'op')} | {fu:,.1f} | "
                          f"{p['target']} {p['variant']} | {pu:,.1f} | {fu / pu:.2f} | "
-                         f"{busy(f):.2f} | {busy(p):.2f} |")
+                         f"{busy(f):.2f} | {busy(p):.2f} | {fmt_busy(f)} / {fmt_busy(p)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -389,6 +419,10 @@ def main():
         print("```\n" + open(args.machine).read().rstrip() + "\n```\n")
     print(table(reports))
     print()
+    if any(load_bound(r) for r in reports):
+        print(f"(load tool saturated): in that row's freshd or peer run the load tool, pinned to "
+              f"one core, used {LOAD_BOUND:.0%} of it or more, so the figures there measure the "
+              "load generator's client as much as the server.\n")
     cpu = cpu_table(reports)
     if cpu:
         print("Server CPU per operation (from /proc, over the measured window):\n")

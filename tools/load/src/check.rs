@@ -112,7 +112,7 @@ impl Tally {
 
 /// One client connection, of either kind.
 enum Conn {
-    Freshd(freshd::pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>),
+    Freshd(freshd::pb::coordinator_client::CoordinatorClient<crate::H2Conn>),
     Redis(AsyncConn),
 }
 
@@ -166,7 +166,7 @@ fn redis_right(keys: &[usize], replies: &[Reply]) -> bool {
 
 /// Sends one freshd request on `keys` and says whether the answer is right.
 async fn freshd_request(
-    client: &mut freshd::pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    client: &mut freshd::pb::coordinator_client::CoordinatorClient<crate::H2Conn>,
     keys: &[usize],
     versions: &[u64],
 ) -> bool {
@@ -279,7 +279,7 @@ async fn connect(opts: &CheckOpts) -> Result<Vec<Conn>, Error> {
     let mut conns = Vec::with_capacity(opts.conns);
     for _ in 0..opts.conns {
         conns.push(match opts.target {
-            Target::Freshd => Conn::Freshd(freshd_client(&opts.addr).await?),
+            Target::Freshd => Conn::Freshd(crate::freshd_h2_client(&opts.addr).await?),
             _ => Conn::Redis(
                 AsyncConn::connect(socket_addr(&opts.addr)?)
                     .await
@@ -301,7 +301,7 @@ async fn measure(
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + secs(opts.warmup);
     let until = measure_from + secs(opts.secs);
-    let server_cpu = crate::cpu::window(measure_from, until);
+    let cpu = crate::cpu::window(measure_from, until);
     let way_or = way.unwrap_or(RedisBatch::Mget);
     let mut unanswered = 0;
     if run.rate == 0.0 {
@@ -403,6 +403,7 @@ async fn measure(
         (_, n, Some(RedisBatch::Pipeline)) => format!("pipelined GET {n}"),
         (_, n, _) => format!("MGET {n}"),
     };
+    let used = cpu.await.unwrap_or_default();
     Ok(Report {
         workload: "check".into(),
         target: opts.target.name().into(),
@@ -418,7 +419,8 @@ async fn measure(
         keys_per_sec: (ops * run.batch as u64) as f64 / opts.secs,
         errors: tally.errors.load(Ordering::Relaxed) + unanswered,
         latency: Some(latencies.summary()),
-        server_cpu_s: server_cpu.await.ok().flatten(),
+        server_cpu_s: used.server_s,
+        load_cpu_s: used.load_s,
         extra: json!({ "unanswered": unanswered }),
     })
 }

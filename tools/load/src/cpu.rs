@@ -2,6 +2,8 @@
 //! `/proc/<pid>/stat`, when the server's process id is known
 //! ([`set_server_pid`]). It tells what an operation costs the server,
 //! which moves less with other work on the machine than throughput does.
+//! The load tool's own CPU time over the same window is read beside it: a
+//! load generator that is itself saturated measures itself.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -24,36 +26,80 @@ pub fn process_cpu(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// The server's CPU seconds between `from` and `until`, read by a task that
-/// sleeps until each instant; `None` without a server pid.
-pub fn window(from: Instant, until: Instant) -> tokio::task::JoinHandle<Option<f64>> {
+/// CPU seconds used over a measured window.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Used {
+    /// By the server; `None` without a server pid.
+    pub server_s: Option<f64>,
+    /// By this load tool, all of its threads: near one core busy (it is
+    /// pinned to one in the suite) the figures measure the load generator as
+    /// much as the server.
+    pub load_s: Option<f64>,
+}
+
+fn both() -> (Option<Duration>, Option<Duration>) {
+    (
+        SERVER_PID.get().and_then(|pid| process_cpu(*pid)),
+        process_cpu(std::process::id()),
+    )
+}
+
+fn delta(a: Option<Duration>, b: Option<Duration>) -> Option<f64> {
+    Some((b? - a?).as_secs_f64())
+}
+
+/// The CPU seconds used between `from` and `until`, read by a task that
+/// sleeps until each instant.
+pub fn window(from: Instant, until: Instant) -> tokio::task::JoinHandle<Used> {
     tokio::spawn(async move {
-        let pid = *SERVER_PID.get()?;
         tokio::time::sleep_until(from.into()).await;
-        let (t0, c0) = (Instant::now(), process_cpu(pid)?);
+        let (t0, (s0, l0)) = (Instant::now(), both());
         tokio::time::sleep_until(until.into()).await;
-        let (t1, c1) = (Instant::now(), process_cpu(pid)?);
+        let (t1, (s1, l1)) = (Instant::now(), both());
         // Scaled to the window's length, in case a read came late.
         let wall = (t1 - t0).as_secs_f64();
-        let window = (until - from).as_secs_f64();
-        Some((c1 - c0).as_secs_f64() * if wall > 0.0 { window / wall } else { 1.0 })
+        let scale = if wall > 0.0 {
+            (until - from).as_secs_f64() / wall
+        } else {
+            1.0
+        };
+        Used {
+            server_s: delta(s0, s1).map(|s| s * scale),
+            load_s: delta(l0, l1).map(|s| s * scale),
+        }
     })
 }
 
-/// The server's CPU time at `from`, read by a task that sleeps until then;
-/// `None` without a server pid. With [`since`], for windows whose end is
-/// not known in advance.
-pub fn mark_at(from: Instant) -> tokio::task::JoinHandle<Option<(Instant, Duration)>> {
+/// CPU times at `from`, read by a task that sleeps until then. With
+/// [`since`], for windows whose end is not known in advance.
+pub struct Mark {
+    at: Instant,
+    server: Option<Duration>,
+    load: Option<Duration>,
+}
+
+/// Marks the CPU times at `from`; see [`since`].
+pub fn mark_at(from: Instant) -> tokio::task::JoinHandle<Mark> {
     tokio::spawn(async move {
-        let pid = *SERVER_PID.get()?;
         tokio::time::sleep_until(from.into()).await;
-        Some((Instant::now(), process_cpu(pid)?))
+        let (server, load) = both();
+        Mark {
+            at: Instant::now(),
+            server,
+            load,
+        }
     })
 }
 
-/// CPU seconds and wall seconds from a [`mark_at`] mark until now.
-pub fn since(mark: Option<(Instant, Duration)>) -> Option<(f64, f64)> {
-    let (at, cpu) = mark?;
-    let now = process_cpu(*SERVER_PID.get()?)?;
-    Some(((now - cpu).as_secs_f64(), at.elapsed().as_secs_f64()))
+/// CPU seconds used from a [`mark_at`] mark until now, and the wall seconds
+/// between them.
+pub fn since(mark: &Mark) -> (Used, f64) {
+    let (server, load) = both();
+    (
+        Used {
+            server_s: delta(mark.server, server),
+            load_s: delta(mark.load, load),
+        },
+        mark.at.elapsed().as_secs_f64(),
+    )
 }

@@ -269,6 +269,7 @@ pub async fn run(opts: &DepsOpts) -> Result<Report, Error> {
         errors,
         latency: Some(last_notice.summary()),
         server_cpu_s: None,
+        load_cpu_s: None,
         extra: json!({
             "invalidated_per_write": invalidated_per_write,
             "write_answered_p50_us": answered.p50_us,

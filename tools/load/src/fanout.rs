@@ -139,7 +139,7 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
     let start = Instant::now();
     let measure_from = start + secs(opts.warmup);
     let until = measure_from + secs(opts.secs);
-    let server_cpu = crate::cpu::window(measure_from, until);
+    let cpu = crate::cpu::window(measure_from, until);
     let mut changes = 0u64;
     let mut changes_in_window = 0u64;
     let mut errors = 0u64;
@@ -236,6 +236,7 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
     }
     let received = counts.in_window.load(Ordering::Relaxed);
     let total = counts.total.load(Ordering::Relaxed);
+    let used = cpu.await.unwrap_or_default();
     Ok(Report {
         workload: "fanout".into(),
         target: opts.target.name().into(),
@@ -255,7 +256,8 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
         keys_per_sec: received as f64 / opts.secs,
         errors,
         latency: None,
-        server_cpu_s: server_cpu.await.ok().flatten(),
+        server_cpu_s: used.server_s,
+        load_cpu_s: used.load_s,
         extra: json!({
             "changes": changes, "notices_expected": expected, "notices_received": total,
             "delivered_share": if expected > 0 { total as f64 / expected as f64 } else { 0.0 },

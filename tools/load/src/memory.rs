@@ -205,6 +205,7 @@ pub async fn run(opts: &MemoryOpts) -> Result<Report, Error> {
         errors: 0,
         latency: None,
         server_cpu_s: None,
+        load_cpu_s: None,
         extra,
     })
 }

@@ -208,7 +208,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
     while shared.finished.load(Ordering::Relaxed) < opts.subscribers && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let server_cpu = crate::cpu::since(cpu_mark.await.ok().flatten());
+    let cpu = cpu_mark.await.ok().map(|mark| crate::cpu::since(&mark));
     let _ = stop_tx.send(true);
     for s in subs {
         let _ = s.await;
@@ -239,11 +239,12 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         keys_per_sec: counted as f64 / opts.secs,
         errors: expected.saturating_sub(received) + write_errors.load(Ordering::Relaxed),
         latency: Some(latencies.summary()),
-        server_cpu_s: server_cpu.map(|(cpu, _)| cpu),
+        server_cpu_s: cpu.and_then(|(used, _)| used.server_s),
+        load_cpu_s: cpu.and_then(|(used, _)| used.load_s),
         extra: json!({
             "notices_expected": expected, "notices_received": received,
             "write_p50_us": writes.p50_us, "write_p99_us": writes.p99_us,
-            "cpu_window_s": server_cpu.map(|(_, wall)| wall),
+            "cpu_window_s": cpu.map(|(_, wall)| wall),
         }),
     })
 }

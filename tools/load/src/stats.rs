@@ -125,6 +125,10 @@ pub struct Report {
     /// window's length in `extra.cpu_window_s`), when its process id was
     /// given.
     pub server_cpu_s: Option<f64>,
+    /// CPU seconds this load tool used in the same window, all threads.
+    /// Near one core busy (the suite pins it to one), the figures measure
+    /// the load generator as much as the server.
+    pub load_cpu_s: Option<f64>,
     /// Workload-specific figures (bytes per key, notices expected...).
     pub extra: serde_json::Value,
 }
@@ -151,17 +155,25 @@ impl Report {
         if let Some(cpu) = self.server_cpu_s {
             line.push_str(&format!(
                 "  server cores busy {:.2}, {:.1} µs CPU/op",
-                cpu / self.extra["cpu_window_s"]
-                    .as_f64()
-                    .unwrap_or(self.secs)
-                    .max(1e-9),
+                cpu / self.window_s().max(1e-9),
                 cpu * 1e6 / self.ops.max(1) as f64
+            ));
+        }
+        if let Some(cpu) = self.load_cpu_s {
+            line.push_str(&format!(
+                "  load tool cores busy {:.2}",
+                cpu / self.window_s().max(1e-9)
             ));
         }
         if !self.extra.is_null() {
             line.push_str(&format!("  {}", self.extra));
         }
         line
+    }
+
+    /// The length of the window CPU time was read over.
+    fn window_s(&self) -> f64 {
+        self.extra["cpu_window_s"].as_f64().unwrap_or(self.secs)
     }
 
     /// One JSON object, on one line.

@@ -32,6 +32,14 @@ fn assert_clean(report: &Report) {
             report.human()
         );
     }
+    // Timed workloads read the load tool's own CPU over their window.
+    if ["check", "notice", "fanout"].contains(&report.workload.as_str()) {
+        assert!(
+            report.load_cpu_s.is_some_and(|s| s >= 0.0),
+            "load tool CPU not read: {}",
+            report.human()
+        );
+    }
     // The JSON form carries the CDF series.
     let json: serde_json::Value = serde_json::from_str(&report.json()).expect("valid JSON");
     assert_eq!(json["target"], "freshd");
