@@ -45,7 +45,7 @@ fn both() -> (Option<Duration>, Option<Duration>) {
 }
 
 fn delta(a: Option<Duration>, b: Option<Duration>) -> Option<f64> {
-    Some((b? - a?).as_secs_f64())
+    Some(b?.checked_sub(a?)?.as_secs_f64())
 }
 
 /// The CPU seconds used between `from` and `until`, read by a task that
@@ -70,15 +70,16 @@ pub fn window(from: Instant, until: Instant) -> tokio::task::JoinHandle<Used> {
     })
 }
 
-/// CPU times at `from`, read by a task that sleeps until then. With
-/// [`since`], for windows whose end is not known in advance.
+/// The CPU times read at one instant, for [`since`]: a window whose end is
+/// not known in advance.
 pub struct Mark {
     at: Instant,
     server: Option<Duration>,
     load: Option<Duration>,
 }
 
-/// Marks the CPU times at `from`; see [`since`].
+/// Reads the CPU times at `from`, in a task that sleeps until then; see
+/// [`since`].
 pub fn mark_at(from: Instant) -> tokio::task::JoinHandle<Mark> {
     tokio::spawn(async move {
         tokio::time::sleep_until(from.into()).await;
