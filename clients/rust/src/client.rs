@@ -147,7 +147,6 @@ impl ClientBuilder {
         let mut endpoint = Endpoint::from_shared(self.addr.clone())
             .map(|e| {
                 e.connect_timeout(self.connect_timeout)
-                    .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(30))
                     .keep_alive_while_idle(true)
             })
@@ -187,10 +186,13 @@ impl ClientBuilder {
     /// connection is re-established on its own later.
     pub async fn connect(mut self) -> Result<Client> {
         let (endpoint, token) = self.prepare()?;
-        let channel = endpoint.connect().await.map_err(|e| Error::Connect {
-            addr: self.addr.clone(),
-            message: innermost(&e),
-        })?;
+        let channel = endpoint
+            .connect_with_connector(crate::coalesce::Connector)
+            .await
+            .map_err(|e| Error::Connect {
+                addr: self.addr.clone(),
+                message: innermost(&e),
+            })?;
         Ok(self.with_channel(channel, token))
     }
 
@@ -199,7 +201,7 @@ impl ClientBuilder {
     /// that cannot be used (an unreadable CA file, say) fail here.
     pub fn connect_lazy(mut self) -> Result<Client> {
         let (endpoint, token) = self.prepare()?;
-        let channel = endpoint.connect_lazy();
+        let channel = endpoint.connect_with_connector_lazy(crate::coalesce::Connector);
         Ok(self.with_channel(channel, token))
     }
 }

@@ -42,6 +42,7 @@
 #![warn(missing_docs)]
 
 mod client;
+pub mod coalesce;
 mod credentials;
 mod error;
 mod near;

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use freshd::pb::coordinator_client::CoordinatorClient;
+use freshd_client::coalesce::{Coalesce, Connector};
 use tonic::transport::Channel;
 
 /// The generated client of the etcd v3 API subset in `proto/etcd.proto`.
@@ -79,13 +80,14 @@ pub fn socket_addr(addr: &str) -> Result<SocketAddr, Error> {
         .ok_or_else(|| format!("address {addr} resolves to nothing"))
 }
 
-/// One gRPC channel (one HTTP/2 connection) to `host:port`.
+/// One gRPC channel (one HTTP/2 connection) to `host:port`, through the
+/// Rust client's [`Connector`]: `TCP_NODELAY`, and each request's frames in
+/// one write ([`freshd_client::coalesce`]).
 pub async fn grpc_channel(addr: &str) -> Result<Channel, Error> {
     Channel::from_shared(format!("http://{addr}"))
         .map_err(|e| format!("bad address {addr}: {e}"))?
         .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect()
+        .connect_with_connector(Connector)
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))
 }
@@ -103,7 +105,8 @@ pub async fn freshd_client(addr: &str) -> Result<CoordinatorClient<Channel>, Err
 /// at thousands of calls per second costs the load tool a core of its own
 /// before the server is busy). The workloads that time requests use it, so
 /// that what they measure is the server; it has no reconnection, timeouts
-/// or load balancing, which a `Channel` gives real clients.
+/// or load balancing, which a `Channel` gives real clients. Its writes go
+/// through [`Coalesce`], so a request leaves in one TCP segment.
 #[derive(Clone)]
 pub struct H2Conn {
     send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
@@ -120,7 +123,7 @@ impl H2Conn {
             .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
         let (send, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .handshake(hyper_util::rt::TokioIo::new(tcp))
+                .handshake(hyper_util::rt::TokioIo::new(Coalesce::new(tcp)))
                 .await
                 .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
         tokio::spawn(conn);

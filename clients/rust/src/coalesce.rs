@@ -1,0 +1,350 @@
+//! One TCP segment per request: write coalescing for the HTTP/2 connection.
+//!
+//! hyper's HTTP/2 client (under tonic) writes a request's HEADERS frame
+//! before the request's body task has had a chance to queue its DATA frame,
+//! so a unary call leaves in two TCP segments. The server's kernel answers
+//! two small segments read together with an ACK of their own, at once: on
+//! loopback that costs the server about 5 µs of CPU per call, an eighth of
+//! a `Check`'s (see `docs/benchmarks.md`). [`Coalesce`] holds what the
+//! connection writes until its task has yielded once: the body task runs in
+//! between, its DATA frame joins the HEADERS, and the call leaves in one
+//! segment, as one from the Python client (grpcio) does.
+//!
+//! [`Client`](crate::Client) connects through [`Connector`]; a tonic
+//! `Channel` of your own can too:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tonic::transport::Error> {
+//! let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:50051")
+//!     .connect_with_connector(freshd_client::coalesce::Connector)
+//!     .await?;
+//! # let _ = channel; Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Bytes held before a write goes through without waiting for a flush.
+const HOLD: usize = 64 * 1024;
+
+/// An I/O stream whose writes are held until a flush that comes after the
+/// writer's task has yielded once (see the [module](self) docs). Reads pass
+/// straight through; more than 64 KiB held goes out without waiting.
+#[derive(Debug)]
+pub struct Coalesce<T> {
+    io: T,
+    held: Vec<u8>,
+    /// How much of `held` the stream has taken.
+    sent: usize,
+    /// Whether the flush in progress has yielded already.
+    yielded: bool,
+}
+
+impl<T> Coalesce<T> {
+    /// Wraps `io`.
+    pub fn new(io: T) -> Self {
+        Self {
+            io,
+            held: Vec::new(),
+            sent: 0,
+            yielded: false,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Coalesce<T> {
+    /// Writes everything held.
+    fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.held.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.held[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.held.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.held.len() >= HOLD {
+            ready!(this.poll_send_held(cx))?;
+        }
+        let room = HOLD.saturating_sub(this.held.len()).max(1);
+        let mut taken = 0;
+        for b in bufs {
+            let n = b.len().min(room - taken);
+            this.held.extend_from_slice(&b[..n]);
+            taken += n;
+            if taken == room {
+                break;
+            }
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.held.is_empty() {
+            this.yielded = false;
+            return Pin::new(&mut this.io).poll_flush(cx);
+        }
+        if !this.yielded {
+            // Let the tasks this pass woke (a request's body) write first.
+            this.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        ready!(this.poll_send_held(cx))?;
+        this.yielded = false;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_send_held(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+/// Dials TCP with `TCP_NODELAY` and wraps the stream in [`Coalesce`]: a
+/// connector for tonic's `Endpoint::connect_with_connector` (which still
+/// applies the endpoint's connect timeout and TLS). Every address the host
+/// name resolves to is tried in turn.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Connector;
+
+/// What [`Connector`] connects: the coalesced stream, as hyper's I/O.
+pub type Connection = TokioIo<Coalesce<TcpStream>>;
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = Connection;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Connection>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        Box::pin(async move {
+            let Some(host) = uri.host() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{uri} names no host"),
+                ));
+            };
+            // An IPv6 literal comes in brackets.
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            let mut last = None;
+            for addr in tokio::net::lookup_host((host, port)).await? {
+                match TcpStream::connect(addr).await {
+                    Ok(tcp) => {
+                        tcp.set_nodelay(true)?;
+                        return Ok(TokioIo::new(Coalesce::new(tcp)));
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{host} resolves to no address"),
+                )
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::task::Waker;
+
+    /// A sink that records each write it is given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn write(c: &mut Coalesce<Writes>, bytes: &[u8]) {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(c).poll_write(&mut cx, bytes) {
+            Poll::Ready(Ok(n)) => assert_eq!(n, bytes.len()),
+            other => panic!("write: {other:?}"),
+        }
+    }
+
+    fn flush(c: &mut Coalesce<Writes>) -> Poll<io::Result<()>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(c).poll_flush(&mut cx)
+    }
+
+    #[test]
+    fn what_is_written_before_the_second_flush_leaves_in_one_write() {
+        let mut c = Coalesce::new(Writes::default());
+        write(&mut c, b"HEADERS");
+        assert!(flush(&mut c).is_pending(), "the first flush yields");
+        assert!(c.io.0.is_empty(), "nothing is written yet");
+        write(&mut c, b"DATA");
+        assert!(matches!(flush(&mut c), Poll::Ready(Ok(()))));
+        assert_eq!(c.io.0, vec![b"HEADERSDATA".to_vec()]);
+        // The next batch yields again.
+        write(&mut c, b"PING");
+        assert!(flush(&mut c).is_pending());
+        assert!(matches!(flush(&mut c), Poll::Ready(Ok(()))));
+        assert_eq!(c.io.0.len(), 2);
+        assert_eq!(c.io.0[1], b"PING");
+    }
+
+    #[test]
+    fn a_flush_with_nothing_held_does_not_yield() {
+        let mut c = Coalesce::new(Writes::default());
+        assert!(matches!(flush(&mut c), Poll::Ready(Ok(()))));
+        assert!(c.io.0.is_empty());
+    }
+
+    #[test]
+    fn the_yield_wakes_the_task() {
+        let mut c = Coalesce::new(Writes::default());
+        write(&mut c, b"x");
+        let woken = std::sync::Arc::new(Woken::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
+        assert!(woken.0.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[derive(Default)]
+    struct Woken(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Woken {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn more_than_the_hold_goes_out_without_a_flush() {
+        let mut c = Coalesce::new(Writes::default());
+        let big = vec![7u8; HOLD + 10];
+        let mut cx = Context::from_waker(Waker::noop());
+        let first = match Pin::new(&mut c).poll_write(&mut cx, &big) {
+            Poll::Ready(Ok(n)) => n,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(first, HOLD, "takes what fits");
+        let rest = match Pin::new(&mut c).poll_write(&mut cx, &big[first..]) {
+            Poll::Ready(Ok(n)) => n,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(rest, 10);
+        assert_eq!(c.io.0.len(), 1, "the full hold was written");
+        assert_eq!(c.io.0[0].len(), HOLD);
+    }
+
+    #[tokio::test]
+    async fn shutdown_writes_what_is_held() {
+        let mut c = Coalesce::new(Writes::default());
+        write(&mut c, b"GOAWAY");
+        poll_fn(|cx| Pin::new(&mut c).poll_shutdown(cx))
+            .await
+            .unwrap();
+        assert_eq!(c.io.0, vec![b"GOAWAY".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_request_crosses_a_real_socket_whole() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let uri: http::Uri = format!("http://{addr}").parse().unwrap();
+        let (io, accepted) = tokio::join!(
+            tower_service::Service::call(&mut Connector, uri),
+            listener.accept()
+        );
+        let mut io = io.unwrap().into_inner();
+        let (mut server, _) = accepted.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        io.write_all(b"one").await.unwrap();
+        io.write_all(b"two").await.unwrap();
+        io.flush().await.unwrap();
+        let mut got = vec![0u8; 6];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"onetwo");
+        server.write_all(b"back").await.unwrap();
+        let mut back = [0u8; 4];
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"back");
+    }
+
+    #[tokio::test]
+    async fn refused_and_hostless_addresses_are_errors() {
+        let uri: http::Uri = "http://127.0.0.1:1".parse().unwrap();
+        let e = tower_service::Service::call(&mut Connector, uri)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+        let uri: http::Uri = "/no/host".parse().unwrap();
+        let e = tower_service::Service::call(&mut Connector, uri)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("names no host"), "{e}");
+    }
+}
