@@ -2,13 +2,31 @@
 //!
 //! hyper's HTTP/2 client (under tonic) writes a request's HEADERS frame
 //! before the request's body task has had a chance to queue its DATA frame,
-//! so a unary call leaves in two TCP segments. The server's kernel answers
-//! two small segments read together with an ACK of their own, at once: on
-//! loopback that costs the server about 5 µs of CPU per call, an eighth of
-//! a `Check`'s (see `docs/benchmarks.md`). [`Coalesce`] holds what the
-//! connection writes until its task has yielded once: the body task runs in
-//! between, its DATA frame joins the HEADERS, and the call leaves in one
-//! segment, as one from the Python client (grpcio) does.
+//! and after a DATA frame of more than 256 bytes h2 writes before it takes
+//! the next frame (the empty DATA frame that ends the request), so a call
+//! left in two or three TCP segments. The server's kernel answers two small
+//! segments read together with an ACK of their own, at once: on loopback
+//! that cost the server about 5 µs of CPU per `Check`, an eighth of it (see
+//! `docs/benchmarks.md`). [`Coalesce`] holds what the connection writes
+//! until a flush finds nothing new since the flush before, so the frames of
+//! one call leave in one segment, as a call from the Python client (grpcio)
+//! does.
+//!
+//! Two rules:
+//!
+//! - [`Coalesce::new`], for any writer: a flush that follows a write wakes
+//!   the task and returns `Pending`; the flush after that sends. The body
+//!   task runs in between, so HEADERS and DATA leave together; the frame h2
+//!   writes after a large DATA frame still goes on its own.
+//! - [`Coalesce::h2`], only for an HTTP/2 connection's own socket: a flush
+//!   that follows a write reports success without sending and wakes the
+//!   task; the next flush with nothing written since sends. This relies on
+//!   h2 flushing on every poll of its connection, and gathers the frame
+//!   after a large DATA frame too. A writer that flushed once and then
+//!   waited for an answer (a TLS handshake) would wait forever.
+//!
+//! [`Connector`] uses the second for plaintext and the first under TLS
+//! (tonic runs the TLS handshake over the connector's stream).
 //!
 //! [`Client`](crate::Client) connects through [`Connector`]; a tonic
 //! `Channel` of your own can too:
@@ -32,28 +50,47 @@ use tokio::net::TcpStream;
 
 /// Bytes held before a write goes through without waiting for a flush.
 const HOLD: usize = 64 * 1024;
+/// Flushes in a row that may hold, before one sends whatever comes.
+const HOLDS: u8 = 4;
 
-/// An I/O stream whose writes are held until a flush that comes after the
-/// writer's task has yielded once (see the [module](self) docs). Reads pass
-/// straight through; more than 64 KiB held goes out without waiting.
+/// An I/O stream whose writes are held until a flush finds nothing written
+/// since the flush before (see the [module](self) docs for the rule and why
+/// it suits h2 only). Reads pass straight through; more than 64 KiB held
+/// goes out without waiting; shutting down sends what is held.
 #[derive(Debug)]
 pub struct Coalesce<T> {
     io: T,
     held: Vec<u8>,
     /// How much of `held` the stream has taken.
     sent: usize,
-    /// Whether the flush in progress has yielded already.
-    yielded: bool,
+    /// Whether anything was written since the last flush.
+    written: bool,
+    /// Flushes in a row that held.
+    holds: u8,
+    /// The [`Coalesce::h2`] rule.
+    h2: bool,
 }
 
 impl<T> Coalesce<T> {
-    /// Wraps `io`.
+    /// Wraps `io`; safe under any writer (the first rule in the
+    /// [module](self) docs).
     pub fn new(io: T) -> Self {
         Self {
             io,
             held: Vec::new(),
             sent: 0,
-            yielded: false,
+            written: false,
+            holds: 0,
+            h2: false,
+        }
+    }
+
+    /// Wraps the socket of an HTTP/2 connection that h2 drives directly
+    /// (the second rule in the [module](self) docs).
+    pub fn h2(io: T) -> Self {
+        Self {
+            h2: true,
+            ..Self::new(io)
         }
     }
 }
@@ -102,6 +139,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         if this.held.len() >= HOLD {
             ready!(this.poll_send_held(cx))?;
         }
+        this.written = true;
         let room = HOLD.saturating_sub(this.held.len()).max(1);
         let mut taken = 0;
         for b in bufs {
@@ -122,17 +160,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.held.is_empty() {
-            this.yielded = false;
             return Pin::new(&mut this.io).poll_flush(cx);
         }
-        if !this.yielded {
-            // Let the tasks this pass woke (a request's body) write first.
-            this.yielded = true;
+        if this.written && this.holds < HOLDS {
+            this.holds += 1;
+            // Let more come: the tasks this pass woke (a request's body),
+            // and with the h2 rule the frame h2 buffers only once this
+            // flush is done. h2 flushes again on its next poll.
+            this.written = false;
             cx.waker().wake_by_ref();
-            return Poll::Pending;
+            return if this.h2 {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            };
         }
+        // A flush with nothing written since the last (or after as many
+        // holds in a row as allowed): send.
+        this.written = false;
+        this.holds = 0;
         ready!(this.poll_send_held(cx))?;
-        this.yielded = false;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
@@ -143,7 +190,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 }
 
-/// Dials TCP with `TCP_NODELAY` and wraps the stream in [`Coalesce`]: a
+/// Dials TCP with `TCP_NODELAY` and wraps the stream in [`Coalesce`]
+/// ([`Coalesce::h2`] for `http://`, [`Coalesce::new`] for `https://`): a
 /// connector for tonic's `Endpoint::connect_with_connector` (which still
 /// applies the endpoint's connect timeout and TLS). Every address the host
 /// name resolves to is tried in turn.
@@ -172,16 +220,18 @@ impl tower_service::Service<http::Uri> for Connector {
             };
             // An IPv6 literal comes in brackets.
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
-                Some("https") => 443,
-                _ => 80,
-            });
+            let tls = uri.scheme_str() == Some("https");
+            let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
             let mut last = None;
             for addr in tokio::net::lookup_host((host, port)).await? {
                 match TcpStream::connect(addr).await {
                     Ok(tcp) => {
                         tcp.set_nodelay(true)?;
-                        return Ok(TokioIo::new(Coalesce::new(tcp)));
+                        return Ok(TokioIo::new(if tls {
+                            Coalesce::new(tcp)
+                        } else {
+                            Coalesce::h2(tcp)
+                        }));
                     }
                     Err(e) => last = Some(e),
                 }
@@ -236,39 +286,82 @@ mod tests {
         Pin::new(c).poll_flush(&mut cx)
     }
 
-    #[test]
-    fn what_is_written_before_the_second_flush_leaves_in_one_write() {
-        let mut c = Coalesce::new(Writes::default());
-        write(&mut c, b"HEADERS");
-        assert!(flush(&mut c).is_pending(), "the first flush yields");
-        assert!(c.io.0.is_empty(), "nothing is written yet");
-        write(&mut c, b"DATA");
-        assert!(matches!(flush(&mut c), Poll::Ready(Ok(()))));
-        assert_eq!(c.io.0, vec![b"HEADERSDATA".to_vec()]);
-        // The next batch yields again.
-        write(&mut c, b"PING");
-        assert!(flush(&mut c).is_pending());
-        assert!(matches!(flush(&mut c), Poll::Ready(Ok(()))));
-        assert_eq!(c.io.0.len(), 2);
-        assert_eq!(c.io.0[1], b"PING");
+    fn flushed(p: Poll<io::Result<()>>) -> bool {
+        matches!(p, Poll::Ready(Ok(())))
     }
 
     #[test]
-    fn a_flush_with_nothing_held_does_not_yield() {
+    fn frames_written_until_a_flush_finds_nothing_new_leave_in_one_write() {
+        let mut c = Coalesce::h2(Writes::default());
+        write(&mut c, b"HEADERS");
+        assert!(flushed(flush(&mut c)), "reported flushed");
+        assert!(c.io.0.is_empty(), "but nothing is sent yet");
+        // h2 after a large DATA frame: write, flush, write the next frame.
+        write(&mut c, b"DATA");
+        assert!(flushed(flush(&mut c)));
+        write(&mut c, b"EOS");
+        assert!(flushed(flush(&mut c)));
+        assert!(c.io.0.is_empty());
+        // The next poll's flush finds nothing new: everything goes, once.
+        assert!(flushed(flush(&mut c)));
+        assert_eq!(c.io.0, vec![b"HEADERSDATAEOS".to_vec()]);
+        assert!(flushed(flush(&mut c)));
+        assert_eq!(c.io.0.len(), 1, "nothing is sent twice");
+        // The next batch is held again.
+        write(&mut c, b"PING");
+        assert!(flushed(flush(&mut c)));
+        assert_eq!(c.io.0.len(), 1);
+        assert!(flushed(flush(&mut c)));
+        assert_eq!(c.io.0, vec![b"HEADERSDATAEOS".to_vec(), b"PING".to_vec()]);
+    }
+
+    #[test]
+    fn under_the_first_rule_a_flush_waits_one_poll_then_sends() {
         let mut c = Coalesce::new(Writes::default());
-        assert!(matches!(flush(&mut c), Poll::Ready(Ok(()))));
+        write(&mut c, b"HEADERS");
+        assert!(flush(&mut c).is_pending(), "the first flush yields");
+        assert!(c.io.0.is_empty());
+        write(&mut c, b"DATA");
+        assert!(flush(&mut c).is_pending(), "more was written: yield again");
+        assert!(flushed(flush(&mut c)));
+        assert_eq!(c.io.0, vec![b"HEADERSDATA".to_vec()]);
+    }
+
+    #[test]
+    fn a_writer_that_never_pauses_is_held_a_bounded_number_of_flushes() {
+        let mut c = Coalesce::h2(Writes::default());
+        let mut flushes = 0;
+        while c.io.0.is_empty() {
+            write(&mut c, b"f");
+            assert!(flushed(flush(&mut c)));
+            flushes += 1;
+            assert!(flushes <= 10, "never sent");
+        }
+        assert_eq!(flushes, usize::from(HOLDS) + 1);
+        assert_eq!(c.io.0[0].len(), flushes);
+    }
+
+    #[test]
+    fn a_flush_with_nothing_held_passes_through() {
+        let mut c = Coalesce::new(Writes::default());
+        assert!(flushed(flush(&mut c)));
         assert!(c.io.0.is_empty());
     }
 
     #[test]
-    fn the_yield_wakes_the_task() {
-        let mut c = Coalesce::new(Writes::default());
-        write(&mut c, b"x");
-        let woken = std::sync::Arc::new(Woken::default());
-        let waker = Waker::from(woken.clone());
-        let mut cx = Context::from_waker(&waker);
-        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
-        assert!(woken.0.load(std::sync::atomic::Ordering::SeqCst));
+    fn a_held_flush_wakes_the_task_so_that_it_flushes_again() {
+        for mut c in [
+            Coalesce::new(Writes::default()),
+            Coalesce::h2(Writes::default()),
+        ] {
+            write(&mut c, b"x");
+            let woken = std::sync::Arc::new(Woken::default());
+            let waker = Waker::from(woken.clone());
+            let mut cx = Context::from_waker(&waker);
+            let _ = Pin::new(&mut c).poll_flush(&mut cx);
+            assert!(woken.0.load(std::sync::atomic::Ordering::SeqCst));
+            assert!(c.io.0.is_empty());
+        }
     }
 
     #[derive(Default)]
@@ -322,7 +415,9 @@ mod tests {
         let (mut server, _) = accepted.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         io.write_all(b"one").await.unwrap();
+        io.flush().await.unwrap();
         io.write_all(b"two").await.unwrap();
+        io.flush().await.unwrap();
         io.flush().await.unwrap();
         let mut got = vec![0u8; 6];
         server.read_exact(&mut got).await.unwrap();
