@@ -12,21 +12,16 @@
 //! one call leave in one segment, as a call from the Python client (grpcio)
 //! does.
 //!
-//! Two rules:
-//!
-//! - [`Coalesce::new`], for any writer: a flush that follows a write wakes
-//!   the task and returns `Pending`; the flush after that sends. The body
-//!   task runs in between, so HEADERS and DATA leave together; the frame h2
-//!   writes after a large DATA frame still goes on its own.
-//! - [`Coalesce::h2`], only for an HTTP/2 connection's own socket: a flush
-//!   that follows a write reports success without sending and wakes the
-//!   task; the next flush with nothing written since sends. This relies on
-//!   h2 flushing on every poll of its connection, and gathers the frame
-//!   after a large DATA frame too. A writer that flushed once and then
-//!   waited for an answer (a TLS handshake) would wait forever.
-//!
-//! [`Connector`] uses the second for plaintext and the first under TLS
-//! (tonic runs the TLS handshake over the connector's stream).
+//! The rule: a flush that follows a write wakes the task and returns
+//! `Pending` instead of sending. Before the task flushes again, the other
+//! tasks this pass woke run (a request's body task queues its DATA frame),
+//! and h2, polled again, buffers the frames it had left for after the flush
+//! (the frame that ends a request after a large DATA frame). A flush that
+//! finds nothing written since the flush before sends everything held in
+//! one write. Four flushes in a row at most are held, so a writer that
+//! never pauses still sends; more than 64 KiB held goes out at once. Any
+//! writer that flushes and awaits the flush (a TLS handshake, h2, a
+//! hand-written protocol) is served: the flush completes one poll later.
 //!
 //! [`Client`](crate::Client) connects through [`Connector`]; a tonic
 //! `Channel` of your own can too:
@@ -54,9 +49,9 @@ const HOLD: usize = 64 * 1024;
 const HOLDS: u8 = 4;
 
 /// An I/O stream whose writes are held until a flush finds nothing written
-/// since the flush before (see the [module](self) docs for the rule and why
-/// it suits h2 only). Reads pass straight through; more than 64 KiB held
-/// goes out without waiting; shutting down sends what is held.
+/// since the flush before (the rule is in the [module](self) docs). Reads
+/// pass straight through; more than 64 KiB held goes out without waiting;
+/// shutting down sends what is held.
 #[derive(Debug)]
 pub struct Coalesce<T> {
     io: T,
@@ -67,13 +62,10 @@ pub struct Coalesce<T> {
     written: bool,
     /// Flushes in a row that held.
     holds: u8,
-    /// The [`Coalesce::h2`] rule.
-    h2: bool,
 }
 
 impl<T> Coalesce<T> {
-    /// Wraps `io`; safe under any writer (the first rule in the
-    /// [module](self) docs).
+    /// Wraps `io`.
     pub fn new(io: T) -> Self {
         Self {
             io,
@@ -81,16 +73,6 @@ impl<T> Coalesce<T> {
             sent: 0,
             written: false,
             holds: 0,
-            h2: false,
-        }
-    }
-
-    /// Wraps the socket of an HTTP/2 connection that h2 drives directly
-    /// (the second rule in the [module](self) docs).
-    pub fn h2(io: T) -> Self {
-        Self {
-            h2: true,
-            ..Self::new(io)
         }
     }
 }
@@ -165,15 +147,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         if this.written && this.holds < HOLDS {
             this.holds += 1;
             // Let more come: the tasks this pass woke (a request's body),
-            // and with the h2 rule the frame h2 buffers only once this
-            // flush is done. h2 flushes again on its next poll.
+            // and the frames h2 buffers on its next poll before it flushes
+            // again.
             this.written = false;
             cx.waker().wake_by_ref();
-            return if this.h2 {
-                Poll::Ready(Ok(()))
-            } else {
-                Poll::Pending
-            };
+            return Poll::Pending;
         }
         // A flush with nothing written since the last (or after as many
         // holds in a row as allowed): send.
@@ -190,8 +168,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 }
 
-/// Dials TCP with `TCP_NODELAY` and wraps the stream in [`Coalesce`]
-/// ([`Coalesce::h2`] for `http://`, [`Coalesce::new`] for `https://`): a
+/// Dials TCP with `TCP_NODELAY` and wraps the stream in [`Coalesce`]: a
 /// connector for tonic's `Endpoint::connect_with_connector` (which still
 /// applies the endpoint's connect timeout and TLS). Every address the host
 /// name resolves to is tried in turn.
@@ -227,11 +204,7 @@ impl tower_service::Service<http::Uri> for Connector {
                 match TcpStream::connect(addr).await {
                     Ok(tcp) => {
                         tcp.set_nodelay(true)?;
-                        return Ok(TokioIo::new(if tls {
-                            Coalesce::new(tcp)
-                        } else {
-                            Coalesce::h2(tcp)
-                        }));
+                        return Ok(TokioIo::new(Coalesce::new(tcp)));
                     }
                     Err(e) => last = Some(e),
                 }
@@ -290,50 +263,43 @@ mod tests {
         matches!(p, Poll::Ready(Ok(())))
     }
 
+    fn held(p: Poll<io::Result<()>>) -> bool {
+        p.is_pending()
+    }
+
     #[test]
     fn frames_written_until_a_flush_finds_nothing_new_leave_in_one_write() {
-        let mut c = Coalesce::h2(Writes::default());
+        let mut c = Coalesce::new(Writes::default());
         write(&mut c, b"HEADERS");
-        assert!(flushed(flush(&mut c)), "reported flushed");
-        assert!(c.io.0.is_empty(), "but nothing is sent yet");
-        // h2 after a large DATA frame: write, flush, write the next frame.
+        assert!(held(flush(&mut c)), "the first flush yields");
+        assert!(c.io.0.is_empty(), "and sends nothing");
+        // The body task queues DATA; h2 flushes, then, polled again,
+        // buffers the frame that ends the request.
         write(&mut c, b"DATA");
-        assert!(flushed(flush(&mut c)));
+        assert!(held(flush(&mut c)), "more was written: yield again");
         write(&mut c, b"EOS");
-        assert!(flushed(flush(&mut c)));
+        assert!(held(flush(&mut c)));
         assert!(c.io.0.is_empty());
-        // The next poll's flush finds nothing new: everything goes, once.
+        // The next flush finds nothing new: everything goes, once.
         assert!(flushed(flush(&mut c)));
         assert_eq!(c.io.0, vec![b"HEADERSDATAEOS".to_vec()]);
         assert!(flushed(flush(&mut c)));
         assert_eq!(c.io.0.len(), 1, "nothing is sent twice");
-        // The next batch is held again.
+        // The next call is held again.
         write(&mut c, b"PING");
-        assert!(flushed(flush(&mut c)));
+        assert!(held(flush(&mut c)));
         assert_eq!(c.io.0.len(), 1);
         assert!(flushed(flush(&mut c)));
         assert_eq!(c.io.0, vec![b"HEADERSDATAEOS".to_vec(), b"PING".to_vec()]);
     }
 
     #[test]
-    fn under_the_first_rule_a_flush_waits_one_poll_then_sends() {
-        let mut c = Coalesce::new(Writes::default());
-        write(&mut c, b"HEADERS");
-        assert!(flush(&mut c).is_pending(), "the first flush yields");
-        assert!(c.io.0.is_empty());
-        write(&mut c, b"DATA");
-        assert!(flush(&mut c).is_pending(), "more was written: yield again");
-        assert!(flushed(flush(&mut c)));
-        assert_eq!(c.io.0, vec![b"HEADERSDATA".to_vec()]);
-    }
-
-    #[test]
     fn a_writer_that_never_pauses_is_held_a_bounded_number_of_flushes() {
-        let mut c = Coalesce::h2(Writes::default());
+        let mut c = Coalesce::new(Writes::default());
         let mut flushes = 0;
         while c.io.0.is_empty() {
             write(&mut c, b"f");
-            assert!(flushed(flush(&mut c)));
+            let _ = flush(&mut c);
             flushes += 1;
             assert!(flushes <= 10, "never sent");
         }
@@ -350,18 +316,14 @@ mod tests {
 
     #[test]
     fn a_held_flush_wakes_the_task_so_that_it_flushes_again() {
-        for mut c in [
-            Coalesce::new(Writes::default()),
-            Coalesce::h2(Writes::default()),
-        ] {
-            write(&mut c, b"x");
-            let woken = std::sync::Arc::new(Woken::default());
-            let waker = Waker::from(woken.clone());
-            let mut cx = Context::from_waker(&waker);
-            let _ = Pin::new(&mut c).poll_flush(&mut cx);
-            assert!(woken.0.load(std::sync::atomic::Ordering::SeqCst));
-            assert!(c.io.0.is_empty());
-        }
+        let mut c = Coalesce::new(Writes::default());
+        write(&mut c, b"x");
+        let woken = std::sync::Arc::new(Woken::default());
+        let waker = Waker::from(woken.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
+        assert!(woken.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(c.io.0.is_empty());
     }
 
     #[derive(Default)]

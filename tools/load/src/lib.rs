@@ -123,7 +123,7 @@ impl H2Conn {
             .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
         let (send, conn) =
             hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .handshake(hyper_util::rt::TokioIo::new(Coalesce::h2(tcp)))
+                .handshake(hyper_util::rt::TokioIo::new(Coalesce::new(tcp)))
                 .await
                 .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
         tokio::spawn(conn);
