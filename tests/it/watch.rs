@@ -620,3 +620,30 @@ async fn bad_watch_requests_get_clear_errors() {
         .await
     );
 }
+
+/// A client that goes away leaves no stream behind: the server unsubscribes
+/// it, and the client's other stream still gets its notices.
+#[tokio::test]
+async fn a_stream_dropped_by_its_client_is_unsubscribed() {
+    let mut t = start().await;
+    let store = t.server.store.clone();
+    let (gone, _) = Watcher::open(&t, start_msg("svc", &["feed:1"], &[])).await;
+    let (mut stays, _) = Watcher::open(&t, start_msg("svc", &["feed:1"], &[])).await;
+    assert_eq!(store.hub().streams_of("svc").len(), 2);
+
+    drop(gone);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let store = store.clone();
+            async move { store.hub().streams_of("svc").len() == 1 }
+        })
+        .await,
+        "the dropped stream is unsubscribed"
+    );
+
+    t.client.fill(fill_req("feed:1", &[], 0)).await.unwrap();
+    t.client.publish(publish_req(&["feed:1"])).await.unwrap();
+    let (notices, _, _) = stays.until_progress().await;
+    assert_eq!(keys(&notices).len(), 1, "{notices:?}");
+    assert_eq!(notices[0].key, "feed:1");
+}
