@@ -19,6 +19,7 @@ pub mod error;
 pub mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hold;
 pub mod lease;
 pub mod log;
 pub mod metrics;
