@@ -36,6 +36,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -170,8 +171,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
 
 /// Dials TCP with `TCP_NODELAY` and wraps the stream in [`Coalesce`]: a
 /// connector for tonic's `Endpoint::connect_with_connector` (which still
-/// applies the endpoint's connect timeout and TLS). Every address the host
-/// name resolves to is tried in turn.
+/// applies the endpoint's connect timeout and TLS). The addresses the host
+/// name resolves to are tried in order, the next one as soon as an attempt
+/// fails or after [`STAGGER`] without an answer, with the earlier attempts
+/// still running; the first to connect wins (a host whose first address is
+/// unreachable, say IPv6 on a network without it, still connects quickly).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Connector;
 
@@ -199,23 +203,53 @@ impl tower_service::Service<http::Uri> for Connector {
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let tls = uri.scheme_str() == Some("https");
             let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-            let mut last = None;
-            for addr in tokio::net::lookup_host((host, port)).await? {
-                match TcpStream::connect(addr).await {
-                    Ok(tcp) => {
-                        tcp.set_nodelay(true)?;
-                        return Ok(TokioIo::new(Coalesce::new(tcp)));
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.unwrap_or_else(|| {
-                io::Error::new(
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+            if addrs.is_empty() {
+                return Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("{host} resolves to no address"),
-                )
-            }))
+                ));
+            }
+            let tcp = connect_any(addrs).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(Coalesce::new(tcp)))
         })
+    }
+}
+
+/// How long an attempt to connect to one address runs alone before the
+/// next address is tried beside it (RFC 8305 suggests 250 ms).
+pub const STAGGER: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Connects to the first of `addrs` that answers, starting the attempts
+/// [`STAGGER`] apart (at once after a failure); the error is the last
+/// attempt's when all fail. The attempts still running are dropped.
+async fn connect_any(addrs: Vec<SocketAddr>) -> io::Result<TcpStream> {
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut waiting = addrs.into_iter();
+    let mut last = None;
+    loop {
+        if let Some(addr) = waiting.next() {
+            attempts.spawn(TcpStream::connect(addr));
+        }
+        let more = waiting.len() > 0;
+        let outcome = tokio::select! {
+            outcome = attempts.join_next() => outcome,
+            () = tokio::time::sleep(STAGGER), if more => continue,
+        };
+        match outcome {
+            Some(Ok(Ok(tcp))) => return Ok(tcp),
+            Some(Ok(Err(e))) => last = Some(e),
+            Some(Err(e)) => last = Some(io::Error::other(e)),
+            None => {
+                return Err(last.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "no address to connect to")
+                }))
+            }
+        }
+        if !more && attempts.is_empty() {
+            return Err(last.expect("an attempt failed"));
+        }
     }
 }
 
@@ -403,5 +437,51 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("names no host"), "{e}");
+    }
+
+    /// A loopback listener whose accept queue is full: a connection to it
+    /// gets no answer (Linux drops the SYN).
+    async fn unanswering() -> (tokio::net::TcpListener, Vec<TcpStream>, SocketAddr) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..10 {
+            let wait = std::time::Duration::from_secs(1);
+            match tokio::time::timeout(wait, TcpStream::connect(addr)).await {
+                Ok(Ok(tcp)) => queued.push(tcp),
+                Ok(Err(e)) => panic!("filling the queue: {e}"),
+                // No answer: the queue is full.
+                Err(_) => return (listener, queued, addr),
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+
+    #[tokio::test]
+    async fn an_address_that_does_not_answer_does_not_hold_up_the_next() {
+        let (_listener, _queued, silent) = unanswering().await;
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        // Without a second attempt beside the first this would wait for
+        // the kernel to give up on the silent address (minutes).
+        let limit = std::time::Duration::from_secs(30);
+        let tcp = tokio::time::timeout(limit, connect_any(vec![silent, good_addr]))
+            .await
+            .expect("connected while the first address stays silent")
+            .unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), good_addr);
+    }
+
+    #[tokio::test]
+    async fn a_refused_address_moves_on_at_once_and_all_refused_is_an_error() {
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let refused: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let tcp = connect_any(vec![refused, good_addr]).await.unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), good_addr);
+        let e = connect_any(vec![refused, refused]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
     }
 }
