@@ -175,21 +175,34 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Hold<T> {
             // Joins what is held: the frames that close it.
             return Poll::Ready(Ok(this.hold(bufs)));
         }
+        // Where these bytes leave the frames, read once: kept as is when
+        // they are held or written whole, re-read only after a short write.
         let mut ahead = this.frames;
+        let mut total = 0;
         for b in bufs {
             ahead.advance(b);
+            total += b.len();
         }
         if ahead.ends_open() {
-            return Poll::Ready(Ok(this.hold(bufs)));
+            for b in bufs {
+                this.held.extend_from_slice(b);
+            }
+            this.frames = ahead;
+            this.fresh = true;
+            return Poll::Ready(Ok(total));
         }
         let n = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))?;
-        let mut left = n;
-        for b in bufs {
-            let k = left.min(b.len());
-            this.frames.advance(&b[..k]);
-            left -= k;
-            if left == 0 {
-                break;
+        if n == total {
+            this.frames = ahead;
+        } else {
+            let mut left = n;
+            for b in bufs {
+                let k = left.min(b.len());
+                this.frames.advance(&b[..k]);
+                left -= k;
+                if left == 0 {
+                    break;
+                }
             }
         }
         Poll::Ready(Ok(n))
@@ -430,5 +443,49 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(h.io.0, vec![data]);
+    }
+
+    /// A sink that takes at most 5 bytes per write.
+    #[derive(Default)]
+    struct Short(Vec<u8>);
+
+    impl AsyncWrite for Short {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(5);
+            self.0.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn short_writes_keep_the_frames_in_step() {
+        let mut h = Hold::new(Short::default());
+        let mut cx = Context::from_waker(Waker::noop());
+        let small = frame(HEADERS, END_HEADERS, 20);
+        let mut at = 0;
+        while at < small.len() {
+            match Pin::new(&mut h).poll_write(&mut cx, &small[at..]) {
+                Poll::Ready(Ok(n)) => at += n,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(h.io.0, small, "passed through, five bytes at a time");
+        // On a frame boundary again: a large open DATA frame is held.
+        let data = frame(DATA, 0, 600);
+        assert!(matches!(
+            Pin::new(&mut h).poll_write(&mut cx, &data),
+            Poll::Ready(Ok(n)) if n == data.len()
+        ));
+        assert_eq!(h.io.0.len(), small.len(), "held");
     }
 }
