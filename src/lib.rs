@@ -7,7 +7,7 @@
 //!
 //! The path of every mutation: [`service`] (thin handlers) -> [`validate`] ->
 //! [`log`] (gives the seq) -> [`store`] (applies it). [`server`] wires the
-//! gRPC router, health, reflection and shutdown; [`config`] resolves settings.
+//! services, health, reflection and shutdown; [`routes`] serves connections; [`config`] resolves settings.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -24,6 +24,7 @@ pub mod lease;
 pub mod log;
 pub mod metrics;
 pub mod policy;
+pub mod routes;
 pub mod server;
 pub mod service;
 pub mod snapshot;

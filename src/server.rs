@@ -1,5 +1,5 @@
-//! Serving: the router (Coordinator, health, reflection), the expiry task,
-//! readiness, and graceful shutdown.
+//! Serving: the services (Coordinator, health, reflection; routed in
+//! [`crate::routes`]), the expiry task, readiness, and graceful shutdown.
 //!
 //! `grpc.health.v1` answers NOT_SERVING, overall ("") and for
 //! `freshd.v1.Coordinator`, until the server is ready and again from the moment
@@ -13,7 +13,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
 use crate::auth::{Auth, Interceptor};
@@ -21,6 +20,7 @@ use crate::config::Config;
 use crate::log::MemoryLog;
 use crate::metrics::Metrics;
 use crate::pb::coordinator_server::CoordinatorServer;
+use crate::routes::{Guarded, Routes};
 use crate::service::CoordinatorService;
 use crate::store::Store;
 use crate::tls::Reloadable;
@@ -35,9 +35,6 @@ pub enum ServeError {
     /// The listener could not be set up.
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
-    /// The gRPC transport failed.
-    #[error("gRPC transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// The reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -160,44 +157,48 @@ async fn serve_until(
     let tls = config.tls.clone().map(Reloadable::new).transpose()?;
     let auth = Arc::new(Auth::new(&config.auth));
     let metrics = store.metrics().clone();
-    let guard = |required: bool| Interceptor::new(auth.clone(), metrics.clone(), required);
-    let coordinator = InterceptedService::new(
-        CoordinatorServer::new(CoordinatorService::with_gate(
-            store.clone(),
-            config.limits.clone(),
-            ready.clone(),
-        ))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes),
-        guard(true),
-    );
+    let interceptor = Interceptor::new(auth.clone(), metrics.clone(), true);
+    let routes = Routes {
+        coordinator: Guarded::new(
+            CoordinatorServer::new(CoordinatorService::with_gate(
+                store.clone(),
+                config.limits.clone(),
+                ready.clone(),
+            ))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+            interceptor.clone(),
+            auth.enabled(),
+        ),
+        health: Guarded::new(
+            health_service,
+            interceptor.clone(),
+            auth.enabled() && auth.health_requires_token(),
+        ),
+        reflection: Guarded::new(
+            reflection_v1,
+            interceptor.clone(),
+            auth.enabled() && auth.reflection_requires_token(),
+        ),
+        reflection_alpha: Guarded::new(
+            reflection_v1alpha,
+            interceptor,
+            auth.enabled() && auth.reflection_requires_token(),
+        ),
+    };
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
-        .add_service(InterceptedService::new(
-            health_service,
-            guard(auth.health_requires_token()),
-        ))
-        .add_service(InterceptedService::new(
-            reflection_v1,
-            guard(auth.reflection_requires_token()),
-        ))
-        .add_service(InterceptedService::new(
-            reflection_v1alpha,
-            guard(auth.reflection_requires_token()),
-        ))
-        .add_service(coordinator);
     let local = listener.local_addr()?;
     let reload = tls
         .clone()
         .map(|tls| tokio::spawn(tls.watch(metrics.clone())));
-    let mut serving: JoinHandle<Result<(), tonic::transport::Error>> =
-        tokio::spawn(router.serve_with_incoming_shutdown(
-            crate::tls::incoming(listener, tls, metrics.clone()),
-            async {
-                let _ = drain_rx.await;
-            },
-        ));
+    let mut serving: JoinHandle<()> = tokio::spawn(crate::routes::serve(
+        crate::tls::incoming(listener, tls, metrics.clone()),
+        routes,
+        async {
+            let _ = drain_rx.await;
+        },
+    ));
     let expiry = tokio::spawn(expire_forever(
         store.clone(),
         config.expiry_interval,
@@ -234,7 +235,7 @@ async fn serve_until(
     );
 
     let result = tokio::select! {
-        // The transport ended on its own: report it.
+        // Serving ended on its own: report it.
         r = &mut serving => Some(r),
         () = shutdown => None,
     };
@@ -243,7 +244,10 @@ async fn serve_until(
         reload.abort();
     }
     let result = match result {
-        Some(r) => r.unwrap_or(Ok(())),
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(ServeError::Io(std::io::Error::other(format!(
+            "the serving task failed: {e}"
+        )))),
         None => {
             set_health(&health, &ready, ServingStatus::NotServing).await;
             tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
@@ -251,7 +255,7 @@ async fn serve_until(
             store.hub().begin_shutdown();
             let _ = drain_tx.send(());
             match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
-                Ok(r) => r.unwrap_or(Ok(())),
+                Ok(_) => Ok(()),
                 Err(_) => {
                     tracing::warn!(
                         grace = ?config.shutdown_grace,
@@ -267,7 +271,7 @@ async fn serve_until(
         admin.abort();
     }
     tracing::info!("freshd stopped");
-    result.map_err(ServeError::from)
+    result
 }
 
 async fn set_health(

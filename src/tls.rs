@@ -29,7 +29,6 @@ use tokio::sync::mpsc;
 use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::ConnectionUse;
 use crate::hold::Hold;
@@ -212,11 +211,10 @@ enum Io {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = ConnInfo;
-
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
+impl Conn {
+    /// What requests on this connection learn of it.
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
     }
 }
 
@@ -318,14 +316,14 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The accepted connections of `listener`, TLS-terminated when `tls` is set,
-/// as a stream for tonic. Accepting stops when the stream is dropped.
+/// The accepted connections of `listener`, TLS-terminated when `tls` is set.
+/// Accepting stops, and the listener closes, when the receiver is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Reloadable>>,
     metrics: Arc<Metrics>,
-) -> ReceiverStream<io::Result<Conn>> {
-    let (tx, rx) = mpsc::channel::<io::Result<Conn>>(64);
+) -> mpsc::Receiver<Conn> {
+    let (tx, rx) = mpsc::channel::<Conn>(64);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -355,7 +353,7 @@ pub fn incoming(
                         io: Hold::new(Io::Plain(socket)),
                         info,
                     };
-                    if tx.send(Ok(conn)).await.is_err() {
+                    if tx.send(conn).await.is_err() {
                         return;
                     }
                 }
@@ -371,7 +369,7 @@ pub fn incoming(
                                     io: Hold::new(Io::Tls(Box::new(stream))),
                                     info,
                                 };
-                                let _ = tx.send(Ok(conn)).await;
+                                let _ = tx.send(conn).await;
                             }
                             Ok(Err(e)) => {
                                 metrics.tls_handshake_failed();
@@ -387,5 +385,5 @@ pub fn incoming(
             }
         }
     });
-    ReceiverStream::new(rx)
+    rx
 }

@@ -10,6 +10,7 @@ mod hostile;
 mod metrics;
 mod ops;
 mod policies;
+mod routing;
 mod rpc;
 mod security;
 mod watch;

@@ -1,0 +1,146 @@
+//! How requests reach the services: unknown paths, and the `grpc-timeout`
+//! deadline, seen through a bare HTTP/2 client (a gRPC client would enforce
+//! the deadline itself and hide the server's answer).
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use freshd::config::Config;
+use freshd::pb;
+use freshd::server::RunningServer;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
+
+/// What a bare HTTP/2 POST of `message` to `path` got back: the gRPC status
+/// code and message, from the trailers or a trailers-only answer.
+async fn post(
+    server: &RunningServer,
+    path: &str,
+    message: &impl Message,
+    headers: &[(&str, &str)],
+) -> (i32, String) {
+    let socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let encoded = message.encode_to_vec();
+    let mut framed = BytesMut::with_capacity(5 + encoded.len());
+    framed.put_u8(0);
+    framed.put_u32(encoded.len() as u32);
+    framed.put_slice(&encoded);
+    let mut request = http::Request::post(format!("http://{}{path}", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::from(framed))).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), async {
+        let response = sender.send_request(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await.unwrap();
+        (parts.headers, collected.trailers().cloned())
+    })
+    .await
+    .expect("an answer within 5 s");
+    let (headers, trailers) = response;
+    let status = trailers.as_ref().unwrap_or(&headers);
+    let code = status
+        .get("grpc-status")
+        .expect("a grpc-status")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let message = status
+        .get("grpc-message")
+        .map(|m| percent_decode(m.to_str().unwrap()))
+        .unwrap_or_default();
+    (code, message)
+}
+
+/// grpc-message is percent-encoded.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn check(min_seq: u64) -> pb::CheckRequest {
+    pb::CheckRequest {
+        key: "feed:1".into(),
+        min_seq,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_path_no_service_serves_is_unimplemented_and_named() {
+    let server = RunningServer::start(Config::ephemeral()).await.unwrap();
+    let (code, message) = post(&server, "/nope.v1.Missing/Call", &check(0), &[]).await;
+    assert_eq!(code, tonic::Code::Unimplemented as i32);
+    assert!(message.contains("/nope.v1.Missing/Call"), "{message}");
+    // A known service's unknown method: the service says so.
+    let (code, _) = post(&server, "/freshd.v1.Coordinator/Nope", &check(0), &[]).await;
+    assert_eq!(code, tonic::Code::Unimplemented as i32);
+    // And a known one answers.
+    let (code, _) = post(&server, "/freshd.v1.Coordinator/Check", &check(0), &[]).await;
+    assert_eq!(code, tonic::Code::Ok as i32);
+}
+
+#[tokio::test]
+async fn a_request_past_its_grpc_timeout_is_deadline_exceeded() {
+    let mut config = Config::ephemeral();
+    // Without the deadline, this check would wait a minute for its seq.
+    config.limits.max_wait_for_seq = Duration::from_secs(60);
+    let server = RunningServer::start(config).await.unwrap();
+    let (code, message) = post(
+        &server,
+        "/freshd.v1.Coordinator/Check",
+        &check(1 << 40),
+        &[("grpc-timeout", "100m")],
+    )
+    .await;
+    assert_eq!(code, tonic::Code::DeadlineExceeded as i32, "{message}");
+    assert!(message.contains("grpc-timeout"), "{message}");
+    // A deadline that is not reached changes nothing.
+    let (code, message) = post(
+        &server,
+        "/freshd.v1.Coordinator/Check",
+        &check(0),
+        &[("grpc-timeout", "10S")],
+    )
+    .await;
+    assert_eq!(code, tonic::Code::Ok as i32, "{message}");
+}
+
+#[tokio::test]
+async fn a_malformed_grpc_timeout_is_invalid_argument() {
+    let server = RunningServer::start(Config::ephemeral()).await.unwrap();
+    for bad in ["soon", "100", "123456789m", "1.5S"] {
+        let (code, message) = post(
+            &server,
+            "/freshd.v1.Coordinator/Check",
+            &check(0),
+            &[("grpc-timeout", bad)],
+        )
+        .await;
+        assert_eq!(code, tonic::Code::InvalidArgument as i32, "{bad}: {message}");
+        assert!(message.contains("grpc-timeout"), "{bad}: {message}");
+    }
+}
