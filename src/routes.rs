@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Sleep;
 use tonic::body::Body;
@@ -245,6 +245,36 @@ fn grpc_timeout(headers: &HeaderMap) -> Result<Option<Duration>, Status> {
     }))
 }
 
+/// Runs each request's future (hyper's per-stream task) once in place, in
+/// the connection's task, and spawns it only if it is not done: an answer
+/// from memory (a `Check`, a `Publish`) then costs no task of its own and
+/// no trip through the scheduler; a Watch stream, or a call that waits, is
+/// spawned and polled again by its task, which registers its waker. A
+/// panic in that first poll is caught and ends that request only (its
+/// stream is reset when its future is dropped), as in a task of its own.
+#[derive(Clone, Copy)]
+struct InlineFirst;
+
+impl<F> hyper::rt::Executor<F> for InlineFirst
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let mut future = Box::pin(future);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            future.as_mut().poll(&mut cx)
+        }));
+        match polled {
+            Ok(Poll::Ready(())) => {}
+            Ok(Poll::Pending) => {
+                tokio::spawn(future);
+            }
+            Err(_) => tracing::error!("a request's handler panicked; its stream is reset"),
+        }
+    }
+}
+
 /// Serves every connection `incoming` yields with `routes` until `drain`
 /// completes; then stops accepting, tells every connection to finish, and
 /// returns when the last one has closed.
@@ -258,7 +288,7 @@ pub async fn serve<C, H, R, Ra>(
     R: GrpcService,
     Ra: GrpcService,
 {
-    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
     http2
         .timer(TokioTimer::new())
         // gRPC has no use for a Date header on every answer.
@@ -312,6 +342,49 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("grpc-timeout", value.parse().unwrap());
         grpc_timeout(&headers)
+    }
+
+    #[tokio::test]
+    async fn a_request_done_at_once_runs_in_place() {
+        use hyper::rt::Executor;
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        InlineFirst.execute(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+        // No await in between: it ran inside execute.
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_waits_is_spawned_and_finishes() {
+        use hyper::rt::Executor;
+        let (go, wait) = tokio::sync::oneshot::channel::<u32>();
+        let (done, finished) = tokio::sync::oneshot::channel::<u32>();
+        InlineFirst.execute(async move {
+            let n = wait.await.unwrap();
+            done.send(n + 1).unwrap();
+        });
+        go.send(41).unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the spawned request finishes")
+            .unwrap();
+        assert_eq!(n, 42);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_request_does_not_unwind_into_its_connection() {
+        use hyper::rt::Executor;
+        InlineFirst.execute(async { panic!("a handler bug") });
+        // Still here, and the runtime still runs other work.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        InlineFirst.execute(async move {
+            tokio::task::yield_now().await;
+            tx.send(()).unwrap();
+        });
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

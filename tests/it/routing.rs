@@ -140,7 +140,11 @@ async fn a_malformed_grpc_timeout_is_invalid_argument() {
             &[("grpc-timeout", bad)],
         )
         .await;
-        assert_eq!(code, tonic::Code::InvalidArgument as i32, "{bad}: {message}");
+        assert_eq!(
+            code,
+            tonic::Code::InvalidArgument as i32,
+            "{bad}: {message}"
+        );
         assert!(message.contains("grpc-timeout"), "{bad}: {message}");
     }
 }
