@@ -1,9 +1,12 @@
 //! Serving accepted connections: hyper's HTTP/2 server on each one, and a
 //! router that hands each request to the gRPC service its path names.
 //!
-//! The router is a `match` on the service name, and a service that needs no
-//! token is called as it is: no per-request layers of its own beyond the
-//! `grpc-timeout` deadline. A service that needs a token goes through the
+//! The router compares the service name with the Coordinator's, then with
+//! the few others' (health, reflection), and a service that needs no token
+//! is called as it is: no per-request layers of its own beyond the
+//! `grpc-timeout` deadline. The Coordinator is called as its concrete type;
+//! the others sit behind one boxed type, a box per call that their rare calls
+//! can afford. A service that needs a token goes through the
 //! authenticating [`Interceptor`], with the connection's [`ConnInfo`] in the
 //! request's extensions. A path that names no service gets `UNIMPLEMENTED`;
 //! an unknown method of a known service gets it from that service.
@@ -28,38 +31,23 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 use tonic::service::interceptor::{InterceptedService, ResponseFuture};
 use tonic::Status;
+use tower::util::BoxCloneSyncService;
 
 use crate::auth::Interceptor;
+use crate::pb::coordinator_server::CoordinatorServer;
+use crate::service::CoordinatorService;
 use crate::tls::{Conn, ConnInfo};
 
-/// A gRPC service as tonic generates it.
-pub trait GrpcService:
-    Service<
-        Request<Incoming>,
-        Response = Response<Body>,
-        Error = Infallible,
-        Future = BoxFuture<Response<Body>, Infallible>,
-    > + NamedService
-    + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
+/// What a generated service's call returns.
+type Call = BoxFuture<Response<Body>, Infallible>;
 
-impl<S> GrpcService for S where
-    S: Service<
-            Request<Incoming>,
-            Response = Response<Body>,
-            Error = Infallible,
-            Future = BoxFuture<Response<Body>, Infallible>,
-        > + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static
-{
-}
+/// A service other than the Coordinator (health, reflection), behind one
+/// type. Their calls are rare, so the box per call costs nothing that
+/// matters; the Coordinator is called without one.
+pub type Boxed = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// The Coordinator as served.
+type Coordinator = CoordinatorServer<CoordinatorService>;
 
 /// A service, called as it is or after the authenticating interceptor.
 #[derive(Clone)]
@@ -70,7 +58,11 @@ pub enum Guarded<S> {
     Checked(InterceptedService<S, Interceptor>),
 }
 
-impl<S: GrpcService> Guarded<S> {
+impl<S> Guarded<S>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future = Call>
+        + Clone,
+{
     /// `service`, behind `interceptor` when it needs a token (`required`
     /// and auth on).
     pub fn new(service: S, interceptor: Interceptor, required: bool) -> Self {
@@ -95,24 +87,36 @@ impl<S: GrpcService> Guarded<S> {
 
 /// The services freshd serves, by name.
 #[derive(Clone)]
-pub struct Routes<C, H, R, Ra> {
-    /// `freshd.v1.Coordinator`.
-    pub coordinator: Guarded<C>,
-    /// `grpc.health.v1.Health`.
-    pub health: Guarded<H>,
-    /// `grpc.reflection.v1.ServerReflection`.
-    pub reflection: Guarded<R>,
-    /// `grpc.reflection.v1alpha.ServerReflection`.
-    pub reflection_alpha: Guarded<Ra>,
+pub struct Routes {
+    coordinator: Guarded<Coordinator>,
+    others: Vec<(&'static str, Guarded<Boxed>)>,
 }
 
-impl<C, H, R, Ra> Routes<C, H, R, Ra>
-where
-    C: GrpcService,
-    H: GrpcService,
-    R: GrpcService,
-    Ra: GrpcService,
-{
+impl Routes {
+    /// Routes with `coordinator` only.
+    pub fn new(coordinator: Guarded<Coordinator>) -> Self {
+        Routes {
+            coordinator,
+            others: Vec::new(),
+        }
+    }
+
+    /// Adds `service` under its gRPC name, behind `interceptor` when
+    /// `required`.
+    pub fn add<S>(mut self, service: S, interceptor: Interceptor, required: bool) -> Self
+    where
+        S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future = Call>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        let guarded = Guarded::new(Boxed::new(service), interceptor, required);
+        self.others.push((S::NAME, guarded));
+        self
+    }
+
     fn call(&self, request: Request<Incoming>, info: &ConnInfo) -> Answer {
         let deadline = match grpc_timeout(request.headers()) {
             Ok(deadline) => deadline,
@@ -126,15 +130,16 @@ where
             .and_then(|p| p.split_once('/'))
             .map(|(service, _)| service);
         let kind = match service {
-            Some(name) if name == C::NAME => self.coordinator.call(request, info),
-            Some(name) if name == H::NAME => self.health.call(request, info),
-            Some(name) if name == R::NAME => self.reflection.call(request, info),
-            Some(name) if name == Ra::NAME => self.reflection_alpha.call(request, info),
-            _ => {
-                let status =
-                    Status::unimplemented(format!("no service serves {}", request.uri().path()));
-                return Answer::ready(status);
-            }
+            Some(name) if name == Coordinator::NAME => self.coordinator.call(request, info),
+            name => match name.and_then(|name| self.others.iter().find(|(n, _)| *n == name)) {
+                Some((_, service)) => service.call(request, info),
+                None => {
+                    let path = request.uri().path();
+                    return Answer::ready(Status::unimplemented(format!(
+                        "no service serves {path}"
+                    )));
+                }
+            },
         };
         Answer {
             kind,
@@ -144,18 +149,12 @@ where
 }
 
 /// One connection's requests, for hyper.
-struct ConnService<C, H, R, Ra> {
-    routes: Routes<C, H, R, Ra>,
+struct ConnService {
+    routes: Routes,
     info: ConnInfo,
 }
 
-impl<C, H, R, Ra> hyper::service::Service<Request<Incoming>> for ConnService<C, H, R, Ra>
-where
-    C: GrpcService,
-    H: GrpcService,
-    R: GrpcService,
-    Ra: GrpcService,
-{
+impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Answer;
@@ -172,8 +171,8 @@ pub struct Answer {
 }
 
 enum Kind {
-    Open(BoxFuture<Response<Body>, Infallible>),
-    Checked(ResponseFuture<BoxFuture<Response<Body>, Infallible>>),
+    Open(Call),
+    Checked(ResponseFuture<Call>),
     Ready(Option<Response<Body>>),
 }
 
@@ -278,16 +277,11 @@ where
 /// Serves every connection `incoming` yields with `routes` until `drain`
 /// completes; then stops accepting, tells every connection to finish, and
 /// returns when the last one has closed.
-pub async fn serve<C, H, R, Ra>(
+pub async fn serve(
     mut incoming: mpsc::Receiver<Conn>,
-    routes: Routes<C, H, R, Ra>,
+    routes: Routes,
     drain: impl Future<Output = ()>,
-) where
-    C: GrpcService,
-    H: GrpcService,
-    R: GrpcService,
-    Ra: GrpcService,
-{
+) {
     let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
     http2
         .timer(TokioTimer::new())

@@ -158,34 +158,33 @@ async fn serve_until(
     let auth = Arc::new(Auth::new(&config.auth));
     let metrics = store.metrics().clone();
     let interceptor = Interceptor::new(auth.clone(), metrics.clone(), true);
-    let routes = Routes {
-        coordinator: Guarded::new(
-            CoordinatorServer::new(CoordinatorService::with_gate(
-                store.clone(),
-                config.limits.clone(),
-                ready.clone(),
-            ))
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(config.max_message_bytes),
-            interceptor.clone(),
-            auth.enabled(),
-        ),
-        health: Guarded::new(
-            health_service,
-            interceptor.clone(),
-            auth.enabled() && auth.health_requires_token(),
-        ),
-        reflection: Guarded::new(
-            reflection_v1,
-            interceptor.clone(),
-            auth.enabled() && auth.reflection_requires_token(),
-        ),
-        reflection_alpha: Guarded::new(
-            reflection_v1alpha,
-            interceptor,
-            auth.enabled() && auth.reflection_requires_token(),
-        ),
-    };
+    let coordinator = CoordinatorServer::new(CoordinatorService::with_gate(
+        store.clone(),
+        config.limits.clone(),
+        ready.clone(),
+    ))
+    .max_decoding_message_size(config.max_message_bytes)
+    .max_encoding_message_size(config.max_message_bytes);
+    let routes = Routes::new(Guarded::new(
+        coordinator,
+        interceptor.clone(),
+        auth.enabled(),
+    ))
+    .add(
+        health_service,
+        interceptor.clone(),
+        auth.enabled() && auth.health_requires_token(),
+    )
+    .add(
+        reflection_v1,
+        interceptor.clone(),
+        auth.enabled() && auth.reflection_requires_token(),
+    )
+    .add(
+        reflection_v1alpha,
+        interceptor,
+        auth.enabled() && auth.reflection_requires_token(),
+    );
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let local = listener.local_addr()?;

@@ -86,6 +86,40 @@ async fn reflection_lists_the_services() {
     }
 }
 
+/// grpcurl and older tools still ask the v1alpha reflection service.
+#[tokio::test]
+async fn reflection_v1alpha_lists_the_services_too() {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+
+    let t = start().await;
+    let channel = tonic::transport::Channel::from_shared(t.server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.iter().any(|n| n == "freshd.v1.Coordinator"),
+        "freshd.v1.Coordinator missing from {names:?}"
+    );
+}
+
 #[test]
 fn bad_configuration_exits_64_naming_the_setting() {
     // (flags, environment, what the message must name)
