@@ -1579,25 +1579,22 @@ impl Store {
             .collect();
         let now = self.clock.now();
         // Three passes, so that the cache misses of different keys overlap
-        // instead of queueing: the first finds each key's slot by its hash
-        // and length alone (misses on the table and the node), the second
-        // touches each candidate's key bytes in a tight loop of independent
-        // loads (a miss on the key's allocation), and the third confirms
-        // the key and answers from cache. One pass would wait for all the
-        // misses of each key in turn.
+        // instead of queueing: the first finds each key's slot from the
+        // table alone, the first entry whose tag matches the hash (misses on
+        // the table, none on a node), the second touches each candidate's
+        // node and key bytes in a tight loop of independent loads (a short
+        // loop keeps many keys' misses in flight at once), and the third
+        // confirms the key and answers from cache. One pass would wait for
+        // all the misses of each key in turn.
         let slot = |h: u64| {
             let pos = guards
                 .binary_search_by_key(&self.shard_index(h), |(i, _)| *i)
                 .expect("locked above");
             &guards[pos].1
         };
-        let candidates: Vec<Option<&Node>> = items
+        let candidates: Vec<Option<&Node>> = hashes
             .iter()
-            .zip(&hashes)
-            .map(|(t, &h)| {
-                let len = item(t).0.len();
-                slot(h).nodes.find(h, |n| n.key.len() == len).map(|n| &**n)
-            })
+            .map(|&h| slot(h).nodes.find(h, |_| true).map(|n| &**n))
             .collect();
         let touched = candidates.iter().flatten().fold(0u8, |acc, n| {
             acc ^ n.key.as_bytes().first().copied().unwrap_or(0)
@@ -1611,8 +1608,8 @@ impl Store {
                 let (key, version, age_ms) = item(t);
                 let node = match candidate {
                     Some(n) if &*n.key == key => Some(n),
-                    // Another key of the same length shares the hash's
-                    // tag: look again, comparing keys.
+                    // Another key's entry shares the hash's tag and came
+                    // first: look again, comparing keys.
                     Some(_) => slot(h).get(h, key),
                     None => None,
                 };
