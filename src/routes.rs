@@ -25,7 +25,7 @@ use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, watch};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
@@ -143,7 +143,12 @@ impl Routes {
         };
         Answer {
             kind,
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
+            // The clock is read now, so that the deadline counts from the
+            // request's arrival; the timer is made only if the answer waits.
+            deadline: match deadline {
+                Some(d) => Deadline::Due(Instant::now() + d),
+                None => Deadline::None,
+            },
         }
     }
 }
@@ -167,7 +172,15 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// What a request's service answers, bounded by the request's deadline.
 pub struct Answer {
     kind: Kind,
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Deadline,
+}
+
+/// A request's `grpc-timeout`: most answers come on their first poll, so
+/// the timer is made only when one does not.
+enum Deadline {
+    None,
+    Due(Instant),
+    Armed(Pin<Box<Sleep>>),
 }
 
 enum Kind {
@@ -180,7 +193,7 @@ impl Answer {
     fn ready(status: Status) -> Self {
         Answer {
             kind: Kind::Ready(Some(status.into_http())),
-            deadline: None,
+            deadline: Deadline::None,
         }
     }
 }
@@ -201,8 +214,11 @@ impl Future for Answer {
         if answered.is_ready() {
             return answered;
         }
-        if let Some(deadline) = &mut self.deadline {
-            ready!(deadline.as_mut().poll(cx));
+        if let Deadline::Due(at) = self.deadline {
+            self.deadline = Deadline::Armed(Box::pin(tokio::time::sleep_until(at)));
+        }
+        if let Deadline::Armed(timer) = &mut self.deadline {
+            ready!(timer.as_mut().poll(cx));
             let status = Status::deadline_exceeded("the request's grpc-timeout passed");
             return Poll::Ready(Ok(status.into_http()));
         }
