@@ -10,22 +10,13 @@ use tokio_stream::StreamExt;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-use crate::harness::{freshd_command, start, temp_dir};
+use crate::harness::{channel, freshd_command, start, temp_dir};
 
 #[tokio::test]
 async fn health_serves_then_reports_not_serving_at_shutdown() {
     let server = RunningServer::start(Config::ephemeral()).await.unwrap();
-    let channel = tonic::transport::Channel::from_shared(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(channel(&server).await);
     for service in ["", "freshd.v1.Coordinator"] {
         let status = health
             .check(HealthCheckRequest {
@@ -55,69 +46,48 @@ async fn health_serves_then_reports_not_serving_at_shutdown() {
     stopping.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn reflection_lists_the_services() {
-    let t = start().await;
-    let channel = tonic::transport::Channel::from_shared(t.server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut reflection = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = reflection
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.next().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection answer {response:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["freshd.v1.Coordinator", "grpc.health.v1.Health"] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "{want} missing from {names:?}"
-        );
-    }
+/// The services reflection `$version` lists (`v1`, or `v1alpha`, which
+/// grpcurl and older tools still ask: the same messages in another package).
+macro_rules! reflected_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.next().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("unexpected reflection answer {response:?}");
+        };
+        list.service
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<Vec<String>>()
+    }};
 }
 
-/// grpcurl and older tools still ask the v1alpha reflection service.
 #[tokio::test]
-async fn reflection_v1alpha_lists_the_services_too() {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-
+async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     let t = start().await;
-    let channel = tonic::transport::Channel::from_shared(t.server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.next().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("unexpected reflection answer {response:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.iter().any(|n| n == "freshd.v1.Coordinator"),
-        "freshd.v1.Coordinator missing from {names:?}"
-    );
+    let v1 = reflected_services!(v1, channel(&t.server).await);
+    let v1alpha = reflected_services!(v1alpha, channel(&t.server).await);
+    for (version, names) in [("v1", v1), ("v1alpha", v1alpha)] {
+        for want in ["freshd.v1.Coordinator", "grpc.health.v1.Health"] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{version}: {want} missing from {names:?}"
+            );
+        }
+    }
 }
 
 #[test]
