@@ -637,27 +637,24 @@ impl Drop for ConnectionUse {
 
 /// The tonic interceptor of the Coordinator and, when configured, of health
 /// and reflection: authenticates and leaves a [`Caller`] in the extensions.
+/// The router puts it only in front of a service that needs a token
+/// ([`crate::routes::Guarded`]).
 #[derive(Clone)]
 pub struct Interceptor {
     auth: Arc<Auth>,
     metrics: Arc<Metrics>,
-    required: bool,
 }
 
 impl Interceptor {
-    /// An interceptor that authenticates when `required` (and auth is on).
-    pub fn new(auth: Arc<Auth>, metrics: Arc<Metrics>, required: bool) -> Self {
-        Self {
-            auth,
-            metrics,
-            required,
-        }
+    /// An interceptor that authenticates every request (when auth is on).
+    pub fn new(auth: Arc<Auth>, metrics: Arc<Metrics>) -> Self {
+        Self { auth, metrics }
     }
 }
 
 impl tonic::service::Interceptor for Interceptor {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if !self.required || !self.auth.enabled() {
+        if !self.auth.enabled() {
             return Ok(request);
         }
         let principal = match self.auth.authenticate(request.metadata()) {

@@ -157,7 +157,7 @@ async fn serve_until(
     let tls = config.tls.clone().map(Reloadable::new).transpose()?;
     let auth = Arc::new(Auth::new(&config.auth));
     let metrics = store.metrics().clone();
-    let interceptor = Interceptor::new(auth.clone(), metrics.clone(), true);
+    let interceptor = Interceptor::new(auth.clone(), metrics.clone());
     let coordinator = CoordinatorServer::new(CoordinatorService::with_gate(
         store.clone(),
         config.limits.clone(),
