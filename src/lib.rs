@@ -7,7 +7,8 @@
 //!
 //! The path of every mutation: [`service`] (thin handlers) -> [`validate`] ->
 //! [`log`] (gives the seq) -> [`store`] (applies it). [`server`] wires the
-//! services, health, reflection and shutdown; [`routes`] serves connections; [`config`] resolves settings.
+//! services, health, reflection and shutdown; [`routes`] serves connections;
+//! [`config`] resolves settings.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
