@@ -30,7 +30,7 @@ use std::sync::{Arc, OnceLock};
 
 use hashbrown::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use crate::auth::{Principal, QuotaExceeded, Scope};
 use crate::metrics::{unix_ms, Label, Metrics};
@@ -185,6 +185,10 @@ struct Queue {
     drained_through: u64,
     overflows: u64,
     conflations: u64,
+    /// The client's side of the stream has news (see
+    /// [`Subscriber::client_news`]). Kept here, beside what the stream's task
+    /// reads on every wake, so checking it touches no other memory.
+    client_news: bool,
 }
 
 impl Queue {
@@ -332,9 +336,8 @@ pub struct Subscriber {
     /// What the stream wants.
     pub filters: Mutex<Filters>,
     acked: AtomicU64,
-    /// `(last seq, oldest event time, its namespace)` of batches written and
-    /// not yet acknowledged, oldest first; bounded.
-    sent: Mutex<VecDeque<(u64, u64, Label)>>,
+    /// Batches written and not yet acknowledged.
+    sent: Mutex<Sent>,
     /// Event-to-acknowledgement delay of the last acknowledged batch, ms.
     ack_delay_ms: AtomicU64,
     /// Repair notices sent after a missed invalidation, awaiting an ack:
@@ -347,6 +350,43 @@ pub struct Subscriber {
     /// `None` when authentication is off.
     owner: Option<Arc<Principal>>,
     metrics: Arc<Metrics>,
+}
+
+/// What a stream has written and not yet had acknowledged.
+#[derive(Default)]
+struct Sent {
+    /// `(last seq, oldest event time, its namespace)` per batch, oldest
+    /// first; bounded.
+    batches: VecDeque<(u64, u64, Label)>,
+    /// The namespace of the last notice written, resolved: a stream's
+    /// notices mostly share one, and resolving costs two label-set hashes
+    /// and lock reads.
+    last: Option<Resolved>,
+}
+
+/// A namespace's label and its histogram of delays to `written`.
+struct Resolved {
+    name: String,
+    label: Label,
+    written: Option<Histogram>,
+}
+
+impl Sent {
+    /// The label and histogram of `key`'s namespace.
+    fn resolve(&mut self, metrics: &Metrics, key: &str) -> &Resolved {
+        let name = crate::policy::namespace(key);
+        if self.last.as_ref().is_some_and(|last| last.name != name) {
+            self.last = None;
+        }
+        self.last.get_or_insert_with(|| {
+            let label = metrics.namespace_label(key);
+            Resolved {
+                name: name.to_owned(),
+                written: metrics.delay_histogram(&label, "written"),
+                label,
+            }
+        })
+    }
 }
 
 /// Longest queue (holes included) searched for conflation instead of
@@ -400,8 +440,8 @@ impl Subscriber {
         {
             let mut sent = self.sent.lock();
             let mut oldest = None;
-            while sent.front().is_some_and(|(s, _, _)| *s <= seq) {
-                let (_, event, namespace) = sent.pop_front().expect("checked");
+            while sent.batches.front().is_some_and(|(s, _, _)| *s <= seq) {
+                let (_, event, namespace) = sent.batches.pop_front().expect("checked");
                 self.metrics.invalidation_delay(&namespace, "acked", event);
                 oldest = Some(oldest.map_or(event, |o: u64| o.min(event)));
             }
@@ -461,31 +501,34 @@ impl Subscriber {
         ) else {
             return;
         };
+        let mut sent = self.sent.lock();
         if self.metrics.enabled() {
-            // One clock read per batch; one lookup per run of notices in the
-            // same namespace.
+            // One clock read per batch.
             let now = unix_ms();
-            let mut current: Option<(&str, Histogram)> = None;
             for n in notices {
-                let ns = crate::policy::namespace(&n.key);
-                if current.as_ref().is_none_or(|(c, _)| *c != ns) {
-                    let label = self.metrics.namespace_label(&n.key);
-                    current = self
-                        .metrics
-                        .delay_histogram(&label, "written")
-                        .map(|h| (ns, h));
-                }
-                if let Some((_, histogram)) = &current {
+                if let Some(histogram) = &sent.resolve(&self.metrics, &n.key).written {
                     histogram.observe(now.saturating_sub(n.event_time_ms) as f64 / 1000.0);
                 }
             }
         }
-        let namespace = self.metrics.namespace_label(&oldest.key);
-        let mut sent = self.sent.lock();
-        if sent.len() == SENT_BATCHES {
-            sent.pop_front();
+        let namespace = sent.resolve(&self.metrics, &oldest.key).label.clone();
+        if sent.batches.len() == SENT_BATCHES {
+            sent.batches.pop_front();
         }
-        sent.push_back((last, oldest.event_time_ms, namespace));
+        sent.batches
+            .push_back((last, oldest.event_time_ms, namespace));
+    }
+
+    /// Notes that the client's side of the stream has news (a request, or
+    /// its end) and wakes the stream's task, which polls for it then.
+    pub fn client_news(&self) {
+        self.queue.lock().client_news = true;
+        self.wake.notify_one();
+    }
+
+    /// Whether the client's side had news since the last call.
+    pub fn take_client_news(&self) -> bool {
+        std::mem::take(&mut self.queue.lock().client_news)
     }
 
     /// Takes up to `max` queued notices, in seq order.
@@ -612,7 +655,8 @@ pub struct Hub {
     /// Whether a stream ever subscribed: until then no notice is built or
     /// kept. Set under the store's sequencer (see `Store::subscribe`).
     recording: AtomicBool,
-    shutdown: watch::Sender<bool>,
+    /// Shutdown has begun: streams send their final progress and end.
+    stopping: AtomicBool,
     config: HubConfig,
     metrics: Arc<Metrics>,
     conflations: AtomicU64,
@@ -631,7 +675,7 @@ impl Hub {
             fanned: AtomicU64::new(seq),
             next_id: AtomicU64::new(1),
             recording: AtomicBool::new(false),
-            shutdown: watch::Sender::new(false),
+            stopping: AtomicBool::new(false),
             config,
             metrics,
             conflations: AtomicU64::new(0),
@@ -850,11 +894,12 @@ impl Hub {
                 drained_through: now,
                 overflows: 0,
                 conflations: 0,
+                client_news: false,
             }),
             wake: Notify::new(),
             filters: Mutex::new(Filters::default()),
             acked: AtomicU64::new(resume.map_or(now, |(_, s)| s)),
-            sent: Mutex::new(VecDeque::new()),
+            sent: Mutex::new(Sent::default()),
             ack_delay_ms: AtomicU64::new(0),
             repairs_awaiting_ack: Mutex::new(VecDeque::new()),
             repairs_awaiting_fill: Mutex::new(HashMap::with_hasher(KeyHash)),
@@ -1060,14 +1105,21 @@ impl Hub {
         (reached.len() as u64, deliveries)
     }
 
-    /// Begins shutdown: every stream sends its final progress and ends.
+    /// Begins shutdown: every stream is woken, sends its final progress
+    /// and ends.
     pub fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.stopping.store(true, Ordering::SeqCst);
+        // A stream that subscribes after this sees the flag when it starts:
+        // its registration takes the routes' lock after this read.
+        for sub in self.routes.read().subscribers.values() {
+            sub.wake.notify_one();
+        }
     }
 
-    /// A receiver that turns true when shutdown begins.
-    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
+    /// Whether shutdown has begun. A stream checks it whenever its
+    /// [`Subscriber::wake`] fires.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// History size and floor.
@@ -1163,6 +1215,7 @@ mod tests {
             drained_through: 0,
             overflows: 0,
             conflations: 0,
+            client_news: false,
         }
     }
 
@@ -1319,5 +1372,43 @@ mod tests {
         assert!(hub.routes.read().by_prefix.is_empty());
         assert!(hub.routes.read().prefix_lens.is_empty());
         assert!(hub.routes.read().by_key.is_empty());
+    }
+
+    #[test]
+    fn written_delays_count_each_notice_under_its_own_namespace() {
+        let metrics = Arc::new(Metrics::new(Default::default()));
+        let hub = Hub::new(HubConfig::default(), 0, metrics.clone());
+        let (sub, _) = hub.subscribe("c", false, None, &[], &[], None).unwrap();
+        let at = |seq, key: &str| {
+            Arc::new(Notice {
+                event_time_ms: unix_ms() - 2000,
+                ..(*n(seq, key)).clone()
+            })
+        };
+        // Namespaces change within a batch and between batches.
+        sub.sent(&[
+            at(1, "feed:1"),
+            at(2, "feed:2"),
+            at(3, "posts:3"),
+            at(4, "feed:4"),
+        ]);
+        sub.sent(&[at(5, "posts:5")]);
+        sub.ack(5);
+        let scrape = metrics.encode();
+        let count = |namespace: &str, stage: &str| -> f64 {
+            let labels = format!("namespace=\"{namespace}\",stage=\"{stage}\"");
+            scrape
+                .lines()
+                .find(|l| {
+                    l.starts_with("freshd_invalidation_delay_seconds_count") && l.contains(&labels)
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map_or(0.0, |v| v.parse().unwrap())
+        };
+        assert_eq!(count("feed", "written"), 3.0, "{scrape}");
+        assert_eq!(count("posts", "written"), 2.0, "{scrape}");
+        // One acknowledgement per batch, under its oldest notice's namespace.
+        assert_eq!(count("feed", "acked"), 1.0, "{scrape}");
+        assert_eq!(count("posts", "acked"), 1.0, "{scrape}");
     }
 }

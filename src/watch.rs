@@ -5,7 +5,9 @@
 //! The task is generic over the inbound stream, so tests can drive it with a
 //! channel as well as with a network stream.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
@@ -159,6 +161,7 @@ where
     tokio::spawn(async move {
         let hub_sub = sub.clone();
         let store2 = store.clone();
+        let inbound = Requests::new(inbound, sub.clone());
         run(store, limits, sub, from, resume.is_some(), inbound, tx).await;
         store2.hub().unsubscribe(&hub_sub);
     });
@@ -308,7 +311,6 @@ async fn run<S>(
     S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
 {
     let hub = store.hub();
-    let mut shutdown = hub.shutdown_signal();
     let outcome = if resumed {
         // Catch up before saying so, so that `started` names what happened.
         let (early, outcome) = catch_up(&store, &sub);
@@ -368,7 +370,7 @@ async fn run<S>(
     tokio::pin!(expired);
     let mut buf: Vec<Arc<Notice>> = Vec::new();
     loop {
-        if *shutdown.borrow() {
+        if hub.stopping() {
             // Drain: a final watermark, so the client resumes elsewhere
             // without loss.
             let seq = hub.fanned();
@@ -395,7 +397,6 @@ async fn run<S>(
             continue;
         }
         tokio::select! {
-            _ = shutdown.changed() => {}
             () = sub.wake.notified() => {}
             () = &mut expired => {
                 if let Some(owner) = sub.owner() {
@@ -416,6 +417,69 @@ async fn run<S>(
                 }
             }
         }
+    }
+}
+
+/// The client's side of a stream, polled only when it has news.
+///
+/// The stream's task wakes for every notice batch, and its `select!` polls
+/// every branch each time; the client's requests (acks, tracking changes)
+/// are far rarer. Polling the request stream reaches through tonic's decoder
+/// and hyper's body to h2's stream state, behind a lock the connection's
+/// task shares, all of it memory no other step of a delivery touches. So
+/// the inner stream is given a waker of its own, which notes the news on the
+/// subscriber ([`Subscriber::client_news`]) and wakes the task through
+/// [`Subscriber::wake`]; after the inner stream answers `Pending`, this
+/// answers `Pending` at once until that news comes.
+///
+/// Its `Pending` therefore registers no waker: it is only correct polled
+/// beside a wait on `sub.wake`, as the stream's loop does.
+struct Requests<S> {
+    inner: S,
+    sub: Arc<Subscriber>,
+    /// Notes news on `sub`; the inner stream holds a clone.
+    waker: Waker,
+    /// The inner stream's last answer was `Pending`.
+    idle: bool,
+}
+
+/// The waker a stream's request stream is given.
+struct ClientNews(Arc<Subscriber>);
+
+impl Wake for ClientNews {
+    fn wake(self: Arc<Self>) {
+        self.0.client_news();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.client_news();
+    }
+}
+
+impl<S> Requests<S> {
+    fn new(inner: S, sub: Arc<Subscriber>) -> Self {
+        Requests {
+            inner,
+            waker: Waker::from(Arc::new(ClientNews(sub.clone()))),
+            sub,
+            idle: false,
+        }
+    }
+}
+
+impl<S: Stream + Unpin> Stream for Requests<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = &mut *self;
+        // Taken before the poll, so news during it is not lost.
+        let news = this.sub.take_client_news();
+        if this.idle && !news {
+            return Poll::Pending;
+        }
+        let answer = Pin::new(&mut this.inner).poll_next(&mut Context::from_waker(&this.waker));
+        this.idle = answer.is_pending();
+        answer
     }
 }
 
@@ -463,5 +527,104 @@ async fn handle(
             let _ = flush_with_progress(store, sub, out, seq).await;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fanout::{Hub, HubConfig};
+    use crate::metrics::Metrics;
+    use std::time::Duration;
+
+    /// A stream that counts its polls and holds the waker of the last one.
+    #[derive(Default)]
+    struct Probe {
+        polls: usize,
+        ready: Option<u32>,
+        waker: Option<Waker>,
+    }
+
+    impl Stream for Probe {
+        type Item = u32;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<u32>> {
+            self.polls += 1;
+            match self.ready.take() {
+                Some(n) => Poll::Ready(Some(n)),
+                None => {
+                    self.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    fn subscriber() -> (Hub, Arc<Subscriber>) {
+        let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
+        let (sub, _) = hub.subscribe("c", false, None, &[], &[], None).unwrap();
+        (hub, sub)
+    }
+
+    #[tokio::test]
+    async fn an_idle_request_stream_is_polled_again_only_after_it_wakes() {
+        let (_hub, sub) = subscriber();
+        let mut requests = Requests::new(Probe::default(), sub.clone());
+        let mut cx = Context::from_waker(Waker::noop());
+
+        for _ in 0..3 {
+            assert!(Pin::new(&mut requests).poll_next(&mut cx).is_pending());
+        }
+        assert_eq!(requests.inner.polls, 1, "polled once, then held back");
+
+        // News: the inner stream wakes its waker, which wakes the stream's
+        // task through the subscriber, and the next poll reaches it.
+        requests.inner.ready = Some(7);
+        requests.inner.waker.take().unwrap().wake();
+        tokio::time::timeout(Duration::from_secs(5), sub.wake.notified())
+            .await
+            .expect("the task is woken");
+        assert_eq!(
+            Pin::new(&mut requests).poll_next(&mut cx),
+            Poll::Ready(Some(7))
+        );
+        assert_eq!(requests.inner.polls, 2);
+
+        // After an item it is polled straight away again.
+        assert!(Pin::new(&mut requests).poll_next(&mut cx).is_pending());
+        assert_eq!(requests.inner.polls, 3);
+    }
+
+    #[tokio::test]
+    async fn requests_sent_while_the_task_waits_on_notices_arrive() {
+        let (_hub, sub) = subscriber();
+        let (tx, rx) = mpsc::channel::<u32>(4);
+        let mut requests =
+            Requests::new(tokio_stream::wrappers::ReceiverStream::new(rx), sub.clone());
+        // The stream's loop: wait for notices or requests, whichever comes.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                tokio::select! {
+                    () = sub.wake.notified() => {}
+                    request = requests.next() => match request {
+                        Some(n) => got.push(n),
+                        None => return got,
+                    },
+                }
+            }
+        });
+        for n in 0..100 {
+            tx.send(n).await.unwrap();
+            if n % 7 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(tx);
+        let got = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the loop sees every request and the end")
+            .unwrap();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
     }
 }
