@@ -50,6 +50,12 @@ pub struct Decoder<U> {
     _pd: PhantomData<U>,
 }
 
+impl<U> Default for Decoder<U> {
+    fn default() -> Self {
+        Self { _pd: PhantomData }
+    }
+}
+
 impl<U: Message + Default> TonicDecoder for Decoder<U> {
     type Item = U;
     type Error = Status;

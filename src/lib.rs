@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod codec;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod fanout;
 #[doc(hidden)]

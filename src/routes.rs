@@ -1,4 +1,4 @@
-//! Serving accepted connections: hyper's HTTP/2 server on each one, and a
+//! Serving accepted connections (HTTP/2 with h2, in [`crate::conn`]), and a
 //! router that hands each request to the gRPC service its path names.
 //!
 //! The router compares the service name with the Coordinator's, then with
@@ -11,6 +11,12 @@
 //! request's extensions. A path that names no service gets `UNIMPLEMENTED`;
 //! an unknown method of a known service gets it from that service.
 //!
+//! `Watch` is served without tonic's generated handler: the router reads the
+//! stream's first message, registers it, and the stream's task writes its
+//! messages to the HTTP/2 stream itself ([`crate::conn::GrpcOutbox`]), with
+//! no channel, response body or task of its own in between. The
+//! Coordinator's generated `Watch` stays for callers that embed the service.
+//!
 //! Shutdown: when `drain` completes, accepting stops, every connection is
 //! told to finish (HTTP/2 GOAWAY: in-flight requests complete, new ones are
 //! refused) and [`serve`] returns once the last connection has closed.
@@ -18,22 +24,25 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use h2::server::SendResponse;
 use http::{HeaderMap, Request, Response};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 use tonic::service::interceptor::{InterceptedService, ResponseFuture};
-use tonic::Status;
+use tonic::service::Interceptor as _;
+use tonic::{Status, Streaming};
 use tower::util::BoxCloneSyncService;
 
 use crate::auth::Interceptor;
+use crate::conn::{run_inline_first, Exchange, GrpcOutbox, RequestBody};
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::service::CoordinatorService;
 use crate::tls::{Conn, ConnInfo};
@@ -44,7 +53,7 @@ type Call = BoxFuture<Response<Body>, Infallible>;
 /// A service other than the Coordinator (health, reflection), behind one
 /// type. Their calls are rare, so the box per call costs nothing that
 /// matters; the Coordinator is called without one.
-pub type Boxed = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+pub type Boxed = BoxCloneSyncService<Request<RequestBody>, Response<Body>, Infallible>;
 
 /// The Coordinator as served.
 type Coordinator = CoordinatorServer<CoordinatorService>;
@@ -60,7 +69,7 @@ pub enum Guarded<S> {
 
 impl<S> Guarded<S>
 where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future = Call>
+    S: Service<Request<RequestBody>, Response = Response<Body>, Error = Infallible, Future = Call>
         + Clone,
 {
     /// `service`, behind `interceptor` when it needs a token (`required`
@@ -73,7 +82,7 @@ where
         }
     }
 
-    fn call(&self, mut request: Request<Incoming>, info: &ConnInfo) -> Kind {
+    fn call(&self, mut request: Request<RequestBody>, info: &ConnInfo) -> Kind {
         match self {
             Guarded::Open(service) => Kind::Open(service.clone().call(request)),
             Guarded::Checked(service) => {
@@ -85,10 +94,95 @@ where
     }
 }
 
+/// The path of the Coordinator's Watch method.
+const WATCH: &str = "/freshd.v1.Coordinator/Watch";
+
+/// Watch streams, served by the router itself.
+#[derive(Clone)]
+pub struct DirectWatch {
+    service: Arc<CoordinatorService>,
+    /// Authenticates each stream, when tokens are required.
+    interceptor: Option<Interceptor>,
+    /// Most bytes of one message, either way.
+    max_message_bytes: usize,
+}
+
+impl DirectWatch {
+    /// Watch streams served by `service`, authenticated by `interceptor`
+    /// when `required`, with messages of at most `max_message_bytes`.
+    pub fn new(
+        service: Arc<CoordinatorService>,
+        interceptor: Interceptor,
+        required: bool,
+        max_message_bytes: usize,
+    ) -> Self {
+        DirectWatch {
+            service,
+            interceptor: required.then_some(interceptor),
+            max_message_bytes,
+        }
+    }
+
+    /// Opens the stream: authenticates it, reads and checks its first
+    /// message within the request's deadline, and registers it; then
+    /// answers the headers and runs the stream's task, which writes to
+    /// `reply`'s stream. A refusal is answered in the headers alone.
+    async fn open(
+        self,
+        request: Request<RequestBody>,
+        mut reply: SendResponse<Bytes>,
+        info: ConnInfo,
+        deadline: Option<Instant>,
+    ) {
+        let (parts, body) = request.into_parts();
+        let mut caller = tonic::Request::from_http(Request::from_parts(parts, ()));
+        caller.extensions_mut().insert(info);
+        if let Some(mut interceptor) = self.interceptor.clone() {
+            match interceptor.call(caller) {
+                Ok(authenticated) => caller = authenticated,
+                Err(status) => return refuse(&mut reply, status),
+            }
+        }
+        let inbound = Streaming::new_request(
+            crate::codec::Decoder::<crate::pb::WatchRequest>::default(),
+            body,
+            None,
+            Some(self.max_message_bytes),
+        );
+        let opening = self.service.open_watch(&caller, inbound);
+        let opened = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, opening).await {
+                Ok(opened) => opened,
+                Err(_) => Err(Status::deadline_exceeded(
+                    "the request's grpc-timeout passed",
+                )),
+            },
+            None => opening.await,
+        };
+        match opened {
+            Ok((registered, inbound)) => {
+                let Ok(send) = reply.send_response(crate::conn::grpc_response(), false) else {
+                    // The client is gone; the stream leaves the hub.
+                    registered.cancel();
+                    return;
+                };
+                registered.spawn(inbound, GrpcOutbox::new(send, self.max_message_bytes));
+            }
+            Err(status) => refuse(&mut reply, status),
+        }
+    }
+}
+
+/// Answers a request with `status` in the headers alone.
+fn refuse(reply: &mut SendResponse<Bytes>, status: Status) {
+    let _ = reply.send_response(status.into_http::<()>(), true);
+}
+
 /// The services freshd serves, by name.
 #[derive(Clone)]
 pub struct Routes {
     coordinator: Guarded<Coordinator>,
+    watch: Option<DirectWatch>,
     others: Vec<(&'static str, Guarded<Boxed>)>,
 }
 
@@ -97,16 +191,46 @@ impl Routes {
     pub fn new(coordinator: Guarded<Coordinator>) -> Self {
         Routes {
             coordinator,
+            watch: None,
             others: Vec::new(),
         }
+    }
+
+    /// Serves Coordinator `Watch` streams with `watch` instead of the
+    /// generated handler.
+    pub fn watch(mut self, watch: DirectWatch) -> Self {
+        self.watch = Some(watch);
+        self
+    }
+
+    /// Hands a request to its service, and its answer to the HTTP/2 stream.
+    pub(crate) fn dispatch(
+        &self,
+        request: Request<RequestBody>,
+        mut reply: SendResponse<Bytes>,
+        info: &ConnInfo,
+    ) {
+        if let (Some(watch), WATCH) = (&self.watch, request.uri().path()) {
+            let deadline = match grpc_timeout(request.headers()) {
+                Ok(timeout) => timeout.map(|d| Instant::now() + d),
+                Err(status) => return refuse(&mut reply, status),
+            };
+            tokio::spawn(watch.clone().open(request, reply, info.clone(), deadline));
+            return;
+        }
+        run_inline_first(Exchange::new(self.call(request, info), reply));
     }
 
     /// Adds `service` under its gRPC name, behind `interceptor` when
     /// `required`.
     pub fn add<S>(mut self, service: S, interceptor: Interceptor, required: bool) -> Self
     where
-        S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible, Future = Call>
-            + NamedService
+        S: Service<
+                Request<RequestBody>,
+                Response = Response<Body>,
+                Error = Infallible,
+                Future = Call,
+            > + NamedService
             + Clone
             + Send
             + Sync
@@ -117,7 +241,7 @@ impl Routes {
         self
     }
 
-    fn call(&self, request: Request<Incoming>, info: &ConnInfo) -> Answer {
+    fn call(&self, request: Request<RequestBody>, info: &ConnInfo) -> Answer {
         let deadline = match grpc_timeout(request.headers()) {
             Ok(deadline) => deadline,
             Err(status) => return Answer::ready(status),
@@ -153,22 +277,6 @@ impl Routes {
     }
 }
 
-/// One connection's requests, for hyper.
-struct ConnService {
-    routes: Routes,
-    info: ConnInfo,
-}
-
-impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Answer;
-
-    fn call(&self, request: Request<Incoming>) -> Answer {
-        self.routes.call(request, &self.info)
-    }
-}
-
 /// What a request's service answers, bounded by the request's deadline.
 pub struct Answer {
     kind: Kind,
@@ -199,16 +307,20 @@ impl Answer {
 }
 
 impl Future for Answer {
-    type Output = Result<Response<Body>, Infallible>;
+    type Output = Response<Body>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let answered = match &mut self.kind {
-            Kind::Open(future) => future.as_mut().poll(cx),
-            Kind::Checked(future) => Pin::new(future)
-                .poll(cx)
-                .map(|r| r.map(|response| response.map(Body::new))),
+            Kind::Open(future) => future.as_mut().poll(cx).map(|r| match r {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }),
+            Kind::Checked(future) => Pin::new(future).poll(cx).map(|r| match r {
+                Ok(response) => response.map(Body::new),
+                Err(never) => match never {},
+            }),
             Kind::Ready(response) => {
-                Poll::Ready(Ok(response.take().expect("an answer is polled once")))
+                Poll::Ready(response.take().expect("an answer is polled once"))
             }
         };
         if answered.is_ready() {
@@ -220,7 +332,7 @@ impl Future for Answer {
         if let Deadline::Armed(timer) = &mut self.deadline {
             ready!(timer.as_mut().poll(cx));
             let status = Status::deadline_exceeded("the request's grpc-timeout passed");
-            return Poll::Ready(Ok(status.into_http()));
+            return Poll::Ready(status.into_http());
         }
         Poll::Pending
     }
@@ -260,36 +372,6 @@ fn grpc_timeout(headers: &HeaderMap) -> Result<Option<Duration>, Status> {
     }))
 }
 
-/// Runs each request's future (hyper's per-stream task) once in place, in
-/// the connection's task, and spawns it only if it is not done: an answer
-/// from memory (a `Check`, a `Publish`) then costs no task of its own and
-/// no trip through the scheduler; a Watch stream, or a call that waits, is
-/// spawned and polled again by its task, which registers its waker. A
-/// panic in that first poll is caught and ends that request only (its
-/// stream is reset when its future is dropped), as in a task of its own.
-#[derive(Clone, Copy)]
-struct InlineFirst;
-
-impl<F> hyper::rt::Executor<F> for InlineFirst
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    fn execute(&self, future: F) {
-        let mut future = Box::pin(future);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            future.as_mut().poll(&mut cx)
-        }));
-        match polled {
-            Ok(Poll::Ready(())) => {}
-            Ok(Poll::Pending) => {
-                tokio::spawn(future);
-            }
-            Err(_) => tracing::error!("a request's handler panicked; its stream is reset"),
-        }
-    }
-}
-
 /// Serves every connection `incoming` yields with `routes` until `drain`
 /// completes; then stops accepting, tells every connection to finish, and
 /// returns when the last one has closed.
@@ -298,13 +380,6 @@ pub async fn serve(
     routes: Routes,
     drain: impl Future<Output = ()>,
 ) {
-    let mut http2 = hyper::server::conn::http2::Builder::new(InlineFirst);
-    http2
-        .timer(TokioTimer::new())
-        // gRPC has no use for a Date header on every answer.
-        .auto_date_header(false)
-        // As tonic's server: streams per connection are not capped.
-        .max_concurrent_streams(None);
     let (finish, finishing) = watch::channel(());
     tokio::pin!(drain);
     loop {
@@ -315,27 +390,13 @@ pub async fn serve(
                 None => break,
             },
         };
-        let service = ConnService {
-            routes: routes.clone(),
-            info: conn.info().clone(),
-        };
-        let connection = http2.serve_connection(TokioIo::new(conn), service);
-        let mut finishing = finishing.clone();
-        tokio::spawn(async move {
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                biased;
-                result = connection.as_mut() => result,
-                _ = finishing.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            drop(finishing);
-        });
+        let info = conn.info().clone();
+        tokio::spawn(crate::conn::serve(
+            conn,
+            routes.clone(),
+            info,
+            finishing.clone(),
+        ));
     }
     // Closing the channel stops the accept task (and the listener with it).
     drop(incoming);
@@ -356,20 +417,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_done_at_once_runs_in_place() {
-        use hyper::rt::Executor;
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = ran.clone();
-        InlineFirst.execute(async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) });
+        crate::conn::run_inline_first(async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst)
+        });
         // No await in between: it ran inside execute.
         assert!(ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[tokio::test]
     async fn a_request_that_waits_is_spawned_and_finishes() {
-        use hyper::rt::Executor;
         let (go, wait) = tokio::sync::oneshot::channel::<u32>();
         let (done, finished) = tokio::sync::oneshot::channel::<u32>();
-        InlineFirst.execute(async move {
+        crate::conn::run_inline_first(async move {
             let n = wait.await.unwrap();
             done.send(n + 1).unwrap();
         });
@@ -383,11 +444,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_request_does_not_unwind_into_its_connection() {
-        use hyper::rt::Executor;
-        InlineFirst.execute(async { panic!("a handler bug") });
+        crate::conn::run_inline_first(async { panic!("a handler bug") });
         // Still here, and the runtime still runs other work.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        InlineFirst.execute(async move {
+        crate::conn::run_inline_first(async move {
             tokio::task::yield_now().await;
             tx.send(()).unwrap();
         });

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::log::MemoryLog;
 use crate::metrics::Metrics;
 use crate::pb::coordinator_server::CoordinatorServer;
-use crate::routes::{Guarded, Routes};
+use crate::routes::{DirectWatch, Guarded, Routes};
 use crate::service::CoordinatorService;
 use crate::store::Store;
 use crate::tls::Reloadable;
@@ -158,17 +158,24 @@ async fn serve_until(
     let auth = Arc::new(Auth::new(&config.auth));
     let metrics = store.metrics().clone();
     let interceptor = Interceptor::new(auth.clone(), metrics.clone());
-    let coordinator = CoordinatorServer::new(CoordinatorService::with_gate(
+    let service = Arc::new(CoordinatorService::with_gate(
         store.clone(),
         config.limits.clone(),
         ready.clone(),
-    ))
-    .max_decoding_message_size(config.max_message_bytes)
-    .max_encoding_message_size(config.max_message_bytes);
+    ));
+    let coordinator = CoordinatorServer::from_arc(service.clone())
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
     let routes = Routes::new(Guarded::new(
         coordinator,
         interceptor.clone(),
         auth.enabled(),
+    ))
+    .watch(DirectWatch::new(
+        service,
+        interceptor.clone(),
+        auth.enabled(),
+        config.max_message_bytes,
     ))
     .add(
         health_service,

@@ -406,6 +406,31 @@ impl Coordinator for CoordinatorService {
 }
 
 impl CoordinatorService {
+    /// Opens a Watch stream for a caller served outside tonic's generated
+    /// handler (the router's [`crate::routes::DirectWatch`]): reads and
+    /// checks the first message and registers the stream, counted as a
+    /// `Watch` call. `request` carries the authenticated principal, if any.
+    pub async fn open_watch(
+        &self,
+        request: &Request<()>,
+        mut inbound: Streaming<pb::WatchRequest>,
+    ) -> Result<(crate::watch::Registered, Streaming<pb::WatchRequest>), Status> {
+        let start = Instant::now();
+        let result = async {
+            self.gate()?;
+            let first = inbound.next().await.transpose()?;
+            crate::watch::register(
+                self.store.clone(),
+                self.limits.clone(),
+                caller(request),
+                first,
+            )
+        }
+        .await;
+        self.observe("Watch", start, &result);
+        result.map(|registered| (registered, inbound))
+    }
+
     async fn watch_inner(
         &self,
         request: Request<Streaming<pb::WatchRequest>>,

@@ -22,7 +22,27 @@ use crate::validate::Limits;
 /// Most notices per batch written to the stream.
 const BATCH: usize = 512;
 
-type Sender = mpsc::Sender<Result<pb::WatchResponse, Status>>;
+/// Where a stream's messages go: the HTTP/2 stream itself when served
+/// (`crate::conn::GrpcOutbox`), or a channel (tonic's generated handler, and
+/// tests).
+pub trait Outbox: Send + 'static {
+    /// Sends one message, waiting while the client is behind; `Gone` when
+    /// the client is. After an error the stream ends.
+    fn send(
+        &mut self,
+        message: Result<pb::WatchResponse, Status>,
+    ) -> impl std::future::Future<Output = Result<(), Gone>> + Send;
+}
+
+/// The client is gone: the stream cannot send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
+impl Outbox for mpsc::Sender<Result<pb::WatchResponse, Status>> {
+    async fn send(&mut self, message: Result<pb::WatchResponse, Status>) -> Result<(), Gone> {
+        mpsc::Sender::send(self, message).await.map_err(|_| Gone)
+    }
+}
 
 /// A notice as `sub` may see it (its cause hidden when out of scope).
 fn notice(n: &Notice, sub: &Subscriber) -> pb::Notice {
@@ -113,22 +133,26 @@ pub(crate) fn check_keys(
     Ok(())
 }
 
-/// Validates a stream's first message and registers it. On success the
-/// stream's task is running and its responses flow into the returned
-/// receiver. `owner` is the authenticated principal, if any: its watch scope
-/// bounds what the stream may track and see, and its quotas count the stream.
-/// Its name prefixes the stream's client id (`principal/client_id`), so one
-/// principal cannot pass for another's client.
-pub fn start<S>(
+/// A Watch stream validated and registered with the hub, not yet running.
+pub struct Registered {
+    store: Arc<Store>,
+    limits: Limits,
+    sub: Arc<Subscriber>,
+    from: u64,
+    resumed: bool,
+}
+
+/// Validates a stream's first message and registers the stream. `owner` is
+/// the authenticated principal, if any: its watch scope bounds what the
+/// stream may track and see, and its quotas count the stream. Its name
+/// prefixes the stream's client id (`principal/client_id`), so one principal
+/// cannot pass for another's client.
+pub fn register(
     store: Arc<Store>,
     limits: Limits,
     owner: Option<Arc<Principal>>,
     first: Option<pb::WatchRequest>,
-    inbound: S,
-) -> Result<mpsc::Receiver<Result<pb::WatchResponse, Status>>, Status>
-where
-    S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
-{
+) -> Result<Registered, Status> {
     let Some(pb::WatchRequest {
         request: Some(In::Start(start)),
     }) = first
@@ -157,14 +181,69 @@ where
             owner,
         )
         .map_err(Status::resource_exhausted)?;
+    Ok(Registered {
+        store,
+        limits,
+        sub,
+        from,
+        resumed: resume.is_some(),
+    })
+}
+
+impl Registered {
+    /// Takes the stream out of the hub without running it (its client left
+    /// before the stream started).
+    pub fn cancel(self) {
+        self.store.hub().unsubscribe(&self.sub);
+    }
+
+    /// Runs the stream in a task of its own: it reads the client's requests
+    /// from `inbound` and writes to `out`, and leaves the hub when it ends.
+    pub fn spawn<S, O>(self, inbound: S, out: O)
+    where
+        S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
+        O: Outbox,
+    {
+        tokio::spawn(async move {
+            let Registered {
+                store,
+                limits,
+                sub,
+                from,
+                resumed,
+            } = self;
+            let inbound = Requests::new(inbound, sub.clone());
+            run(
+                store.clone(),
+                limits,
+                sub.clone(),
+                from,
+                resumed,
+                inbound,
+                out,
+            )
+            .await;
+            store.hub().unsubscribe(&sub);
+        });
+    }
+}
+
+/// Validates a stream's first message and registers it ([`register`]). On
+/// success the stream's task is running and its responses flow into the
+/// returned receiver.
+pub fn start<S>(
+    store: Arc<Store>,
+    limits: Limits,
+    owner: Option<Arc<Principal>>,
+    first: Option<pb::WatchRequest>,
+    inbound: S,
+) -> Result<mpsc::Receiver<Result<pb::WatchResponse, Status>>, Status>
+where
+    S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
+{
+    let registered = register(store, limits, owner, first)?;
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let hub_sub = sub.clone();
-        let store2 = store.clone();
-        let inbound = Requests::new(inbound, sub.clone());
-        run(store, limits, sub, from, resume.is_some(), inbound, tx).await;
-        store2.hub().unsubscribe(&hub_sub);
-    });
+    registered.spawn(inbound, tx);
     Ok(rx)
 }
 
@@ -257,7 +336,11 @@ fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::Res
 
 /// Catches a stream up and sends what that takes; `None` when the client
 /// went away.
-async fn send_catch_up(store: &Store, sub: &Subscriber, out: &Sender) -> Option<pb::ResumeOutcome> {
+async fn send_catch_up(
+    store: &Store,
+    sub: &Subscriber,
+    out: &mut impl Outbox,
+) -> Option<pb::ResumeOutcome> {
     let (messages, outcome) = catch_up(store, sub);
     for message in messages {
         out.send(Ok(message)).await.ok()?;
@@ -280,7 +363,7 @@ fn reset(prefix: String, since: u64, reason: pb::ResetReason) -> pb::WatchRespon
 async fn flush_with_progress(
     store: &Store,
     sub: &Subscriber,
-    out: &Sender,
+    out: &mut impl Outbox,
     seq: u64,
 ) -> Option<()> {
     let mut buf = Vec::new();
@@ -306,7 +389,7 @@ async fn run<S>(
     from: u64,
     resumed: bool,
     mut inbound: S,
-    out: Sender,
+    mut out: impl Outbox,
 ) where
     S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
 {
@@ -374,7 +457,7 @@ async fn run<S>(
             // Drain: a final watermark, so the client resumes elsewhere
             // without loss.
             let seq = hub.fanned();
-            let _ = flush_with_progress(&store, &sub, &out, seq).await;
+            let _ = flush_with_progress(&store, &sub, &mut out, seq).await;
             let _ = out
                 .send(Err(Status::unavailable(format!(
                     "freshd is shutting down; resume elsewhere with token (epoch {}, seq {seq})",
@@ -383,7 +466,7 @@ async fn run<S>(
                 .await;
             return;
         }
-        if sub.behind().is_some() && send_catch_up(&store, &sub, &out).await.is_none() {
+        if sub.behind().is_some() && send_catch_up(&store, &sub, &mut out).await.is_none() {
             return;
         }
         buf.clear();
@@ -411,7 +494,7 @@ async fn run<S>(
                     // The client closed its side or went away.
                     Some(Err(_)) | None => return,
                 };
-                if let Err(status) = handle(&store, &limits, &sub, &out, request).await {
+                if let Err(status) = handle(&store, &limits, &sub, &mut out, request).await {
                     let _ = out.send(Err(status)).await;
                     return;
                 }
@@ -425,7 +508,7 @@ async fn run<S>(
 /// The stream's task wakes for every notice batch, and its `select!` polls
 /// every branch each time; the client's requests (acks, tracking changes)
 /// are far rarer. Polling the request stream reaches through tonic's decoder
-/// and hyper's body to h2's stream state, behind a lock the connection's
+/// and the request body to h2's stream state, behind a lock the connection's
 /// task shares, all of it memory no other step of a delivery touches. So
 /// the inner stream is given a waker of its own, which notes the news on the
 /// subscriber ([`Subscriber::client_news`]) and wakes the task through
@@ -488,7 +571,7 @@ async fn handle(
     store: &Store,
     limits: &Limits,
     sub: &Arc<Subscriber>,
-    out: &Sender,
+    out: &mut impl Outbox,
     request: pb::WatchRequest,
 ) -> Result<(), Status> {
     let hub = store.hub();

@@ -1,5 +1,6 @@
-//! How requests reach the services: unknown paths, and the `grpc-timeout`
-//! deadline, seen through a bare HTTP/2 client (a gRPC client would enforce
+//! How requests reach the services: unknown paths, the `grpc-timeout`
+//! deadline, and how a Watch stream opens and ends, seen through a bare
+//! HTTP/2 client (a gRPC client would enforce
 //! the deadline itself and hide the server's answer).
 
 use std::time::Duration;
@@ -12,6 +13,23 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
 
+/// A bare HTTP/2 client connection to `server`, its requests' bodies of
+/// type `B`.
+async fn connect<B>(server: &RunningServer) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// What a bare HTTP/2 POST of `message` to `path` got back: the gRPC status
 /// code and message, from the trailers or a trailers-only answer.
 async fn post(
@@ -20,12 +38,7 @@ async fn post(
     message: &impl Message,
     headers: &[(&str, &str)],
 ) -> (i32, String) {
-    let socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(socket))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = connect(server).await;
     let encoded = message.encode_to_vec();
     let mut framed = BytesMut::with_capacity(5 + encoded.len());
     framed.put_u8(0);
@@ -147,4 +160,70 @@ async fn a_malformed_grpc_timeout_is_invalid_argument() {
         );
         assert!(message.contains("grpc-timeout"), "{bad}: {message}");
     }
+}
+
+fn watch_start() -> pb::WatchRequest {
+    pb::WatchRequest {
+        request: Some(pb::watch_request::Request::Start(pb::WatchStart {
+            client_id: "bare".into(),
+            track: vec!["feed:1".into()],
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test]
+async fn a_watch_whose_client_closes_its_side_ends_ok() {
+    let server = RunningServer::start(Config::ephemeral()).await.unwrap();
+    // The request body is the start message and its end: the stream starts,
+    // sees the client's side close, and ends with OK in the trailers.
+    let (code, message) = post(&server, "/freshd.v1.Coordinator/Watch", &watch_start(), &[]).await;
+    assert_eq!(code, tonic::Code::Ok as i32, "{message}");
+}
+
+#[tokio::test]
+async fn a_watch_with_a_malformed_grpc_timeout_is_invalid_argument() {
+    let server = RunningServer::start(Config::ephemeral()).await.unwrap();
+    let (code, message) = post(
+        &server,
+        "/freshd.v1.Coordinator/Watch",
+        &watch_start(),
+        &[("grpc-timeout", "soon")],
+    )
+    .await;
+    assert_eq!(code, tonic::Code::InvalidArgument as i32, "{message}");
+    assert!(message.contains("grpc-timeout"), "{message}");
+}
+
+#[tokio::test]
+async fn a_watch_whose_first_message_misses_its_grpc_timeout_is_deadline_exceeded() {
+    use http_body_util::StreamBody;
+    let server = RunningServer::start(Config::ephemeral()).await.unwrap();
+    let mut sender = connect(&server).await;
+    // A request body that stays open and sends nothing.
+    let (_keep, frames) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >(1);
+    let request = http::Request::post(format!(
+        "http://{}/freshd.v1.Coordinator/Watch",
+        server.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "100m")
+    .body(StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(frames),
+    ))
+    .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let status = response.headers();
+    assert_eq!(
+        status.get("grpc-status").unwrap(),
+        &(tonic::Code::DeadlineExceeded as i32).to_string()
+    );
+    let message = percent_decode(status.get("grpc-message").unwrap().to_str().unwrap());
+    assert!(message.contains("grpc-timeout"), "{message}");
 }

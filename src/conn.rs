@@ -1,0 +1,436 @@
+//! One HTTP/2 connection, served with h2 directly: its requests' bodies,
+//! their answers written back, and the outbox a Watch stream's task writes
+//! its messages through.
+//!
+//! A request's answer is a future that first waits for the service's
+//! response and then copies its body to the HTTP/2 stream
+//! ([`Exchange`]). It is polled once in the connection's task and spawned
+//! only if it is not done then, so an answer from memory (a `Check`, a
+//! `Publish`) costs no task of its own. A Watch stream's task writes to its
+//! HTTP/2 stream itself ([`GrpcOutbox`]), with no body, channel or task in
+//! between.
+//!
+//! Flow control: before a chunk is handed to h2 the stream reserves room
+//! for it and waits until the peer's window gives it some; h2 queues the
+//! rest of the chunk until the window opens. So a stream whose reader
+//! stops holds at most about a window and a chunk in memory, and a Watch
+//! stream's writer stops taking notices, which leaves them to its queue in
+//! the hub (where a slow consumer overflows into a repair).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{BufMut, Bytes};
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use prost::Message;
+use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::Status;
+
+use crate::pb;
+use crate::routes::Routes;
+use crate::tls::{Conn, ConnInfo};
+use crate::watch::{Gone, Outbox};
+
+/// The HTTP/2 settings freshd offers: hyper's server defaults, which the
+/// server used before it drove h2 itself, with no cap on concurrent streams
+/// (as tonic's server).
+fn builder() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(1024 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .max_frame_size(16 * 1024)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(400 * 1024)
+        .max_local_error_reset_streams(Some(1024));
+    builder
+}
+
+/// Serves `io` until the peer closes it, it fails, or `finishing` fires; then
+/// tells the peer to finish (GOAWAY: streams in flight complete, new ones are
+/// refused) and returns once the last stream has ended.
+pub(crate) async fn serve(
+    io: Conn,
+    routes: Routes,
+    info: ConnInfo,
+    mut finishing: watch::Receiver<()>,
+) {
+    let mut conn = tokio::select! {
+        biased;
+        _ = finishing.changed() => return,
+        handshake = builder().handshake::<_, Bytes>(io) => match handshake {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+        },
+    };
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = finishing.changed(), if !closing => {
+                conn.graceful_shutdown();
+                closing = true;
+            }
+            next = conn.accept() => match next {
+                Some(Ok((request, reply))) => {
+                    let (parts, recv) = request.into_parts();
+                    let request = Request::from_parts(parts, RequestBody::new(recv));
+                    routes.dispatch(request, reply, &info);
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+/// A request's body, read from its HTTP/2 stream. Each chunk read gives
+/// its bytes back to the peer's window at once: the services decode as they
+/// read, and a Watch stream's requests are small.
+pub struct RequestBody {
+    recv: RecvStream,
+    /// The data frames are done; trailers, if any, come next.
+    data_done: bool,
+    /// The trailers were read.
+    done: bool,
+}
+
+impl RequestBody {
+    fn new(recv: RecvStream) -> Self {
+        let done = recv.is_end_stream();
+        RequestBody {
+            recv,
+            data_done: done,
+            done,
+        }
+    }
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => this.data_done = true,
+            }
+        }
+        let trailers = ready!(this.recv.poll_trailers(cx));
+        this.done = true;
+        match trailers {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// Runs `future` once in place, and spawns it only if it is not done: a
+/// request answered from memory then costs no task of its own and no trip
+/// through the scheduler; one that waits is spawned and polled again by its
+/// task, which registers its waker. A panic in that first poll is caught and
+/// ends that request only (its stream is reset when the future is dropped),
+/// as in a task of its own.
+pub(crate) fn run_inline_first<F>(future: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut future = Box::pin(future);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        future.as_mut().poll(&mut cx)
+    }));
+    match polled {
+        Ok(Poll::Ready(())) => {}
+        Ok(Poll::Pending) => {
+            tokio::spawn(future);
+        }
+        Err(_) => tracing::error!("a request's handler panicked; its stream is reset"),
+    }
+}
+
+/// One request's answer: the service's response, then its body copied to
+/// the HTTP/2 stream.
+pub(crate) struct Exchange<F> {
+    stage: Stage<F>,
+}
+
+enum Stage<F> {
+    Answering {
+        answer: F,
+        reply: SendResponse<Bytes>,
+    },
+    Writing(Writer),
+    Done,
+}
+
+impl<F> Exchange<F> {
+    pub(crate) fn new(answer: F, reply: SendResponse<Bytes>) -> Self {
+        Exchange {
+            stage: Stage::Answering { answer, reply },
+        }
+    }
+}
+
+impl<F> Future for Exchange<F>
+where
+    F: Future<Output = Response<Body>> + Unpin,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match &mut self.stage {
+                Stage::Answering { answer, reply } => {
+                    let response = match Pin::new(answer).poll(cx) {
+                        Poll::Ready(response) => response,
+                        Poll::Pending => {
+                            // The client may give up (RST_STREAM) while the
+                            // answer waits: then the answer is dropped.
+                            if reply.poll_reset(cx).is_ready() {
+                                self.stage = Stage::Done;
+                                return Poll::Ready(());
+                            }
+                            return Poll::Pending;
+                        }
+                    };
+                    let (parts, body) = response.into_parts();
+                    let end = body.is_end_stream();
+                    let sent = reply.send_response(Response::from_parts(parts, ()), end);
+                    self.stage = match sent {
+                        Ok(send) if !end => Stage::Writing(Writer {
+                            body,
+                            send,
+                            held: None,
+                        }),
+                        // Done, or the stream is gone.
+                        _ => Stage::Done,
+                    };
+                }
+                Stage::Writing(writer) => {
+                    ready!(writer.poll(cx));
+                    self.stage = Stage::Done;
+                    return Poll::Ready(());
+                }
+                Stage::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// Copies a response body to its HTTP/2 stream.
+struct Writer {
+    body: Body,
+    send: SendStream<Bytes>,
+    /// A chunk waiting for room in the peer's window.
+    held: Option<Bytes>,
+}
+
+impl Writer {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(chunk) = self.held.take() {
+                match poll_room(&mut self.send, cx) {
+                    Poll::Pending => {
+                        self.held = Some(chunk);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(Gone)) => return Poll::Ready(()),
+                    Poll::Ready(Ok(())) => {}
+                }
+                if self.send.send_data(chunk, false).is_err() {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => {
+                    // Waiting for the body: a reset ends the copy.
+                    if self.send.poll_reset(cx).is_ready() {
+                        return Poll::Ready(());
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(None) => {
+                    let _ = self.send.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    tracing::debug!(%status, "a response body failed; its stream is reset");
+                    self.send.send_reset(Reason::INTERNAL_ERROR);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(chunk) if chunk.is_empty() => {}
+                    Ok(chunk) => {
+                        self.send.reserve_capacity(chunk.len());
+                        self.held = Some(chunk);
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = self.send.send_trailers(trailers);
+                        }
+                        return Poll::Ready(());
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Ready when the stream has room in the peer's window for some of what it
+/// reserved; `Gone` when the stream can no longer send.
+fn poll_room(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Result<(), Gone>> {
+    while send.capacity() == 0 {
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return Poll::Ready(Err(Gone)),
+        }
+    }
+    Poll::Ready(Ok(()))
+}
+
+/// `content-type: application/grpc`.
+const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
+
+/// A gRPC response's headers, before its first message.
+pub(crate) fn grpc_response() -> Response<()> {
+    let mut response = Response::new(());
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, GRPC);
+    response
+}
+
+/// Bytes a Watch stream hands to h2 between two checks of the peer's
+/// window. Asking h2 for room takes its lock and its flow-control
+/// bookkeeping, as much as a send; a notice is tens of bytes, so the check
+/// is made per this many bytes instead of per message, and a stream whose
+/// reader stopped holds at most this much more than the window in h2.
+const UNCHECKED_BYTES: usize = 16 * 1024;
+
+/// A Watch stream's messages, written to its HTTP/2 stream by the stream's
+/// own task: each message is framed (the 5-byte gRPC prefix) and handed to
+/// h2, which sends what the peer's window allows and queues the rest; every
+/// [`UNCHECKED_BYTES`] the task waits until the window has room. Its end,
+/// an error or the drop of the outbox, writes the trailers with the stream's
+/// status.
+pub(crate) struct GrpcOutbox {
+    send: SendStream<Bytes>,
+    /// Most bytes one message may take.
+    max_message: usize,
+    /// Bytes handed to h2 since the window was last checked.
+    unchecked: usize,
+    ended: bool,
+}
+
+impl GrpcOutbox {
+    pub(crate) fn new(send: SendStream<Bytes>, max_message: usize) -> Self {
+        GrpcOutbox {
+            send,
+            max_message,
+            unchecked: 0,
+            ended: false,
+        }
+    }
+
+    fn end(&mut self, status: &Status) {
+        self.ended = true;
+        let mut trailers = HeaderMap::new();
+        if status.add_header(&mut trailers).is_ok() {
+            let _ = self.send.send_trailers(trailers);
+        } else {
+            self.send.send_reset(Reason::INTERNAL_ERROR);
+        }
+    }
+
+    /// The message framed for the wire.
+    fn frame(&self, message: &pb::WatchResponse) -> Result<Bytes, Status> {
+        let len = message.encoded_len();
+        if len > self.max_message {
+            return Err(Status::out_of_range(format!(
+                "a Watch message of {len} bytes exceeds the limit of {} (max_message_bytes)",
+                self.max_message
+            )));
+        }
+        let mut frame = Vec::with_capacity(5 + len);
+        frame.put_u8(0);
+        frame.put_u32(len as u32);
+        message.encode(&mut frame).expect("a Vec grows as needed");
+        Ok(Bytes::from(frame))
+    }
+}
+
+impl Outbox for GrpcOutbox {
+    async fn send(&mut self, message: Result<pb::WatchResponse, Status>) -> Result<(), Gone> {
+        if self.ended {
+            return Err(Gone);
+        }
+        let message = match message {
+            Ok(message) => message,
+            Err(status) => {
+                self.end(&status);
+                return Ok(());
+            }
+        };
+        let frame = match self.frame(&message) {
+            Ok(frame) => frame,
+            Err(status) => {
+                self.end(&status);
+                return Err(Gone);
+            }
+        };
+        if self.unchecked + frame.len() > UNCHECKED_BYTES {
+            self.send.reserve_capacity(frame.len());
+            std::future::poll_fn(|cx| poll_room(&mut self.send, cx)).await?;
+            self.unchecked = 0;
+        }
+        self.unchecked += frame.len();
+        self.send.send_data(frame, false).map_err(|_| Gone)
+    }
+}
+
+impl Drop for GrpcOutbox {
+    fn drop(&mut self) {
+        if !self.ended {
+            // The stream's task ended without an error: the client closed
+            // its side, or went away (then this is not sent).
+            self.end(&Status::ok(""));
+        }
+    }
+}
