@@ -10,12 +10,15 @@
 //! HTTP/2 stream itself ([`GrpcOutbox`]), with no body, channel or task in
 //! between.
 //!
-//! Flow control: before a chunk is handed to h2 the stream reserves room
-//! for it and waits until the peer's window gives it some; h2 queues the
-//! rest of the chunk until the window opens. So a stream whose reader
-//! stops holds at most about a window and a chunk in memory, and a Watch
-//! stream's writer stops taking notices, which leaves them to its queue in
-//! the hub (where a slow consumer overflows into a repair).
+//! Flow control: h2 sends what the peer's window allows and queues the
+//! rest. Every [`UNCHECKED_BYTES`] handed to it, a stream reserves room for
+//! its next chunk and waits until the window gives it some, so a stream
+//! whose reader stops holds at most about a window and that much more in
+//! memory, and a Watch stream's writer stops taking notices, which leaves
+//! them to its queue in the hub (where a slow consumer overflows into a
+//! repair). Asking h2 for room takes its lock and its flow-control
+//! bookkeeping, as much as a send; most answers and notices are far smaller
+//! than the budget, so they go out with a send alone.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -237,6 +240,7 @@ where
                             body,
                             send,
                             held: None,
+                            unchecked: 0,
                         }),
                         // Done, or the stream is gone.
                         _ => Stage::Done,
@@ -253,12 +257,16 @@ where
     }
 }
 
-/// Copies a response body to its HTTP/2 stream.
+/// Copies a response body to its HTTP/2 stream. Like a Watch stream's
+/// outbox, it looks at the peer's window only every [`UNCHECKED_BYTES`]:
+/// h2 queues what the window does not cover.
 struct Writer {
     body: Body,
     send: SendStream<Bytes>,
     /// A chunk waiting for room in the peer's window.
     held: Option<Bytes>,
+    /// Bytes handed to h2 since the window was last checked.
+    unchecked: usize,
 }
 
 impl Writer {
@@ -297,8 +305,17 @@ impl Writer {
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(chunk) if chunk.is_empty() => {}
+                    Ok(chunk) if self.unchecked + chunk.len() <= UNCHECKED_BYTES => {
+                        // A small answer (most are) goes out without a
+                        // look at the window.
+                        self.unchecked += chunk.len();
+                        if self.send.send_data(chunk, false).is_err() {
+                            return Poll::Ready(());
+                        }
+                    }
                     Ok(chunk) => {
                         self.send.reserve_capacity(chunk.len());
+                        self.unchecked = chunk.len();
                         self.held = Some(chunk);
                     }
                     Err(frame) => {

@@ -1,7 +1,7 @@
 //! How requests reach the services: unknown paths, the `grpc-timeout`
 //! deadline, and how a Watch stream opens and ends, seen through a bare
-//! HTTP/2 client (a gRPC client would enforce
-//! the deadline itself and hide the server's answer).
+//! HTTP/2 client (a gRPC client would enforce the deadline itself and hide
+//! the server's answer).
 
 use std::time::Duration;
 
