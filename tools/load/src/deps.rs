@@ -92,11 +92,10 @@ pub async fn run(opts: &DepsOpts) -> Result<Report, Error> {
             })
             .await?;
             for (id, chunk) in keys.chunks(per_sub).enumerate() {
-                let (requests, mut responses) =
+                let mut responses =
                     freshd_watch(&opts.addr, format!("load-deps-{id}"), chunk.to_vec()).await?;
                 let tx = events_tx.clone();
                 subs.push(tokio::spawn(async move {
-                    let _requests = requests;
                     while let Ok(Some(m)) = responses.message().await {
                         if let Some(WatchOut::Notices(b)) = m.response {
                             let n = b

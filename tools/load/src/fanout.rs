@@ -85,7 +85,7 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
             match target {
                 Target::Freshd => freshd_watch(&addr, format!("load-fan-{id}"), keys.to_vec())
                     .await
-                    .map(Sub::Freshd),
+                    .map(|s| Sub::Freshd(Box::new(s))),
                 _ => {
                     let mut conn = AsyncConn::connect(socket_addr(&addr)?)
                         .await
@@ -104,7 +104,7 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
         let (counts, stop) = (counts.clone(), stop.clone());
         readers.push(tokio::spawn(async move {
             match sub {
-                Sub::Freshd((_requests, mut responses)) => {
+                Sub::Freshd(mut responses) => {
                     while !stop.load(Ordering::Relaxed) {
                         match tokio::time::timeout(Duration::from_millis(200), responses.message()).await {
                             Ok(Ok(Some(m))) => {
@@ -267,11 +267,6 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
 
 /// A started subscriber.
 enum Sub {
-    Freshd(
-        (
-            tokio::sync::mpsc::Sender<freshd::pb::WatchRequest>,
-            tonic::Streaming<freshd::pb::WatchResponse>,
-        ),
-    ),
+    Freshd(Box<crate::grpc::WatchStream>),
     Redis(AsyncConn),
 }

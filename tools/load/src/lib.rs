@@ -25,6 +25,7 @@ pub mod check;
 pub mod cpu;
 pub mod deps;
 pub mod fanout;
+pub mod grpc;
 pub mod memory;
 pub mod notice;
 pub mod pace;

@@ -24,14 +24,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use freshd::pb::watch_request::Request as WatchIn;
 use freshd::pb::watch_response::Response as WatchOut;
-use freshd::pb::{Change, FillRequest, PublishRequest, WatchRequest, WatchStart};
+use freshd::pb::{Change, FillRequest, PublishRequest, PublishResponse};
 use serde_json::json;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::etcdpb;
+use crate::grpc;
 use crate::pace::{self, Tick};
 use crate::resp::{self, AsyncConn, Reply};
 use crate::stats::{Latencies, Report};
@@ -296,28 +296,25 @@ async fn write(
     let mut calls = tokio::task::JoinSet::new();
     match opts.target {
         Target::Freshd => {
-            let client = freshd_client(&opts.addr).await?;
-            while let Some(tick) = ticks.recv().await {
-                let (mut client, lat, errors) = (client.clone(), lat.clone(), errors.clone());
-                calls.spawn(async move {
-                    let r = client
-                        .publish(PublishRequest {
-                            changes: vec![Change {
-                                key: format!("hot:{}", tick.index),
-                                ..Default::default()
-                            }],
-                            ..Default::default()
-                        })
-                        .await;
-                    match r {
-                        Ok(_) => lat.lock().record(tick.intended.elapsed()),
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
+            let mut conn = grpc::Conn::connect(&opts.addr).await?;
+            conn.calls(
+                "/freshd.v1.Coordinator/Publish",
+                &mut ticks,
+                |tick| PublishRequest {
+                    changes: vec![Change {
+                        key: format!("hot:{}", tick.index),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                |tick, answer: Result<PublishResponse, Error>| match answer {
+                    Ok(_) => lat.lock().record(tick.intended.elapsed()),
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
                     }
-                });
-                while calls.try_join_next().is_some() {}
-            }
+                },
+            )
+            .await?;
         }
         Target::Etcd => {
             let client = etcdpb::kv_client::KvClient::new(grpc_channel(&opts.addr).await?);
@@ -395,7 +392,7 @@ async fn freshd_sub(
     stop: watch::Receiver<bool>,
     mut sub: Sub,
 ) -> Result<(), Error> {
-    let (_requests, mut responses) = {
+    let mut responses = {
         let _permit = limit.acquire().await.expect("semaphore");
         freshd_watch(addr, format!("load-sub-{id}"), keys.to_vec()).await?
     };
@@ -423,41 +420,14 @@ async fn freshd_sub(
     }
 }
 
-/// A freshd Watch stream tracking `track`, started; the request sender keeps
-/// it open.
+/// A freshd Watch stream tracking `track`, started, on a connection of its
+/// own that the task reading it drives ([`grpc::WatchStream`]).
 pub async fn freshd_watch(
     addr: &str,
     client_id: String,
     track: Vec<String>,
-) -> Result<
-    (
-        mpsc::Sender<WatchRequest>,
-        tonic::Streaming<freshd::pb::WatchResponse>,
-    ),
-    Error,
-> {
-    let mut client = freshd_client(addr).await?;
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(WatchRequest {
-        request: Some(WatchIn::Start(WatchStart {
-            client_id,
-            track,
-            ..Default::default()
-        })),
-    })
-    .await
-    .map_err(|_| "watch request queue closed")?;
-    let mut responses = client
-        .watch(ReceiverStream::new(rx))
-        .await
-        .map_err(|e| format!("watch: {e}"))?
-        .into_inner();
-    match responses.message().await {
-        Ok(Some(freshd::pb::WatchResponse {
-            response: Some(WatchOut::Started(_)),
-        })) => Ok((tx, responses)),
-        other => Err(format!("expected `started`, got {other:?}")),
-    }
+) -> Result<grpc::WatchStream, Error> {
+    grpc::WatchStream::start(addr, client_id, track).await
 }
 
 /// A RESP3 connection tracking `keys` (read once with `MGET`).

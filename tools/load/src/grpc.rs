@@ -1,0 +1,365 @@
+//! gRPC over one HTTP/2 connection that the task using it drives itself.
+//!
+//! The Redis side of every workload reads and writes its own socket from the
+//! task that times it ([`crate::resp`]). A tonic `Channel` puts two tasks
+//! between a call and the socket (its request queue's worker and hyper's
+//! connection task), and a tonic `Streaming` body decodes through a third
+//! layer; each hop is a wake-up on the load tool's one core, paid per
+//! notice, and at 1,000 subscribers the load tool then spends as much CPU
+//! per notice as the server does. The workloads that time notices use this
+//! module instead, so that both peers are driven the same way: the task
+//! that owns a [`WatchStream`] polls its h2 connection and its response
+//! body in one place, and [`Publisher`] sends calls and reads answers from
+//! the writer's own task.
+//!
+//! It speaks only what those workloads need: no compression, no TLS, no
+//! reconnection, a fixed window. Real clients use a `Channel`.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use freshd::pb::watch_request::Request as WatchIn;
+use freshd::pb::watch_response::Response as WatchOut;
+use freshd::pb::{WatchRequest, WatchResponse, WatchStart};
+use h2::client::{Connection, ResponseFuture, SendRequest};
+use h2::{RecvStream, SendStream};
+use prost::Message;
+use tokio::net::TcpStream;
+
+use crate::{socket_addr, Error};
+
+/// Per-stream receive window (hyper's default for clients).
+const STREAM_WINDOW: u32 = 2 << 20;
+/// Connection receive window (hyper's default for clients).
+const CONN_WINDOW: u32 = 5 << 20;
+/// The largest response message accepted.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// An HTTP/2 connection: the handle that opens streams and the connection
+/// itself, which must be polled for anything to move.
+pub struct Conn {
+    send: SendRequest<Bytes>,
+    conn: Connection<TcpStream, Bytes>,
+    authority: String,
+    closed: bool,
+}
+
+impl Conn {
+    /// Connects to `host:port` over TCP with `TCP_NODELAY`.
+    pub async fn connect(addr: &str) -> Result<Self, Error> {
+        let tcp = TcpStream::connect(socket_addr(addr)?)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
+        Ok(Self {
+            send,
+            conn,
+            authority: addr.to_string(),
+            closed: false,
+        })
+    }
+
+    /// Polls the connection: reads what arrived (waking the streams it is
+    /// for) and writes what is queued. An error once it has ended.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        if self.closed {
+            return Err("the connection is closed".into());
+        }
+        match Pin::new(&mut self.conn).poll(cx) {
+            Poll::Pending => Ok(()),
+            Poll::Ready(result) => {
+                self.closed = true;
+                Err(match result {
+                    Ok(()) => "the server closed the connection".into(),
+                    Err(e) => format!("connection: {e}"),
+                })
+            }
+        }
+    }
+
+    /// Runs `future` while driving the connection.
+    async fn drive<F: Future + Unpin>(&mut self, mut future: F) -> Result<F::Output, Error> {
+        poll_fn(|cx| {
+            if let Err(e) = self.poll(cx) {
+                return Poll::Ready(Err(e));
+            }
+            Pin::new(&mut future).poll(cx).map(Ok)
+        })
+        .await
+    }
+
+    /// Opens a call to `method` (`/package.Service/Method`) and queues
+    /// `message` as its first request; `end` closes the request side.
+    fn open(
+        &mut self,
+        method: &str,
+        message: &impl Message,
+        end: bool,
+    ) -> Result<(ResponseFuture, SendStream<Bytes>), Error> {
+        let request = http::Request::post(format!("http://{}{method}", self.authority))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .map_err(|e| format!("request: {e}"))?;
+        let (response, mut body) = self
+            .send
+            .send_request(request, false)
+            .map_err(|e| format!("{method}: {e}"))?;
+        body.send_data(frame(message), end)
+            .map_err(|e| format!("{method}: {e}"))?;
+        Ok((response, body))
+    }
+}
+
+/// `message` with gRPC's 5-byte prefix (not compressed, length).
+fn frame(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut out = BytesMut::with_capacity(5 + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    message.encode(&mut out).expect("room reserved");
+    out.freeze()
+}
+
+/// The gRPC status of a response's headers or trailers: `Ok` for 0, an
+/// error naming the code and message otherwise, `None` when absent.
+fn status(headers: &http::HeaderMap) -> Option<Result<(), Error>> {
+    let code = headers.get("grpc-status")?;
+    if code == "0" {
+        return Some(Ok(()));
+    }
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or("");
+    Some(Err(format!(
+        "grpc-status {}: {message}",
+        code.to_str().unwrap_or("?")
+    )))
+}
+
+/// A response body: HTTP/2 data in, gRPC messages out.
+struct Body {
+    recv: RecvStream,
+    buf: BytesMut,
+}
+
+impl Body {
+    /// Starts reading `response` (an error when its headers carry one).
+    fn new(response: http::Response<RecvStream>) -> Result<Self, Error> {
+        if response.status() != http::StatusCode::OK {
+            return Err(format!("HTTP status {}", response.status()));
+        }
+        if let Some(Err(e)) = status(response.headers()) {
+            return Err(e);
+        }
+        Ok(Self {
+            recv: response.into_body(),
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// The next message, `None` at the end of the body.
+    fn poll_message<M: Message + Default>(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<M>, Error>> {
+        loop {
+            if self.buf.len() >= 5 {
+                if self.buf[0] != 0 {
+                    return Poll::Ready(Err("a compressed message (not supported)".into()));
+                }
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if len > MAX_MESSAGE {
+                    return Poll::Ready(Err(format!("a message of {len} bytes")));
+                }
+                if self.buf.len() >= 5 + len {
+                    self.buf.advance(5);
+                    let bytes = self.buf.split_to(len);
+                    return Poll::Ready(
+                        M::decode(bytes)
+                            .map(Some)
+                            .map_err(|e| format!("decode: {e}")),
+                    );
+                }
+            }
+            match self.recv.poll_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    return Poll::Ready(if self.buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err("the body ended inside a message".into())
+                    })
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(format!("stream: {e}"))),
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if self.buf.is_empty() {
+                        self.buf = BytesMut::from(data);
+                    } else {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After the last message: the trailers' status.
+    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        match self.recv.poll_trailers(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(
+                status(&trailers).unwrap_or_else(|| Err("trailers without grpc-status".into())),
+            ),
+            Poll::Ready(Ok(None)) => Poll::Ready(Err("no trailers".into())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(format!("trailers: {e}"))),
+        }
+    }
+}
+
+/// A started freshd `Watch` stream on a connection of its own, read by the
+/// task that owns it.
+pub struct WatchStream {
+    conn: Conn,
+    body: Body,
+    /// The request side, kept open: closing it ends the stream.
+    _requests: SendStream<Bytes>,
+}
+
+impl WatchStream {
+    /// Connects to `addr`, opens a `Watch` stream as `client_id` tracking
+    /// `track`, and waits for `started`.
+    pub async fn start(addr: &str, client_id: String, track: Vec<String>) -> Result<Self, Error> {
+        let mut conn = Conn::connect(addr).await?;
+        let start = WatchRequest {
+            request: Some(WatchIn::Start(WatchStart {
+                client_id,
+                track,
+                ..Default::default()
+            })),
+        };
+        let (response, requests) = conn.open("/freshd.v1.Coordinator/Watch", &start, false)?;
+        let response = conn
+            .drive(response)
+            .await?
+            .map_err(|e| format!("watch: {e}"))?;
+        let mut stream = Self {
+            body: Body::new(response).map_err(|e| format!("watch: {e}"))?,
+            conn,
+            _requests: requests,
+        };
+        match stream.message().await? {
+            Some(WatchResponse {
+                response: Some(WatchOut::Started(_)),
+            }) => Ok(stream),
+            other => Err(format!("expected `started`, got {other:?}")),
+        }
+    }
+
+    /// The next message; `None` when the server ends the stream with OK.
+    /// Cancel-safe: what has arrived stays buffered for the next call.
+    pub async fn message(&mut self) -> Result<Option<WatchResponse>, Error> {
+        poll_fn(|cx| {
+            if let Err(e) = self.conn.poll(cx) {
+                return Poll::Ready(Err(e));
+            }
+            match self.body.poll_message(cx) {
+                Poll::Ready(Ok(None)) => self.body.poll_end(cx).map_ok(|()| None),
+                other => other,
+            }
+        })
+        .await
+    }
+}
+
+/// Reads a unary call's answer: its one message, then the trailers' status.
+async fn answer<M: Message + Default>(response: ResponseFuture) -> Result<M, Error> {
+    let response = response.await.map_err(|e| e.to_string())?;
+    if let Some(status) = status(response.headers()) {
+        // Trailers-only: a status and nothing else.
+        status?;
+        return Err("an answer without a message".into());
+    }
+    let mut body = Body::new(response)?;
+    let message = poll_fn(|cx| body.poll_message::<M>(cx))
+        .await?
+        .ok_or("an answer without a message")?;
+    if poll_fn(|cx| body.poll_message::<M>(cx)).await?.is_some() {
+        return Err("a unary answer with two messages".into());
+    }
+    poll_fn(|cx| body.poll_end(cx)).await?;
+    Ok(message)
+}
+
+/// An answer being read.
+type Answer<M> = Pin<Box<dyn Future<Output = Result<M, Error>> + Send>>;
+
+impl Conn {
+    /// Calls `method` once for every item `items` yields, with the message
+    /// `request(&item)`, as soon as the item arrives and without waiting for
+    /// earlier answers, and hands each answer to `answered` with its item.
+    /// Returns once `items` is closed and every answer is in; an error only
+    /// when the connection fails.
+    pub async fn calls<T, Req, Resp>(
+        &mut self,
+        method: &str,
+        items: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+        request: impl Fn(&T) -> Req,
+        mut answered: impl FnMut(T, Result<Resp, Error>),
+    ) -> Result<(), Error>
+    where
+        Req: Message,
+        Resp: Message + Default + 'static,
+    {
+        let mut in_flight: Vec<(Option<T>, Answer<Resp>)> = Vec::new();
+        let mut open = true;
+        poll_fn(|cx| {
+            self.poll(cx)?;
+            let mut sent = false;
+            while open {
+                match self.send.poll_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("{method}: {e}"))),
+                    Poll::Ready(Ok(())) => {}
+                }
+                match items.poll_recv(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(None) => open = false,
+                    Poll::Ready(Some(item)) => {
+                        let (response, _) = self.open(method, &request(&item), true)?;
+                        in_flight.push((Some(item), Box::pin(answer::<Resp>(response))));
+                        sent = true;
+                    }
+                }
+            }
+            in_flight.retain_mut(|(item, answer)| match answer.as_mut().poll(cx) {
+                Poll::Pending => true,
+                Poll::Ready(result) => {
+                    answered(item.take().expect("answered once"), result);
+                    false
+                }
+            });
+            if sent {
+                // Write the new calls now rather than on the next wake.
+                self.poll(cx)?;
+            }
+            if open || !in_flight.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        })
+        .await
+    }
+}
