@@ -33,9 +33,8 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use crate::auth::{Principal, QuotaExceeded, Scope};
-use crate::metrics::{unix_ms, Label, Metrics};
+use crate::metrics::{unix_ms, BatchHistogram, Label, Metrics, Tally};
 use crate::store::{Key, KeyHash};
-use prometheus_client::metrics::histogram::Histogram;
 
 /// One key changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,7 +367,7 @@ struct Sent {
 struct Resolved {
     name: String,
     label: Label,
-    written: Option<Histogram>,
+    written: Option<BatchHistogram>,
 }
 
 impl Sent {
@@ -503,12 +502,24 @@ impl Subscriber {
         };
         let mut sent = self.sent.lock();
         if self.metrics.enabled() {
-            // One clock read per batch.
+            // One clock read per batch, and one record per run of notices
+            // in a namespace.
             let now = unix_ms();
+            let mut tally = Tally::default();
+            let mut run: Option<BatchHistogram> = None;
             for n in notices {
                 if let Some(histogram) = &sent.resolve(&self.metrics, &n.key).written {
-                    histogram.observe(now.saturating_sub(n.event_time_ms) as f64 / 1000.0);
+                    if !run.as_ref().is_some_and(|r| r.same(histogram)) {
+                        if let Some(done) = run.replace(histogram.clone()) {
+                            done.add(&mut tally);
+                        }
+                    }
+                    let delay = now.saturating_sub(n.event_time_ms) as f64 / 1000.0;
+                    histogram.tally(&mut tally, delay);
                 }
+            }
+            if let Some(done) = run {
+                done.add(&mut tally);
             }
         }
         let namespace = sent.resolve(&self.metrics, &oldest.key).label.clone();
@@ -798,9 +809,10 @@ impl Hub {
                 targets.dedup_by_key(|(id, i, _)| (*id, *i));
             }
             // Each delivery records its delay; look each notice's histogram
-            // up, and read the clock, once per fan-out, not per delivery.
+            // up, read the clock and record, once per fan-out, not per
+            // delivery (the deliveries of one notice share the delay).
             let now = unix_ms();
-            let delays: Vec<Option<(Histogram, f64)>> = notices
+            let mut delays: Vec<Option<(BatchHistogram, f64, u64)>> = notices
                 .iter()
                 .map(|n| {
                     let label = self
@@ -811,6 +823,7 @@ impl Hub {
                     Some((
                         histogram,
                         now.saturating_sub(n.event_time_ms) as f64 / 1000.0,
+                        0,
                     ))
                 })
                 .collect();
@@ -826,12 +839,15 @@ impl Hub {
                             Pushed::Overflowed => overflows += 1,
                             Pushed::Queued | Pushed::Missed => {}
                         }
-                        if let Some((histogram, delay)) = &delays[i] {
-                            histogram.observe(*delay);
+                        if let Some((_, _, delivered)) = &mut delays[i] {
+                            *delivered += 1;
                         }
                     }
                 }
                 sub.wake.notify_one();
+            }
+            for (histogram, delay, delivered) in delays.into_iter().flatten() {
+                histogram.observe_n(delay, delivered);
             }
             self.conflations.fetch_add(conflations, Ordering::Relaxed);
             self.overflows.fetch_add(overflows, Ordering::Relaxed);

@@ -29,6 +29,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+mod batch;
+pub use batch::{BatchHistogram, Tally};
+
 use crate::policy::namespace;
 use crate::store::Store;
 
@@ -142,15 +145,16 @@ struct ResultLabels {
 }
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+type BatchHistograms<L> = Family<L, BatchHistogram, fn() -> BatchHistogram>;
 
-fn age_buckets() -> Histogram {
-    Histogram::new([
+fn age_buckets() -> BatchHistogram {
+    BatchHistogram::new(&[
         0.001, 0.01, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
     ])
 }
 
-fn delay_buckets() -> Histogram {
-    Histogram::new([
+fn delay_buckets() -> BatchHistogram {
+    BatchHistogram::new(&[
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ])
 }
@@ -189,8 +193,8 @@ pub struct Metrics {
     namespaces: Interner,
     endpoints: Interner,
     registry: Mutex<Registry>,
-    hit_age: Histograms<HitAgeLabels>,
-    invalidation_delay: Histograms<StageLabels>,
+    hit_age: BatchHistograms<HitAgeLabels>,
+    invalidation_delay: BatchHistograms<StageLabels>,
     served_checks: Family<NamespaceLabels, Counter>,
     stale_serves: Family<CriticalLabels, Counter>,
     missed: Family<DetectedLabels, Counter>,
@@ -385,7 +389,11 @@ impl Metrics {
     /// The histogram of `namespace`'s invalidation delays at `stage`, to
     /// record many deliveries without a lookup each (fan-out records one
     /// observation per stream a notice reaches); `None` when disabled.
-    pub fn delay_histogram(&self, namespace: &Label, stage: &'static str) -> Option<Histogram> {
+    pub fn delay_histogram(
+        &self,
+        namespace: &Label,
+        stage: &'static str,
+    ) -> Option<BatchHistogram> {
         self.enabled.then(|| {
             self.invalidation_delay
                 .get_or_create(&StageLabels {
@@ -590,7 +598,10 @@ fn code_name(code: tonic::Code) -> &'static str {
 /// The metrics of one namespace that every check records.
 struct CheckHandles {
     namespace: Label,
-    hit_age: Histogram,
+    hit_age: BatchHistogram,
+    /// Hit ages not yet added to `hit_age`: a batch's run of checks in one
+    /// namespace takes its lock once.
+    ages: Tally,
     served: Counter,
 }
 
@@ -626,6 +637,9 @@ impl CheckRecorder<'_> {
         }
         let metrics = self.metrics;
         if self.current.is_none() || self.namespace != ns {
+            if let Some(old) = &mut self.current {
+                old.hit_age.add(&mut old.ages);
+            }
             let namespace = metrics.namespaces.get(ns);
             let hit_age = metrics
                 .hit_age
@@ -645,13 +659,16 @@ impl CheckRecorder<'_> {
             self.current = Some(CheckHandles {
                 namespace,
                 hit_age,
+                ages: Tally::default(),
                 served,
             });
         }
-        let Some(handles) = &self.current else {
+        let Some(handles) = &mut self.current else {
             return;
         };
-        handles.hit_age.observe(age_ms as f64 / 1000.0);
+        handles
+            .hit_age
+            .tally(&mut handles.ages, age_ms as f64 / 1000.0);
         if served {
             handles.served.inc();
             if stale {
@@ -664,6 +681,19 @@ impl CheckRecorder<'_> {
                     .inc();
             }
         }
+    }
+
+    /// Records the hit ages gathered so far.
+    fn flush(&mut self) {
+        if let Some(handles) = &mut self.current {
+            handles.hit_age.add(&mut handles.ages);
+        }
+    }
+}
+
+impl Drop for CheckRecorder<'_> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
