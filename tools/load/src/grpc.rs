@@ -9,7 +9,7 @@
 //! per notice as the server does. The workloads that time notices use this
 //! module instead, so that both peers are driven the same way: the task
 //! that owns a [`WatchStream`] polls its h2 connection and its response
-//! body in one place, and [`Publisher`] sends calls and reads answers from
+//! body in one place, and [`Conn::calls`] sends calls and reads answers from
 //! the writer's own task.
 //!
 //! It speaks only what those workloads need: no compression, no TLS, no
@@ -271,11 +271,14 @@ impl WatchStream {
     /// Cancel-safe: what has arrived stays buffered for the next call.
     pub async fn message(&mut self) -> Result<Option<WatchResponse>, Error> {
         poll_fn(|cx| {
-            if let Err(e) = self.conn.poll(cx) {
-                return Poll::Ready(Err(e));
-            }
+            // What arrived before the connection ended is still read.
+            let conn = self.conn.poll(cx);
             match self.body.poll_message(cx) {
                 Poll::Ready(Ok(None)) => self.body.poll_end(cx).map_ok(|()| None),
+                Poll::Pending => match conn {
+                    Err(e) => Poll::Ready(Err(e)),
+                    Ok(()) => Poll::Pending,
+                },
                 other => other,
             }
         })
