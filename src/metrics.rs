@@ -638,7 +638,7 @@ impl CheckRecorder<'_> {
         let metrics = self.metrics;
         if self.current.is_none() || self.namespace != ns {
             if let Some(old) = &mut self.current {
-                old.hit_age.add(&mut old.ages);
+                old.flush();
             }
             let namespace = metrics.namespaces.get(ns);
             let hit_age = metrics
@@ -682,18 +682,20 @@ impl CheckRecorder<'_> {
             }
         }
     }
+}
 
+impl CheckHandles {
     /// Records the hit ages gathered so far.
     fn flush(&mut self) {
-        if let Some(handles) = &mut self.current {
-            handles.hit_age.add(&mut handles.ages);
-        }
+        self.hit_age.add(&mut self.ages);
     }
 }
 
 impl Drop for CheckRecorder<'_> {
     fn drop(&mut self) {
-        self.flush();
+        if let Some(handles) = &mut self.current {
+            handles.flush();
+        }
     }
 }
 
