@@ -13,7 +13,9 @@
 //! the writer's own task.
 //!
 //! It speaks only what those workloads need: no compression, no TLS, no
-//! reconnection, a fixed window. Real clients use a `Channel`.
+//! reconnection, a fixed window. Real clients use a `Channel`. The check
+//! workload keeps [`crate::H2Conn`]: its `--streams` loops share one
+//! connection from tasks of their own, which needs a connection task.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
