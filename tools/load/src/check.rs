@@ -15,9 +15,13 @@
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use freshd::pb::{CheckBatchRequest, CheckItem, CheckRequest, FillRequest, Freshness};
+use freshd::pb::{
+    CheckBatchRequest, CheckBatchResponse, CheckItem, CheckRequest, CheckResponse, FillRequest,
+    Freshness,
+};
 use rand::rngs::SmallRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -27,7 +31,7 @@ use tokio::sync::mpsc;
 use crate::pace::{self, Tick};
 use crate::resp::{self, AsyncConn, Reply};
 use crate::stats::{Latencies, Report};
-use crate::{freshd_client, parallel, secs, socket_addr, Error, Target};
+use crate::{freshd_client, grpc, parallel, secs, socket_addr, Error, Target};
 
 /// How Redis answers a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -112,7 +116,7 @@ impl Tally {
 
 /// One client connection, of either kind.
 enum Conn {
-    Freshd(freshd::pb::coordinator_client::CoordinatorClient<crate::H2Conn>),
+    Freshd(grpc::Conn),
     Redis(AsyncConn),
 }
 
@@ -164,26 +168,47 @@ fn redis_right(keys: &[usize], replies: &[Reply]) -> bool {
     }
 }
 
-/// Sends one freshd request on `keys` and says whether the answer is right.
-async fn freshd_request(
-    client: &mut freshd::pb::coordinator_client::CoordinatorClient<crate::H2Conn>,
-    keys: &[usize],
+/// A freshd request: its keys, and the moment its latency counts from.
+struct Sent {
+    from: Instant,
+    keys: Vec<usize>,
+}
+
+/// Sends freshd requests on `conn` as `next` yields them (`Check` for one
+/// key, `CheckBatch` for more), and hands each to `answered` with whether
+/// its answer was right. An error only when the connection fails.
+async fn freshd_calls(
+    conn: &mut grpc::Conn,
+    batch: usize,
     versions: &[u64],
-) -> bool {
-    if keys.len() == 1 {
-        let i = keys[0];
-        let answer = client
-            .check(CheckRequest {
-                key: key(i),
-                version: versions[i],
+    next: impl FnMut(&mut Context<'_>, usize) -> Poll<Option<Sent>>,
+    mut answered: impl FnMut(Sent, bool),
+) -> Result<(), Error> {
+    let fresh = |freshness: i32, version: u64, i: usize| {
+        freshness == Freshness::Fresh as i32 && version == versions[i]
+    };
+    if batch == 1 {
+        conn.calls(
+            "/freshd.v1.Coordinator/Check",
+            next,
+            |sent: &Sent| CheckRequest {
+                key: key(sent.keys[0]),
+                version: versions[sent.keys[0]],
                 ..Default::default()
-            })
-            .await;
-        matches!(answer, Ok(r) if r.get_ref().freshness == Freshness::Fresh as i32 && r.get_ref().version == versions[i])
+            },
+            |sent, answer: Result<CheckResponse, Error>| {
+                let right = answer.is_ok_and(|r| fresh(r.freshness, r.version, sent.keys[0]));
+                answered(sent, right)
+            },
+        )
+        .await
     } else {
-        let answer = client
-            .check_batch(CheckBatchRequest {
-                items: keys
+        conn.calls(
+            "/freshd.v1.Coordinator/CheckBatch",
+            next,
+            |sent: &Sent| CheckBatchRequest {
+                items: sent
+                    .keys
                     .iter()
                     .map(|&i| CheckItem {
                         key: key(i),
@@ -192,18 +217,19 @@ async fn freshd_request(
                     })
                     .collect(),
                 ..Default::default()
-            })
-            .await;
-        match answer {
-            Ok(r) => {
-                let results = &r.get_ref().results;
-                results.len() == keys.len()
-                    && results.iter().zip(keys).all(|(r, &i)| {
-                        r.freshness == Freshness::Fresh as i32 && r.version == versions[i]
-                    })
-            }
-            Err(_) => false,
-        }
+            },
+            |sent, answer: Result<CheckBatchResponse, Error>| {
+                let right = answer.is_ok_and(|r| {
+                    r.results.len() == sent.keys.len()
+                        && r.results
+                            .iter()
+                            .zip(&sent.keys)
+                            .all(|(r, &i)| fresh(r.freshness, r.version, i))
+                });
+                answered(sent, right)
+            },
+        )
+        .await
     }
 }
 
@@ -279,7 +305,7 @@ async fn connect(opts: &CheckOpts) -> Result<Vec<Conn>, Error> {
     let mut conns = Vec::with_capacity(opts.conns);
     for _ in 0..opts.conns {
         conns.push(match opts.target {
-            Target::Freshd => Conn::Freshd(crate::freshd_h2_client(&opts.addr).await?),
+            Target::Freshd => Conn::Freshd(grpc::Conn::connect(&opts.addr).await?),
             _ => Conn::Redis(
                 AsyncConn::connect(socket_addr(&opts.addr)?)
                     .await
@@ -306,40 +332,12 @@ async fn measure(
     let mut unanswered = 0;
     if run.rate == 0.0 {
         let mut tasks = Vec::new();
-        // Each connection carries `streams` closed loops (freshd only).
-        let loops = conns.into_iter().flat_map(|conn| {
-            let mut loops = Vec::with_capacity(opts.streams);
-            if let Conn::Freshd(client) = &conn {
-                for _ in 1..opts.streams {
-                    loops.push(Conn::Freshd(client.clone()));
-                }
-            }
-            loops.push(conn);
-            loops
-        });
-        for (c, conn) in loops.enumerate() {
+        for (c, conn) in conns.into_iter().enumerate() {
             let (tally, versions) = (tally.clone(), versions.clone());
-            let (keys, batch) = (opts.keys, run.batch);
+            let (keys, batch, streams) = (opts.keys, run.batch, opts.streams);
             tasks.push(tokio::spawn(async move {
                 let mut rng = SmallRng::seed_from_u64(c as u64 + 1);
-                let mut out = Vec::new();
-                tokio::time::sleep_until(start.into()).await;
-                let mut conn = conn;
-                loop {
-                    let sent = Instant::now();
-                    if sent >= until {
-                        break;
-                    }
-                    let picked = pick(&mut rng, keys, batch);
-                    let right = match &mut conn {
-                        Conn::Freshd(client) => freshd_request(client, &picked, &versions).await,
-                        Conn::Redis(redis) => {
-                            let n = redis_request(&picked, way_or, &mut out);
-                            redis_exchange(redis, &out, n)
-                                .await
-                                .is_some_and(|r| redis_right(&picked, &r))
-                        }
-                    };
+                let record = |sent: Instant, right: bool| {
                     let done = Instant::now();
                     if sent >= measure_from && done <= until {
                         if right {
@@ -348,11 +346,51 @@ async fn measure(
                             tally.error();
                         }
                     }
+                };
+                tokio::time::sleep_until(start.into()).await;
+                match conn {
+                    // `streams` closed loops on one connection (HTTP/2
+                    // streams): a new request as soon as one is answered.
+                    Conn::Freshd(mut conn) => {
+                        freshd_calls(
+                            &mut conn,
+                            batch,
+                            &versions,
+                            |_, in_flight| {
+                                let from = Instant::now();
+                                if from >= until {
+                                    Poll::Ready(None)
+                                } else if in_flight < streams {
+                                    let keys = pick(&mut rng, keys, batch);
+                                    Poll::Ready(Some(Sent { from, keys }))
+                                } else {
+                                    Poll::Pending
+                                }
+                            },
+                            |sent, right| record(sent.from, right),
+                        )
+                        .await
+                    }
+                    Conn::Redis(mut redis) => {
+                        let mut out = Vec::new();
+                        loop {
+                            let sent = Instant::now();
+                            if sent >= until {
+                                return Ok(());
+                            }
+                            let picked = pick(&mut rng, keys, batch);
+                            let n = redis_request(&picked, way_or, &mut out);
+                            let right = redis_exchange(&mut redis, &out, n)
+                                .await
+                                .is_some_and(|r| redis_right(&picked, &r));
+                            record(sent, right);
+                        }
+                    }
                 }
             }));
         }
         for t in tasks {
-            t.await.map_err(|e| format!("client task: {e}"))?;
+            t.await.map_err(|e| format!("client task: {e}"))??;
         }
     } else {
         let mut queues = Vec::new();
@@ -452,31 +490,36 @@ async fn open_conn(
 ) {
     let mut rng = SmallRng::seed_from_u64(c as u64 + 1);
     match conn {
-        Conn::Freshd(client) => {
-            let mut requests = tokio::task::JoinSet::new();
-            while let Some(tick) = ticks.recv().await {
-                let picked = pick(&mut rng, keys, batch);
-                let (mut client, versions, tally, in_flight) = (
-                    client.clone(),
-                    versions.clone(),
-                    tally.clone(),
-                    in_flight.clone(),
-                );
-                in_flight.fetch_add(1, Ordering::Relaxed);
-                requests.spawn(async move {
-                    let right = freshd_request(&mut client, &picked, &versions).await;
+        Conn::Freshd(mut conn) => {
+            // A connection that fails leaves its calls unanswered.
+            let _ = freshd_calls(
+                &mut conn,
+                batch,
+                &versions,
+                |cx, _| {
+                    ticks.poll_recv(cx).map(|tick| {
+                        tick.map(|tick| {
+                            in_flight.fetch_add(1, Ordering::Relaxed);
+                            let keys = pick(&mut rng, keys, batch);
+                            Sent {
+                                from: tick.intended,
+                                keys,
+                            }
+                        })
+                    })
+                },
+                |sent, right| {
                     in_flight.fetch_sub(1, Ordering::Relaxed);
-                    if tick.intended >= measure_from {
+                    if sent.from >= measure_from {
                         if right {
-                            tally.ok(tick.intended.elapsed());
+                            tally.ok(sent.from.elapsed());
                         } else {
                             tally.error();
                         }
                     }
-                });
-                while requests.try_join_next().is_some() {}
-            }
-            while requests.join_next().await.is_some() {}
+                },
+            )
+            .await;
         }
         Conn::Redis(redis) => {
             let (mut reader, mut writer) = redis.into_split();

@@ -5,17 +5,15 @@
 //! between a call and the socket (its request queue's worker and hyper's
 //! connection task), and a tonic `Streaming` body decodes through a third
 //! layer; each hop is a wake-up on the load tool's one core, paid per
-//! notice, and at 1,000 subscribers the load tool then spends as much CPU
-//! per notice as the server does. The workloads that time notices use this
-//! module instead, so that both peers are driven the same way: the task
-//! that owns a [`WatchStream`] polls its h2 connection and its response
-//! body in one place, and [`Conn::calls`] sends calls and reads answers from
-//! the writer's own task.
+//! notice or check, and the load tool then spends as much CPU per call as
+//! the server does (at 50,000 checks a second it was the bottleneck). The
+//! workloads that time calls use this module instead, so that both peers
+//! are driven the same way: the task that owns a [`WatchStream`] polls its
+//! h2 connection and its response body in one place, and [`Conn::calls`]
+//! sends calls and reads answers from the task that times them.
 //!
 //! It speaks only what those workloads need: no compression, no TLS, no
-//! reconnection, a fixed window. Real clients use a `Channel`. The check
-//! workload keeps [`crate::H2Conn`]: its `--streams` loops share one
-//! connection from tasks of their own, which needs a connection task.
+//! reconnection, a fixed window. Real clients use a `Channel`.
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -311,15 +309,17 @@ async fn answer<M: Message + Default>(response: ResponseFuture) -> Result<M, Err
 type Answer<M> = Pin<Box<dyn Future<Output = Result<M, Error>> + Send>>;
 
 impl Conn {
-    /// Calls `method` once for every item `items` yields, with the message
-    /// `request(&item)`, as soon as the item arrives and without waiting for
+    /// Calls `method` once for every item `next` yields, with the message
+    /// `request(&item)`, as soon as the item comes and without waiting for
     /// earlier answers, and hands each answer to `answered` with its item.
-    /// Returns once `items` is closed and every answer is in; an error only
-    /// when the connection fails.
+    /// `next` is told how many calls are in flight, so that a closed loop
+    /// can hold back until one is answered (it is asked again then); an
+    /// open loop ignores it. Returns once `next` has ended and every answer
+    /// is in; an error only when the connection fails.
     pub async fn calls<T, Req, Resp>(
         &mut self,
         method: &str,
-        items: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+        mut next: impl FnMut(&mut Context<'_>, usize) -> Poll<Option<T>>,
         request: impl Fn(&T) -> Req,
         mut answered: impl FnMut(T, Result<Resp, Error>),
     ) -> Result<(), Error>
@@ -331,33 +331,40 @@ impl Conn {
         let mut open = true;
         poll_fn(|cx| {
             self.poll(cx)?;
-            let mut sent = false;
-            while open {
-                match self.send.poll_ready(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("{method}: {e}"))),
-                    Poll::Ready(Ok(())) => {}
-                }
-                match items.poll_recv(cx) {
-                    Poll::Pending => break,
-                    Poll::Ready(None) => open = false,
-                    Poll::Ready(Some(item)) => {
-                        let (response, _) = self.open(method, &request(&item), true)?;
-                        in_flight.push((Some(item), Box::pin(answer::<Resp>(response))));
-                        sent = true;
+            loop {
+                let mut sent = false;
+                while open {
+                    match self.send.poll_ready(cx) {
+                        Poll::Pending => break,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("{method}: {e}"))),
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    match next(cx, in_flight.len()) {
+                        Poll::Pending => break,
+                        Poll::Ready(None) => open = false,
+                        Poll::Ready(Some(item)) => {
+                            let (response, _) = self.open(method, &request(&item), true)?;
+                            in_flight.push((Some(item), Box::pin(answer::<Resp>(response))));
+                            sent = true;
+                        }
                     }
                 }
-            }
-            in_flight.retain_mut(|(item, answer)| match answer.as_mut().poll(cx) {
-                Poll::Pending => true,
-                Poll::Ready(result) => {
-                    answered(item.take().expect("answered once"), result);
-                    false
+                if sent {
+                    // Write the new calls now rather than on the next wake.
+                    self.poll(cx)?;
                 }
-            });
-            if sent {
-                // Write the new calls now rather than on the next wake.
-                self.poll(cx)?;
+                let before = in_flight.len();
+                in_flight.retain_mut(|(item, answer)| match answer.as_mut().poll(cx) {
+                    Poll::Pending => true,
+                    Poll::Ready(result) => {
+                        answered(item.take().expect("answered once"), result);
+                        false
+                    }
+                });
+                // An answer frees a place that `next` may fill at once.
+                if in_flight.len() == before || !open {
+                    break;
+                }
             }
             if open || !in_flight.is_empty() {
                 Poll::Pending

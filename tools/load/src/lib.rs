@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use freshd::pb::coordinator_client::CoordinatorClient;
-use freshd_client::coalesce::{Coalesce, Connector};
+use freshd_client::coalesce::Connector;
 use tonic::transport::Channel;
 
 /// The generated client of the etcd v3 API subset in `proto/etcd.proto`.
@@ -98,69 +98,6 @@ pub async fn freshd_client(addr: &str) -> Result<CoordinatorClient<Channel>, Err
     Ok(CoordinatorClient::new(grpc_channel(addr).await?)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
-}
-
-/// One HTTP/2 connection used as a gRPC transport directly: hyper's client
-/// connection, without the request queue and task that a tonic `Channel`
-/// puts in front of it (a channel hands every call to a worker task, which
-/// at thousands of calls per second costs the load tool a core of its own
-/// before the server is busy). The workloads that time requests use it, so
-/// that what they measure is the server; it has no reconnection, timeouts
-/// or load balancing, which a `Channel` gives real clients. Its writes go
-/// through [`Coalesce`], so a request leaves in one TCP segment.
-#[derive(Clone)]
-pub struct H2Conn {
-    send: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
-}
-
-impl H2Conn {
-    /// Connects to `host:port` (TCP with `TCP_NODELAY`) and starts the
-    /// connection's task.
-    pub async fn connect(addr: &str) -> Result<Self, Error> {
-        let tcp = tokio::net::TcpStream::connect(socket_addr(addr)?)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        tcp.set_nodelay(true)
-            .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
-        let (send, conn) =
-            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .handshake(hyper_util::rt::TokioIo::new(Coalesce::new(tcp)))
-                .await
-                .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
-        tokio::spawn(conn);
-        Ok(Self { send })
-    }
-}
-
-impl tower_service::Service<http::Request<tonic::body::Body>> for H2Conn {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), hyper::Error>> {
-        self.send.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.send.send_request(request))
-    }
-}
-
-/// A freshd client on an [`H2Conn`] of its own.
-pub async fn freshd_h2_client(addr: &str) -> Result<CoordinatorClient<H2Conn>, Error> {
-    let origin = format!("http://{addr}")
-        .parse()
-        .map_err(|e| format!("bad address {addr}: {e}"))?;
-    Ok(
-        CoordinatorClient::with_origin(H2Conn::connect(addr).await?, origin)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20),
-    )
 }
 
 /// Runs `job(i)` for every `i` in `0..n` on `workers` concurrent tasks

@@ -299,7 +299,7 @@ async fn write(
             let mut conn = grpc::Conn::connect(&opts.addr).await?;
             conn.calls(
                 "/freshd.v1.Coordinator/Publish",
-                &mut ticks,
+                |cx, _| ticks.poll_recv(cx),
                 |tick| PublishRequest {
                     changes: vec![Change {
                         key: format!("hot:{}", tick.index),
