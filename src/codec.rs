@@ -61,8 +61,12 @@ impl<U: Message + Default> TonicDecoder for Decoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
+        U::decode(buf).map(Some).map_err(malformed)
     }
+}
+
+/// The status of a request that does not decode: `INVALID_ARGUMENT`, with
+/// prost's message, which names the message and field.
+pub fn malformed(e: prost::DecodeError) -> Status {
+    Status::invalid_argument(format!("malformed request: {e}"))
 }

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::{HeaderMap, HeaderValue, Request, Response};
@@ -118,6 +118,85 @@ impl RequestBody {
             done,
         }
     }
+
+    /// A unary call's one message, without its 5-byte gRPC prefix: the body
+    /// is read to its end (trailers aside) and must hold exactly one
+    /// uncompressed message of at most `max` bytes. A message above `max` is
+    /// refused from its prefix, before the rest is read.
+    pub(crate) async fn unary_message(&mut self, max: usize) -> Result<Bytes, Status> {
+        let mut body = Bytes::new();
+        let mut more = BytesMut::new();
+        while !self.data_done {
+            let data = std::future::poll_fn(|cx| self.recv.poll_data(cx)).await;
+            let data = match data {
+                Some(Ok(data)) => data,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Err(Status::cancelled(format!(
+                        "the request's stream failed: {e}"
+                    )));
+                }
+                None => {
+                    self.data_done = true;
+                    break;
+                }
+            };
+            let _ = self.recv.flow_control().release_capacity(data.len());
+            if body.is_empty() && more.is_empty() {
+                // Most requests come in one frame: no copy.
+                body = data;
+            } else {
+                if more.is_empty() {
+                    more.extend_from_slice(&body);
+                }
+                more.extend_from_slice(&data);
+            }
+            let have = if more.is_empty() { &body } else { &more[..] };
+            if have.len() >= 5 {
+                message_len(have, max)?;
+            }
+        }
+        if !more.is_empty() {
+            body = more.freeze();
+        }
+        if body.len() < 5 {
+            return Err(Status::invalid_argument(
+                "a unary call's request must be one message; the body held none",
+            ));
+        }
+        let len = message_len(&body, max)?;
+        let held = body.len() - 5;
+        if held < len {
+            return Err(Status::invalid_argument(format!(
+                "the request's body ended inside its message: {held} of {len} bytes"
+            )));
+        }
+        if held > len {
+            return Err(Status::invalid_argument(format!(
+                "a unary call's request must be one message; the body held {} bytes after it",
+                held - len
+            )));
+        }
+        body.advance(5);
+        Ok(body)
+    }
+}
+
+/// The length a gRPC message prefix (at the start of `have`) announces;
+/// refused when it is compressed (freshd accepts none) or above `max`.
+fn message_len(have: &[u8], max: usize) -> Result<usize, Status> {
+    if have[0] != 0 {
+        return Err(Status::unimplemented(
+            "compressed requests are not accepted (grpc-encoding: identity only)",
+        ));
+    }
+    let len = u32::from_be_bytes([have[1], have[2], have[3], have[4]]) as usize;
+    if len > max {
+        return Err(Status::out_of_range(format!(
+            "a request message of {len} bytes exceeds the limit of {max} (max_message_bytes)"
+        )));
+    }
+    Ok(len)
 }
 
 impl HttpBody for RequestBody {
@@ -342,6 +421,49 @@ fn poll_room(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Result<
     Poll::Ready(Ok(()))
 }
 
+/// `message` framed for the wire (the 5-byte gRPC prefix, then the
+/// message); refused when above `max` bytes, as `what`.
+pub(crate) fn frame(message: &impl Message, max: usize, what: &str) -> Result<Bytes, Status> {
+    let len = message.encoded_len();
+    if len > max {
+        return Err(Status::out_of_range(format!(
+            "{what} of {len} bytes exceeds the limit of {max} (max_message_bytes)"
+        )));
+    }
+    let mut frame = Vec::with_capacity(5 + len);
+    frame.put_u8(0);
+    frame.put_u32(len as u32);
+    message.encode(&mut frame).expect("a Vec grows as needed");
+    Ok(Bytes::from(frame))
+}
+
+/// Answers a unary call: the headers, the framed message and the OK
+/// trailers; or, for an error, its status in the headers alone.
+pub(crate) fn answer_unary(reply: &mut SendResponse<Bytes>, answer: Result<Bytes, Status>) {
+    let frame = match answer {
+        Ok(frame) => frame,
+        Err(status) => {
+            let _ = reply.send_response(status.into_http::<()>(), true);
+            return;
+        }
+    };
+    // A stream the client has left fails these; there is no one to tell.
+    let Ok(mut send) = reply.send_response(grpc_response(), false) else {
+        return;
+    };
+    if send.send_data(frame, false).is_ok() {
+        let mut trailers = HeaderMap::with_capacity(1);
+        trailers.insert(GRPC_STATUS, GRPC_OK);
+        let _ = send.send_trailers(trailers);
+    }
+}
+
+/// `grpc-status`.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// The `grpc-status` of OK.
+const GRPC_OK: HeaderValue = HeaderValue::from_static("0");
+
 /// `content-type: application/grpc`.
 const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
 
@@ -395,22 +517,6 @@ impl GrpcOutbox {
             self.send.send_reset(Reason::INTERNAL_ERROR);
         }
     }
-
-    /// The message framed for the wire.
-    fn frame(&self, message: &pb::WatchResponse) -> Result<Bytes, Status> {
-        let len = message.encoded_len();
-        if len > self.max_message {
-            return Err(Status::out_of_range(format!(
-                "a Watch message of {len} bytes exceeds the limit of {} (max_message_bytes)",
-                self.max_message
-            )));
-        }
-        let mut frame = Vec::with_capacity(5 + len);
-        frame.put_u8(0);
-        frame.put_u32(len as u32);
-        message.encode(&mut frame).expect("a Vec grows as needed");
-        Ok(Bytes::from(frame))
-    }
 }
 
 impl Outbox for GrpcOutbox {
@@ -425,7 +531,7 @@ impl Outbox for GrpcOutbox {
                 return Ok(());
             }
         };
-        let frame = match self.frame(&message) {
+        let frame = match frame(&message, self.max_message, "a Watch message") {
             Ok(frame) => frame,
             Err(status) => {
                 self.end(&status);

@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::log::MemoryLog;
 use crate::metrics::Metrics;
 use crate::pb::coordinator_server::CoordinatorServer;
-use crate::routes::{DirectWatch, Guarded, Routes};
+use crate::routes::{Direct, Guarded, Routes};
 use crate::service::CoordinatorService;
 use crate::store::Store;
 use crate::tls::Reloadable;
@@ -171,7 +171,7 @@ async fn serve_until(
         interceptor.clone(),
         auth.enabled(),
     ))
-    .watch(DirectWatch::new(
+    .direct(Direct::new(
         service,
         interceptor.clone(),
         auth.enabled(),

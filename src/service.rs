@@ -1,6 +1,7 @@
 //! The gRPC handlers of `freshd.v1.Coordinator`: validate, call the store,
 //! convert. Nothing else lives here.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,6 +19,7 @@ use crate::pb::{self, coordinator_server::Coordinator};
 use crate::policy::{self, Decision};
 use crate::store::{CheckAnswer, Freshness, Store};
 use crate::validate::{self, Limits};
+use crate::wire::{CheckBatchRequestRef, CheckRequestRef};
 
 /// The Coordinator service over a shared [`Store`].
 pub struct CoordinatorService {
@@ -173,6 +175,47 @@ impl CoordinatorService {
     fn same_epoch(&self, epoch: u64) -> bool {
         epoch == 0 || epoch == self.store.epoch()
     }
+
+    /// `Check`, for `who` (when authentication is on), with the request's
+    /// strings borrowed: the generated handler and the router's direct path
+    /// ([`crate::routes`]) both answer with it.
+    pub async fn check_ref(
+        &self,
+        who: Option<&Arc<Principal>>,
+        request: CheckRequestRef<'_>,
+    ) -> Result<pb::CheckResponse, Status> {
+        let start = Instant::now();
+        let result = match self.gate() {
+            Ok(()) => self.check_inner(who, request).await,
+            Err(status) => Err(status),
+        };
+        self.observe("Check", start, &result);
+        result
+    }
+
+    /// `CheckBatch`, as [`CoordinatorService::check_ref`].
+    pub async fn check_batch_ref(
+        &self,
+        who: Option<&Arc<Principal>>,
+        request: CheckBatchRequestRef<'_>,
+    ) -> Result<pb::CheckBatchResponse, Status> {
+        let start = Instant::now();
+        let result = match self.gate() {
+            Ok(()) => self.check_batch_inner(who, request).await,
+            Err(status) => Err(status),
+        };
+        self.observe("CheckBatch", start, &result);
+        result
+    }
+}
+
+/// The client id a check counts under: the request's, prefixed with the
+/// principal's name when authentication is on.
+fn owned_client_id<'a>(who: Option<&Arc<Principal>>, client_id: &'a str) -> Cow<'a, str> {
+    match who {
+        Some(who) => Cow::Owned(crate::auth::client_id(Some(who), client_id.to_owned())),
+        None => Cow::Borrowed(client_id),
+    }
 }
 
 /// The authenticated principal of a request; `None` when authentication is
@@ -304,26 +347,22 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        let start = Instant::now();
-        let result = match self.gate() {
-            Ok(()) => self.check_inner(request).await,
-            Err(status) => Err(status),
-        };
-        self.observe("Check", start, &result);
-        result
+        let who = caller(&request);
+        let request = request.into_inner();
+        self.check_ref(who.as_ref(), CheckRequestRef::of(&request))
+            .await
+            .map(Response::new)
     }
 
     async fn check_batch(
         &self,
         request: Request<pb::CheckBatchRequest>,
     ) -> Result<Response<pb::CheckBatchResponse>, Status> {
-        let start = Instant::now();
-        let result = match self.gate() {
-            Ok(()) => self.check_batch_inner(request).await,
-            Err(status) => Err(status),
-        };
-        self.observe("CheckBatch", start, &result);
-        result
+        let who = caller(&request);
+        let request = request.into_inner();
+        self.check_batch_ref(who.as_ref(), CheckBatchRequestRef::of(&request))
+            .await
+            .map(Response::new)
     }
 
     async fn lease(
@@ -407,7 +446,7 @@ impl Coordinator for CoordinatorService {
 
 impl CoordinatorService {
     /// Opens a Watch stream for a caller served outside tonic's generated
-    /// handler (the router's [`crate::routes::DirectWatch`]): reads and
+    /// handler (the router's [`crate::routes::Direct`]): reads and
     /// checks the first message and registers the stream, counted as a
     /// `Watch` call. `request` carries the authenticated principal, if any.
     pub async fn open_watch(
@@ -532,27 +571,25 @@ impl CoordinatorService {
 
     async fn check_inner(
         &self,
-        request: Request<pb::CheckRequest>,
-    ) -> Result<Response<pb::CheckResponse>, Status> {
-        let who = caller(&request);
-        let mut request = request.into_inner();
-        self.limits.key(|| "key".to_owned(), &request.key)?;
-        if let Some(who) = &who {
-            who.require_key(Scope::Check, &request.key)?;
-            request.client_id =
-                crate::auth::client_id(Some(who), std::mem::take(&mut request.client_id));
+        who: Option<&Arc<Principal>>,
+        request: CheckRequestRef<'_>,
+    ) -> Result<pb::CheckResponse, Status> {
+        self.limits.key(|| "key".to_owned(), request.key)?;
+        if let Some(who) = who {
+            who.require_key(Scope::Check, request.key)?;
         }
+        let client_id = owned_client_id(who, request.client_id);
         self.wait_for(request.min_seq).await?;
-        let policy = self.store.policy_for(&request.key);
+        let policy = self.store.policy_for(request.key);
         let (answer, seq) = if self.same_epoch(request.epoch) {
             let (answer, seq) = self
                 .store
-                .check(&request.key, request.version, request.age_ms);
-            let streams = self.store.hub().streams_of(&request.client_id);
+                .check(request.key, request.version, request.age_ms);
+            let streams = self.store.hub().streams_of(&client_id);
             self.record_check(
-                &mut self.store.metrics().check_recorder(&request.endpoint),
-                &request.key,
-                policy::namespace(&request.key),
+                &mut self.store.metrics().check_recorder(request.endpoint),
+                request.key,
+                policy::namespace(request.key),
                 request.version,
                 request.age_ms,
                 request.served,
@@ -570,7 +607,7 @@ impl CoordinatorService {
         } else {
             (UNKNOWN, self.store.seq())
         };
-        Ok(Response::new(pb::CheckResponse {
+        Ok(pb::CheckResponse {
             freshness: answer.freshness,
             version: answer.version,
             critical: answer.critical,
@@ -578,34 +615,32 @@ impl CoordinatorService {
             epoch: self.store.epoch(),
             decision: answer.decision,
             check_sample_rate: policy.check_sample_rate,
-        }))
+        })
     }
 
     async fn check_batch_inner(
         &self,
-        request: Request<pb::CheckBatchRequest>,
-    ) -> Result<Response<pb::CheckBatchResponse>, Status> {
-        let who = caller(&request);
-        let mut request = request.into_inner();
+        who: Option<&Arc<Principal>>,
+        request: CheckBatchRequestRef<'_>,
+    ) -> Result<pb::CheckBatchResponse, Status> {
         self.limits.batch("items", request.items.len())?;
         for (i, item) in request.items.iter().enumerate() {
-            self.limits.key(|| format!("items[{i}].key"), &item.key)?;
+            self.limits.key(|| format!("items[{i}].key"), item.key)?;
         }
-        if let Some(who) = &who {
+        if let Some(who) = who {
             for item in &request.items {
-                who.require_key(Scope::Check, &item.key)?;
+                who.require_key(Scope::Check, item.key)?;
             }
-            request.client_id =
-                crate::auth::client_id(Some(who), std::mem::take(&mut request.client_id));
         }
+        let client_id = owned_client_id(who, request.client_id);
         self.wait_for(request.min_seq).await?;
         let (results, seq) = if self.same_epoch(request.epoch) {
             let (answers, seq) = self
                 .store
-                .check_batch(&request.items, |i| (i.key.as_str(), i.version, i.age_ms));
+                .check_batch(&request.items, |i| (i.key, i.version, i.age_ms));
             let policies = self.store.policies();
-            let streams = self.store.hub().streams_of(&request.client_id);
-            let mut recorder = self.store.metrics().check_recorder(&request.endpoint);
+            let streams = self.store.hub().streams_of(&client_id);
+            let mut recorder = self.store.metrics().check_recorder(request.endpoint);
             // A batch's keys mostly share a namespace: look its policy up
             // once per run of keys.
             let mut current: Option<(&str, &policy::Policy)> = None;
@@ -613,10 +648,10 @@ impl CoordinatorService {
                 .into_iter()
                 .zip(&request.items)
                 .map(|(a, item)| {
-                    let ns = policy::namespace(&item.key);
+                    let ns = policy::namespace(item.key);
                     self.record_check(
                         &mut recorder,
-                        &item.key,
+                        item.key,
                         ns,
                         item.version,
                         item.age_ms,
@@ -639,11 +674,11 @@ impl CoordinatorService {
         } else {
             (vec![UNKNOWN; request.items.len()], self.store.seq())
         };
-        Ok(Response::new(pb::CheckBatchResponse {
+        Ok(pb::CheckBatchResponse {
             results,
             seq,
             epoch: self.store.epoch(),
-        }))
+        })
     }
 
     async fn lease_inner(

@@ -1,5 +1,6 @@
-//! Hand-written wire types for the one message where the generated type costs
-//! too much: `freshd.v1.NoticeBatch`.
+//! Hand-written wire types for the messages where the generated types cost
+//! too much: `freshd.v1.NoticeBatch` on the way out, and the check requests
+//! on the way in.
 //!
 //! A publish that reaches 1,000 streams would otherwise build and encode each
 //! of its notices 1,000 times, two `String` copies each. Instead a notice is
@@ -8,12 +9,229 @@
 //! ([`NoticeBatch::from_encoded`]). On the wire nothing changes: a batch is
 //! still `repeated Notice notices = 1`, and decoding one gives
 //! [`NoticeBatch::notices`] as the generated type would.
+//!
+//! A check request decoded by prost is a `String` per key, allocated, copied
+//! and freed for a lookup that only reads it: a tenth of a 1,000-key batch's
+//! server time. [`CheckRequestRef`] and [`CheckBatchRequestRef`] borrow
+//! their strings from the request's bytes instead. They decode what prost
+//! decodes, to the same values; input they do not take (a malformed
+//! message, a group, anything unusual) is handed to prost, whose answer,
+//! decoded message or error, is then the answer.
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{self, DecodeContext, WireType};
 use prost::{DecodeError, Message};
 
 use crate::pb;
+
+/// `freshd.v1.CheckRequest`, its strings borrowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckRequestRef<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// The cached copy's version.
+    pub version: u64,
+    /// The cached copy's age, ms.
+    pub age_ms: u64,
+    /// The epoch the version came from; 0 for none.
+    pub epoch: u64,
+    /// Read your writes: the seq to wait for.
+    pub min_seq: u64,
+    /// The endpoint serving the copy, for the metrics.
+    pub endpoint: &'a str,
+    /// Whether the copy was served before the check.
+    pub served: bool,
+    /// The client's id.
+    pub client_id: &'a str,
+}
+
+impl<'a> CheckRequestRef<'a> {
+    /// Decodes `buf`, as prost would decode a [`pb::CheckRequest`].
+    pub fn decode(buf: &'a [u8]) -> Result<Self, OwnedOr<pb::CheckRequest>> {
+        Self::decode_fast(buf).ok_or_else(|| OwnedOr::decode(buf))
+    }
+
+    fn decode_fast(mut buf: &'a [u8]) -> Option<Self> {
+        let mut m = Self::default();
+        while !buf.is_empty() {
+            let (tag, wire) = encoding::decode_key(&mut buf).ok()?;
+            match tag {
+                1 => m.key = string(wire, &mut buf)?,
+                2 => m.version = uint(wire, &mut buf)?,
+                3 => m.age_ms = uint(wire, &mut buf)?,
+                4 => m.epoch = uint(wire, &mut buf)?,
+                5 => m.min_seq = uint(wire, &mut buf)?,
+                6 => m.endpoint = string(wire, &mut buf)?,
+                7 => m.served = uint(wire, &mut buf)? != 0,
+                8 => m.client_id = string(wire, &mut buf)?,
+                _ => skip(wire, tag, &mut buf)?,
+            }
+        }
+        Some(m)
+    }
+
+    /// A view of a decoded request.
+    pub fn of(m: &'a pb::CheckRequest) -> Self {
+        Self {
+            key: &m.key,
+            version: m.version,
+            age_ms: m.age_ms,
+            epoch: m.epoch,
+            min_seq: m.min_seq,
+            endpoint: &m.endpoint,
+            served: m.served,
+            client_id: &m.client_id,
+        }
+    }
+}
+
+/// `freshd.v1.CheckItem`, its key borrowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckItemRef<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// The cached copy's version.
+    pub version: u64,
+    /// The cached copy's age, ms.
+    pub age_ms: u64,
+    /// Whether the copy was served before the check.
+    pub served: bool,
+}
+
+impl<'a> CheckItemRef<'a> {
+    fn decode_fast(mut buf: &'a [u8]) -> Option<Self> {
+        let mut m = Self::default();
+        while !buf.is_empty() {
+            let (tag, wire) = encoding::decode_key(&mut buf).ok()?;
+            match tag {
+                1 => m.key = string(wire, &mut buf)?,
+                2 => m.version = uint(wire, &mut buf)?,
+                3 => m.age_ms = uint(wire, &mut buf)?,
+                4 => m.served = uint(wire, &mut buf)? != 0,
+                _ => skip(wire, tag, &mut buf)?,
+            }
+        }
+        Some(m)
+    }
+}
+
+/// `freshd.v1.CheckBatchRequest`, its strings borrowed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckBatchRequestRef<'a> {
+    /// The items, in order.
+    pub items: Vec<CheckItemRef<'a>>,
+    /// The epoch the versions came from; 0 for none.
+    pub epoch: u64,
+    /// Read your writes: the seq to wait for.
+    pub min_seq: u64,
+    /// The endpoint serving the copies, for the metrics.
+    pub endpoint: &'a str,
+    /// The client's id.
+    pub client_id: &'a str,
+}
+
+impl<'a> CheckBatchRequestRef<'a> {
+    /// Decodes `buf`, as prost would decode a [`pb::CheckBatchRequest`].
+    pub fn decode(buf: &'a [u8]) -> Result<Self, OwnedOr<pb::CheckBatchRequest>> {
+        Self::decode_fast(buf).ok_or_else(|| OwnedOr::decode(buf))
+    }
+
+    fn decode_fast(mut buf: &'a [u8]) -> Option<Self> {
+        let mut m = Self::default();
+        while !buf.is_empty() {
+            let (tag, wire) = encoding::decode_key(&mut buf).ok()?;
+            match tag {
+                1 => {
+                    if wire != WireType::LengthDelimited {
+                        return None;
+                    }
+                    m.items.push(CheckItemRef::decode_fast(bytes(&mut buf)?)?);
+                }
+                2 => m.epoch = uint(wire, &mut buf)?,
+                3 => m.min_seq = uint(wire, &mut buf)?,
+                4 => m.endpoint = string(wire, &mut buf)?,
+                5 => m.client_id = string(wire, &mut buf)?,
+                _ => skip(wire, tag, &mut buf)?,
+            }
+        }
+        Some(m)
+    }
+
+    /// A view of a decoded request.
+    pub fn of(m: &'a pb::CheckBatchRequest) -> Self {
+        Self {
+            items: m
+                .items
+                .iter()
+                .map(|i| CheckItemRef {
+                    key: &i.key,
+                    version: i.version,
+                    age_ms: i.age_ms,
+                    served: i.served,
+                })
+                .collect(),
+            epoch: m.epoch,
+            min_seq: m.min_seq,
+            endpoint: &m.endpoint,
+            client_id: &m.client_id,
+        }
+    }
+}
+
+/// What prost made of a request the borrowing decoder did not take: the
+/// message, or prost's error.
+#[derive(Debug)]
+pub enum OwnedOr<M> {
+    /// Prost decoded it.
+    Owned(M),
+    /// Prost refused it too.
+    Malformed(DecodeError),
+}
+
+impl<M: Message + Default> OwnedOr<M> {
+    fn decode(buf: &[u8]) -> Self {
+        match M::decode(buf) {
+            Ok(m) => OwnedOr::Owned(m),
+            Err(e) => OwnedOr::Malformed(e),
+        }
+    }
+}
+
+/// A length-delimited field's bytes.
+fn bytes<'a>(buf: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let len = encoding::decode_varint(buf).ok()?;
+    if len > buf.len() as u64 {
+        return None;
+    }
+    let (field, rest) = buf.split_at(len as usize);
+    *buf = rest;
+    Some(field)
+}
+
+/// A `string` field.
+fn string<'a>(wire: WireType, buf: &mut &'a [u8]) -> Option<&'a str> {
+    if wire != WireType::LengthDelimited {
+        return None;
+    }
+    std::str::from_utf8(bytes(buf)?).ok()
+}
+
+/// A `uint64` or `bool` field, as its varint.
+fn uint(wire: WireType, buf: &mut &[u8]) -> Option<u64> {
+    if wire != WireType::Varint {
+        return None;
+    }
+    encoding::decode_varint(buf).ok()
+}
+
+/// Skips an unknown field; a group (deprecated, never sent by freshd's
+/// clients) is left to prost.
+fn skip(wire: WireType, tag: u32, buf: &mut &[u8]) -> Option<()> {
+    if matches!(wire, WireType::StartGroup | WireType::EndGroup) {
+        return None;
+    }
+    encoding::skip_field(wire, tag, buf, DecodeContext::default()).ok()
+}
 
 /// `freshd.v1.NoticeBatch`: the notices of one Watch response, in seq order.
 ///
@@ -208,6 +426,217 @@ mod tests {
         assert_eq!(NoticeBatch::decode(&bytes[..]).unwrap().notices, notices);
         // Built one by one, the same bytes.
         assert_eq!(NoticeBatch::new(notices).encode_to_vec(), bytes);
+    }
+
+    mod requests {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        fn check_request() -> impl Strategy<Value = pb::CheckRequest> {
+            (
+                ".{0,24}",
+                any::<u64>(),
+                any::<u64>(),
+                prop_oneof![Just(0u64), any::<u64>()],
+                any::<u64>(),
+                ".{0,8}",
+                any::<bool>(),
+                ".{0,8}",
+            )
+                .prop_map(
+                    |(key, version, age_ms, epoch, min_seq, endpoint, served, client_id)| {
+                        pb::CheckRequest {
+                            key,
+                            version,
+                            age_ms,
+                            epoch,
+                            min_seq,
+                            endpoint,
+                            served,
+                            client_id,
+                        }
+                    },
+                )
+        }
+
+        fn check_batch_request() -> impl Strategy<Value = pb::CheckBatchRequest> {
+            (
+                vec(
+                    (".{0,16}", any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+                        |(key, version, age_ms, served)| pb::CheckItem {
+                            key,
+                            version,
+                            age_ms,
+                            served,
+                        },
+                    ),
+                    0..8,
+                ),
+                any::<u64>(),
+                any::<u64>(),
+                ".{0,8}",
+                ".{0,8}",
+            )
+                .prop_map(|(items, epoch, min_seq, endpoint, client_id)| {
+                    pb::CheckBatchRequest {
+                        items,
+                        epoch,
+                        min_seq,
+                        endpoint,
+                        client_id,
+                    }
+                })
+        }
+
+        /// A piece of a request's bytes: messages laid end to end merge,
+        /// unknown fields are skipped, and anything else may break it.
+        fn pieces(message: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                4 => message,
+                // Unknown fields of every wire type but groups.
+                1 => (9u32..40, any::<u64>()).prop_map(|(tag, v)| {
+                    let mut b = Vec::new();
+                    encoding::encode_key(tag, WireType::Varint, &mut b);
+                    encoding::encode_varint(v, &mut b);
+                    b
+                }),
+                1 => (9u32..40, vec(any::<u8>(), 0..12)).prop_map(|(tag, bytes)| {
+                    let mut b = Vec::new();
+                    encoding::encode_key(tag, WireType::LengthDelimited, &mut b);
+                    encoding::encode_varint(bytes.len() as u64, &mut b);
+                    b.extend_from_slice(&bytes);
+                    b
+                }),
+                1 => (9u32..40, any::<u64>()).prop_map(|(tag, v)| {
+                    let mut b = Vec::new();
+                    encoding::encode_key(tag, WireType::SixtyFourBit, &mut b);
+                    b.extend_from_slice(&v.to_le_bytes());
+                    b
+                }),
+                // A group, which only prost takes.
+                1 => (9u32..40).prop_map(|tag| {
+                    let mut b = Vec::new();
+                    encoding::encode_key(tag, WireType::StartGroup, &mut b);
+                    encoding::encode_key(tag, WireType::EndGroup, &mut b);
+                    b
+                }),
+                // Bytes that are rarely a field.
+                1 => vec(any::<u8>(), 1..6),
+            ];
+            vec(piece, 0..4).prop_map(|pieces| pieces.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            #[test]
+            fn a_check_request_decodes_to_what_prost_decodes(m in check_request()) {
+                let bytes = m.encode_to_vec();
+                prop_assert_eq!(
+                    CheckRequestRef::decode_fast(&bytes),
+                    Some(CheckRequestRef::of(&m))
+                );
+            }
+
+            #[test]
+            fn a_check_batch_request_decodes_to_what_prost_decodes(
+                m in check_batch_request()
+            ) {
+                let bytes = m.encode_to_vec();
+                prop_assert_eq!(
+                    CheckBatchRequestRef::decode_fast(&bytes),
+                    Some(CheckBatchRequestRef::of(&m))
+                );
+            }
+
+            #[test]
+            fn any_check_bytes_decode_as_prost_decodes_them(
+                bytes in pieces(check_request().prop_map(|m| m.encode_to_vec()))
+            ) {
+                match (CheckRequestRef::decode(&bytes), pb::CheckRequest::decode(&bytes[..])) {
+                    (Ok(ours), Ok(theirs)) => {
+                        prop_assert_eq!(ours, CheckRequestRef::of(&theirs))
+                    }
+                    (Err(OwnedOr::Owned(ours)), Ok(theirs)) => prop_assert_eq!(ours, theirs),
+                    (Err(OwnedOr::Malformed(ours)), Err(theirs)) => {
+                        prop_assert_eq!(ours.to_string(), theirs.to_string())
+                    }
+                    (ours, theirs) => prop_assert!(false, "{:?} vs {:?}", ours, theirs),
+                }
+            }
+
+            #[test]
+            fn any_check_batch_bytes_decode_as_prost_decodes_them(
+                bytes in pieces(check_batch_request().prop_map(|m| m.encode_to_vec()))
+            ) {
+                let prost = pb::CheckBatchRequest::decode(&bytes[..]);
+                match (CheckBatchRequestRef::decode(&bytes), prost) {
+                    (Ok(ours), Ok(theirs)) => {
+                        prop_assert_eq!(ours, CheckBatchRequestRef::of(&theirs))
+                    }
+                    (Err(OwnedOr::Owned(ours)), Ok(theirs)) => prop_assert_eq!(ours, theirs),
+                    (Err(OwnedOr::Malformed(ours)), Err(theirs)) => {
+                        prop_assert_eq!(ours.to_string(), theirs.to_string())
+                    }
+                    (ours, theirs) => prop_assert!(false, "{:?} vs {:?}", ours, theirs),
+                }
+            }
+        }
+
+        #[test]
+        fn a_key_that_is_not_utf8_is_prost_s_error() {
+            // key = 1: "f", 0xff, 0xfe.
+            let bytes = [0x0a, 0x03, 0x66, 0xff, 0xfe];
+            match CheckRequestRef::decode(&bytes) {
+                Err(OwnedOr::Malformed(e)) => {
+                    assert!(e.to_string().contains("CheckRequest.key"), "{e}")
+                }
+                other => panic!("{other:?}"),
+            }
+            // The same key in a batch's item.
+            let bytes = [0x0a, 0x05, 0x0a, 0x03, 0x66, 0xff, 0xfe];
+            match CheckBatchRequestRef::decode(&bytes) {
+                Err(OwnedOr::Malformed(e)) => {
+                    let e = e.to_string();
+                    assert!(e.contains("CheckBatchRequest.items"), "{e}");
+                    assert!(e.contains("CheckItem.key"), "{e}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+
+        #[test]
+        fn concatenated_requests_merge_as_prost_merges_them() {
+            let a = pb::CheckBatchRequest {
+                items: vec![pb::CheckItem {
+                    key: "a".into(),
+                    version: 1,
+                    ..Default::default()
+                }],
+                epoch: 7,
+                endpoint: "first".into(),
+                ..Default::default()
+            };
+            let b = pb::CheckBatchRequest {
+                items: vec![pb::CheckItem {
+                    key: "b".into(),
+                    version: 2,
+                    ..Default::default()
+                }],
+                endpoint: "second".into(),
+                ..Default::default()
+            };
+            let mut bytes = a.encode_to_vec();
+            bytes.extend(b.encode_to_vec());
+            let ours = CheckBatchRequestRef::decode(&bytes).unwrap();
+            let keys: Vec<&str> = ours.items.iter().map(|i| i.key).collect();
+            assert_eq!(keys, ["a", "b"]);
+            // Scalars: the last one present wins (a default is not sent).
+            assert_eq!((ours.epoch, ours.endpoint), (7, "second"));
+            let theirs = pb::CheckBatchRequest::decode(&bytes[..]).unwrap();
+            assert_eq!(ours, CheckBatchRequestRef::of(&theirs));
+        }
     }
 
     #[test]

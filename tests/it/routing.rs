@@ -227,3 +227,194 @@ async fn a_watch_whose_first_message_misses_its_grpc_timeout_is_deadline_exceede
     let message = percent_decode(status.get("grpc-message").unwrap().to_str().unwrap());
     assert!(message.contains("grpc-timeout"), "{message}");
 }
+
+/// What a bare HTTP/2 POST to `path` got back when its body was `frames`,
+/// each a DATA frame of its own sent `gap` after the one before: the gRPC
+/// status code and message, and the answer's body.
+async fn post_frames(
+    server: &RunningServer,
+    path: &str,
+    frames: Vec<Vec<u8>>,
+    gap: Duration,
+) -> (i32, String, Bytes) {
+    use http_body_util::StreamBody;
+    let mut sender = connect(server).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+    >(frames.len().max(1));
+    tokio::spawn(async move {
+        for (i, frame) in frames.into_iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            let _ = tx
+                .send(Ok(hyper::body::Frame::data(Bytes::from(frame))))
+                .await;
+        }
+    });
+    let request = http::Request::post(format!("http://{}{path}", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap();
+    let (headers, trailers, body) = tokio::time::timeout(Duration::from_secs(5), async {
+        let response = sender.send_request(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (parts.headers, trailers, collected.to_bytes())
+    })
+    .await
+    .expect("an answer within 5 s");
+    let status = trailers.as_ref().unwrap_or(&headers);
+    let code = status
+        .get("grpc-status")
+        .expect("a grpc-status")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let message = status
+        .get("grpc-message")
+        .map(|m| percent_decode(m.to_str().unwrap()))
+        .unwrap_or_default();
+    (code, message, body)
+}
+
+/// `message` with the 5-byte gRPC prefix.
+fn framed(message: &impl Message) -> Vec<u8> {
+    let encoded = message.encode_to_vec();
+    let mut out = Vec::with_capacity(5 + encoded.len());
+    out.put_u8(0);
+    out.put_u32(encoded.len() as u32);
+    out.extend_from_slice(&encoded);
+    out
+}
+
+#[tokio::test]
+async fn a_check_whose_body_comes_in_pieces_is_answered() {
+    let server = RunningServer::start(Config::ephemeral()).await.unwrap();
+    let batch = pb::CheckBatchRequest {
+        items: (0..3)
+            .map(|i| pb::CheckItem {
+                key: format!("feed:{i}"),
+                version: 1,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    // The prefix split, then the message in three pieces, 20 ms apart: the
+    // call waits for its body's end.
+    let whole = framed(&batch);
+    let frames = vec![
+        whole[..3].to_vec(),
+        whole[3..9].to_vec(),
+        whole[9..20].to_vec(),
+        whole[20..].to_vec(),
+    ];
+    let (code, message, body) = post_frames(
+        &server,
+        "/freshd.v1.Coordinator/CheckBatch",
+        frames,
+        Duration::from_millis(20),
+    )
+    .await;
+    assert_eq!(code, tonic::Code::Ok as i32, "{message}");
+    assert_eq!(body[0], 0);
+    let answer = pb::CheckBatchResponse::decode(&body[5..]).unwrap();
+    assert_eq!(answer.results.len(), 3);
+    for result in &answer.results {
+        // Never filled: freshd holds no registration for them.
+        assert_eq!(result.freshness, pb::Freshness::Unknown as i32);
+    }
+    // A single Check, its prefix and message apart.
+    let whole = framed(&check(0));
+    let (code, message, body) = post_frames(
+        &server,
+        "/freshd.v1.Coordinator/Check",
+        vec![whole[..5].to_vec(), whole[5..].to_vec()],
+        Duration::from_millis(20),
+    )
+    .await;
+    assert_eq!(code, tonic::Code::Ok as i32, "{message}");
+    let answer = pb::CheckResponse::decode(&body[5..]).unwrap();
+    assert_eq!(answer.freshness, pb::Freshness::Unknown as i32);
+}
+
+#[tokio::test]
+async fn a_check_body_must_be_one_whole_uncompressed_message_within_the_limit() {
+    let mut config = Config::ephemeral();
+    config.max_message_bytes = 1_000;
+    let server = RunningServer::start(config).await.unwrap();
+    let one = framed(&check(0));
+    let prefix = |flag: u8, len: u32| {
+        let mut out = vec![flag];
+        out.extend_from_slice(&len.to_be_bytes());
+        out
+    };
+    let cases: Vec<(&str, Vec<Vec<u8>>, tonic::Code, &str)> = vec![
+        (
+            "no message",
+            vec![],
+            tonic::Code::InvalidArgument,
+            "the body held none",
+        ),
+        (
+            "two messages",
+            vec![one.clone(), one.clone()],
+            tonic::Code::InvalidArgument,
+            "must be one message",
+        ),
+        (
+            "a message cut short",
+            vec![one[..one.len() - 2].to_vec()],
+            tonic::Code::InvalidArgument,
+            "ended inside its message",
+        ),
+        (
+            "a compressed message",
+            vec![[&prefix(1, 3)[..], &[1, 2, 3]].concat()],
+            tonic::Code::Unimplemented,
+            "compressed",
+        ),
+        (
+            // Refused from its prefix: the rest is never sent.
+            "a message above max_message_bytes",
+            vec![prefix(0, 5_000)],
+            tonic::Code::OutOfRange,
+            "5000 bytes exceeds the limit of 1000 (max_message_bytes)",
+        ),
+        (
+            "a key that is not UTF-8",
+            vec![[&prefix(0, 5)[..], &[0x0a, 0x03, 0x66, 0xff, 0xfe]].concat()],
+            tonic::Code::InvalidArgument,
+            "CheckRequest.key",
+        ),
+    ];
+    for (what, frames, want, text) in cases {
+        for path in [
+            "/freshd.v1.Coordinator/Check",
+            "/freshd.v1.Coordinator/CheckBatch",
+        ] {
+            if what == "a key that is not UTF-8" && path.ends_with("CheckBatch") {
+                continue;
+            }
+            let (code, message, _) =
+                post_frames(&server, path, frames.clone(), Duration::ZERO).await;
+            assert_eq!(code, want as i32, "{what} to {path}: {message}");
+            assert!(message.contains(text), "{what} to {path}: {message}");
+        }
+    }
+    // Still serving.
+    let (code, message, _) = post_frames(
+        &server,
+        "/freshd.v1.Coordinator/Check",
+        vec![one],
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(code, tonic::Code::Ok as i32, "{message}");
+}
