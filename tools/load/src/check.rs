@@ -116,7 +116,7 @@ impl Tally {
 
 /// One client connection, of either kind.
 enum Conn {
-    Freshd(grpc::Conn),
+    Freshd(Box<grpc::Conn>),
     Redis(AsyncConn),
 }
 
@@ -133,33 +133,45 @@ fn key(i: usize) -> String {
     format!("check:{i}")
 }
 
+/// The registered keys: each one's name, formatted once so that neither
+/// side's requests pay for it, and the version it was filled at (Redis:
+/// its index, its value).
+struct Keys {
+    names: Vec<String>,
+    versions: Vec<u64>,
+}
+
 /// Encodes the Redis commands of one request on `keys`.
-fn redis_request(keys: &[usize], how: RedisBatch, out: &mut Vec<u8>) -> usize {
+fn redis_request(reg: &Keys, keys: &[usize], how: RedisBatch, out: &mut Vec<u8>) -> usize {
     out.clear();
-    let names: Vec<String> = keys.iter().map(|&i| key(i)).collect();
+    let name = |i: usize| reg.names[i].as_bytes();
     if keys.len() == 1 {
-        resp::encode(&[b"GET", names[0].as_bytes()], out);
+        resp::encode(&[b"GET", name(keys[0])], out);
         return 1;
     }
     match how {
         RedisBatch::Mget => {
-            let mut args: Vec<&[u8]> = vec![b"MGET"];
-            args.extend(names.iter().map(|n| n.as_bytes()));
+            let mut args: Vec<&[u8]> = Vec::with_capacity(1 + keys.len());
+            args.push(b"MGET");
+            args.extend(keys.iter().map(|&i| name(i)));
             resp::encode(&args, out);
             1
         }
         RedisBatch::Pipeline => {
-            for n in &names {
-                resp::encode(&[b"GET", n.as_bytes()], out);
+            for &i in keys {
+                resp::encode(&[b"GET", name(i)], out);
             }
-            names.len()
+            keys.len()
         }
     }
 }
 
 /// Whether Redis's replies to a request on `keys` are right.
 fn redis_right(keys: &[usize], replies: &[Reply]) -> bool {
-    let value_is = |reply: &Reply, i: usize| matches!(reply, Reply::Bulk(Some(v)) if *v == i.to_string().as_bytes());
+    let value_is = |reply: &Reply, i: usize| {
+        matches!(reply, Reply::Bulk(Some(v))
+            if std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()) == Some(i))
+    };
     match replies {
         [Reply::Array(Some(items))] if keys.len() > 1 => {
             items.len() == keys.len() && items.iter().zip(keys).all(|(r, &i)| value_is(r, i))
@@ -180,20 +192,20 @@ struct Sent {
 async fn freshd_calls(
     conn: &mut grpc::Conn,
     batch: usize,
-    versions: &[u64],
+    reg: &Keys,
     next: impl FnMut(&mut Context<'_>, usize) -> Poll<Option<Sent>>,
     mut answered: impl FnMut(Sent, bool),
 ) -> Result<(), Error> {
     let fresh = |freshness: i32, version: u64, i: usize| {
-        freshness == Freshness::Fresh as i32 && version == versions[i]
+        freshness == Freshness::Fresh as i32 && version == reg.versions[i]
     };
     if batch == 1 {
         conn.calls(
             "/freshd.v1.Coordinator/Check",
             next,
             |sent: &Sent| CheckRequest {
-                key: key(sent.keys[0]),
-                version: versions[sent.keys[0]],
+                key: reg.names[sent.keys[0]].clone(),
+                version: reg.versions[sent.keys[0]],
                 ..Default::default()
             },
             |sent, answer: Result<CheckResponse, Error>| {
@@ -211,8 +223,8 @@ async fn freshd_calls(
                     .keys
                     .iter()
                     .map(|&i| CheckItem {
-                        key: key(i),
-                        version: versions[i],
+                        key: reg.names[i].clone(),
+                        version: reg.versions[i],
                         ..Default::default()
                     })
                     .collect(),
@@ -234,7 +246,7 @@ async fn freshd_calls(
 }
 
 /// Registers the keys; answers the version of each (Redis: its index).
-async fn prepare(opts: &CheckOpts) -> Result<Arc<Vec<u64>>, Error> {
+async fn prepare(opts: &CheckOpts) -> Result<Arc<Keys>, Error> {
     match opts.target {
         Target::Freshd => {
             let client = freshd_client(&opts.addr).await?;
@@ -258,9 +270,10 @@ async fn prepare(opts: &CheckOpts) -> Result<Arc<Vec<u64>>, Error> {
                 }
             })
             .await?;
-            Ok(Arc::new(
-                versions.iter().map(|v| v.load(Ordering::Relaxed)).collect(),
-            ))
+            Ok(Arc::new(Keys {
+                names: (0..opts.keys).map(key).collect(),
+                versions: versions.iter().map(|v| v.load(Ordering::Relaxed)).collect(),
+            }))
         }
         Target::Redis => {
             let mut conn = resp::SyncConn::connect(socket_addr(&opts.addr)?)
@@ -272,7 +285,10 @@ async fn prepare(opts: &CheckOpts) -> Result<Arc<Vec<u64>>, Error> {
                     .map_err(|e| format!("SET: {e}"))?;
             }
             pipe.flush().map_err(|e| format!("SET: {e}"))?;
-            Ok(Arc::new((0..opts.keys as u64).collect()))
+            Ok(Arc::new(Keys {
+                names: (0..opts.keys).map(key).collect(),
+                versions: (0..opts.keys as u64).collect(),
+            }))
         }
         Target::Etcd => Err("the check workload has no etcd variant".into()),
     }
@@ -286,7 +302,7 @@ pub async fn run(opts: &CheckOpts) -> Result<Vec<Report>, Error> {
     if opts.streams > 1 && opts.target != Target::Freshd {
         return Err("streams above 1 need HTTP/2: freshd only".into());
     }
-    let versions = prepare(opts).await?;
+    let reg = prepare(opts).await?;
     let mut reports = Vec::new();
     for run in &opts.runs {
         let ways: Vec<Option<RedisBatch>> = match opts.target {
@@ -295,7 +311,7 @@ pub async fn run(opts: &CheckOpts) -> Result<Vec<Report>, Error> {
             _ => vec![None],
         };
         for way in ways {
-            reports.push(measure(opts, *run, way, versions.clone()).await?);
+            reports.push(measure(opts, *run, way, reg.clone()).await?);
         }
     }
     Ok(reports)
@@ -305,7 +321,7 @@ async fn connect(opts: &CheckOpts) -> Result<Vec<Conn>, Error> {
     let mut conns = Vec::with_capacity(opts.conns);
     for _ in 0..opts.conns {
         conns.push(match opts.target {
-            Target::Freshd => Conn::Freshd(grpc::Conn::connect(&opts.addr).await?),
+            Target::Freshd => Conn::Freshd(Box::new(grpc::Conn::connect(&opts.addr).await?)),
             _ => Conn::Redis(
                 AsyncConn::connect(socket_addr(&opts.addr)?)
                     .await
@@ -320,7 +336,7 @@ async fn measure(
     opts: &CheckOpts,
     run: Run,
     way: Option<RedisBatch>,
-    versions: Arc<Vec<u64>>,
+    reg: Arc<Keys>,
 ) -> Result<Report, Error> {
     let conns = connect(opts).await?;
     let tally = Arc::new(Tally::default());
@@ -333,7 +349,7 @@ async fn measure(
     if run.rate == 0.0 {
         let mut tasks = Vec::new();
         for (c, conn) in conns.into_iter().enumerate() {
-            let (tally, versions) = (tally.clone(), versions.clone());
+            let (tally, reg) = (tally.clone(), reg.clone());
             let (keys, batch, streams) = (opts.keys, run.batch, opts.streams);
             tasks.push(tokio::spawn(async move {
                 let mut rng = SmallRng::seed_from_u64(c as u64 + 1);
@@ -355,7 +371,7 @@ async fn measure(
                         freshd_calls(
                             &mut conn,
                             batch,
-                            &versions,
+                            &reg,
                             |_, in_flight| {
                                 let from = Instant::now();
                                 if from >= until {
@@ -379,7 +395,7 @@ async fn measure(
                                 return Ok(());
                             }
                             let picked = pick(&mut rng, keys, batch);
-                            let n = redis_request(&picked, way_or, &mut out);
+                            let n = redis_request(&reg, &picked, way_or, &mut out);
                             let right = redis_exchange(&mut redis, &out, n)
                                 .await
                                 .is_some_and(|r| redis_right(&picked, &r));
@@ -399,7 +415,7 @@ async fn measure(
         for (c, conn) in conns.into_iter().enumerate() {
             let (tx, rx) = mpsc::unbounded_channel::<Tick>();
             queues.push(tx);
-            let (tally, versions, in_flight) = (tally.clone(), versions.clone(), in_flight.clone());
+            let (tally, reg, in_flight) = (tally.clone(), reg.clone(), in_flight.clone());
             let (keys, batch) = (opts.keys, run.batch);
             tasks.push(tokio::spawn(open_conn(
                 conn,
@@ -408,7 +424,7 @@ async fn measure(
                 keys,
                 batch,
                 way_or,
-                versions,
+                reg,
                 tally,
                 in_flight,
                 measure_from,
@@ -483,7 +499,7 @@ async fn open_conn(
     keys: usize,
     batch: usize,
     way: RedisBatch,
-    versions: Arc<Vec<u64>>,
+    reg: Arc<Keys>,
     tally: Arc<Tally>,
     in_flight: Arc<AtomicU64>,
     measure_from: Instant,
@@ -495,7 +511,7 @@ async fn open_conn(
             let _ = freshd_calls(
                 &mut conn,
                 batch,
-                &versions,
+                &reg,
                 |cx, _| {
                     ticks.poll_recv(cx).map(|tick| {
                         tick.map(|tick| {
@@ -550,7 +566,7 @@ async fn open_conn(
             while let Some(tick) = ticks.recv().await {
                 use tokio::io::AsyncWriteExt;
                 let picked = pick(&mut rng, keys, batch);
-                let n = redis_request(&picked, way, &mut out);
+                let n = redis_request(&reg, &picked, way, &mut out);
                 in_flight.fetch_add(1, Ordering::Relaxed);
                 let _ = sent_tx.send((tick, picked, n));
                 if writer.write_all(&out).await.is_err() {

@@ -14,6 +14,13 @@ use freshd_load::notice::NoticeOpts;
 use freshd_load::stats::Report;
 use freshd_load::Target;
 
+/// jemalloc, as the server uses: the load tool's requests (both peers')
+/// allocate, and the system allocator made it the bottleneck of the
+/// batched checks before the server was busy.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "freshd-load",
