@@ -75,10 +75,13 @@ pub(crate) async fn serve(
         },
     };
     let mut closing = false;
+    // One wait for the signal, kept across requests: a new one per request
+    // would register with the channel and leave it again each time.
+    let mut finish = std::pin::pin!(finishing.changed());
     loop {
         tokio::select! {
             biased;
-            _ = finishing.changed(), if !closing => {
+            _ = &mut finish, if !closing => {
                 conn.graceful_shutdown();
                 closing = true;
             }

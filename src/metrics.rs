@@ -460,6 +460,29 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// `method`'s OK count and latency histogram, looked up once, for a
+    /// method called on every cache hit: [`RpcRecorder::record`] then
+    /// costs no label lookup. The OK series exist from then on, at zero.
+    pub fn rpc_recorder(&self, method: &'static str) -> RpcRecorder {
+        RpcRecorder {
+            method,
+            ok: self.enabled.then(|| {
+                let count = self
+                    .rpcs
+                    .get_or_create(&RpcLabels {
+                        method,
+                        code: code_name(tonic::Code::Ok),
+                    })
+                    .clone();
+                let duration = self
+                    .rpc_duration
+                    .get_or_create(&MethodLabels { method })
+                    .clone();
+                (count, duration)
+            }),
+        }
+    }
+
     /// Records a reset sent to a stream.
     pub fn reset(&self, reason: &'static str) {
         if self.enabled {
@@ -603,6 +626,28 @@ struct CheckHandles {
     /// namespace takes its lock once.
     ages: Tally,
     served: Counter,
+}
+
+/// One method's RPC figures, with its OK series looked up once
+/// ([`Metrics::rpc_recorder`]).
+#[derive(Clone)]
+pub struct RpcRecorder {
+    method: &'static str,
+    /// The OK count and the latency histogram; `None` when disabled.
+    ok: Option<(Counter, Histogram)>,
+}
+
+impl RpcRecorder {
+    /// Records one call of the method, answered with `code` after `took`.
+    pub fn record(&self, metrics: &Metrics, code: tonic::Code, took: Duration) {
+        match &self.ok {
+            Some((count, duration)) if code == tonic::Code::Ok => {
+                count.inc();
+                duration.observe(took.as_secs_f64());
+            }
+            _ => metrics.rpc(self.method, code, took),
+        }
+    }
 }
 
 /// Records the checks of one request; see [`Metrics::check_recorder`].

@@ -14,7 +14,7 @@ use crate::auth::{Caller, Principal, Scope};
 use crate::error::Error;
 use crate::fanout::Subscriber;
 use crate::lease::LeaseOutcome;
-use crate::metrics::CheckRecorder;
+use crate::metrics::{CheckRecorder, RpcRecorder};
 use crate::pb::{self, coordinator_server::Coordinator};
 use crate::policy::{self, Decision};
 use crate::store::{CheckAnswer, Freshness, Store};
@@ -30,6 +30,9 @@ pub struct CoordinatorService {
     started: Instant,
     /// When recent purges ran, for `purges_per_minute`.
     purges: parking_lot::Mutex<std::collections::VecDeque<Instant>>,
+    /// The RPC figures of the calls made on every cache hit.
+    check_rpc: RpcRecorder,
+    check_batch_rpc: RpcRecorder,
 }
 
 impl CoordinatorService {
@@ -49,12 +52,19 @@ impl CoordinatorService {
         limits: Limits,
         ready: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
+        let metrics = store.metrics();
+        let (check_rpc, check_batch_rpc) = (
+            metrics.rpc_recorder("Check"),
+            metrics.rpc_recorder("CheckBatch"),
+        );
         Self {
             store,
             limits,
             ready,
             started: Instant::now(),
             purges: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+            check_rpc,
+            check_batch_rpc,
         }
     }
 
@@ -71,10 +81,9 @@ impl CoordinatorService {
 
     /// Records an RPC's code and latency.
     fn observe<T>(&self, method: &'static str, start: Instant, result: &Result<T, Status>) {
-        let code = result
-            .as_ref()
-            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-        self.store.metrics().rpc(method, code, start.elapsed());
+        self.store
+            .metrics()
+            .rpc(method, code(result), start.elapsed());
     }
 
     /// Records the freshness figures of one checked copy. A stale copy of a
@@ -189,7 +198,8 @@ impl CoordinatorService {
             Ok(()) => self.check_inner(who, request).await,
             Err(status) => Err(status),
         };
-        self.observe("Check", start, &result);
+        self.check_rpc
+            .record(self.store.metrics(), code(&result), start.elapsed());
         result
     }
 
@@ -204,7 +214,8 @@ impl CoordinatorService {
             Ok(()) => self.check_batch_inner(who, request).await,
             Err(status) => Err(status),
         };
-        self.observe("CheckBatch", start, &result);
+        self.check_batch_rpc
+            .record(self.store.metrics(), code(&result), start.elapsed());
         result
     }
 }
@@ -216,6 +227,13 @@ fn owned_client_id<'a>(who: Option<&Arc<Principal>>, client_id: &'a str) -> Cow<
         Some(who) => Cow::Owned(crate::auth::client_id(Some(who), client_id.to_owned())),
         None => Cow::Borrowed(client_id),
     }
+}
+
+/// A call's gRPC code.
+fn code<T>(result: &Result<T, Status>) -> tonic::Code {
+    result
+        .as_ref()
+        .map_or_else(|s| s.code(), |_| tonic::Code::Ok)
 }
 
 /// The authenticated principal of a request; `None` when authentication is
