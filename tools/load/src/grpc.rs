@@ -97,28 +97,42 @@ impl Conn {
         .await
     }
 
-    /// Opens a call to `method` (`/package.Service/Method`) and queues
-    /// `message` as its first request; `end` closes the request side.
+    /// The URI of `method` (`/package.Service/Method`) on this connection:
+    /// made once per method, and cloned per call.
+    fn uri(&self, method: &str) -> Result<http::Uri, Error> {
+        format!("http://{}{method}", self.authority)
+            .parse()
+            .map_err(|e| format!("{method}: {e}"))
+    }
+
+    /// Opens a call to `uri` (a [`Conn::uri`]) and queues `message` as its
+    /// first request; `end` closes the request side.
     fn open(
         &mut self,
-        method: &str,
+        uri: &http::Uri,
         message: &impl Message,
         end: bool,
     ) -> Result<(ResponseFuture, SendStream<Bytes>), Error> {
-        let request = http::Request::post(format!("http://{}{method}", self.authority))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .map_err(|e| format!("request: {e}"))?;
+        let mut request = http::Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, GRPC);
+        headers.insert(http::header::TE, TRAILERS);
         let (response, mut body) = self
             .send
             .send_request(request, false)
-            .map_err(|e| format!("{method}: {e}"))?;
+            .map_err(|e| format!("{}: {e}", uri.path()))?;
         body.send_data(frame(message), end)
-            .map_err(|e| format!("{method}: {e}"))?;
+            .map_err(|e| format!("{}: {e}", uri.path()))?;
         Ok((response, body))
     }
 }
+
+/// `content-type: application/grpc`.
+const GRPC: http::HeaderValue = http::HeaderValue::from_static("application/grpc");
+/// `te: trailers`.
+const TRAILERS: http::HeaderValue = http::HeaderValue::from_static("trailers");
 
 /// `message` with gRPC's 5-byte prefix (not compressed, length).
 fn frame(message: &impl Message) -> Bytes {
@@ -249,7 +263,8 @@ impl WatchStream {
                 ..Default::default()
             })),
         };
-        let (response, requests) = conn.open("/freshd.v1.Coordinator/Watch", &start, false)?;
+        let uri = conn.uri("/freshd.v1.Coordinator/Watch")?;
+        let (response, requests) = conn.open(&uri, &start, false)?;
         let response = conn
             .drive(response)
             .await?
@@ -327,6 +342,7 @@ impl Conn {
         Req: Message,
         Resp: Message + Default + 'static,
     {
+        let uri = self.uri(method)?;
         let mut in_flight: Vec<(Option<T>, Answer<Resp>)> = Vec::new();
         let mut open = true;
         poll_fn(|cx| {
@@ -343,7 +359,7 @@ impl Conn {
                         Poll::Pending => break,
                         Poll::Ready(None) => open = false,
                         Poll::Ready(Some(item)) => {
-                            let (response, _) = self.open(method, &request(&item), true)?;
+                            let (response, _) = self.open(&uri, &request(&item), true)?;
                             in_flight.push((Some(item), Box::pin(answer::<Resp>(response))));
                             sent = true;
                         }
