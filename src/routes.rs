@@ -56,7 +56,7 @@ use crate::conn::{answer_unary, frame, run_inline_first, Exchange, GrpcOutbox, R
 use crate::pb::coordinator_server::CoordinatorServer;
 use crate::service::CoordinatorService;
 use crate::tls::{Conn, ConnInfo};
-use crate::wire::{CheckBatchRequestRef, CheckRequestRef, OwnedOr};
+use crate::wire::{self, CheckBatchRequestRef, CheckRequestRef};
 
 /// What a generated service's call returns.
 type Call = BoxFuture<Response<Body>, Infallible>;
@@ -186,27 +186,15 @@ impl Direct {
                 let message = body.unary_message(max).await?;
                 let who = who.as_ref();
                 if batch {
-                    let owned;
-                    let request = match CheckBatchRequestRef::decode(&message) {
-                        Ok(request) => request,
-                        Err(OwnedOr::Owned(m)) => {
-                            owned = m;
-                            CheckBatchRequestRef::of(&owned)
-                        }
-                        Err(OwnedOr::Malformed(e)) => return Err(crate::codec::malformed(e)),
-                    };
+                    let mut owned = None;
+                    let request = wire::decode::<CheckBatchRequestRef>(&message, &mut owned)
+                        .map_err(crate::codec::malformed)?;
                     let answer = service.check_batch_ref(who, request).await?;
                     frame(&answer, max, "a CheckBatch answer")
                 } else {
-                    let owned;
-                    let request = match CheckRequestRef::decode(&message) {
-                        Ok(request) => request,
-                        Err(OwnedOr::Owned(m)) => {
-                            owned = m;
-                            CheckRequestRef::of(&owned)
-                        }
-                        Err(OwnedOr::Malformed(e)) => return Err(crate::codec::malformed(e)),
-                    };
+                    let mut owned = None;
+                    let request = wire::decode::<CheckRequestRef>(&message, &mut owned)
+                        .map_err(crate::codec::malformed)?;
                     let answer = service.check_ref(who, request).await?;
                     frame(&answer, max, "a Check answer")
                 }

@@ -19,7 +19,7 @@ use crate::pb::{self, coordinator_server::Coordinator};
 use crate::policy::{self, Decision};
 use crate::store::{CheckAnswer, Freshness, Store};
 use crate::validate::{self, Limits};
-use crate::wire::{CheckBatchRequestRef, CheckRequestRef};
+use crate::wire::{Borrowed, CheckBatchRequestRef, CheckRequestRef};
 
 /// The Coordinator service over a shared [`Store`].
 pub struct CoordinatorService {
@@ -193,14 +193,8 @@ impl CoordinatorService {
         who: Option<&Arc<Principal>>,
         request: CheckRequestRef<'_>,
     ) -> Result<pb::CheckResponse, Status> {
-        let start = Instant::now();
-        let result = match self.gate() {
-            Ok(()) => self.check_inner(who, request).await,
-            Err(status) => Err(status),
-        };
-        self.check_rpc
-            .record(self.store.metrics(), code(&result), start.elapsed());
-        result
+        let call = self.check_inner(who, request);
+        self.gated(&self.check_rpc, call).await
     }
 
     /// `CheckBatch`, as [`CoordinatorService::check_ref`].
@@ -209,13 +203,22 @@ impl CoordinatorService {
         who: Option<&Arc<Principal>>,
         request: CheckBatchRequestRef<'_>,
     ) -> Result<pb::CheckBatchResponse, Status> {
+        let call = self.check_batch_inner(who, request);
+        self.gated(&self.check_batch_rpc, call).await
+    }
+
+    /// Runs `call` unless the server is not ready, and records it in `rpc`.
+    async fn gated<T>(
+        &self,
+        rpc: &RpcRecorder,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
         let start = Instant::now();
         let result = match self.gate() {
-            Ok(()) => self.check_batch_inner(who, request).await,
+            Ok(()) => call.await,
             Err(status) => Err(status),
         };
-        self.check_batch_rpc
-            .record(self.store.metrics(), code(&result), start.elapsed());
+        rpc.record(self.store.metrics(), code(&result), start.elapsed());
         result
     }
 }

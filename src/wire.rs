@@ -45,33 +45,29 @@ pub struct CheckRequestRef<'a> {
     pub client_id: &'a str,
 }
 
-impl<'a> CheckRequestRef<'a> {
-    /// Decodes `buf`, as prost would decode a [`pb::CheckRequest`].
-    pub fn decode(buf: &'a [u8]) -> Result<Self, OwnedOr<pb::CheckRequest>> {
-        Self::decode_fast(buf).ok_or_else(|| OwnedOr::decode(buf))
-    }
+impl<'a> Borrowed<'a> for CheckRequestRef<'a> {
+    type Owned = pb::CheckRequest;
 
-    fn decode_fast(mut buf: &'a [u8]) -> Option<Self> {
+    fn decode_fast(buf: &'a [u8]) -> Option<Self> {
         let mut m = Self::default();
-        while !buf.is_empty() {
-            let (tag, wire) = encoding::decode_key(&mut buf).ok()?;
+        fields(buf, |tag, wire, buf| {
             match tag {
-                1 => m.key = string(wire, &mut buf)?,
-                2 => m.version = uint(wire, &mut buf)?,
-                3 => m.age_ms = uint(wire, &mut buf)?,
-                4 => m.epoch = uint(wire, &mut buf)?,
-                5 => m.min_seq = uint(wire, &mut buf)?,
-                6 => m.endpoint = string(wire, &mut buf)?,
-                7 => m.served = uint(wire, &mut buf)? != 0,
-                8 => m.client_id = string(wire, &mut buf)?,
-                _ => skip(wire, tag, &mut buf)?,
+                1 => m.key = string(wire, buf)?,
+                2 => m.version = uint(wire, buf)?,
+                3 => m.age_ms = uint(wire, buf)?,
+                4 => m.epoch = uint(wire, buf)?,
+                5 => m.min_seq = uint(wire, buf)?,
+                6 => m.endpoint = string(wire, buf)?,
+                7 => m.served = uint(wire, buf)? != 0,
+                8 => m.client_id = string(wire, buf)?,
+                _ => skip(wire, tag, buf)?,
             }
-        }
+            Some(())
+        })?;
         Some(m)
     }
 
-    /// A view of a decoded request.
-    pub fn of(m: &'a pb::CheckRequest) -> Self {
+    fn of(m: &'a pb::CheckRequest) -> Self {
         Self {
             key: &m.key,
             version: m.version,
@@ -99,18 +95,18 @@ pub struct CheckItemRef<'a> {
 }
 
 impl<'a> CheckItemRef<'a> {
-    fn decode_fast(mut buf: &'a [u8]) -> Option<Self> {
+    fn decode_fast(buf: &'a [u8]) -> Option<Self> {
         let mut m = Self::default();
-        while !buf.is_empty() {
-            let (tag, wire) = encoding::decode_key(&mut buf).ok()?;
+        fields(buf, |tag, wire, buf| {
             match tag {
-                1 => m.key = string(wire, &mut buf)?,
-                2 => m.version = uint(wire, &mut buf)?,
-                3 => m.age_ms = uint(wire, &mut buf)?,
-                4 => m.served = uint(wire, &mut buf)? != 0,
-                _ => skip(wire, tag, &mut buf)?,
+                1 => m.key = string(wire, buf)?,
+                2 => m.version = uint(wire, buf)?,
+                3 => m.age_ms = uint(wire, buf)?,
+                4 => m.served = uint(wire, buf)? != 0,
+                _ => skip(wire, tag, buf)?,
             }
-        }
+            Some(())
+        })?;
         Some(m)
     }
 }
@@ -130,35 +126,31 @@ pub struct CheckBatchRequestRef<'a> {
     pub client_id: &'a str,
 }
 
-impl<'a> CheckBatchRequestRef<'a> {
-    /// Decodes `buf`, as prost would decode a [`pb::CheckBatchRequest`].
-    pub fn decode(buf: &'a [u8]) -> Result<Self, OwnedOr<pb::CheckBatchRequest>> {
-        Self::decode_fast(buf).ok_or_else(|| OwnedOr::decode(buf))
-    }
+impl<'a> Borrowed<'a> for CheckBatchRequestRef<'a> {
+    type Owned = pb::CheckBatchRequest;
 
-    fn decode_fast(mut buf: &'a [u8]) -> Option<Self> {
+    fn decode_fast(buf: &'a [u8]) -> Option<Self> {
         let mut m = Self::default();
-        while !buf.is_empty() {
-            let (tag, wire) = encoding::decode_key(&mut buf).ok()?;
+        fields(buf, |tag, wire, buf| {
             match tag {
                 1 => {
                     if wire != WireType::LengthDelimited {
                         return None;
                     }
-                    m.items.push(CheckItemRef::decode_fast(bytes(&mut buf)?)?);
+                    m.items.push(CheckItemRef::decode_fast(bytes(buf)?)?);
                 }
-                2 => m.epoch = uint(wire, &mut buf)?,
-                3 => m.min_seq = uint(wire, &mut buf)?,
-                4 => m.endpoint = string(wire, &mut buf)?,
-                5 => m.client_id = string(wire, &mut buf)?,
-                _ => skip(wire, tag, &mut buf)?,
+                2 => m.epoch = uint(wire, buf)?,
+                3 => m.min_seq = uint(wire, buf)?,
+                4 => m.endpoint = string(wire, buf)?,
+                5 => m.client_id = string(wire, buf)?,
+                _ => skip(wire, tag, buf)?,
             }
-        }
+            Some(())
+        })?;
         Some(m)
     }
 
-    /// A view of a decoded request.
-    pub fn of(m: &'a pb::CheckBatchRequest) -> Self {
+    fn of(m: &'a pb::CheckBatchRequest) -> Self {
         Self {
             items: m
                 .items
@@ -178,23 +170,46 @@ impl<'a> CheckBatchRequestRef<'a> {
     }
 }
 
-/// What prost made of a request the borrowing decoder did not take: the
-/// message, or prost's error.
-#[derive(Debug)]
-pub enum OwnedOr<M> {
-    /// Prost decoded it.
-    Owned(M),
-    /// Prost refused it too.
-    Malformed(DecodeError),
+/// A request whose strings borrow the bytes it was decoded from, beside
+/// the generated type it stands for.
+pub trait Borrowed<'a>: Sized {
+    /// The generated type.
+    type Owned: Message + Default;
+
+    /// Decodes `buf` to what prost would decode it to; `None` for anything
+    /// this decoder leaves to prost (malformed input, groups).
+    fn decode_fast(buf: &'a [u8]) -> Option<Self>;
+
+    /// A view of a decoded message.
+    fn of(m: &'a Self::Owned) -> Self;
 }
 
-impl<M: Message + Default> OwnedOr<M> {
-    fn decode(buf: &[u8]) -> Self {
-        match M::decode(buf) {
-            Ok(m) => OwnedOr::Owned(m),
-            Err(e) => OwnedOr::Malformed(e),
-        }
+/// Decodes `buf` as prost would decode an `R::Owned`, borrowing its
+/// strings from `buf`; what the borrowing decoder leaves to prost is
+/// decoded by prost into `owned`, and borrowed from there. Prost's error
+/// when neither takes it.
+pub fn decode<'a, R: Borrowed<'a>>(
+    buf: &'a [u8],
+    owned: &'a mut Option<R::Owned>,
+) -> Result<R, DecodeError> {
+    if let Some(request) = R::decode_fast(buf) {
+        return Ok(request);
     }
+    let m = R::Owned::decode(buf)?;
+    Ok(R::of(owned.insert(m)))
+}
+
+/// Calls `field` with each field's tag and wire type, and the bytes from
+/// the field's value on (it takes the value off them).
+fn fields<'a>(
+    mut buf: &'a [u8],
+    mut field: impl FnMut(u32, WireType, &mut &'a [u8]) -> Option<()>,
+) -> Option<()> {
+    while !buf.is_empty() {
+        let (tag, wire) = encoding::decode_key(&mut buf).ok()?;
+        field(tag, wire, &mut buf)?;
+    }
+    Some(())
 }
 
 /// A length-delimited field's bytes.
@@ -554,16 +569,11 @@ mod tests {
             fn any_check_bytes_decode_as_prost_decodes_them(
                 bytes in pieces(check_request().prop_map(|m| m.encode_to_vec()))
             ) {
-                match (CheckRequestRef::decode(&bytes), pb::CheckRequest::decode(&bytes[..])) {
-                    (Ok(ours), Ok(theirs)) => {
-                        prop_assert_eq!(ours, CheckRequestRef::of(&theirs))
-                    }
-                    (Err(OwnedOr::Owned(ours)), Ok(theirs)) => prop_assert_eq!(ours, theirs),
-                    (Err(OwnedOr::Malformed(ours)), Err(theirs)) => {
-                        prop_assert_eq!(ours.to_string(), theirs.to_string())
-                    }
-                    (ours, theirs) => prop_assert!(false, "{:?} vs {:?}", ours, theirs),
-                }
+                let prost = pb::CheckRequest::decode(&bytes[..]);
+                agree(
+                    decode::<CheckRequestRef>(&bytes, &mut None),
+                    prost.as_ref().map(CheckRequestRef::of),
+                )?;
             }
 
             #[test]
@@ -571,39 +581,39 @@ mod tests {
                 bytes in pieces(check_batch_request().prop_map(|m| m.encode_to_vec()))
             ) {
                 let prost = pb::CheckBatchRequest::decode(&bytes[..]);
-                match (CheckBatchRequestRef::decode(&bytes), prost) {
-                    (Ok(ours), Ok(theirs)) => {
-                        prop_assert_eq!(ours, CheckBatchRequestRef::of(&theirs))
-                    }
-                    (Err(OwnedOr::Owned(ours)), Ok(theirs)) => prop_assert_eq!(ours, theirs),
-                    (Err(OwnedOr::Malformed(ours)), Err(theirs)) => {
-                        prop_assert_eq!(ours.to_string(), theirs.to_string())
-                    }
-                    (ours, theirs) => prop_assert!(false, "{:?} vs {:?}", ours, theirs),
-                }
+                agree(
+                    decode::<CheckBatchRequestRef>(&bytes, &mut None),
+                    prost.as_ref().map(CheckBatchRequestRef::of),
+                )?;
             }
+        }
+
+        /// Our decode and prost's agree: the same values, or the same error.
+        fn agree<T: PartialEq + std::fmt::Debug>(
+            ours: Result<T, DecodeError>,
+            theirs: Result<T, &DecodeError>,
+        ) -> Result<(), TestCaseError> {
+            match (ours, theirs) {
+                (Ok(ours), Ok(theirs)) => prop_assert_eq!(ours, theirs),
+                (Err(ours), Err(theirs)) => prop_assert_eq!(ours.to_string(), theirs.to_string()),
+                (ours, theirs) => prop_assert!(false, "{:?} vs {:?}", ours, theirs),
+            }
+            Ok(())
         }
 
         #[test]
         fn a_key_that_is_not_utf8_is_prost_s_error() {
             // key = 1: "f", 0xff, 0xfe.
             let bytes = [0x0a, 0x03, 0x66, 0xff, 0xfe];
-            match CheckRequestRef::decode(&bytes) {
-                Err(OwnedOr::Malformed(e)) => {
-                    assert!(e.to_string().contains("CheckRequest.key"), "{e}")
-                }
-                other => panic!("{other:?}"),
-            }
+            let e = decode::<CheckRequestRef>(&bytes, &mut None).unwrap_err();
+            assert!(e.to_string().contains("CheckRequest.key"), "{e}");
             // The same key in a batch's item.
             let bytes = [0x0a, 0x05, 0x0a, 0x03, 0x66, 0xff, 0xfe];
-            match CheckBatchRequestRef::decode(&bytes) {
-                Err(OwnedOr::Malformed(e)) => {
-                    let e = e.to_string();
-                    assert!(e.contains("CheckBatchRequest.items"), "{e}");
-                    assert!(e.contains("CheckItem.key"), "{e}");
-                }
-                other => panic!("{other:?}"),
-            }
+            let e = decode::<CheckBatchRequestRef>(&bytes, &mut None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("CheckBatchRequest.items"), "{e}");
+            assert!(e.contains("CheckItem.key"), "{e}");
         }
 
         #[test]
@@ -629,7 +639,8 @@ mod tests {
             };
             let mut bytes = a.encode_to_vec();
             bytes.extend(b.encode_to_vec());
-            let ours = CheckBatchRequestRef::decode(&bytes).unwrap();
+            let mut owned = None;
+            let ours = decode::<CheckBatchRequestRef>(&bytes, &mut owned).unwrap();
             let keys: Vec<&str> = ours.items.iter().map(|i| i.key).collect();
             assert_eq!(keys, ["a", "b"]);
             // Scalars: the last one present wins (a default is not sent).

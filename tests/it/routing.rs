@@ -60,7 +60,13 @@ async fn post(
     .await
     .expect("an answer within 5 s");
     let (headers, trailers) = response;
-    let status = trailers.as_ref().unwrap_or(&headers);
+    status(&headers, trailers.as_ref())
+}
+
+/// The gRPC status code and message of an answer: from its trailers, or
+/// from its headers when it is trailers-only.
+fn status(headers: &http::HeaderMap, trailers: Option<&http::HeaderMap>) -> (i32, String) {
+    let status = trailers.unwrap_or(headers);
     let code = status
         .get("grpc-status")
         .expect("a grpc-status")
@@ -268,18 +274,7 @@ async fn post_frames(
     })
     .await
     .expect("an answer within 5 s");
-    let status = trailers.as_ref().unwrap_or(&headers);
-    let code = status
-        .get("grpc-status")
-        .expect("a grpc-status")
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let message = status
-        .get("grpc-message")
-        .map(|m| percent_decode(m.to_str().unwrap()))
-        .unwrap_or_default();
+    let (code, message) = status(&headers, trailers.as_ref());
     (code, message, body)
 }
 
