@@ -156,7 +156,12 @@ impl RequestBody {
             }
             let have = if more.is_empty() { &body } else { &more[..] };
             if have.len() >= 5 {
-                message_len(have, max)?;
+                let len = message_len(have, max)?;
+                // Refused as soon as it is more than one message: a body
+                // that never ends is not buffered.
+                if have.len() > 5 + len {
+                    return Err(more_than_one(have.len() - 5 - len));
+                }
             }
         }
         if !more.is_empty() {
@@ -175,14 +180,18 @@ impl RequestBody {
             )));
         }
         if held > len {
-            return Err(Status::invalid_argument(format!(
-                "a unary call's request must be one message; the body held {} bytes after it",
-                held - len
-            )));
+            return Err(more_than_one(held - len));
         }
         body.advance(5);
         Ok(body)
     }
+}
+
+/// The status of a unary call's body with `extra` bytes after its message.
+fn more_than_one(extra: usize) -> Status {
+    Status::invalid_argument(format!(
+        "a unary call's request must be one message; the body held {extra} bytes after it"
+    ))
 }
 
 /// The length a gRPC message prefix (at the start of `have`) announces;

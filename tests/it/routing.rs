@@ -243,6 +243,18 @@ async fn post_frames(
     frames: Vec<Vec<u8>>,
     gap: Duration,
 ) -> (i32, String, Bytes) {
+    post_body(server, path, frames, gap, false).await
+}
+
+/// As [`post_frames`]; with `keep_open`, the request's body does not end
+/// after its frames (the answer must come without it).
+async fn post_body(
+    server: &RunningServer,
+    path: &str,
+    frames: Vec<Vec<u8>>,
+    gap: Duration,
+    keep_open: bool,
+) -> (i32, String, Bytes) {
     use http_body_util::StreamBody;
     let mut sender = connect(server).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<
@@ -256,6 +268,9 @@ async fn post_frames(
             let _ = tx
                 .send(Ok(hyper::body::Frame::data(Bytes::from(frame))))
                 .await;
+        }
+        if keep_open {
+            tokio::time::sleep(Duration::from_secs(30)).await;
         }
     });
     let request = http::Request::post(format!("http://{}{path}", server.addr))
@@ -402,6 +417,27 @@ async fn a_check_body_must_be_one_whole_uncompressed_message_within_the_limit() 
             assert_eq!(code, want as i32, "{what} to {path}: {message}");
             assert!(message.contains(text), "{what} to {path}: {message}");
         }
+    }
+    // A message and more, on a body that does not end: refused at once,
+    // without waiting for (or buffering) the rest.
+    for path in [
+        "/freshd.v1.Coordinator/Check",
+        "/freshd.v1.Coordinator/CheckBatch",
+    ] {
+        let (code, message, _) = post_body(
+            &server,
+            path,
+            vec![[&one[..], &[0u8; 3][..]].concat()],
+            Duration::ZERO,
+            true,
+        )
+        .await;
+        assert_eq!(
+            code,
+            tonic::Code::InvalidArgument as i32,
+            "{path}: {message}"
+        );
+        assert!(message.contains("3 bytes after it"), "{path}: {message}");
     }
     // Still serving.
     let (code, message, _) = post_frames(
