@@ -23,9 +23,13 @@
 //! HTTP/2 stream. tonic's generated handler would decode each key into a
 //! `String` of its own, and put its request, response and body layers in
 //! between; for a check answered from memory those were a sixth of the
-//! server's time. Authentication, `grpc-timeout`, `max_message_bytes`, the
-//! errors and the metrics are the same either way, and the Coordinator's
-//! generated handlers stay for callers that embed the service.
+//! server's time. `Publish`, `Fill` and `Lease` (a cache's write and miss
+//! paths) are read and answered the same way, decoded by prost and handed
+//! to the service's trait methods with the caller in the request's
+//! extensions. Authentication, `grpc-timeout`, `max_message_bytes`, the
+//! errors and the metrics are the same either way; the other calls go
+//! through the generated handlers, which stay for callers that embed the
+//! service.
 //!
 //! Shutdown: when `drain` completes, accepting stops, every connection is
 //! told to finish (HTTP/2 GOAWAY: in-flight requests complete, new ones are
@@ -53,7 +57,7 @@ use tower::util::BoxCloneSyncService;
 
 use crate::auth::{Caller, Interceptor, Principal};
 use crate::conn::{answer_unary, frame, run_inline_first, Exchange, GrpcOutbox, RequestBody};
-use crate::pb::coordinator_server::CoordinatorServer;
+use crate::pb::coordinator_server::{Coordinator as _, CoordinatorServer};
 use crate::service::CoordinatorService;
 use crate::tls::{Conn, ConnInfo};
 use crate::wire::{self, CheckBatchRequestRef, CheckRequestRef};
@@ -111,9 +115,15 @@ const WATCH: &str = "/freshd.v1.Coordinator/Watch";
 const CHECK: &str = "/freshd.v1.Coordinator/Check";
 /// The path of the Coordinator's CheckBatch method.
 const CHECK_BATCH: &str = "/freshd.v1.Coordinator/CheckBatch";
+/// The path of the Coordinator's Publish method.
+const PUBLISH: &str = "/freshd.v1.Coordinator/Publish";
+/// The path of the Coordinator's Fill method.
+const FILL: &str = "/freshd.v1.Coordinator/Fill";
+/// The path of the Coordinator's Lease method.
+const LEASE: &str = "/freshd.v1.Coordinator/Lease";
 
-/// The Coordinator calls the router serves itself: Watch streams, Check
-/// and CheckBatch.
+/// The Coordinator calls the router serves itself: Watch streams, and the
+/// unary calls of [`Unary`].
 #[derive(Clone)]
 pub struct Direct {
     service: Arc<CoordinatorService>,
@@ -158,17 +168,16 @@ impl Direct {
             .map(|c| c.0.clone()))
     }
 
-    /// Serves a `Check` (or, with `batch`, a `CheckBatch`) call: reads and
-    /// decodes its message, asks the service, writes the answer. Run in
-    /// place, and spawned only when it waits (for the body's rest, or for
-    /// a `min_seq`), within the request's deadline; a reset by the client
-    /// drops it.
-    fn check(
+    /// Serves a unary call: reads and decodes its message, asks the
+    /// service, writes the answer. Run in place, and spawned only when it
+    /// waits (for the body's rest, a `min_seq`, the log), within the
+    /// request's deadline; a reset by the client drops it.
+    fn unary(
         &self,
         request: Request<RequestBody>,
         mut reply: SendResponse<Bytes>,
         info: &ConnInfo,
-        batch: bool,
+        method: Unary,
     ) {
         let deadline = match grpc_timeout(request.headers()) {
             Ok(timeout) => Deadline::after(timeout),
@@ -184,19 +193,42 @@ impl Direct {
         run_inline_first(async move {
             let call = async {
                 let message = body.unary_message(max).await?;
-                let who = who.as_ref();
-                if batch {
-                    let mut owned = None;
-                    let request = wire::decode::<CheckBatchRequestRef>(&message, &mut owned)
-                        .map_err(crate::codec::malformed)?;
-                    let answer = service.check_batch_ref(who, request).await?;
-                    frame(&answer, max, "a CheckBatch answer")
-                } else {
-                    let mut owned = None;
-                    let request = wire::decode::<CheckRequestRef>(&message, &mut owned)
-                        .map_err(crate::codec::malformed)?;
-                    let answer = service.check_ref(who, request).await?;
-                    frame(&answer, max, "a Check answer")
+                let service = &*service;
+                match method {
+                    Unary::Check => {
+                        let mut owned = None;
+                        let request = wire::decode::<CheckRequestRef>(&message, &mut owned)
+                            .map_err(crate::codec::malformed)?;
+                        let answer = service.check_ref(who.as_ref(), request).await?;
+                        frame(&answer, max, "a Check answer")
+                    }
+                    Unary::CheckBatch => {
+                        let mut owned = None;
+                        let request = wire::decode::<CheckBatchRequestRef>(&message, &mut owned)
+                            .map_err(crate::codec::malformed)?;
+                        let answer = service.check_batch_ref(who.as_ref(), request).await?;
+                        frame(&answer, max, "a CheckBatch answer")
+                    }
+                    Unary::Publish => {
+                        let request = decoded(&message, who)?;
+                        frame(
+                            service.publish(request).await?.get_ref(),
+                            max,
+                            "a Publish answer",
+                        )
+                    }
+                    Unary::Fill => {
+                        let request = decoded(&message, who)?;
+                        frame(service.fill(request).await?.get_ref(), max, "a Fill answer")
+                    }
+                    Unary::Lease => {
+                        let request = decoded(&message, who)?;
+                        frame(
+                            service.lease(request).await?.get_ref(),
+                            max,
+                            "a Lease answer",
+                        )
+                    }
                 }
             };
             let mut call = Bounded {
@@ -266,6 +298,46 @@ impl Direct {
     }
 }
 
+/// The unary Coordinator calls the router serves itself: the checks,
+/// decoded with their keys borrowed, and the other calls of a cache's
+/// miss and write paths, decoded by prost and answered by the service's
+/// generated-trait methods, without tonic's per-call layers.
+#[derive(Clone, Copy, Debug)]
+enum Unary {
+    Check,
+    CheckBatch,
+    Publish,
+    Fill,
+    Lease,
+}
+
+impl Unary {
+    /// The call `path` names, if the router serves it.
+    fn of(path: &str) -> Option<Self> {
+        Some(match path {
+            CHECK => Unary::Check,
+            CHECK_BATCH => Unary::CheckBatch,
+            PUBLISH => Unary::Publish,
+            FILL => Unary::Fill,
+            LEASE => Unary::Lease,
+            _ => return None,
+        })
+    }
+}
+
+/// `message` decoded by prost, as a request from `who` (in its extensions,
+/// where the authenticating interceptor leaves the principal).
+fn decoded<M: prost::Message + Default>(
+    message: &[u8],
+    who: Option<Arc<Principal>>,
+) -> Result<tonic::Request<M>, Status> {
+    let mut request = tonic::Request::new(M::decode(message).map_err(crate::codec::malformed)?);
+    if let Some(who) = who {
+        request.extensions_mut().insert(Caller(who));
+    }
+    Ok(request)
+}
+
 /// Answers a request with `status` in the headers alone.
 fn refuse(reply: &mut SendResponse<Bytes>, status: Status) {
     let _ = reply.send_response(status.into_http::<()>(), true);
@@ -309,18 +381,17 @@ impl Routes {
         info: &ConnInfo,
     ) {
         if let Some(direct) = &self.direct {
-            match request.uri().path() {
-                CHECK => return direct.check(request, reply, info, false),
-                CHECK_BATCH => return direct.check(request, reply, info, true),
-                WATCH => {
-                    let deadline = match grpc_timeout(request.headers()) {
-                        Ok(timeout) => timeout.map(|d| Instant::now() + d),
-                        Err(status) => return refuse(&mut reply, status),
-                    };
-                    tokio::spawn(direct.clone().open(request, reply, info.clone(), deadline));
-                    return;
-                }
-                _ => {}
+            let path = request.uri().path();
+            if let Some(method) = Unary::of(path) {
+                return direct.unary(request, reply, info, method);
+            }
+            if path == WATCH {
+                let deadline = match grpc_timeout(request.headers()) {
+                    Ok(timeout) => timeout.map(|d| Instant::now() + d),
+                    Err(status) => return refuse(&mut reply, status),
+                };
+                tokio::spawn(direct.clone().open(request, reply, info.clone(), deadline));
+                return;
             }
         }
         run_inline_first(Exchange::new(self.call(request, info), reply));
