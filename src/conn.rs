@@ -198,9 +198,12 @@ fn more_than_one(extra: usize) -> Status {
 /// refused when it is compressed (freshd accepts none) or above `max`.
 fn message_len(have: &[u8], max: usize) -> Result<usize, Status> {
     if have[0] != 0 {
-        return Err(Status::unimplemented(
-            "compressed requests are not accepted (grpc-encoding: identity only)",
-        ));
+        // The gRPC spec: a compressed flag without a grpc-encoding (the
+        // router refuses any but identity) is INTERNAL.
+        return Err(Status::internal(format!(
+            "protocol error: a message with compressed-flag {} but no grpc-encoding",
+            have[0]
+        )));
     }
     let len = u32::from_be_bytes([have[1], have[2], have[3], have[4]]) as usize;
     if len > max {

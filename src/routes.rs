@@ -183,6 +183,9 @@ impl Direct {
             Ok(timeout) => Deadline::after(timeout),
             Err(status) => return refuse(&mut reply, status),
         };
+        if let Err(status) = identity_only(request.headers()) {
+            return refuse(&mut reply, status);
+        }
         let (parts, mut body) = request.into_parts();
         let who = match self.authenticate(parts, info) {
             Ok(who) => who,
@@ -537,6 +540,18 @@ impl Future for Answer {
         Pin::new(&mut self.0)
             .poll(cx)
             .map(|answer| answer.unwrap_or_else(|| deadline_passed().into_http()))
+    }
+}
+
+/// `UNIMPLEMENTED` when the request's messages are compressed
+/// (`grpc-encoding` other than `identity`): freshd compresses nothing.
+fn identity_only(headers: &HeaderMap) -> Result<(), Status> {
+    match headers.get("grpc-encoding") {
+        None => Ok(()),
+        Some(value) if value == "identity" => Ok(()),
+        Some(value) => Err(Status::unimplemented(format!(
+            "grpc-encoding {value:?} is not supported: freshd accepts identity (uncompressed) messages only"
+        ))),
     }
 }
 

@@ -385,10 +385,12 @@ async fn a_check_body_must_be_one_whole_uncompressed_message_within_the_limit() 
             "ended inside its message",
         ),
         (
+            // Compressed, with no grpc-encoding to say how: the gRPC spec
+            // makes that INTERNAL.
             "a compressed message",
             vec![[&prefix(1, 3)[..], &[1, 2, 3]].concat()],
-            tonic::Code::Unimplemented,
-            "compressed",
+            tonic::Code::Internal,
+            "compressed-flag",
         ),
         (
             // Refused from its prefix: the rest is never sent.
@@ -442,6 +444,15 @@ async fn a_check_body_must_be_one_whole_uncompressed_message_within_the_limit() 
             "{path}: {message}"
         );
         assert!(message.contains("3 bytes after it"), "{path}: {message}");
+    }
+    // A compression the server does not speak, named in the headers.
+    for path in [
+        "/freshd.v1.Coordinator/Check",
+        "/freshd.v1.Coordinator/Publish",
+    ] {
+        let (code, message) = post(&server, path, &check(0), &[("grpc-encoding", "gzip")]).await;
+        assert_eq!(code, tonic::Code::Unimplemented as i32, "{path}: {message}");
+        assert!(message.contains("gzip"), "{path}: {message}");
     }
     // Still serving.
     let (code, message, _) = post_frames(
