@@ -4,14 +4,14 @@
 //!
 //! A request's answer is a future that first waits for the service's
 //! response and then copies its body to the HTTP/2 stream
-//! ([`Exchange`]). It is polled once in the connection's task and spawned
+//! (`Exchange`). It is polled once in the connection's task and spawned
 //! only if it is not done then, so an answer from memory (a `Check`, a
 //! `Publish`) costs no task of its own. A Watch stream's task writes to its
-//! HTTP/2 stream itself ([`GrpcOutbox`]), with no body, channel or task in
+//! HTTP/2 stream itself (`GrpcOutbox`), with no body, channel or task in
 //! between.
 //!
 //! Flow control: h2 sends what the peer's window allows and queues the
-//! rest. Every [`UNCHECKED_BYTES`] handed to it, a stream reserves room for
+//! rest. Every `UNCHECKED_BYTES` handed to it, a stream reserves room for
 //! its next chunk and waits until the window gives it some, so a stream
 //! whose reader stops holds at most about a window and that much more in
 //! memory, and a Watch stream's writer stops taking notices, which leaves

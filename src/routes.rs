@@ -13,7 +13,7 @@
 //!
 //! `Watch` is served without tonic's generated handler: the router reads the
 //! stream's first message, registers it, and the stream's task writes its
-//! messages to the HTTP/2 stream itself ([`crate::conn::GrpcOutbox`]), with
+//! messages to the HTTP/2 stream itself (`conn::GrpcOutbox`), with
 //! no channel, response body or task of its own in between.
 //!
 //! So are `Check` and `CheckBatch`, the calls made on every cache hit: the
@@ -123,7 +123,7 @@ const FILL: &str = "/freshd.v1.Coordinator/Fill";
 const LEASE: &str = "/freshd.v1.Coordinator/Lease";
 
 /// The Coordinator calls the router serves itself: Watch streams, and the
-/// unary calls of [`Unary`].
+/// unary calls `Check`, `CheckBatch`, `Publish`, `Fill` and `Lease`.
 #[derive(Clone)]
 pub struct Direct {
     service: Arc<CoordinatorService>,

@@ -56,7 +56,7 @@ fn bucket(bounds: &[f64], v: f64) -> usize {
 
 impl BatchHistogram {
     /// A histogram with the finite, ascending upper `bounds` (at most
-    /// [`MAX_BOUNDS`]) and `+Inf`.
+    /// `MAX_BOUNDS`) and `+Inf`.
     pub fn new(bounds: &'static [f64]) -> Self {
         assert!(bounds.len() <= MAX_BOUNDS, "too many histogram bounds");
         assert!(
