@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of the project: formatting and lint checks, the server's
-# unit and integration tests (real servers on loopback port 0), then the
-# client libraries' suites, which run the conformance scenarios against real
-# servers.
+# Runs every test of the project: formatting, lint and rustdoc checks, the
+# server's unit and integration tests (real servers on loopback port 0), then
+# the client libraries' suites, which run the conformance scenarios against
+# real servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,5 +14,7 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The public API's docs: every link resolves and none points at a private item.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 cargo test --workspace --locked
 clients/python/run-tests.sh
