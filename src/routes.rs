@@ -265,21 +265,17 @@ impl Direct {
         deadline: Option<Instant>,
     ) {
         let (parts, body) = request.into_parts();
-        let mut caller = tonic::Request::from_http(Request::from_parts(parts, ()));
-        caller.extensions_mut().insert(info);
-        if let Some(mut interceptor) = self.interceptor.clone() {
-            match interceptor.call(caller) {
-                Ok(authenticated) => caller = authenticated,
-                Err(status) => return refuse(&mut reply, status),
-            }
-        }
+        let who = match self.authenticate(parts, &info) {
+            Ok(who) => who,
+            Err(status) => return refuse(&mut reply, status),
+        };
         let inbound = Streaming::new_request(
             crate::codec::Decoder::<crate::pb::WatchRequest>::default(),
             body,
             None,
             Some(self.max_message_bytes),
         );
-        let opening = self.service.open_watch(&caller, inbound);
+        let opening = self.service.open_watch(who, inbound);
         let opened = match deadline {
             Some(at) => match tokio::time::timeout_at(at, opening).await {
                 Ok(opened) => opened,
@@ -369,8 +365,8 @@ impl Routes {
         }
     }
 
-    /// Serves the Coordinator's `Watch`, `Check` and `CheckBatch` with
-    /// `direct` instead of the generated handlers.
+    /// Serves the Coordinator's `Watch`, `Check`, `CheckBatch`, `Publish`,
+    /// `Fill` and `Lease` with `direct` instead of the generated handlers.
     pub fn direct(mut self, direct: Direct) -> Self {
         self.direct = Some(direct);
         self

@@ -469,22 +469,17 @@ impl CoordinatorService {
     /// Opens a Watch stream for a caller served outside tonic's generated
     /// handler (the router's [`crate::routes::Direct`]): reads and
     /// checks the first message and registers the stream, counted as a
-    /// `Watch` call. `request` carries the authenticated principal, if any.
+    /// `Watch` call, for `who` (when authentication is on).
     pub async fn open_watch(
         &self,
-        request: &Request<()>,
+        who: Option<Arc<Principal>>,
         mut inbound: Streaming<pb::WatchRequest>,
     ) -> Result<(crate::watch::Registered, Streaming<pb::WatchRequest>), Status> {
         let start = Instant::now();
         let result = async {
             self.gate()?;
             let first = inbound.next().await.transpose()?;
-            crate::watch::register(
-                self.store.clone(),
-                self.limits.clone(),
-                caller(request),
-                first,
-            )
+            crate::watch::register(self.store.clone(), self.limits.clone(), who, first)
         }
         .await;
         self.observe("Watch", start, &result);
