@@ -247,7 +247,7 @@ async fn post_frames(
 }
 
 /// As [`post_frames`]; with `keep_open`, the request's body does not end
-/// after its frames (the answer must come without it).
+/// after its frames: it stays open until the answer has come.
 async fn post_body(
     server: &RunningServer,
     path: &str,
@@ -260,9 +260,12 @@ async fn post_body(
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
     >(frames.len().max(1));
+    let (answered, answer_came) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         for (i, frame) in frames.into_iter().enumerate() {
             if i > 0 {
+                // Spacing, so that the pieces reach the server in reads of
+                // their own; no assertion depends on it.
                 tokio::time::sleep(gap).await;
             }
             let _ = tx
@@ -270,8 +273,10 @@ async fn post_body(
                 .await;
         }
         if keep_open {
-            tokio::time::sleep(Duration::from_secs(30)).await;
+            // Dropped with the answer (or with the request, if it fails).
+            let _ = answer_came.await;
         }
+        drop(tx);
     });
     let request = http::Request::post(format!("http://{}{path}", server.addr))
         .header("content-type", "application/grpc")
@@ -289,6 +294,7 @@ async fn post_body(
     })
     .await
     .expect("an answer within 5 s");
+    drop(answered);
     let (code, message) = status(&headers, trailers.as_ref());
     (code, message, body)
 }
