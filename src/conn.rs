@@ -130,8 +130,7 @@ impl RequestBody {
         let mut body = Bytes::new();
         let mut more = BytesMut::new();
         while !self.data_done {
-            let data = std::future::poll_fn(|cx| self.recv.poll_data(cx)).await;
-            let data = match data {
+            let data = match self.recv.data().await {
                 Some(Ok(data)) => data,
                 Some(Err(e)) => {
                     self.done = true;
@@ -172,15 +171,13 @@ impl RequestBody {
                 "a unary call's request must be one message; the body held none",
             ));
         }
+        // Anything past the message was refused as it came.
         let len = message_len(&body, max)?;
         let held = body.len() - 5;
         if held < len {
             return Err(Status::invalid_argument(format!(
                 "the request's body ended inside its message: {held} of {len} bytes"
             )));
-        }
-        if held > len {
-            return Err(more_than_one(held - len));
         }
         body.advance(5);
         Ok(body)
