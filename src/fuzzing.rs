@@ -13,6 +13,9 @@
 //!   into a store and written out as a compaction's snapshot would be.
 //! - [`snapshot`]: the bytes after a snapshot's header, decoded and loaded as
 //!   recovery loads a snapshot.
+//! - [`hpack`]: HTTP/2 header blocks, decoded in turn by one HPACK decoder
+//!   ([`crate::hpack`]) whose table must stay within its limit, and whose
+//!   fields, written out again by the encoder, must decode to themselves.
 //!
 //! Not part of the API: nothing here is stable.
 
@@ -42,6 +45,7 @@ pub const TARGETS: &[(&str, Entry)] = &[
     ("request", request),
     ("log_segment", log_segment),
     ("snapshot", snapshot),
+    ("hpack", hpack),
 ];
 
 /// The request messages of the Coordinator service, in the order the kind
@@ -676,6 +680,48 @@ pub fn snapshot(data: &[u8]) {
     sweep(&store);
 }
 
+/// Decodes `data` as HPACK header blocks, in turn on one decoder:
+/// `[table limit: u16 LE][list limit: u16 LE]`, then blocks of
+/// `[length: u16 LE][block]`. The table stays within the limit, no more
+/// than the list limit is handed over, and the fields of a block that
+/// decoded, encoded again, decode to themselves.
+pub fn hpack(data: &[u8]) {
+    use crate::hpack::{encode_field, DecodeError, Decoder};
+    let Some((head, mut rest)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let max = usize::from(u16::from_le_bytes([head[0], head[1]]));
+    let list = usize::from(u16::from_le_bytes([head[2], head[3]]));
+    let mut decoder = Decoder::new(max);
+    while let Some((len, tail)) = rest.split_first_chunk::<2>() {
+        let len = usize::from(u16::from_le_bytes(*len)).min(tail.len());
+        let (block, tail) = tail.split_at(len);
+        rest = tail;
+        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut listed = 0;
+        let result = decoder.decode(block, list, |name, value| {
+            listed += name.len() + value.len() + crate::hpack::ENTRY_OVERHEAD;
+            fields.push((name.to_vec(), value.to_vec()));
+        });
+        assert!(decoder.table_size() <= decoder.table_limit());
+        assert!(decoder.table_limit() <= max);
+        assert!(listed <= list, "{listed} bytes handed over, above {list}");
+        if matches!(result, Ok(()) | Err(DecodeError::ListTooLarge { .. })) {
+            let mut again = Vec::new();
+            for (name, value) in &fields {
+                encode_field(name, value, &mut again);
+            }
+            let mut back = Vec::new();
+            Decoder::new(0)
+                .decode(&again, usize::MAX, |n, v| {
+                    back.push((n.to_vec(), v.to_vec()))
+                })
+                .expect("the encoder's block decodes");
+            assert_eq!(back, fields);
+        }
+    }
+}
+
 /// Generates inputs for the targets: valid encodings of random messages, and
 /// mutations of them.
 pub mod generate {
@@ -983,12 +1029,92 @@ pub mod generate {
         (0..n).map(|_| rng.random()).collect()
     }
 
+    /// Header blocks for [`super::hpack`]: indexed fields (static, and the
+    /// entries earlier blocks added), literals with and without indexing,
+    /// plain and Huffman-coded, and table size updates.
+    pub fn header_blocks(rng: &mut StdRng) -> Vec<u8> {
+        use crate::hpack::{huffman_encode, put_integer, STATIC};
+        let max: u16 = if rng.random_bool(0.5) {
+            4096
+        } else {
+            rng.random_range(0..600)
+        };
+        let list: u16 = if rng.random_bool(0.8) {
+            8192
+        } else {
+            rng.random_range(0..200)
+        };
+        let mut out = Vec::new();
+        out.extend_from_slice(&max.to_le_bytes());
+        out.extend_from_slice(&list.to_le_bytes());
+        let mut added = 0usize;
+        for _ in 0..rng.random_range(1..5) {
+            let mut block = Vec::new();
+            if rng.random_bool(0.2) {
+                put_integer(rng.random_range(0..=usize::from(max)), 5, 0x20, &mut block);
+            }
+            for _ in 0..rng.random_range(1..9) {
+                let string = |rng: &mut StdRng, block: &mut Vec<u8>| {
+                    let text: Vec<u8> = (0..rng.random_range(0..24))
+                        .map(|_| {
+                            if rng.random_bool(0.9) {
+                                rng.random_range(b'a'..=b'z')
+                            } else {
+                                rng.random()
+                            }
+                        })
+                        .collect();
+                    if rng.random_bool(0.5) {
+                        let mut coded = Vec::new();
+                        huffman_encode(&text, &mut coded);
+                        put_integer(coded.len(), 7, 0x80, block);
+                        block.extend_from_slice(&coded);
+                    } else {
+                        put_integer(text.len(), 7, 0x00, block);
+                        block.extend_from_slice(&text);
+                    }
+                };
+                match rng.random_range(0..4) {
+                    0 => put_integer(
+                        rng.random_range(1..=STATIC.len() + added),
+                        7,
+                        0x80,
+                        &mut block,
+                    ),
+                    1 => {
+                        // With incremental indexing, a new name.
+                        block.push(0x40);
+                        string(rng, &mut block);
+                        string(rng, &mut block);
+                        added += 1;
+                    }
+                    2 => {
+                        // With incremental indexing, a static name.
+                        put_integer(rng.random_range(1..=STATIC.len()), 6, 0x40, &mut block);
+                        string(rng, &mut block);
+                        added += 1;
+                    }
+                    _ => {
+                        // Without indexing or never indexed, a static name.
+                        let high = if rng.random_bool(0.5) { 0x00 } else { 0x10 };
+                        put_integer(rng.random_range(1..=STATIC.len()), 4, high, &mut block);
+                        string(rng, &mut block);
+                    }
+                }
+            }
+            out.extend_from_slice(&(block.len() as u16).to_le_bytes());
+            out.extend_from_slice(&block);
+        }
+        out
+    }
+
     /// A generated valid input for the target `name`.
     pub fn valid(rng: &mut StdRng, name: &str) -> Vec<u8> {
         match name {
             "request" => requests(rng),
             "log_segment" => log_segment(rng),
             "snapshot" => snapshot(rng),
+            "hpack" => header_blocks(rng),
             other => panic!("no target {other:?}"),
         }
     }

@@ -22,6 +22,7 @@ pub mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hold;
+pub mod hpack;
 pub mod lease;
 pub mod log;
 pub mod metrics;

@@ -128,7 +128,12 @@ fn fuzz_smoke_snapshot() {
 }
 
 #[test]
+fn fuzz_smoke_hpack() {
+    smoke("hpack", 20_000);
+}
+
+#[test]
 fn every_target_has_a_smoke_test() {
     let names: Vec<&str> = TARGETS.iter().map(|(name, _)| *name).collect();
-    assert_eq!(names, ["request", "log_segment", "snapshot"]);
+    assert_eq!(names, ["request", "log_segment", "snapshot", "hpack"]);
 }
