@@ -20,6 +20,7 @@ pub mod conn;
 pub mod error;
 pub mod fanout;
 #[doc(hidden)]
+pub mod frame;
 pub mod fuzzing;
 pub mod hold;
 pub mod hpack;
