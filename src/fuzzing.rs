@@ -14,7 +14,7 @@
 //! - [`snapshot`]: the bytes after a snapshot's header, decoded and loaded as
 //!   recovery loads a snapshot.
 //! - [`hpack`]: HTTP/2 header blocks, decoded in turn by one HPACK decoder
-//!   ([`crate::hpack`]) whose table must stay within its limit, and whose
+//!   ([`crate::http2::hpack`]) whose table must stay within its limit, and whose
 //!   fields, written out again by the encoder, must decode to themselves.
 //!
 //! Not part of the API: nothing here is stable.
@@ -686,7 +686,7 @@ pub fn snapshot(data: &[u8]) {
 /// than the list limit is handed over, and the fields of a block that
 /// decoded, encoded again, decode to themselves.
 pub fn hpack(data: &[u8]) {
-    use crate::hpack::{encode_field, DecodeError, Decoder};
+    use crate::http2::hpack::{encode_field, DecodeError, Decoder};
     let Some((head, mut rest)) = data.split_first_chunk::<4>() else {
         return;
     };
@@ -700,7 +700,7 @@ pub fn hpack(data: &[u8]) {
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut listed = 0;
         let result = decoder.decode(block, list, |name, value| {
-            listed += name.len() + value.len() + crate::hpack::ENTRY_OVERHEAD;
+            listed += name.len() + value.len() + crate::http2::hpack::ENTRY_OVERHEAD;
             fields.push((name.to_vec(), value.to_vec()));
         });
         assert!(decoder.table_size() <= decoder.table_limit());
@@ -1033,7 +1033,7 @@ pub mod generate {
     /// entries earlier blocks added), literals with and without indexing,
     /// plain and Huffman-coded, and table size updates.
     pub fn header_blocks(rng: &mut StdRng) -> Vec<u8> {
-        use crate::hpack::{huffman_encode, put_integer, STATIC};
+        use crate::http2::hpack::{huffman_encode, put_integer, STATIC};
         let max: u16 = if rng.random_bool(0.5) {
             4096
         } else {

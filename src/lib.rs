@@ -20,10 +20,9 @@ pub mod conn;
 pub mod error;
 pub mod fanout;
 #[doc(hidden)]
-pub mod frame;
 pub mod fuzzing;
 pub mod hold;
-pub mod hpack;
+pub mod http2;
 pub mod lease;
 pub mod log;
 pub mod metrics;

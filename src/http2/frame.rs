@@ -6,7 +6,7 @@
 //! A frame that breaks a rule is a [`FrameError`] carrying the error code
 //! the RFC gives it and whether it ends the connection or only its stream.
 //! Unknown frame types and unknown settings are passed over, as the RFC
-//! requires. Like [`crate::hpack`], this is a layer of freshd's own HTTP/2
+//! requires. Like [`super::hpack`], this is a layer of freshd's own HTTP/2
 //! connection code; h2 still serves every connection.
 
 use std::fmt;

@@ -1,0 +1,14 @@
+//! freshd's own HTTP/2 layers, for the gRPC calls it serves: frames
+//! ([`frame`]), header compression ([`hpack`]) and a request's head checked
+//! against HTTP/2's rules for requests ([`head`]).
+//!
+//! They take no lock and build no `http` types: a frame borrows from the
+//! read buffer, a header field from the HPACK decoder's table or the block,
+//! and a request head keeps its fields in one buffer it reuses. h2 still
+//! serves every connection (`conn.rs`); these are the parts the
+//! connection code that replaces it on the request paths is built from
+//! (docs/ARCHITECTURE.md, "Server").
+
+pub mod frame;
+pub mod head;
+pub mod hpack;
