@@ -16,6 +16,10 @@
 //! - [`hpack`]: HTTP/2 header blocks, decoded in turn by one HPACK decoder
 //!   ([`crate::http2::hpack`]) whose table must stay within its limit, and whose
 //!   fields, written out again by the encoder, must decode to themselves.
+//! - [`http2`]: the bytes a client sends after its preface and SETTINGS,
+//!   read by a server connection ([`crate::http2::connection`]) that
+//!   answers every request; it keeps its concurrency limit, and an error
+//!   leaves a GOAWAY as its last frame.
 //!
 //! Not part of the API: nothing here is stable.
 
@@ -46,6 +50,7 @@ pub const TARGETS: &[(&str, Entry)] = &[
     ("log_segment", log_segment),
     ("snapshot", snapshot),
     ("hpack", hpack),
+    ("http2", http2),
 ];
 
 /// The request messages of the Coordinator service, in the order the kind
@@ -722,6 +727,78 @@ pub fn hpack(data: &[u8]) {
     }
 }
 
+/// Reads `data` as what a client sends after its preface and SETTINGS,
+/// in pieces whose sizes the first byte sets, through a server connection
+/// that answers each request with its body and OK trailers.
+pub fn http2(data: &[u8]) {
+    use crate::http2::connection::{Config, Connection, Event};
+    use crate::http2::frame::{self, Head, HEAD_LEN, PREFACE};
+    let Some((&piece, data)) = data.split_first() else {
+        return;
+    };
+    let piece = usize::from(piece).max(1);
+    let config = Config {
+        max_concurrent_streams: 4,
+        ..Config::default()
+    };
+    let mut conn = Connection::new(config);
+    let mut input = bytes::BytesMut::from(&PREFACE[..]);
+    frame::put_settings(&mut input, &[], false);
+    let mut events = Vec::new();
+    let mut failed = false;
+    for chunk in std::iter::once(&[][..]).chain(data.chunks(piece)) {
+        input.extend_from_slice(chunk);
+        loop {
+            let before = input.len();
+            events.clear();
+            if conn.receive(&mut input, &mut events).is_err() {
+                failed = true;
+                break;
+            }
+            for event in &events {
+                if let Event::Data {
+                    stream,
+                    data,
+                    end_stream: true,
+                } = event
+                {
+                    conn.respond(
+                        *stream,
+                        200,
+                        &[(b"content-type", b"application/grpc")],
+                        false,
+                    );
+                    conn.send_data(*stream, data.clone());
+                    conn.send_trailers(*stream, &[(b"grpc-status", b"0")]);
+                }
+            }
+            assert!(
+                conn.open_streams() <= 4,
+                "{} streams open",
+                conn.open_streams()
+            );
+            if input.len() == before && events.is_empty() {
+                break;
+            }
+        }
+        if failed {
+            break;
+        }
+    }
+    if failed {
+        // The output is whole frames, the last a GOAWAY.
+        let out = conn.output();
+        let mut rest = &out[..];
+        let mut last = None;
+        while let Some(head) = Head::parse(rest) {
+            rest = &rest[HEAD_LEN + head.len..];
+            last = Some(head.kind);
+        }
+        assert!(rest.is_empty());
+        assert_eq!(last, Some(frame::kind::GOAWAY));
+    }
+}
+
 /// Generates inputs for the targets: valid encodings of random messages, and
 /// mutations of them.
 pub mod generate {
@@ -1108,6 +1185,66 @@ pub mod generate {
         out
     }
 
+    /// Frames a client sends for [`super::http2`]: requests (some over
+    /// CONTINUATION), their bodies over DATA frames, window updates,
+    /// pings, resets and settings, after a piece size.
+    pub fn client_frames(rng: &mut StdRng) -> Vec<u8> {
+        use crate::http2::frame::{self, code, flag, kind, setting};
+        use crate::http2::hpack::encode_field;
+        let mut out = vec![rng.random_range(1..=255u8)];
+        let mut stream = 1u32;
+        for _ in 0..rng.random_range(1..8) {
+            match rng.random_range(0..6) {
+                0 | 1 => {
+                    let mut block = Vec::new();
+                    for (n, v) in [
+                        (&b":method"[..], &b"POST"[..]),
+                        (b":scheme", b"http"),
+                        (b":path", b"/freshd.v1.Coordinator/Check"),
+                        (b"content-type", b"application/grpc"),
+                        (b"te", b"trailers"),
+                    ] {
+                        encode_field(n, v, &mut block);
+                    }
+                    if rng.random_bool(0.3) && block.len() > 4 {
+                        let (a, b) = block.split_at(block.len() / 2);
+                        frame::put_head(&mut out, a.len(), kind::HEADERS, 0, stream);
+                        out.extend_from_slice(a);
+                        frame::put_head(
+                            &mut out,
+                            b.len(),
+                            kind::CONTINUATION,
+                            flag::END_HEADERS,
+                            stream,
+                        );
+                        out.extend_from_slice(b);
+                    } else {
+                        frame::put_headers(&mut out, stream, &block, false, 16_384);
+                    }
+                    for _ in 0..rng.random_range(0..3) {
+                        let body = bytes(rng, 40);
+                        frame::put_data(&mut out, stream, &body, false);
+                    }
+                    frame::put_data(&mut out, stream, b"", rng.random_bool(0.9));
+                    stream += 2;
+                }
+                2 => frame::put_window_update(
+                    &mut out,
+                    rng.random_range(0..stream),
+                    rng.random_range(1..70_000),
+                ),
+                3 => frame::put_ping(&mut out, rng.random(), false),
+                4 => frame::put_rst_stream(&mut out, stream.saturating_sub(2).max(1), code::CANCEL),
+                _ => frame::put_settings(
+                    &mut out,
+                    &[(setting::INITIAL_WINDOW_SIZE, rng.random_range(0..100_000))],
+                    false,
+                ),
+            }
+        }
+        out
+    }
+
     /// A generated valid input for the target `name`.
     pub fn valid(rng: &mut StdRng, name: &str) -> Vec<u8> {
         match name {
@@ -1115,6 +1252,7 @@ pub mod generate {
             "log_segment" => log_segment(rng),
             "snapshot" => snapshot(rng),
             "hpack" => header_blocks(rng),
+            "http2" => client_frames(rng),
             other => panic!("no target {other:?}"),
         }
     }

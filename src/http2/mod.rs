@@ -1,6 +1,7 @@
 //! freshd's own HTTP/2 layers, for the gRPC calls it serves: frames
-//! ([`frame`]), header compression ([`hpack`]) and a request's head checked
-//! against HTTP/2's rules for requests ([`head`]).
+//! ([`frame`]), header compression ([`hpack`]), a request's head checked
+//! against HTTP/2's rules for requests ([`head`]), and the server side of a
+//! connection as a state machine without I/O ([`connection`]).
 //!
 //! They take no lock and build no `http` types: a frame borrows from the
 //! read buffer, a header field from the HPACK decoder's table or the block,
@@ -9,6 +10,7 @@
 //! connection code that replaces it on the request paths is built from
 //! (docs/ARCHITECTURE.md, "Server").
 
+pub mod connection;
 pub mod frame;
 pub mod head;
 pub mod hpack;

@@ -133,7 +133,15 @@ fn fuzz_smoke_hpack() {
 }
 
 #[test]
+fn fuzz_smoke_http2() {
+    smoke("http2", 20_000);
+}
+
+#[test]
 fn every_target_has_a_smoke_test() {
     let names: Vec<&str> = TARGETS.iter().map(|(name, _)| *name).collect();
-    assert_eq!(names, ["request", "log_segment", "snapshot", "hpack"]);
+    assert_eq!(
+        names,
+        ["request", "log_segment", "snapshot", "hpack", "http2"]
+    );
 }
