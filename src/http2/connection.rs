@@ -1262,4 +1262,106 @@ mod tests {
         );
         assert_eq!(conn.open_streams(), 0);
     }
+
+    #[test]
+    fn windows_are_held_to_their_bounds() {
+        use frame::kind::*;
+        let ack = (SETTINGS, 0, 0);
+        // A stream sending past its window while the connection's has
+        // room: the stream is reset with FLOW_CONTROL_ERROR.
+        let config = Config {
+            initial_window: DEFAULT_WINDOW,
+            ..Config::default()
+        };
+        let mut conn = Connection::new(config);
+        let mut events = Vec::new();
+        let mut input = headers(1, GET, false);
+        input.extend(headers(3, GET, false));
+        let mut input = raw(&input);
+        frame::put_data(&mut input, 1, &[0; 15_000], false);
+        frame::put_data(&mut input, 1, &[0; 15_000], false);
+        frame::put_data(&mut input, 3, &[0; 10_000], false);
+        while !input.is_empty() {
+            conn.receive(&mut input, &mut events).unwrap();
+        }
+        // The connection's 40,000 bytes were handed back; stream 1's
+        // 30,000 (under half its window) were not.
+        frame::put_data(&mut input, 1, &[0; 16_000], false);
+        frame::put_data(&mut input, 1, &[0; 16_000], false);
+        frame::put_data(&mut input, 1, &[0; 8_000], false);
+        events.clear();
+        conn.receive(&mut input, &mut events).unwrap();
+        assert_eq!(
+            events.last(),
+            Some(&Event::Reset {
+                stream: 1,
+                code: code::FLOW_CONTROL_ERROR
+            })
+        );
+        assert_eq!(conn.open_streams(), 1);
+
+        // A connection window pushed past 2^31-1: the connection ends.
+        let mut input = Vec::new();
+        frame::put_window_update(&mut input, 0, frame::MAX_WINDOW);
+        let (_, error, frames) = run(Config::default(), raw(&input));
+        assert_eq!(error.map(|e| e.code), Some(code::FLOW_CONTROL_ERROR));
+        assert_eq!(frames.last(), Some(&(GOAWAY, 0, code::FLOW_CONTROL_ERROR)));
+
+        // Trailers that do not end the request: the stream is reset.
+        let mut input = headers(1, GET, false);
+        input.extend(headers(1, &[("x-trailer", "1")], false));
+        let (_, error, frames) = run(Config::default(), raw(&input));
+        assert_eq!(error, None);
+        assert_eq!(frames, [ack, (RST_STREAM, 1, code::PROTOCOL_ERROR)]);
+
+        // A header list over the limit: 431, and the connection goes on.
+        let config = Config {
+            max_header_list: 200,
+            ..Config::default()
+        };
+        let long = "v".repeat(300);
+        let mut input = headers(
+            1,
+            &[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/p"),
+                ("x-long", &long),
+            ],
+            true,
+        );
+        input.extend(headers(3, GET, true));
+        let (events, error, frames) = run(config, raw(&input));
+        assert_eq!(error, None);
+        assert_eq!(
+            events,
+            [Event::Request {
+                stream: 3,
+                end_stream: true
+            }]
+        );
+        let kinds: Vec<(u8, u32)> = frames.iter().map(|f| (f.0, f.1)).collect();
+        assert_eq!(kinds, [(SETTINGS, 0), (HEADERS, 1)]);
+        // :status 431 is not in the static table: a literal with the name
+        // indexed (8), then "431".
+        assert_eq!(frames[1].2.to_be_bytes(), [0x08, 0x03, b'4', b'3']);
+    }
+
+    #[test]
+    fn an_endless_header_block_ends_the_connection() {
+        let config = Config {
+            max_header_list: 1024,
+            ..Config::default()
+        };
+        let mut input = Vec::new();
+        frame::put_head(&mut input, 1, frame::kind::HEADERS, 0, 1);
+        input.push(0x82);
+        for _ in 0..5 {
+            frame::put_head(&mut input, 1000, frame::kind::CONTINUATION, 0, 1);
+            input.extend_from_slice(&[0x82; 1000]);
+        }
+        let (_, error, frames) = run(config, raw(&input));
+        assert_eq!(error.map(|e| e.code), Some(code::ENHANCE_YOUR_CALM));
+        assert_eq!(frames.last().map(|f| f.0), Some(frame::kind::GOAWAY));
+    }
 }
