@@ -116,6 +116,8 @@ enum PendingEnd {
 struct Partial {
     stream: u32,
     end_stream: bool,
+    /// Its priority names the stream itself (a stream error).
+    self_dependent: bool,
     block: BytesMut,
 }
 
@@ -146,6 +148,8 @@ pub struct Connection {
     waiting: VecDeque<u32>,
     out: BytesMut,
     scratch: Vec<u8>,
+    /// The connection error that ended it: nothing more is read.
+    broken: Option<FrameError>,
 }
 
 /// Default SETTINGS_INITIAL_WINDOW_SIZE, and every connection's first
@@ -198,6 +202,7 @@ impl Connection {
             waiting: VecDeque::new(),
             out,
             scratch: Vec::new(),
+            broken: None,
         }
     }
 
@@ -228,15 +233,21 @@ impl Connection {
     /// an [`Event::Request`] the head stays readable only until the next
     /// call, so `events` is returned after each request; call again while
     /// `input` holds a whole frame. An error means the connection is
-    /// over: its GOAWAY is in the output.
+    /// over: its GOAWAY is in the output, and every later call answers
+    /// the same error without reading.
     pub fn receive(
         &mut self,
         input: &mut BytesMut,
         events: &mut Vec<Event>,
     ) -> Result<(), FrameError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
         let result = self.read(input, events);
         if let Err(e) = &result {
             self.fail(e);
+            self.broken = Some(e.clone());
+            return result;
         }
         self.hand_back();
         result
@@ -366,18 +377,20 @@ impl Connection {
                 block,
                 end_stream,
                 end_headers,
-                ..
+                priority,
             } => {
                 let block = payload.slice_ref(block);
+                let self_dependent = priority.is_some_and(|p| p.depends_on == stream);
                 if !end_headers {
                     self.partial = Some(Partial {
                         stream,
                         end_stream,
+                        self_dependent,
                         block: BytesMut::from(&block[..]),
                     });
                     return Ok(false);
                 }
-                return self.headers(stream, &block, end_stream, events);
+                return self.headers(stream, &block, end_stream, self_dependent, events);
             }
             Frame::Continuation {
                 stream,
@@ -397,7 +410,13 @@ impl Connection {
                 }
                 if end_headers {
                     let partial = self.partial.take().expect("checked above");
-                    return self.headers(stream, &partial.block, partial.end_stream, events);
+                    return self.headers(
+                        stream,
+                        &partial.block,
+                        partial.end_stream,
+                        partial.self_dependent,
+                        events,
+                    );
                 }
             }
         }
@@ -443,6 +462,7 @@ impl Connection {
         stream: u32,
         block: &[u8],
         end_stream: bool,
+        self_dependent: bool,
         events: &mut Vec<Event>,
     ) -> Result<bool, FrameError> {
         let max_list = self.config.max_header_list as usize;
@@ -499,7 +519,7 @@ impl Connection {
             self.respond(stream, 431, &[], true);
             return Ok(false);
         }
-        if checked.is_err() {
+        if checked.is_err() || self_dependent {
             frame::put_rst_stream(&mut self.out, stream, code::PROTOCOL_ERROR);
             return Ok(false);
         }
@@ -1363,5 +1383,56 @@ mod tests {
         let (_, error, frames) = run(config, raw(&input));
         assert_eq!(error.map(|e| e.code), Some(code::ENHANCE_YOUR_CALM));
         assert_eq!(frames.last().map(|f| f.0), Some(frame::kind::GOAWAY));
+    }
+
+    #[test]
+    fn a_self_dependent_request_is_reset_but_feeds_the_hpack_table() {
+        // Stream 1 depends on itself; its block adds "x-id: 7" to the
+        // table, which stream 3's block then names by index.
+        let mut block = Vec::new();
+        for (n, v) in GET {
+            encode_field(n.as_bytes(), v.as_bytes(), &mut block);
+        }
+        block.extend_from_slice(b"\x40\x04x-id\x017");
+        let mut input = Vec::new();
+        let flags = frame::flag::PRIORITY | frame::flag::END_HEADERS | frame::flag::END_STREAM;
+        frame::put_head(&mut input, 5 + block.len(), frame::kind::HEADERS, flags, 1);
+        input.extend_from_slice(&[0, 0, 0, 1, 16]);
+        input.extend_from_slice(&block);
+        let mut second = Vec::new();
+        for (n, v) in GET {
+            encode_field(n.as_bytes(), v.as_bytes(), &mut second);
+        }
+        second.push(0xbe);
+        frame::put_headers(&mut input, 3, &second, true, 16_384);
+
+        let mut conn = Connection::new(Config::default());
+        let mut bytes = raw(&input);
+        let mut events = Vec::new();
+        conn.receive(&mut bytes, &mut events).unwrap();
+        assert_eq!(
+            events,
+            [Event::Request {
+                stream: 3,
+                end_stream: true
+            }]
+        );
+        assert_eq!(conn.head().get(b"x-id"), Some(&b"7"[..]));
+        let out = conn.output().split();
+        let rst = [0, 0, 4, frame::kind::RST_STREAM, 0, 0, 0, 0, 1, 0, 0, 0, 1];
+        assert!(out.windows(rst.len()).any(|w| w == rst), "stream 1 reset");
+    }
+
+    #[test]
+    fn a_broken_connection_reads_nothing_more() {
+        let mut conn = Connection::new(Config::default());
+        let mut events = Vec::new();
+        let mut bytes = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
+        let error = conn.receive(&mut bytes, &mut events).unwrap_err();
+        conn.output().clear();
+        let mut more = raw(&headers(1, GET, true));
+        assert_eq!(conn.receive(&mut more, &mut events), Err(error));
+        assert!(events.is_empty() && conn.output().is_empty());
+        assert!(conn.is_done());
     }
 }

@@ -319,15 +319,10 @@ impl<'a> Frame<'a> {
                         ));
                     };
                     block = rest;
-                    let priority = read_priority(fields);
-                    if priority.depends_on == stream {
-                        return Err(FrameError::stream(
-                            stream,
-                            code::PROTOCOL_ERROR,
-                            "a stream cannot depend on itself",
-                        ));
-                    }
-                    Some(priority)
+                    // A stream depending on itself is a stream error, but
+                    // its block must still be decoded (HPACK's table): the
+                    // connection checks it then.
+                    Some(read_priority(fields))
                 } else {
                     None
                 };
@@ -703,11 +698,17 @@ mod tests {
             ),
             (
                 frame(kind::HEADERS, flag::PRIORITY, 1, b"\0\0\0\x01\x10"),
-                Err(FrameError::stream(
-                    1,
-                    PROTOCOL_ERROR,
-                    "a stream cannot depend on itself",
-                )),
+                Ok(Frame::Headers {
+                    stream: 1,
+                    block: b"",
+                    end_stream: false,
+                    end_headers: false,
+                    priority: Some(Priority {
+                        depends_on: 1,
+                        exclusive: false,
+                        weight: 16,
+                    }),
+                }),
             ),
             (
                 frame(kind::PRIORITY, 0, 3, b"\0\0\0\x01"),
