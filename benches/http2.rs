@@ -81,6 +81,7 @@ async fn freshd_server(io: DuplexStream) {
                         if let Some(body) = bodies.get_mut(&stream) {
                             body.extend_from_slice(&data);
                         }
+                        conn.release(stream, data.len());
                         (stream, end_stream)
                     }
                     Event::Trailers { stream } => (stream, true),

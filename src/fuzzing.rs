@@ -18,8 +18,8 @@
 //!   fields, written out again by the encoder, must decode to themselves.
 //! - [`http2`]: the bytes a client sends after its preface and SETTINGS,
 //!   read by a server connection ([`crate::http2::connection`]) that
-//!   answers every request; it keeps its concurrency limit, and an error
-//!   leaves a GOAWAY as its last frame.
+//!   releases every body's bytes and answers every request; it keeps its
+//!   concurrency limit, and an error leaves a GOAWAY as its last frame.
 //!
 //! Not part of the API: nothing here is stable.
 
@@ -756,6 +756,9 @@ pub fn http2(data: &[u8]) {
                 break;
             }
             for event in &events {
+                if let Event::Data { stream, data, .. } = event {
+                    conn.release(*stream, data.len());
+                }
                 if let Event::Data {
                     stream,
                     data,

@@ -13,9 +13,11 @@
 //! rule resets its stream or, when the RFC says so, ends the connection
 //! with a GOAWAY that names it ([`Connection::receive`]'s error).
 //!
-//! Received data is handed back to the peer's windows as soon as it is read
-//! (a WINDOW_UPDATE once half a window is used), as the server's h2
-//! connection does: a request's body is read as it comes.
+//! Received data counts against the windows this side gives the peer until
+//! the application releases it ([`Connection::release`]); a WINDOW_UPDATE
+//! goes out once half a window is released. A stream whose reader stops
+//! therefore holds at most a window of data, and the connection at most
+//! its own window across all streams.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -62,7 +64,9 @@ pub enum Event {
         /// The request has no body.
         end_stream: bool,
     },
-    /// Some of a request's body.
+    /// Some of a request's body. Hand its bytes back with
+    /// [`Connection::release`] once consumed: until then they count
+    /// against the peer's windows.
     Data {
         /// Its stream.
         stream: u32,
@@ -95,8 +99,10 @@ struct Stream {
     /// What the peer's window for this stream allows; below 0 after the
     /// peer shrinks its initial window.
     send_window: i64,
-    /// Data received and not yet handed back through a WINDOW_UPDATE.
-    unacked: u32,
+    /// The window this side gives the peer on this stream.
+    recv: RecvWindow,
+    /// Data handed to the application and not yet released.
+    held: u32,
     /// What waits for the windows: data, then perhaps the trailers.
     pending: VecDeque<Bytes>,
     pending_end: PendingEnd,
@@ -109,6 +115,36 @@ enum PendingEnd {
     EndStream,
     /// A trailer block, already encoded.
     Trailers(Bytes),
+}
+
+/// A window this side gives the peer: bytes it has sent since the last
+/// WINDOW_UPDATE that covers them, and how many of those are released.
+#[derive(Debug, Default)]
+struct RecvWindow {
+    used: u32,
+    released: u32,
+}
+
+impl RecvWindow {
+    /// Counts `n` more bytes received; false when they go past `size`.
+    fn take(&mut self, n: u32, size: u32) -> bool {
+        self.used = self.used.saturating_add(n);
+        self.used <= size
+    }
+
+    fn release(&mut self, n: u32) {
+        self.released = self.released.saturating_add(n).min(self.used);
+    }
+
+    /// The increment to announce, once at least `half` is released.
+    fn update(&mut self, half: u32) -> Option<u32> {
+        if self.released == 0 || self.released < half {
+            return None;
+        }
+        let n = std::mem::take(&mut self.released);
+        self.used -= n;
+        Some(n)
+    }
 }
 
 /// A header block still waiting for its CONTINUATION frames.
@@ -139,8 +175,8 @@ pub struct Connection {
     peer_max_frame: usize,
     /// The connection's send window.
     send_window: i64,
-    /// Data received on the connection not yet handed back.
-    unacked: u32,
+    /// The window this side gives the peer on the connection.
+    recv: RecvWindow,
     /// GOAWAY sent: the last stream this side will process.
     going_away: Option<u32>,
     /// Streams with something waiting for a window, in the order they
@@ -197,7 +233,7 @@ impl Connection {
             peer_initial_window: DEFAULT_WINDOW,
             peer_max_frame: frame::MIN_MAX_FRAME_SIZE as usize,
             send_window: i64::from(DEFAULT_WINDOW),
-            unacked: 0,
+            recv: RecvWindow::default(),
             going_away: None,
             waiting: VecDeque::new(),
             out,
@@ -362,7 +398,7 @@ impl Connection {
             Frame::Priority { .. } | Frame::Unknown { .. } => {}
             Frame::RstStream { stream, code } => {
                 self.idle_is_an_error(stream, "RST_STREAM on an idle stream")?;
-                if self.streams.remove(&stream).is_some() {
+                if self.remove(stream) {
                     events.push(Event::Reset { stream, code });
                 }
             }
@@ -535,7 +571,8 @@ impl Connection {
                 remote_done: end_stream,
                 responded: false,
                 send_window: i64::from(self.peer_initial_window),
-                unacked: 0,
+                recv: RecvWindow::default(),
+                held: 0,
                 pending: VecDeque::new(),
                 pending_end: PendingEnd::None,
             },
@@ -552,32 +589,36 @@ impl Connection {
     ) -> Result<(), FrameError> {
         self.idle_is_an_error(stream, "DATA on an idle stream")?;
         // Every DATA frame counts against the connection's window, even on
-        // a stream that is gone.
+        // a stream that is gone; its padding is released at once.
         let flow = flow as u32;
-        self.unacked += flow;
-        if self.unacked > self.config.initial_window {
+        let size = self.config.initial_window;
+        if !self.recv.take(flow, size) {
             return Err(FrameError {
                 code: code::FLOW_CONTROL_ERROR,
                 stream: None,
                 what: "DATA beyond the connection's window",
             });
         }
+        let padding = flow - data.len() as u32;
         let Some(s) = self.streams.get_mut(&stream) else {
             // A closed stream: this side may have reset it while the peer
             // was still sending (RFC 9113 section 5.1 says to ignore what
             // follows), or answered it in full.
+            self.recv.release(flow);
             return Ok(());
         };
         if s.remote_done {
+            self.recv.release(flow);
             self.reset(stream, code::STREAM_CLOSED, events);
             return Ok(());
         }
-        s.unacked += flow;
-        if s.unacked > self.config.initial_window {
+        if !s.recv.take(flow, size) {
+            self.recv.release(flow);
             self.reset(stream, code::FLOW_CONTROL_ERROR, events);
             return Ok(());
         }
         s.remote_done = end_stream;
+        s.held += data.len() as u32;
         if !data.is_empty() || end_stream {
             events.push(Event::Data {
                 stream,
@@ -585,31 +626,64 @@ impl Connection {
                 end_stream,
             });
         }
+        self.recv.release(padding);
+        self.release_stream(stream, padding);
         Ok(())
     }
 
-    /// Hands received data back to the peer's windows once half of one is
-    /// used.
-    fn hand_back(&mut self) {
+    /// Hands `n` bytes of `stream`'s data, delivered in [`Event::Data`],
+    /// back to the peer's windows: the application has consumed them.
+    /// Until it does, they count against the windows, which bounds what a
+    /// stream (and the connection) can make this side hold. A stream that
+    /// ends gives back what it held.
+    pub fn release(&mut self, stream: u32, n: usize) {
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        let n = (n.min(u32::MAX as usize) as u32).min(s.held);
+        s.held -= n;
+        self.release_stream(stream, n);
+        self.recv.release(n);
+        self.hand_back();
+    }
+
+    /// Releases `n` bytes of the stream's window, with a WINDOW_UPDATE once
+    /// half a window is released (none once the peer has ended its side).
+    fn release_stream(&mut self, stream: u32, n: u32) {
         let half = self.config.initial_window / 2;
-        if self.unacked >= half && self.unacked > 0 {
-            frame::put_window_update(&mut self.out, 0, self.unacked);
-            self.unacked = 0;
-        }
-        for (&id, s) in self.streams.iter_mut() {
-            if s.unacked >= half && s.unacked > 0 {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.recv.release(n);
+            if let Some(update) = s.recv.update(half) {
                 if !s.remote_done {
-                    frame::put_window_update(&mut self.out, id, s.unacked);
+                    frame::put_window_update(&mut self.out, stream, update);
                 }
-                s.unacked = 0;
             }
+        }
+    }
+
+    /// Sends the connection's WINDOW_UPDATE once half its window is
+    /// released.
+    fn hand_back(&mut self) {
+        if let Some(update) = self.recv.update(self.config.initial_window / 2) {
+            frame::put_window_update(&mut self.out, 0, update);
+        }
+    }
+
+    /// Forgets a stream, giving back the connection window its data held.
+    fn remove(&mut self, stream: u32) -> bool {
+        match self.streams.remove(&stream) {
+            Some(s) => {
+                self.recv.release(s.held);
+                true
+            }
+            None => false,
         }
     }
 
     /// Resets `stream` from this side.
     fn reset(&mut self, stream: u32, code: u32, events: &mut Vec<Event>) {
         frame::put_rst_stream(&mut self.out, stream, code);
-        if self.streams.remove(&stream).is_some() {
+        if self.remove(stream) {
             events.push(Event::Reset { stream, code });
         }
     }
@@ -699,7 +773,7 @@ impl Connection {
 
     /// Resets a stream from this side (the application gave up on it).
     pub fn cancel(&mut self, stream: u32, code: u32) {
-        if self.streams.remove(&stream).is_some() {
+        if self.remove(stream) {
             frame::put_rst_stream(&mut self.out, stream, code);
         }
     }
@@ -778,7 +852,7 @@ impl Connection {
                 // the request is not wanted (RFC 9113 section 8.1).
                 frame::put_rst_stream(&mut self.out, stream, code::NO_ERROR);
             }
-            self.streams.remove(&stream);
+            self.remove(stream);
         }
     }
 }
@@ -853,6 +927,7 @@ mod tests {
                             if let Some((_, body)) = requests.get_mut(&stream) {
                                 body.extend_from_slice(&data);
                             }
+                            conn.release(stream, data.len());
                             (stream, end_stream)
                         }
                         Event::Trailers { stream } => (stream, true),
@@ -1300,12 +1375,26 @@ mod tests {
         let mut input = raw(&input);
         frame::put_data(&mut input, 1, &[0; 15_000], false);
         frame::put_data(&mut input, 1, &[0; 15_000], false);
-        frame::put_data(&mut input, 3, &[0; 10_000], false);
+        frame::put_data(&mut input, 3, &[0; 15_000], false);
+        frame::put_data(&mut input, 3, &[0; 15_000], false);
         while !input.is_empty() {
             conn.receive(&mut input, &mut events).unwrap();
         }
-        // The connection's 40,000 bytes were handed back; stream 1's
-        // 30,000 (under half its window) were not.
+        // Everything is released: the connection's 60,000 bytes (over half
+        // its window) are handed back, stream 1's 30,000 (under half of
+        // its own) are not.
+        conn.output().clear();
+        conn.release(1, 30_000);
+        conn.release(3, 30_000);
+        let updates = conn.output().split();
+        assert_eq!(
+            &updates[..],
+            &{
+                let mut expected = Vec::new();
+                frame::put_window_update(&mut expected, 0, 60_000);
+                expected
+            }[..]
+        );
         frame::put_data(&mut input, 1, &[0; 16_000], false);
         frame::put_data(&mut input, 1, &[0; 16_000], false);
         frame::put_data(&mut input, 1, &[0; 8_000], false);
@@ -1319,6 +1408,19 @@ mod tests {
             })
         );
         assert_eq!(conn.open_streams(), 1);
+
+        // Data not released holds the connection's window: a client that
+        // keeps sending on streams nobody reads runs into it.
+        let mut input = Vec::new();
+        for stream in [1, 3, 5, 7, 9] {
+            input.extend(headers(stream, GET, false));
+            frame::put_data(&mut input, stream, &[0; 16_000], false);
+        }
+        let (_, error, _) = run(config, raw(&input));
+        assert_eq!(
+            error.map(|e| e.what),
+            Some("DATA beyond the connection's window")
+        );
 
         // A connection window pushed past 2^31-1: the connection ends.
         let mut input = Vec::new();
