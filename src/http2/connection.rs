@@ -501,19 +501,13 @@ impl Connection {
         self_dependent: bool,
         events: &mut Vec<Event>,
     ) -> Result<bool, FrameError> {
-        let max_list = self.config.max_header_list as usize;
         if self.streams.contains_key(&stream) {
             // Trailers: they must end the request.
-            let mut reader = self.head.reader(Block::Trailers);
-            let decoded = self
-                .decoder
-                .decode(block, max_list, |n, v| reader.field(n, v));
-            let checked = reader.finish();
-            compression(&decoded)?;
+            let (decoded, checked) = self.read_head(block, Block::Trailers)?;
             let remote_done = self.streams.get(&stream).is_some_and(|s| s.remote_done);
             if remote_done {
                 self.reset(stream, code::STREAM_CLOSED, events);
-            } else if !end_stream || decoded.is_err() || checked.is_err() {
+            } else if !end_stream || !decoded || !checked {
                 self.reset(stream, code::PROTOCOL_ERROR, events);
             } else {
                 if let Some(s) = self.streams.get_mut(&stream) {
@@ -530,17 +524,12 @@ impl Connection {
         if stream <= self.last_stream {
             // Trailers on a stream this side has closed: decoded, for the
             // table, and ignored (RFC 9113 section 5.1).
-            let decoded = self.decoder.decode(block, max_list, |_, _| {});
-            compression(&decoded)?;
+            let max_list = self.config.max_header_list as usize;
+            compression(&self.decoder.decode(block, max_list, |_, _| {}))?;
             return Ok(false);
         }
         self.last_stream = stream;
-        let mut reader = self.head.reader(Block::Request);
-        let decoded = self
-            .decoder
-            .decode(block, max_list, |n, v| reader.field(n, v));
-        let checked = reader.finish();
-        compression(&decoded)?;
+        let (decoded, checked) = self.read_head(block, Block::Request)?;
         if self.going_away.is_some_and(|last| stream > last) {
             // Past the GOAWAY: not processed (the peer may retry it).
             return Ok(false);
@@ -549,19 +538,33 @@ impl Connection {
             frame::put_rst_stream(&mut self.out, stream, code::REFUSED_STREAM);
             return Ok(false);
         }
-        if decoded.is_err() {
+        if !decoded {
             // Over the header list limit: 431, as the RFC suggests.
             self.open(stream, end_stream);
             self.respond(stream, 431, &[], true);
             return Ok(false);
         }
-        if checked.is_err() || self_dependent {
+        if !checked || self_dependent {
             frame::put_rst_stream(&mut self.out, stream, code::PROTOCOL_ERROR);
             return Ok(false);
         }
         self.open(stream, end_stream);
         events.push(Event::Request { stream, end_stream });
         Ok(true)
+    }
+
+    /// Decodes a header block into the head as `kind`: whether the fields
+    /// fit the header list limit, and whether the head keeps the rules. A
+    /// block that does not decode ends the connection.
+    fn read_head(&mut self, block: &[u8], kind: Block) -> Result<(bool, bool), FrameError> {
+        let mut reader = self.head.reader(kind);
+        let max_list = self.config.max_header_list as usize;
+        let decoded = self
+            .decoder
+            .decode(block, max_list, |n, v| reader.field(n, v));
+        let checked = reader.finish();
+        compression(&decoded)?;
+        Ok((decoded.is_ok(), checked.is_ok()))
     }
 
     fn open(&mut self, stream: u32, end_stream: bool) {
