@@ -569,3 +569,47 @@ impl Drop for GrpcOutbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A unary body whose message comes in pieces is read to its end. Time
+    /// is paused and the connection is in memory, so a timeout fires only
+    /// once every task is idle: by then each piece has been read, and the
+    /// message must still be waiting for the next.
+    #[tokio::test(start_paused = true)]
+    async fn a_unary_body_in_pieces_is_read_to_its_end() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = builder()
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .expect("a handshake");
+            let (request, reply) = conn.accept().await.expect("a request").expect("a request");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            (RequestBody::new(request.into_body()), reply)
+        });
+        let (client, connection) = h2::client::handshake(client_io).await.expect("a handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.expect("ready");
+        let request = Request::post("http://freshd/p")
+            .body(())
+            .expect("a request");
+        let (_response, mut send) = client.send_request(request, false).expect("sent");
+        let (mut body, _reply) = server.await.expect("the server");
+
+        let whole = b"\0\0\0\0\x05hello";
+        let mut message = std::pin::pin!(body.unary_message(1024));
+        for piece in [&whole[..3], &whole[3..7]] {
+            send.send_data(Bytes::copy_from_slice(piece), false)
+                .expect("a piece");
+            let early = tokio::time::timeout(Duration::from_secs(1), &mut message).await;
+            assert!(early.is_err(), "answered before its last piece: {early:?}");
+        }
+        send.send_data(Bytes::copy_from_slice(&whole[7..]), true)
+            .expect("the end");
+        assert_eq!(message.await.expect("the message"), &b"hello"[..]);
+    }
+}
