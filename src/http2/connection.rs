@@ -1112,17 +1112,22 @@ mod tests {
         out
     }
 
-    fn headers(stream: u32, fields: &[(&str, &str)], end_stream: bool) -> Vec<u8> {
+    /// `fields` as a header block, by the encoder's rules.
+    fn block(fields: &[(&str, &str)]) -> Vec<u8> {
         let mut block = Vec::new();
         for (n, v) in fields {
             encode_field(n.as_bytes(), v.as_bytes(), &mut block);
         }
+        block
+    }
+
+    fn headers(stream: u32, fields: &[(&str, &str)], end_stream: bool) -> Vec<u8> {
         let mut out = Vec::new();
-        frame::put_headers(&mut out, stream, &block, end_stream, 16_384);
+        frame::put_headers(&mut out, stream, &block(fields), end_stream, 16_384);
         out
     }
 
-    const GET: &[(&str, &str)] = &[(":method", "POST"), (":scheme", "http"), (":path", "/p")];
+    const POST: &[(&str, &str)] = &[(":method", "POST"), (":scheme", "http"), (":path", "/p")];
 
     /// What [`run`] saw: events, the error, and the frames written.
     type Run = (Vec<Event>, Option<FrameError>, Vec<(u8, u32, u32)>);
@@ -1181,7 +1186,7 @@ mod tests {
             ],
             true,
         );
-        input.extend(headers(3, GET, true));
+        input.extend(headers(3, POST, true));
         let (events, error, frames) = run(Config::default(), raw(&input));
         assert_eq!(error, None);
         assert_eq!(
@@ -1198,8 +1203,8 @@ mod tests {
             max_concurrent_streams: 1,
             ..Config::default()
         };
-        let mut input = headers(1, GET, false);
-        input.extend(headers(3, GET, false));
+        let mut input = headers(1, POST, false);
+        input.extend(headers(3, POST, false));
         let (events, _, frames) = run(config, raw(&input));
         assert_eq!(
             events,
@@ -1214,8 +1219,8 @@ mod tests {
         let mut data_on_idle = Vec::new();
         frame::put_data(&mut data_on_idle, 5, b"x", true);
         let mut even = Vec::new();
-        even.extend(headers(2, GET, true));
-        let mut interleaved = headers(1, GET, false);
+        even.extend(headers(2, POST, true));
+        let mut interleaved = headers(1, POST, false);
         interleaved[4] &= !frame::flag::END_HEADERS;
         frame::put_ping(&mut interleaved, [0; 8], false);
         let cases: Vec<(BytesMut, &str, u32)> = vec![
@@ -1239,7 +1244,11 @@ mod tests {
                 "a frame between a header block's frames",
                 code::PROTOCOL_ERROR,
             ),
-            (raw(&headers(1, GET, true)[..8]).split_to(24 + 9 + 8), "", 0),
+            (
+                raw(&headers(1, POST, true)[..8]).split_to(24 + 9 + 8),
+                "",
+                0,
+            ),
         ];
         for (input, what, code) in cases {
             let (_, error, frames) = run(Config::default(), input);
@@ -1267,7 +1276,7 @@ mod tests {
         use frame::kind::*;
         let mut input = Vec::new();
         frame::put_ping(&mut input, *b"12345678", false);
-        input.extend(headers(1, GET, false));
+        input.extend(headers(1, POST, false));
         let mut conn = Connection::new(Config::default());
         let mut events = Vec::new();
         let mut bytes = raw(&input);
@@ -1282,7 +1291,7 @@ mod tests {
         conn.go_away(code::NO_ERROR);
         assert!(!conn.is_done(), "stream 1 is still open");
         // A stream opened after the GOAWAY is not processed.
-        let mut more = BytesMut::from(&headers(3, GET, true)[..]);
+        let mut more = BytesMut::from(&headers(3, POST, true)[..]);
         frame::put_data(&mut more, 1, b"body", true);
         events.clear();
         while !more.is_empty() {
@@ -1328,7 +1337,7 @@ mod tests {
     #[test]
     fn data_waits_for_the_peers_windows_in_order() {
         let mut conn = Connection::new(Config::default());
-        let mut input = raw(&headers(1, GET, true));
+        let mut input = raw(&headers(1, POST, true));
         // The peer's initial stream window: 10 bytes.
         frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 10)], false);
         let mut events = Vec::new();
@@ -1373,8 +1382,8 @@ mod tests {
         };
         let mut conn = Connection::new(config);
         let mut events = Vec::new();
-        let mut input = headers(1, GET, false);
-        input.extend(headers(3, GET, false));
+        let mut input = headers(1, POST, false);
+        input.extend(headers(3, POST, false));
         let mut input = raw(&input);
         frame::put_data(&mut input, 1, &[0; 15_000], false);
         frame::put_data(&mut input, 1, &[0; 15_000], false);
@@ -1416,7 +1425,7 @@ mod tests {
         // keeps sending on streams nobody reads runs into it.
         let mut input = Vec::new();
         for stream in [1, 3, 5, 7, 9] {
-            input.extend(headers(stream, GET, false));
+            input.extend(headers(stream, POST, false));
             frame::put_data(&mut input, stream, &[0; 16_000], false);
         }
         let (_, error, _) = run(config, raw(&input));
@@ -1433,7 +1442,7 @@ mod tests {
         assert_eq!(frames.last(), Some(&(GOAWAY, 0, code::FLOW_CONTROL_ERROR)));
 
         // Trailers that do not end the request: the stream is reset.
-        let mut input = headers(1, GET, false);
+        let mut input = headers(1, POST, false);
         input.extend(headers(1, &[("x-trailer", "1")], false));
         let (_, error, frames) = run(Config::default(), raw(&input));
         assert_eq!(error, None);
@@ -1448,14 +1457,14 @@ mod tests {
         let mut input = headers(
             1,
             &[
-                (":method", "GET"),
+                (":method", "POST"),
                 (":scheme", "http"),
                 (":path", "/p"),
                 ("x-long", &long),
             ],
             true,
         );
-        input.extend(headers(3, GET, true));
+        input.extend(headers(3, POST, true));
         let (events, error, frames) = run(config, raw(&input));
         assert_eq!(error, None);
         assert_eq!(
@@ -1494,20 +1503,14 @@ mod tests {
     fn a_self_dependent_request_is_reset_but_feeds_the_hpack_table() {
         // Stream 1 depends on itself; its block adds "x-id: 7" to the
         // table, which stream 3's block then names by index.
-        let mut block = Vec::new();
-        for (n, v) in GET {
-            encode_field(n.as_bytes(), v.as_bytes(), &mut block);
-        }
-        block.extend_from_slice(b"\x40\x04x-id\x017");
+        let mut first = block(POST);
+        first.extend_from_slice(b"\x40\x04x-id\x017");
         let mut input = Vec::new();
         let flags = frame::flag::PRIORITY | frame::flag::END_HEADERS | frame::flag::END_STREAM;
-        frame::put_head(&mut input, 5 + block.len(), frame::kind::HEADERS, flags, 1);
+        frame::put_head(&mut input, 5 + first.len(), frame::kind::HEADERS, flags, 1);
         input.extend_from_slice(&[0, 0, 0, 1, 16]);
-        input.extend_from_slice(&block);
-        let mut second = Vec::new();
-        for (n, v) in GET {
-            encode_field(n.as_bytes(), v.as_bytes(), &mut second);
-        }
+        input.extend_from_slice(&first);
+        let mut second = block(POST);
         second.push(0xbe);
         frame::put_headers(&mut input, 3, &second, true, 16_384);
 
@@ -1535,7 +1538,7 @@ mod tests {
         let mut bytes = BytesMut::from(&b"GET / HTTP/1.1\r\n\r\n"[..]);
         let error = conn.receive(&mut bytes, &mut events).unwrap_err();
         conn.output().clear();
-        let mut more = raw(&headers(1, GET, true));
+        let mut more = raw(&headers(1, POST, true));
         assert_eq!(conn.receive(&mut more, &mut events), Err(error));
         assert!(events.is_empty() && conn.output().is_empty());
         assert!(conn.is_done());
