@@ -1,177 +1,234 @@
-//! One HTTP/2 connection, served with h2 directly: its requests' bodies,
-//! their answers written back, and the outbox a Watch stream's task writes
-//! its messages through.
+//! One HTTP/2 connection, served with freshd's own HTTP/2 state machine
+//! ([`crate::http2::connection`]): the task that owns the socket, the
+//! requests' bodies, their answers, and the outbox a Watch stream's task
+//! writes its messages through.
 //!
-//! A request's answer is a future that first waits for the service's
-//! response and then copies its body to the HTTP/2 stream
-//! (`Exchange`). It is polled once in the connection's task and spawned
-//! only if it is not done then, so an answer from memory (a `Check`, a
-//! `Publish`) costs no task of its own. A Watch stream's task writes to its
-//! HTTP/2 stream itself (`GrpcOutbox`), with no body, channel or task in
-//! between.
+//! The connection's state sits behind one short lock ([`Shared`]). Its task
+//! (the driver) reads from the socket, hands the bytes to the state machine
+//! under the lock, and then, outside it, runs what the frames asked for;
+//! it writes the state machine's output with the lock released. Every
+//! other task that answers on the connection (a Watch stream's, an answer
+//! that had to wait, a body copied from tonic) takes the lock, adds its
+//! frames to the output and wakes the driver when it is parked. No lock is
+//! held across an `.await`, and the answers that one read brought in leave
+//! in one write.
 //!
-//! Flow control: h2 sends what the peer's window allows and queues the
-//! rest. Every `UNCHECKED_BYTES` handed to it, a stream reserves room for
-//! its next chunk and waits until the window gives it some, so a stream
-//! whose reader stops holds at most about a window and that much more in
-//! memory, and a Watch stream's writer stops taking notices, which leaves
-//! them to its queue in the hub (where a slow consumer overflows into a
-//! repair). Asking h2 for room takes its lock and its flow-control
-//! bookkeeping, as much as a send; most answers and notices are far smaller
-//! than the budget, so they go out with a send alone.
+//! The unary calls the router serves itself (`Check`, `CheckBatch`,
+//! `Publish`, `Fill`, `Lease`) are admitted from their head (deadline,
+//! encoding, token), their one message is collected as its DATA frames
+//! come, and the call is run in place by the driver once the message is
+//! whole: an answer from memory costs no task, channel or body of its own.
+//! One that waits is spawned. A Watch stream, and a call to any other
+//! service (tonic's handlers: health, reflection, the rest of the
+//! Coordinator), gets its body as a [`RequestBody`] fed by the driver.
+//!
+//! Flow control: received data holds the peer's windows until it is
+//! consumed (a collected message at once, a streamed body when read). An
+//! answer's data goes out as the peer's windows allow, and what they do not
+//! cover waits in the stream; a writer whose stream holds more than
+//! [`WAITING_BYTES`] waits for room, so a Watch stream whose reader stops
+//! leaves its notices to its queue in the hub (where a slow consumer
+//! overflows into a repair).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use h2::server::SendResponse;
-use h2::{Reason, RecvStream, SendStream};
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, Request};
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use parking_lot::{Mutex, MutexGuard};
 use prost::Message;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::Status;
 
+use crate::auth::Principal;
+use crate::http2::connection::{Config, Connection, Event};
+use crate::http2::frame::code;
+use crate::http2::head::RequestHead;
 use crate::pb;
-use crate::routes::Routes;
-use crate::tls::{Conn, ConnInfo};
+use crate::routes::{Answer, Deadline, Routes, Unary};
+use crate::tls::ConnInfo;
 use crate::watch::{Gone, Outbox};
 
-/// The HTTP/2 settings freshd offers: hyper's server defaults, which the
-/// server used before it drove h2 itself, with no cap on concurrent streams
-/// (as tonic's server).
-fn builder() -> h2::server::Builder {
-    let mut builder = h2::server::Builder::new();
-    builder
-        .initial_window_size(1024 * 1024)
-        .initial_connection_window_size(1024 * 1024)
-        .max_frame_size(16 * 1024)
-        .max_header_list_size(16 * 1024)
-        .max_send_buffer_size(400 * 1024)
-        .max_local_error_reset_streams(Some(1024));
-    builder
+/// The HTTP/2 settings freshd offers: a 1 MiB window per stream and for the
+/// connection, 16 KiB frames and header lists, and no practical cap on
+/// concurrent streams (a Watch stream per cache holder may share one
+/// connection).
+fn settings() -> Config {
+    Config {
+        max_concurrent_streams: u32::MAX,
+        initial_window: 1024 * 1024,
+        max_frame_size: 16 * 1024,
+        max_header_list: 16 * 1024,
+    }
 }
 
-/// Serves `io` until the peer closes it, it fails, or `finishing` fires; then
-/// tells the peer to finish (GOAWAY: streams in flight complete, new ones are
-/// refused) and returns once the last stream has ended.
-pub(crate) async fn serve(
-    io: Conn,
-    routes: Routes,
-    info: ConnInfo,
-    mut finishing: watch::Receiver<()>,
-) {
-    let mut conn = tokio::select! {
-        biased;
-        _ = finishing.changed() => return,
-        handshake = builder().handshake::<_, Bytes>(io) => match handshake {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::debug!(error = %e, "HTTP/2 handshake failed");
-                return;
+/// Bytes read from the socket at a time.
+const READ_BYTES: usize = 32 * 1024;
+
+/// Bytes an answer's stream may hold beyond what the peer's windows let
+/// out before its writer waits for room.
+pub(crate) const WAITING_BYTES: usize = 64 * 1024;
+
+/// A connection's state, shared by its driver and the tasks answering on
+/// it.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+}
+
+struct State {
+    conn: Connection,
+    /// The streams this side still answers or reads, by identifier.
+    slots: hashbrown::HashMap<u32, Slot, foldhash::fast::RandomState>,
+    /// The driver, while it is parked.
+    driver: Option<Waker>,
+    /// Streams whose writer waits for room in the peer's windows.
+    room: Vec<u32>,
+}
+
+impl State {
+    /// Wakes the driver if it is parked and there is output to write.
+    fn wake_driver(&mut self) {
+        if !self.conn.output().is_empty() {
+            if let Some(driver) = self.driver.take() {
+                driver.wake();
             }
-        },
-    };
-    let mut closing = false;
-    // One wait for the signal, kept across requests: a new one per request
-    // would register with the channel and leave it again each time.
-    let mut finish = std::pin::pin!(finishing.changed());
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut finish, if !closing => {
-                conn.graceful_shutdown();
-                closing = true;
-            }
-            next = conn.accept() => match next {
-                Some(Ok((request, reply))) => {
-                    let (parts, recv) = request.into_parts();
-                    let request = Request::from_parts(parts, RequestBody::new(recv));
-                    routes.dispatch(request, reply, &info);
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                    break;
-                }
-                None => break,
-            },
+        }
+    }
+
+    /// Forgets a stream, waking whoever waits on it: they find it gone.
+    fn forget(&mut self, stream: u32) {
+        if let Some(slot) = self.slots.remove(&stream) {
+            slot.wake();
+        }
+    }
+
+    /// Answers `stream` with `status` in the headers alone.
+    fn refuse(&mut self, stream: u32, status: &Status) {
+        let mut fields = HeaderMap::with_capacity(3);
+        fields.insert(http::header::CONTENT_TYPE, GRPC);
+        if status.add_header(&mut fields).is_err() {
+            self.conn.cancel(stream, code::INTERNAL_ERROR);
+        } else {
+            self.conn.respond(stream, 200, &pairs(&fields), true);
+        }
+        self.forget(stream);
+    }
+}
+
+/// What this side holds for one stream.
+struct Slot {
+    inbound: Inbound,
+    /// The task answering the stream, waiting for room or for the end.
+    writer: Option<Waker>,
+}
+
+impl Slot {
+    fn wake(self) {
+        if let Some(writer) = self.writer {
+            writer.wake();
+        }
+        if let Inbound::Body {
+            reader: Some(reader),
+            ..
+        } = self.inbound
+        {
+            reader.wake();
         }
     }
 }
 
-/// A request's body, read from its HTTP/2 stream. Each chunk read gives
-/// its bytes back to the peer's window at once: the services decode as they
-/// read, and a Watch stream's requests are small.
-pub struct RequestBody {
-    recv: RecvStream,
-    /// The data frames are done; trailers, if any, come next.
-    data_done: bool,
-    /// The trailers were read.
-    done: bool,
+/// A stream's request body, as this side takes it.
+enum Inbound {
+    /// A unary call the router serves itself: its message, collected.
+    Unary(Box<Collecting>),
+    /// A body read by a task, through a [`RequestBody`].
+    Body {
+        queue: VecDeque<Bytes>,
+        end: bool,
+        reader: Option<Waker>,
+    },
+    /// Nothing more is read: what comes is handed back at once.
+    Ignored,
 }
 
-impl RequestBody {
-    fn new(recv: RecvStream) -> Self {
-        let done = recv.is_end_stream();
-        RequestBody {
-            recv,
-            data_done: done,
-            done,
+/// A unary call admitted from its head, its message still coming.
+pub(crate) struct Collecting {
+    pub(crate) method: Unary,
+    pub(crate) who: Option<Arc<Principal>>,
+    pub(crate) deadline: Deadline,
+    message: Message1,
+}
+
+impl Collecting {
+    pub(crate) fn new(method: Unary, who: Option<Arc<Principal>>, deadline: Deadline) -> Self {
+        Collecting {
+            method,
+            who,
+            deadline,
+            message: Message1::default(),
+        }
+    }
+}
+
+/// A unary call's one message, collected from its DATA frames.
+#[derive(Default)]
+struct Message1 {
+    /// The first piece: most requests come in one frame, with no copy.
+    first: Bytes,
+    /// The pieces joined, once there is more than one.
+    joined: BytesMut,
+}
+
+impl Message1 {
+    fn have(&self) -> &[u8] {
+        if self.joined.is_empty() {
+            &self.first
+        } else {
+            &self.joined
         }
     }
 
-    /// A unary call's one message, without its 5-byte gRPC prefix: the body
-    /// is read to its end (trailers aside) and must hold exactly one
-    /// uncompressed message of at most `max` bytes. A message above `max` is
-    /// refused from its prefix, before the rest is read.
-    pub(crate) async fn unary_message(&mut self, max: usize) -> Result<Bytes, Status> {
-        let mut body = Bytes::new();
-        let mut more = BytesMut::new();
-        while !self.data_done {
-            let data = match self.recv.data().await {
-                Some(Ok(data)) => data,
-                Some(Err(e)) => {
-                    self.done = true;
-                    return Err(Status::cancelled(format!(
-                        "the request's stream failed: {e}"
-                    )));
-                }
-                None => {
-                    self.data_done = true;
-                    break;
-                }
-            };
-            let _ = self.recv.flow_control().release_capacity(data.len());
-            if body.is_empty() && more.is_empty() {
-                // Most requests come in one frame: no copy.
-                body = data;
-            } else {
-                if more.is_empty() {
-                    more.extend_from_slice(&body);
-                }
-                more.extend_from_slice(&data);
+    /// Adds a piece; refused as soon as the prefix announces more than
+    /// `max` bytes or the body holds more than one message, so a body that
+    /// never ends is not buffered.
+    fn push(&mut self, data: Bytes, max: usize) -> Result<(), Status> {
+        if self.first.is_empty() && self.joined.is_empty() {
+            self.first = data;
+        } else {
+            if self.joined.is_empty() {
+                self.joined.extend_from_slice(&self.first);
             }
-            let have = if more.is_empty() { &body } else { &more[..] };
-            if have.len() >= 5 {
-                let len = message_len(have, max)?;
-                // Refused as soon as it is more than one message: a body
-                // that never ends is not buffered.
-                if have.len() > 5 + len {
-                    return Err(more_than_one(have.len() - 5 - len));
-                }
+            self.joined.extend_from_slice(&data);
+        }
+        let have = self.have();
+        if have.len() >= 5 {
+            let len = message_len(have, max)?;
+            if have.len() > 5 + len {
+                return Err(more_than_one(have.len() - 5 - len));
             }
         }
-        if !more.is_empty() {
-            body = more.freeze();
-        }
+        Ok(())
+    }
+
+    /// The message, without its 5-byte prefix, once the body has ended.
+    fn finish(self, max: usize) -> Result<Bytes, Status> {
+        let mut body = if self.joined.is_empty() {
+            self.first
+        } else {
+            self.joined.freeze()
+        };
         if body.len() < 5 {
             return Err(Status::invalid_argument(
                 "a unary call's request must be one message; the body held none",
             ));
         }
-        // Anything past the message was refused as it came.
         let len = message_len(&body, max)?;
         let held = body.len() - 5;
         if held < len {
@@ -211,38 +268,540 @@ fn message_len(have: &[u8], max: usize) -> Result<usize, Status> {
     Ok(len)
 }
 
+impl Shared {
+    fn new() -> Arc<Self> {
+        Arc::new(Shared {
+            state: Mutex::new(State {
+                conn: Connection::new(settings()),
+                slots: Default::default(),
+                driver: None,
+                room: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
+    }
+}
+
+/// What the driver runs once it has let go of the lock.
+enum Job {
+    /// A unary call whose message is whole.
+    Unary {
+        stream: u32,
+        call: Box<Collecting>,
+        message: Bytes,
+    },
+    /// A Watch stream to open.
+    Watch {
+        stream: u32,
+        who: Option<Arc<Principal>>,
+        timeout: Option<Duration>,
+    },
+    /// A call for tonic's handlers.
+    Call {
+        stream: u32,
+        request: Request<RequestBody>,
+    },
+}
+
+/// Serves `io` until the peer closes it, it fails, or `finishing` fires;
+/// then tells the peer to finish (GOAWAY: streams in flight complete, new
+/// ones are refused) and returns once the last stream has ended.
+pub(crate) async fn serve<IO>(
+    io: IO,
+    routes: Routes,
+    info: ConnInfo,
+    mut finishing: watch::Receiver<()>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut driver = Driver {
+        io,
+        shared: Shared::new(),
+        routes,
+        info,
+        input: BytesMut::with_capacity(READ_BYTES),
+        read: vec![0; READ_BYTES].into_boxed_slice(),
+        writing: BytesMut::new(),
+        flushed: true,
+        events: Vec::new(),
+        jobs: Vec::new(),
+        read_closed: false,
+        broken: false,
+    };
+    // One wait for the signal, kept for the connection's life.
+    let mut finish = std::pin::pin!(finishing.changed());
+    let mut finished = false;
+    std::future::poll_fn(|cx| {
+        if !finished && finish.as_mut().poll(cx).is_ready() {
+            finished = true;
+            let mut state = driver.shared.lock();
+            state.conn.go_away(code::NO_ERROR);
+        }
+        driver.poll(cx)
+    })
+    .await;
+    driver.close();
+    driver.linger().await;
+}
+
+/// How long a finished connection reads (and drops) what the peer still
+/// sends after this side's GOAWAY, before it closes the socket.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The task that owns a connection's socket.
+struct Driver<IO> {
+    io: IO,
+    shared: Arc<Shared>,
+    routes: Routes,
+    info: ConnInfo,
+    /// Bytes read and not yet taken as whole frames.
+    input: BytesMut,
+    /// Where the socket is read into.
+    read: Box<[u8]>,
+    /// Output being written.
+    writing: BytesMut,
+    /// Everything written has been flushed.
+    flushed: bool,
+    events: Vec<Event>,
+    jobs: Vec<Job>,
+    /// The peer closed its side.
+    read_closed: bool,
+    /// The peer broke a connection rule: the GOAWAY is written, then the
+    /// connection ends.
+    broken: bool,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
+    /// Reads, runs and writes until nothing is ready; done when the
+    /// connection is over.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let mut read = false;
+            if !self.read_closed && !self.broken {
+                let mut buf = ReadBuf::new(&mut self.read);
+                match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => self.read_closed = true,
+                    Poll::Ready(Ok(())) => {
+                        self.input.extend_from_slice(buf.filled());
+                        self.receive();
+                        self.run_jobs();
+                        read = true;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!(error = %e, "connection read failed");
+                        return Poll::Ready(());
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if let Poll::Ready(Err(e)) = self.poll_write(cx) {
+                tracing::debug!(error = %e, "connection write failed");
+                return Poll::Ready(());
+            }
+            let mut state = self.shared.lock();
+            let idle = self.writing.is_empty() && state.conn.output().is_empty();
+            if idle && (self.read_closed || self.broken || state.conn.is_done()) {
+                return Poll::Ready(());
+            }
+            if read || (self.writing.is_empty() && !idle) {
+                continue;
+            }
+            state.driver = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+    }
+
+    /// Writes the output: what is being written, then what the state
+    /// machine gathered since; flushes once all is written.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            if self.writing.is_empty() {
+                let mut state = self.shared.lock();
+                let out = state.conn.output();
+                if out.is_empty() {
+                    break;
+                }
+                // Swapped, not copied: the state keeps the old buffer's
+                // room for what comes next.
+                std::mem::swap(&mut self.writing, out);
+            }
+            while !self.writing.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.writing))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                self.writing.advance(n);
+                self.flushed = false;
+            }
+            self.writing.clear();
+        }
+        if !self.flushed {
+            std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.flushed = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Hands the bytes read to the state machine and takes in what they
+    /// mean, under the lock; the calls they start are run after it.
+    fn receive(&mut self) {
+        let shared = self.shared.clone();
+        let mut state = shared.lock();
+        let mut events = std::mem::take(&mut self.events);
+        loop {
+            events.clear();
+            let result = state.conn.receive(&mut self.input, &mut events);
+            let any = !events.is_empty();
+            for event in events.drain(..) {
+                self.event(&mut state, event);
+            }
+            if let Err(e) = result {
+                tracing::debug!(error = %e.what, "the peer broke an HTTP/2 rule");
+                self.broken = true;
+                break;
+            }
+            if !any {
+                break;
+            }
+        }
+        self.events = events;
+        // Window updates may have made room for waiting writers.
+        if !state.room.is_empty() {
+            let State {
+                conn, slots, room, ..
+            } = &mut *state;
+            room.retain(|stream| match slots.get_mut(stream) {
+                None => false,
+                Some(slot) if conn.waiting(*stream) <= WAITING_BYTES => {
+                    if let Some(writer) = slot.writer.take() {
+                        writer.wake();
+                    }
+                    false
+                }
+                Some(_) => true,
+            });
+        }
+    }
+
+    fn event(&mut self, state: &mut State, event: Event) {
+        match event {
+            Event::Request { stream, end_stream } => self.request(state, stream, end_stream),
+            Event::Data {
+                stream,
+                data,
+                end_stream,
+            } => self.data(state, stream, data, end_stream),
+            Event::Trailers { stream } => self.data(state, stream, Bytes::new(), true),
+            Event::Reset { stream, .. } => state.forget(stream),
+        }
+    }
+
+    /// A new request: admitted (or refused) from its head, and routed.
+    fn request(&mut self, state: &mut State, stream: u32, end_stream: bool) {
+        let head = state.conn.head();
+        let path = head.path();
+        if let Some(direct) = self.routes.direct_calls() {
+            if let Some(method) = Unary::of(path) {
+                match direct.admit(head, &self.info) {
+                    Ok((who, timeout)) => {
+                        let call = Collecting::new(method, who, Deadline::after(timeout));
+                        state.slots.insert(
+                            stream,
+                            Slot {
+                                inbound: Inbound::Unary(Box::new(call)),
+                                writer: None,
+                            },
+                        );
+                        if end_stream {
+                            self.data(state, stream, Bytes::new(), true);
+                        }
+                    }
+                    Err(status) => {
+                        state.slots.insert(stream, Slot::ignored());
+                        state.refuse(stream, &status);
+                    }
+                }
+                return;
+            }
+            if path == crate::routes::WATCH.as_bytes() {
+                match direct.admit(head, &self.info) {
+                    Ok((who, timeout)) => {
+                        state.slots.insert(stream, Slot::body(end_stream));
+                        self.jobs.push(Job::Watch {
+                            stream,
+                            who,
+                            timeout,
+                        });
+                    }
+                    Err(status) => {
+                        state.slots.insert(stream, Slot::ignored());
+                        state.refuse(stream, &status);
+                    }
+                }
+                return;
+            }
+        }
+        let body = RequestBody {
+            shared: self.shared.clone(),
+            stream,
+            done: end_stream,
+        };
+        match http_request(head, body) {
+            Ok(request) => {
+                state.slots.insert(stream, Slot::body(end_stream));
+                self.jobs.push(Job::Call { stream, request });
+            }
+            Err(what) => {
+                state.slots.insert(stream, Slot::ignored());
+                state.refuse(stream, &Status::invalid_argument(what));
+            }
+        }
+    }
+
+    /// Some of a request's body (`end` when it is complete).
+    fn data(&mut self, state: &mut State, stream: u32, data: Bytes, end: bool) {
+        let len = data.len();
+        let Some(slot) = state.slots.get_mut(&stream) else {
+            state.conn.release(stream, len);
+            return;
+        };
+        match &mut slot.inbound {
+            Inbound::Ignored => state.conn.release(stream, len),
+            Inbound::Body {
+                queue,
+                end: e,
+                reader,
+            } => {
+                if !data.is_empty() {
+                    queue.push_back(data);
+                }
+                *e |= end;
+                if let Some(reader) = reader.take() {
+                    reader.wake();
+                }
+            }
+            Inbound::Unary(call) => {
+                state.conn.release(stream, len);
+                let max = self
+                    .routes
+                    .direct_calls()
+                    .map_or(0, |d| d.max_message_bytes());
+                let pushed = if data.is_empty() {
+                    Ok(())
+                } else {
+                    call.message.push(data, max)
+                };
+                if let Err(status) = pushed {
+                    slot.inbound = Inbound::Ignored;
+                    return state.refuse(stream, &status);
+                }
+                if !end {
+                    return;
+                }
+                let Inbound::Unary(mut call) =
+                    std::mem::replace(&mut slot.inbound, Inbound::Ignored)
+                else {
+                    unreachable!("matched above")
+                };
+                match std::mem::take(&mut call.message).finish(max) {
+                    Ok(message) => self.jobs.push(Job::Unary {
+                        stream,
+                        call,
+                        message,
+                    }),
+                    Err(status) => state.refuse(stream, &status),
+                }
+            }
+        }
+    }
+
+    /// Runs what the last read started, with the lock let go.
+    fn run_jobs(&mut self) {
+        for job in self.jobs.drain(..) {
+            let responder = Responder {
+                shared: self.shared.clone(),
+                stream: match &job {
+                    Job::Unary { stream, .. }
+                    | Job::Watch { stream, .. }
+                    | Job::Call { stream, .. } => *stream,
+                },
+                open: true,
+            };
+            match job {
+                Job::Unary { call, message, .. } => {
+                    if let Some(direct) = self.routes.direct_calls() {
+                        direct.unary(*call, message, responder);
+                    }
+                }
+                Job::Watch { who, timeout, .. } => {
+                    if let Some(direct) = self.routes.direct_calls() {
+                        let body = RequestBody {
+                            shared: self.shared.clone(),
+                            stream: responder.stream,
+                            done: false,
+                        };
+                        let deadline = timeout.map(|d| tokio::time::Instant::now() + d);
+                        tokio::spawn(direct.clone().open(who, body, responder, deadline));
+                    }
+                }
+                Job::Call { request, .. } => {
+                    let answer = self.routes.call(request, &self.info);
+                    run_inline_first(exchange(answer, responder));
+                }
+            }
+        }
+    }
+
+    /// Closes this side of the socket, then reads until the peer closes
+    /// its side (for at most [`LINGER`]). Closing a socket with unread
+    /// bytes in it resets the connection, and the peer may then lose the
+    /// GOAWAY and the answers before it.
+    async fn linger(&mut self) {
+        let io = &mut self.io;
+        let read = &mut self.read;
+        let read_closed = self.read_closed;
+        let _ = tokio::time::timeout(LINGER, async move {
+            if tokio::io::AsyncWriteExt::shutdown(io).await.is_err() || read_closed {
+                return;
+            }
+            while let Ok(n) = tokio::io::AsyncReadExt::read(io, read).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// The connection is over: whoever waits on one of its streams finds
+    /// it gone.
+    fn close(&mut self) {
+        let mut state = self.shared.lock();
+        let streams: Vec<u32> = state.slots.keys().copied().collect();
+        for stream in streams {
+            state.forget(stream);
+        }
+        state.room.clear();
+    }
+}
+
+impl Slot {
+    fn body(end: bool) -> Self {
+        Slot {
+            inbound: Inbound::Body {
+                queue: VecDeque::new(),
+                end,
+                reader: None,
+            },
+            writer: None,
+        }
+    }
+
+    fn ignored() -> Self {
+        Slot {
+            inbound: Inbound::Ignored,
+            writer: None,
+        }
+    }
+}
+
+/// A request for tonic's handlers, built from its head.
+fn http_request(head: &RequestHead, body: RequestBody) -> Result<Request<RequestBody>, String> {
+    let authority = head.authority().unwrap_or(b"localhost");
+    let scheme = if head.scheme().is_empty() {
+        &b"http"[..]
+    } else {
+        head.scheme()
+    };
+    let uri = http::Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(head.path())
+        .build()
+        .map_err(|e| format!("the request's :path or :authority is not a valid URI: {e}"))?;
+    let method = http::Method::from_bytes(head.method())
+        .map_err(|_| "the request's :method is not a valid method".to_string())?;
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_2;
+    let headers = request.headers_mut();
+    for (name, value) in head.fields() {
+        let name = http::HeaderName::from_bytes(name)
+            .map_err(|_| "a request header's name is not a valid header name".to_string())?;
+        let value = http::HeaderValue::from_bytes(value).map_err(|_| {
+            format!("the value of request header {name} is not a valid header value")
+        })?;
+        headers.append(name, value);
+    }
+    Ok(request)
+}
+
+/// `fields` as the name and value pairs the state machine encodes.
+fn pairs(fields: &HeaderMap) -> Vec<(&[u8], &[u8])> {
+    fields
+        .iter()
+        .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()))
+        .collect()
+}
+
+/// A request's body, as the driver receives it. Each chunk read gives its
+/// bytes back to the peer's windows: the services decode as they read.
+pub struct RequestBody {
+    shared: Arc<Shared>,
+    stream: u32,
+    done: bool,
+}
+
+/// The request's stream was reset, or its connection is gone.
+#[derive(Debug)]
+pub struct StreamGone;
+
+impl std::fmt::Display for StreamGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request's stream was reset or its connection closed")
+    }
+}
+
+impl std::error::Error for StreamGone {}
+
 impl HttpBody for RequestBody {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = StreamGone;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if this.done {
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamGone>>> {
+        if self.done {
             return Poll::Ready(None);
         }
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                None => this.data_done = true,
-            }
+        let stream = self.stream;
+        let shared = self.shared.clone();
+        let mut state = shared.lock();
+        let state = &mut *state;
+        let Some(Slot {
+            inbound: Inbound::Body { queue, end, reader },
+            ..
+        }) = state.slots.get_mut(&stream)
+        else {
+            self.done = true;
+            return Poll::Ready(Some(Err(StreamGone)));
+        };
+        if let Some(data) = queue.pop_front() {
+            state.conn.release(stream, data.len());
+            state.wake_driver();
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
-        let trailers = ready!(this.recv.poll_trailers(cx));
-        this.done = true;
-        match trailers {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
+        if *end {
+            self.done = true;
+            return Poll::Ready(None);
         }
+        *reader = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
@@ -251,6 +810,195 @@ impl HttpBody for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+/// The answering side of one stream. Dropped before its answer is
+/// complete, it resets the stream (`CANCEL`).
+pub(crate) struct Responder {
+    shared: Arc<Shared>,
+    stream: u32,
+    open: bool,
+}
+
+impl Responder {
+    /// Runs `f` on the state if the stream is still there; wakes the
+    /// driver for what it wrote.
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> Option<R> {
+        let mut state = self.shared.lock();
+        if !state.slots.contains_key(&self.stream) {
+            return None;
+        }
+        let r = f(&mut state);
+        state.wake_driver();
+        Some(r)
+    }
+
+    /// Answers a unary call: the headers, the framed message and the OK
+    /// trailers; or, for an error, its status in the headers alone.
+    pub(crate) fn answer(mut self, answer: Result<Bytes, Status>) {
+        self.open = false;
+        let stream = self.stream;
+        self.with(|state| {
+            match answer {
+                Ok(frame) => {
+                    state.conn.respond(stream, 200, GRPC_HEADERS, false);
+                    state.conn.send_data(stream, frame);
+                    state.conn.send_trailers(stream, GRPC_OK);
+                    state.forget(stream);
+                }
+                Err(status) => state.refuse(stream, &status),
+            };
+        });
+    }
+
+    /// Answers with `status` in the headers alone.
+    pub(crate) fn refuse(self, status: Status) {
+        self.answer(Err(status));
+    }
+
+    /// Sends the response's headers, `end` when they are the whole answer.
+    fn respond(&mut self, status: u16, fields: &HeaderMap, end: bool) {
+        let stream = self.stream;
+        self.with(|state| {
+            state.conn.respond(stream, status, &pairs(fields), end);
+            if end {
+                state.forget(stream);
+            }
+        });
+        if end {
+            self.open = false;
+        }
+    }
+
+    /// Sends the gRPC response headers that open a stream of messages.
+    pub(crate) fn open_stream(&mut self) -> Result<(), Gone> {
+        let stream = self.stream;
+        self.with(|state| state.conn.respond(stream, 200, GRPC_HEADERS, false))
+            .ok_or(Gone)
+    }
+
+    /// Ends the answer with `trailers` (an empty DATA frame when there are
+    /// none).
+    fn finish(&mut self, trailers: &HeaderMap) {
+        self.open = false;
+        let stream = self.stream;
+        self.with(|state| {
+            state.conn.send_trailers(stream, &pairs(trailers));
+            state.forget(stream);
+        });
+    }
+
+    /// Sends `data` once the stream holds at most [`WAITING_BYTES`]
+    /// waiting for the peer's windows; `Gone` when the stream is.
+    async fn send(&self, data: Bytes) -> Result<(), Gone> {
+        let mut data = Some(data);
+        std::future::poll_fn(|cx| {
+            let mut state = self.shared.lock();
+            let state = &mut *state;
+            let Some(slot) = state.slots.get_mut(&self.stream) else {
+                return Poll::Ready(Err(Gone));
+            };
+            if state.conn.waiting(self.stream) > WAITING_BYTES {
+                slot.writer = Some(cx.waker().clone());
+                if !state.room.contains(&self.stream) {
+                    state.room.push(self.stream);
+                }
+                return Poll::Pending;
+            }
+            if let Some(data) = data.take() {
+                state.conn.send_data(self.stream, data);
+                state.wake_driver();
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+
+    /// Ready once the stream is gone (the client reset it, or the
+    /// connection closed).
+    fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.shared.lock();
+        match state.slots.get_mut(&self.stream) {
+            None => Poll::Ready(()),
+            Some(slot) => {
+                slot.writer = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    /// `future`'s output, or `None` if the stream goes first.
+    pub(crate) async fn unless_gone<F: Future>(&self, future: F) -> Option<F::Output> {
+        let mut future = std::pin::pin!(future);
+        std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+            Poll::Ready(out) => Poll::Ready(Some(out)),
+            Poll::Pending if self.poll_gone(cx).is_ready() => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        })
+        .await
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if self.open {
+            let stream = self.stream;
+            self.with(|state| {
+                state.conn.cancel(stream, code::CANCEL);
+                state.forget(stream);
+            });
+        }
+    }
+}
+
+/// A gRPC response's headers before its first message.
+const GRPC_HEADERS: &[(&[u8], &[u8])] = &[(b"content-type", b"application/grpc")];
+
+/// The trailers of an OK answer.
+const GRPC_OK: &[(&[u8], &[u8])] = &[(b"grpc-status", b"0")];
+
+/// `content-type: application/grpc`.
+const GRPC: http::HeaderValue = http::HeaderValue::from_static("application/grpc");
+
+/// Copies a tonic handler's answer to its stream: the response's head,
+/// then its body, waiting for room as the stream fills.
+async fn exchange(answer: Answer, mut responder: Responder) {
+    let Some(response) = responder.unless_gone(answer).await else {
+        return;
+    };
+    let (parts, mut body): (_, Body) = response.into_parts();
+    let end = body.is_end_stream();
+    responder.respond(parts.status.as_u16(), &parts.headers, end);
+    if end {
+        return;
+    }
+    loop {
+        let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+        let Some(frame) = responder.unless_gone(next).await else {
+            return;
+        };
+        match frame {
+            None => return responder.finish(&HeaderMap::new()),
+            Some(Err(status)) => {
+                tracing::debug!(%status, "a response body failed; its stream is reset");
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(chunk) if chunk.is_empty() => {}
+                Ok(chunk) => {
+                    if responder.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        responder.finish(&trailers);
+                    }
+                    return;
+                }
+            },
+        }
     }
 }
 
@@ -278,161 +1026,6 @@ where
     }
 }
 
-/// One request's answer: the service's response, then its body copied to
-/// the HTTP/2 stream.
-pub(crate) struct Exchange<F> {
-    stage: Stage<F>,
-}
-
-enum Stage<F> {
-    Answering {
-        answer: F,
-        reply: SendResponse<Bytes>,
-    },
-    Writing(Writer),
-    Done,
-}
-
-impl<F> Exchange<F> {
-    pub(crate) fn new(answer: F, reply: SendResponse<Bytes>) -> Self {
-        Exchange {
-            stage: Stage::Answering { answer, reply },
-        }
-    }
-}
-
-impl<F> Future for Exchange<F>
-where
-    F: Future<Output = Response<Body>> + Unpin,
-{
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            match &mut self.stage {
-                Stage::Answering { answer, reply } => {
-                    let response = match Pin::new(answer).poll(cx) {
-                        Poll::Ready(response) => response,
-                        Poll::Pending => {
-                            // The client may give up (RST_STREAM) while the
-                            // answer waits: then the answer is dropped.
-                            if reply.poll_reset(cx).is_ready() {
-                                self.stage = Stage::Done;
-                                return Poll::Ready(());
-                            }
-                            return Poll::Pending;
-                        }
-                    };
-                    let (parts, body) = response.into_parts();
-                    let end = body.is_end_stream();
-                    let sent = reply.send_response(Response::from_parts(parts, ()), end);
-                    self.stage = match sent {
-                        Ok(send) if !end => Stage::Writing(Writer {
-                            body,
-                            send,
-                            held: None,
-                            unchecked: 0,
-                        }),
-                        // Done, or the stream is gone.
-                        _ => Stage::Done,
-                    };
-                }
-                Stage::Writing(writer) => {
-                    ready!(writer.poll(cx));
-                    self.stage = Stage::Done;
-                    return Poll::Ready(());
-                }
-                Stage::Done => return Poll::Ready(()),
-            }
-        }
-    }
-}
-
-/// Copies a response body to its HTTP/2 stream. Like a Watch stream's
-/// outbox, it looks at the peer's window only every [`UNCHECKED_BYTES`]:
-/// h2 queues what the window does not cover.
-struct Writer {
-    body: Body,
-    send: SendStream<Bytes>,
-    /// A chunk waiting for room in the peer's window.
-    held: Option<Bytes>,
-    /// Bytes handed to h2 since the window was last checked.
-    unchecked: usize,
-}
-
-impl Writer {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            if let Some(chunk) = self.held.take() {
-                match poll_room(&mut self.send, cx) {
-                    Poll::Pending => {
-                        self.held = Some(chunk);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Err(Gone)) => return Poll::Ready(()),
-                    Poll::Ready(Ok(())) => {}
-                }
-                if self.send.send_data(chunk, false).is_err() {
-                    return Poll::Ready(());
-                }
-                continue;
-            }
-            match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Pending => {
-                    // Waiting for the body: a reset ends the copy.
-                    if self.send.poll_reset(cx).is_ready() {
-                        return Poll::Ready(());
-                    }
-                    return Poll::Pending;
-                }
-                Poll::Ready(None) => {
-                    let _ = self.send.send_data(Bytes::new(), true);
-                    return Poll::Ready(());
-                }
-                Poll::Ready(Some(Err(status))) => {
-                    tracing::debug!(%status, "a response body failed; its stream is reset");
-                    self.send.send_reset(Reason::INTERNAL_ERROR);
-                    return Poll::Ready(());
-                }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(chunk) if chunk.is_empty() => {}
-                    Ok(chunk) if self.unchecked + chunk.len() <= UNCHECKED_BYTES => {
-                        // A small answer (most are) goes out without a
-                        // look at the window.
-                        self.unchecked += chunk.len();
-                        if self.send.send_data(chunk, false).is_err() {
-                            return Poll::Ready(());
-                        }
-                    }
-                    Ok(chunk) => {
-                        self.send.reserve_capacity(chunk.len());
-                        self.unchecked = chunk.len();
-                        self.held = Some(chunk);
-                    }
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            let _ = self.send.send_trailers(trailers);
-                        }
-                        return Poll::Ready(());
-                    }
-                },
-            }
-        }
-    }
-}
-
-/// Ready when the stream has room in the peer's window for some of what it
-/// reserved; `Gone` when the stream can no longer send.
-fn poll_room(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Result<(), Gone>> {
-    while send.capacity() == 0 {
-        match ready!(send.poll_capacity(cx)) {
-            Some(Ok(_)) => {}
-            Some(Err(_)) | None => return Poll::Ready(Err(Gone)),
-        }
-    }
-    Poll::Ready(Ok(()))
-}
-
 /// `message` framed for the wire (the 5-byte gRPC prefix, then the
 /// message); refused when above `max` bytes, as `what`.
 pub(crate) fn frame(message: &impl Message, max: usize, what: &str) -> Result<Bytes, Status> {
@@ -449,73 +1042,25 @@ pub(crate) fn frame(message: &impl Message, max: usize, what: &str) -> Result<By
     Ok(Bytes::from(frame))
 }
 
-/// Answers a unary call: the headers, the framed message and the OK
-/// trailers; or, for an error, its status in the headers alone.
-pub(crate) fn answer_unary(reply: &mut SendResponse<Bytes>, answer: Result<Bytes, Status>) {
-    let frame = match answer {
-        Ok(frame) => frame,
-        Err(status) => {
-            let _ = reply.send_response(status.into_http::<()>(), true);
-            return;
-        }
-    };
-    // A stream the client has left fails these; there is no one to tell.
-    let Ok(mut send) = reply.send_response(grpc_response(), false) else {
-        return;
-    };
-    if send.send_data(frame, false).is_ok() {
-        let mut trailers = HeaderMap::with_capacity(1);
-        trailers.insert(GRPC_STATUS, GRPC_OK);
-        let _ = send.send_trailers(trailers);
-    }
-}
-
-/// `grpc-status`.
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
-/// The `grpc-status` of OK.
-const GRPC_OK: HeaderValue = HeaderValue::from_static("0");
-
-/// `content-type: application/grpc`.
-const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
-
-/// A gRPC response's headers, before its first message.
-pub(crate) fn grpc_response() -> Response<()> {
-    let mut response = Response::new(());
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, GRPC);
-    response
-}
-
-/// Bytes a Watch stream hands to h2 between two checks of the peer's
-/// window. Asking h2 for room takes its lock and its flow-control
-/// bookkeeping, as much as a send; a notice is tens of bytes, so the check
-/// is made per this many bytes instead of per message, and a stream whose
-/// reader stopped holds at most this much more than the window in h2.
-const UNCHECKED_BYTES: usize = 16 * 1024;
-
 /// A Watch stream's messages, written to its HTTP/2 stream by the stream's
-/// own task: each message is framed (the 5-byte gRPC prefix) and handed to
-/// h2, which sends what the peer's window allows and queues the rest; every
-/// [`UNCHECKED_BYTES`] the task waits until the window has room. Its end,
-/// an error or the drop of the outbox, writes the trailers with the stream's
+/// own task: each message is framed (the 5-byte gRPC prefix) and added to
+/// the stream, which sends what the peer's windows allow; once the stream
+/// holds more than [`WAITING_BYTES`] the task waits for room. Its end, an
+/// error or the drop of the outbox, writes the trailers with the stream's
 /// status.
 pub(crate) struct GrpcOutbox {
-    send: SendStream<Bytes>,
+    responder: Responder,
     /// Most bytes one message may take.
     max_message: usize,
-    /// Bytes handed to h2 since the window was last checked.
-    unchecked: usize,
     ended: bool,
 }
 
 impl GrpcOutbox {
-    pub(crate) fn new(send: SendStream<Bytes>, max_message: usize) -> Self {
+    /// An outbox on `responder`'s stream, whose headers are sent.
+    pub(crate) fn new(responder: Responder, max_message: usize) -> Self {
         GrpcOutbox {
-            send,
+            responder,
             max_message,
-            unchecked: 0,
             ended: false,
         }
     }
@@ -524,10 +1069,9 @@ impl GrpcOutbox {
         self.ended = true;
         let mut trailers = HeaderMap::new();
         if status.add_header(&mut trailers).is_ok() {
-            let _ = self.send.send_trailers(trailers);
-        } else {
-            self.send.send_reset(Reason::INTERNAL_ERROR);
+            self.responder.finish(&trailers);
         }
+        // Otherwise the responder's drop resets the stream.
     }
 }
 
@@ -550,13 +1094,7 @@ impl Outbox for GrpcOutbox {
                 return Err(Gone);
             }
         };
-        if self.unchecked + frame.len() > UNCHECKED_BYTES {
-            self.send.reserve_capacity(frame.len());
-            std::future::poll_fn(|cx| poll_room(&mut self.send, cx)).await?;
-            self.unchecked = 0;
-        }
-        self.unchecked += frame.len();
-        self.send.send_data(frame, false).map_err(|_| Gone)
+        self.responder.send(frame).await
     }
 }
 
@@ -564,52 +1102,8 @@ impl Drop for GrpcOutbox {
     fn drop(&mut self) {
         if !self.ended {
             // The stream's task ended without an error: the client closed
-            // its side, or went away (then this is not sent).
+            // its side, or went away (then nothing is sent).
             self.end(&Status::ok(""));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    /// A unary body whose message comes in pieces is read to its end. Time
-    /// is paused and the connection is in memory, so a timeout fires only
-    /// once every task is idle: by then each piece has been read, and the
-    /// message must still be waiting for the next.
-    #[tokio::test(start_paused = true)]
-    async fn a_unary_body_in_pieces_is_read_to_its_end() {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(async move {
-            let mut conn = builder()
-                .handshake::<_, Bytes>(server_io)
-                .await
-                .expect("a handshake");
-            let (request, reply) = conn.accept().await.expect("a request").expect("a request");
-            tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            (RequestBody::new(request.into_body()), reply)
-        });
-        let (client, connection) = h2::client::handshake(client_io).await.expect("a handshake");
-        tokio::spawn(connection);
-        let mut client = client.ready().await.expect("ready");
-        let request = Request::post("http://freshd/p")
-            .body(())
-            .expect("a request");
-        let (_response, mut send) = client.send_request(request, false).expect("sent");
-        let (mut body, _reply) = server.await.expect("the server");
-
-        let whole = b"\0\0\0\0\x05hello";
-        let mut message = std::pin::pin!(body.unary_message(1024));
-        for piece in [&whole[..3], &whole[3..7]] {
-            send.send_data(Bytes::copy_from_slice(piece), false)
-                .expect("a piece");
-            let early = tokio::time::timeout(Duration::from_secs(1), &mut message).await;
-            assert!(early.is_err(), "answered before its last piece: {early:?}");
-        }
-        send.send_data(Bytes::copy_from_slice(&whole[7..]), true)
-            .expect("the end");
-        assert_eq!(message.await.expect("the message"), &b"hello"[..]);
     }
 }

@@ -21,7 +21,6 @@ pub mod error;
 pub mod fanout;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod hold;
 pub mod http2;
 pub mod lease;
 pub mod log;

@@ -43,12 +43,12 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::server::SendResponse;
-use http::{HeaderMap, Request, Response};
+use http::{Request, Response};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service};
+use tonic::metadata::MetadataValue;
 use tonic::server::NamedService;
 use tonic::service::interceptor::{InterceptedService, ResponseFuture};
 use tonic::service::Interceptor as _;
@@ -56,7 +56,8 @@ use tonic::{Status, Streaming};
 use tower::util::BoxCloneSyncService;
 
 use crate::auth::{Caller, Interceptor, Principal};
-use crate::conn::{answer_unary, frame, run_inline_first, Exchange, GrpcOutbox, RequestBody};
+use crate::conn::{frame, run_inline_first, Collecting, GrpcOutbox, RequestBody, Responder};
+use crate::http2::head::RequestHead;
 use crate::pb::coordinator_server::{Coordinator as _, CoordinatorServer};
 use crate::service::CoordinatorService;
 use crate::tls::{Conn, ConnInfo};
@@ -110,17 +111,17 @@ where
 }
 
 /// The path of the Coordinator's Watch method.
-const WATCH: &str = "/freshd.v1.Coordinator/Watch";
+pub(crate) const WATCH: &str = "/freshd.v1.Coordinator/Watch";
 /// The path of the Coordinator's Check method.
-const CHECK: &str = "/freshd.v1.Coordinator/Check";
+const CHECK: &[u8] = b"/freshd.v1.Coordinator/Check";
 /// The path of the Coordinator's CheckBatch method.
-const CHECK_BATCH: &str = "/freshd.v1.Coordinator/CheckBatch";
+const CHECK_BATCH: &[u8] = b"/freshd.v1.Coordinator/CheckBatch";
 /// The path of the Coordinator's Publish method.
-const PUBLISH: &str = "/freshd.v1.Coordinator/Publish";
+const PUBLISH: &[u8] = b"/freshd.v1.Coordinator/Publish";
 /// The path of the Coordinator's Fill method.
-const FILL: &str = "/freshd.v1.Coordinator/Fill";
+const FILL: &[u8] = b"/freshd.v1.Coordinator/Fill";
 /// The path of the Coordinator's Lease method.
-const LEASE: &str = "/freshd.v1.Coordinator/Lease";
+const LEASE: &[u8] = b"/freshd.v1.Coordinator/Lease";
 
 /// The Coordinator calls the router serves itself: Watch streams, and the
 /// unary calls `Check`, `CheckBatch`, `Publish`, `Fill` and `Lease`.
@@ -149,17 +150,39 @@ impl Direct {
         }
     }
 
+    /// Most bytes of one message, either way.
+    pub(crate) fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    /// Admits a call from its head: its `grpc-timeout`, its encoding
+    /// (identity only) and, when tokens are required, its token; the
+    /// caller's principal and the timeout, or the refusal.
+    pub(crate) fn admit(
+        &self,
+        head: &RequestHead,
+        info: &ConnInfo,
+    ) -> Result<(Option<Arc<Principal>>, Option<Duration>), Status> {
+        let timeout = grpc_timeout(head.get(b"grpc-timeout"))?;
+        identity_only(head.get(b"grpc-encoding"))?;
+        let who = self.authenticate(head.get(b"authorization"), info)?;
+        Ok((who, timeout))
+    }
+
     /// The caller's principal, when tokens are required; the refusal when
-    /// the call's token does not authenticate.
+    /// the call's `authorization` does not authenticate.
     fn authenticate(
         &self,
-        parts: http::request::Parts,
+        authorization: Option<&[u8]>,
         info: &ConnInfo,
     ) -> Result<Option<Arc<Principal>>, Status> {
         let Some(mut interceptor) = self.interceptor.clone() else {
             return Ok(None);
         };
-        let mut caller = tonic::Request::from_http(Request::from_parts(parts, ()));
+        let mut caller = tonic::Request::new(());
+        if let Some(value) = authorization.and_then(|v| MetadataValue::try_from(v).ok()) {
+            caller.metadata_mut().insert("authorization", value);
+        }
         caller.extensions_mut().insert(info.clone());
         let authenticated = interceptor.call(caller)?;
         Ok(authenticated
@@ -168,34 +191,21 @@ impl Direct {
             .map(|c| c.0.clone()))
     }
 
-    /// Serves a unary call: reads and decodes its message, asks the
+    /// Serves a unary call whose message is whole: decodes it, asks the
     /// service, writes the answer. Run in place, and spawned only when it
-    /// waits (for the body's rest, a `min_seq`, the log), within the
-    /// request's deadline; a reset by the client drops it.
-    fn unary(
-        &self,
-        request: Request<RequestBody>,
-        mut reply: SendResponse<Bytes>,
-        info: &ConnInfo,
-        method: Unary,
-    ) {
-        let deadline = match grpc_timeout(request.headers()) {
-            Ok(timeout) => Deadline::after(timeout),
-            Err(status) => return refuse(&mut reply, status),
-        };
-        if let Err(status) = identity_only(request.headers()) {
-            return refuse(&mut reply, status);
-        }
-        let (parts, mut body) = request.into_parts();
-        let who = match self.authenticate(parts, info) {
-            Ok(who) => who,
-            Err(status) => return refuse(&mut reply, status),
-        };
+    /// waits (for a `min_seq`, the log), within the request's deadline; a
+    /// reset by the client drops it.
+    pub(crate) fn unary(&self, call: Collecting, message: Bytes, responder: Responder) {
+        let Collecting {
+            method,
+            who,
+            deadline,
+            ..
+        } = call;
         let service = self.service.clone();
         let max = self.max_message_bytes;
         run_inline_first(async move {
             let call = async {
-                let message = body.unary_message(max).await?;
                 let service = &*service;
                 match method {
                     Unary::Check => {
@@ -234,41 +244,30 @@ impl Direct {
                     }
                 }
             };
-            let mut call = Bounded {
+            let call = Bounded {
                 future: std::pin::pin!(call),
                 deadline,
             };
-            let answer = std::future::poll_fn(|cx| match Pin::new(&mut call).poll(cx) {
-                Poll::Ready(answer) => Poll::Ready(Some(answer)),
-                // The client may give up (RST_STREAM) while the call waits.
-                Poll::Pending if reply.poll_reset(cx).is_ready() => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            })
-            .await;
-            match answer {
+            match responder.unless_gone(call).await {
+                // The client gave up (RST_STREAM) while the call waited.
                 None => {}
-                Some(None) => refuse(&mut reply, deadline_passed()),
-                Some(Some(answer)) => answer_unary(&mut reply, answer),
+                Some(None) => responder.refuse(deadline_passed()),
+                Some(Some(answer)) => responder.answer(answer),
             }
         });
     }
 
-    /// Opens the stream: authenticates it, reads and checks its first
-    /// message within the request's deadline, and registers it; then
-    /// answers the headers and runs the stream's task, which writes to
-    /// `reply`'s stream. A refusal is answered in the headers alone.
-    async fn open(
+    /// Opens the stream: reads and checks its first message within the
+    /// request's deadline, and registers it; then answers the headers and
+    /// runs the stream's task, which writes to the stream. A refusal is
+    /// answered in the headers alone.
+    pub(crate) async fn open(
         self,
-        request: Request<RequestBody>,
-        mut reply: SendResponse<Bytes>,
-        info: ConnInfo,
+        who: Option<Arc<Principal>>,
+        body: RequestBody,
+        mut responder: Responder,
         deadline: Option<Instant>,
     ) {
-        let (parts, body) = request.into_parts();
-        let who = match self.authenticate(parts, &info) {
-            Ok(who) => who,
-            Err(status) => return refuse(&mut reply, status),
-        };
         let inbound = Streaming::new_request(
             crate::codec::Decoder::<crate::pb::WatchRequest>::default(),
             body,
@@ -285,14 +284,14 @@ impl Direct {
         };
         match opened {
             Ok((registered, inbound)) => {
-                let Ok(send) = reply.send_response(crate::conn::grpc_response(), false) else {
+                if responder.open_stream().is_err() {
                     // The client is gone; the stream leaves the hub.
                     registered.cancel();
                     return;
-                };
-                registered.spawn(inbound, GrpcOutbox::new(send, self.max_message_bytes));
+                }
+                registered.spawn(inbound, GrpcOutbox::new(responder, self.max_message_bytes));
             }
-            Err(status) => refuse(&mut reply, status),
+            Err(status) => responder.refuse(status),
         }
     }
 }
@@ -302,7 +301,7 @@ impl Direct {
 /// miss and write paths, decoded by prost and answered by the service's
 /// generated-trait methods, without tonic's per-call layers.
 #[derive(Clone, Copy, Debug)]
-enum Unary {
+pub(crate) enum Unary {
     Check,
     CheckBatch,
     Publish,
@@ -312,7 +311,7 @@ enum Unary {
 
 impl Unary {
     /// The call `path` names, if the router serves it.
-    fn of(path: &str) -> Option<Self> {
+    pub(crate) fn of(path: &[u8]) -> Option<Self> {
         Some(match path {
             CHECK => Unary::Check,
             CHECK_BATCH => Unary::CheckBatch,
@@ -335,11 +334,6 @@ fn decoded<M: prost::Message + Default>(
         request.extensions_mut().insert(Caller(who));
     }
     Ok(request)
-}
-
-/// Answers a request with `status` in the headers alone.
-fn refuse(reply: &mut SendResponse<Bytes>, status: Status) {
-    let _ = reply.send_response(status.into_http::<()>(), true);
 }
 
 /// The status of a call whose `grpc-timeout` passed.
@@ -372,28 +366,9 @@ impl Routes {
         self
     }
 
-    /// Hands a request to its service, and its answer to the HTTP/2 stream.
-    pub(crate) fn dispatch(
-        &self,
-        request: Request<RequestBody>,
-        mut reply: SendResponse<Bytes>,
-        info: &ConnInfo,
-    ) {
-        if let Some(direct) = &self.direct {
-            let path = request.uri().path();
-            if let Some(method) = Unary::of(path) {
-                return direct.unary(request, reply, info, method);
-            }
-            if path == WATCH {
-                let deadline = match grpc_timeout(request.headers()) {
-                    Ok(timeout) => timeout.map(|d| Instant::now() + d),
-                    Err(status) => return refuse(&mut reply, status),
-                };
-                tokio::spawn(direct.clone().open(request, reply, info.clone(), deadline));
-                return;
-            }
-        }
-        run_inline_first(Exchange::new(self.call(request, info), reply));
+    /// The calls served without tonic's handlers, if any.
+    pub(crate) fn direct_calls(&self) -> Option<&Direct> {
+        self.direct.as_ref()
     }
 
     /// Adds `service` under its gRPC name, behind `interceptor` when
@@ -416,8 +391,10 @@ impl Routes {
         self
     }
 
-    fn call(&self, request: Request<RequestBody>, info: &ConnInfo) -> Answer {
-        let deadline = match grpc_timeout(request.headers()) {
+    /// The answer of `request`'s service, bounded by its deadline.
+    pub(crate) fn call(&self, request: Request<RequestBody>, info: &ConnInfo) -> Answer {
+        let timeout = request.headers().get("grpc-timeout").map(|v| v.as_bytes());
+        let deadline = match grpc_timeout(timeout) {
             Ok(deadline) => deadline,
             Err(status) => return Answer::ready(status),
         };
@@ -460,7 +437,7 @@ struct Bounded<F> {
 
 /// A request's `grpc-timeout`: most answers come on their first poll, so
 /// the timer is made only when one does not.
-enum Deadline {
+pub(crate) enum Deadline {
     None,
     Due(Instant),
     Armed(Pin<Box<Sleep>>),
@@ -468,7 +445,7 @@ enum Deadline {
 
 impl Deadline {
     /// `timeout` from now, if any.
-    fn after(timeout: Option<Duration>) -> Self {
+    pub(crate) fn after(timeout: Option<Duration>) -> Self {
         match timeout {
             Some(d) => Deadline::Due(Instant::now() + d),
             None => Deadline::None,
@@ -541,12 +518,12 @@ impl Future for Answer {
 
 /// `UNIMPLEMENTED` when the request's messages are compressed
 /// (`grpc-encoding` other than `identity`): freshd compresses nothing.
-fn identity_only(headers: &HeaderMap) -> Result<(), Status> {
-    match headers.get("grpc-encoding") {
-        None => Ok(()),
-        Some(value) if value == "identity" => Ok(()),
+fn identity_only(encoding: Option<&[u8]>) -> Result<(), Status> {
+    match encoding {
+        None | Some(b"identity") => Ok(()),
         Some(value) => Err(Status::unimplemented(format!(
-            "grpc-encoding {value:?} is not supported: freshd accepts identity (uncompressed) messages only"
+            "grpc-encoding {:?} is not supported: freshd accepts identity (uncompressed) messages only",
+            String::from_utf8_lossy(value)
         ))),
     }
 }
@@ -556,16 +533,17 @@ const TIMEOUT_DIGITS: usize = 8;
 
 /// The request's `grpc-timeout`, if it has one
 /// (<https://github.com/grpc/grpc/blob/master/doc/PROTOCOL-HTTP2.md>).
-fn grpc_timeout(headers: &HeaderMap) -> Result<Option<Duration>, Status> {
-    let Some(value) = headers.get("grpc-timeout") else {
+fn grpc_timeout(value: Option<&[u8]>) -> Result<Option<Duration>, Status> {
+    let Some(value) = value else {
         return Ok(None);
     };
     let bad = || {
         Status::invalid_argument(format!(
-            "grpc-timeout {value:?} is not 1 to {TIMEOUT_DIGITS} digits and a unit (H, M, S, m, u or n)"
+            "grpc-timeout {:?} is not 1 to {TIMEOUT_DIGITS} digits and a unit (H, M, S, m, u or n)",
+            String::from_utf8_lossy(value)
         ))
     };
-    let text = value.to_str().map_err(|_| bad())?;
+    let text = std::str::from_utf8(value).map_err(|_| bad())?;
     if text.len() < 2 || text.len() > TIMEOUT_DIGITS + 1 {
         return Err(bad());
     }
@@ -623,9 +601,7 @@ mod tests {
     use super::*;
 
     fn timeout(value: &str) -> Result<Option<Duration>, Status> {
-        let mut headers = HeaderMap::new();
-        headers.insert("grpc-timeout", value.parse().unwrap());
-        grpc_timeout(&headers)
+        grpc_timeout(Some(value.as_bytes()))
     }
 
     #[tokio::test]
@@ -672,7 +648,7 @@ mod tests {
 
     #[test]
     fn grpc_timeout_units() {
-        assert_eq!(grpc_timeout(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(grpc_timeout(None).unwrap(), None);
         assert_eq!(timeout("2H").unwrap(), Some(Duration::from_secs(7200)));
         assert_eq!(timeout("3M").unwrap(), Some(Duration::from_secs(180)));
         assert_eq!(timeout("4S").unwrap(), Some(Duration::from_secs(4)));

@@ -31,7 +31,6 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ConnectionUse;
-use crate::hold::Hold;
 use crate::metrics::Metrics;
 
 /// Longest a TLS handshake may take.
@@ -199,10 +198,9 @@ pub struct ConnInfo {
     pub usage: Arc<ConnectionUse>,
 }
 
-/// An accepted connection. Its writes go through [`Hold`], so that an
-/// answer h2 writes in two parts leaves in one.
+/// An accepted connection, plain or TLS-terminated.
 pub struct Conn {
-    io: Hold<Io>,
+    io: Io,
     info: ConnInfo,
 }
 
@@ -350,7 +348,7 @@ pub fn incoming(
             match &tls {
                 None => {
                     let conn = Conn {
-                        io: Hold::new(Io::Plain(socket)),
+                        io: Io::Plain(socket),
                         info,
                     };
                     if tx.send(conn).await.is_err() {
@@ -366,7 +364,7 @@ pub fn incoming(
                         {
                             Ok(Ok(stream)) => {
                                 let conn = Conn {
-                                    io: Hold::new(Io::Tls(Box::new(stream))),
+                                    io: Io::Tls(Box::new(stream)),
                                     info,
                                 };
                                 let _ = tx.send(conn).await;

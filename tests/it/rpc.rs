@@ -255,3 +255,41 @@ async fn a_check_from_another_epoch_is_unknown() {
         .into_inner();
     assert_eq!(batch.results[0].freshness(), Freshness::Unknown);
 }
+
+/// A batch whose request and answer each take several frames and more than
+/// the client's first window (64 KiB): the answer waits for the client's
+/// window updates and arrives whole, in order.
+#[tokio::test]
+async fn a_batch_larger_than_the_windows_is_answered_whole() {
+    let mut t = start().await;
+    let keys: Vec<String> = (0..10_000).map(|i| format!("big:{i:06}")).collect();
+    let published = t
+        .client
+        .publish(pb::PublishRequest {
+            changes: keys.iter().step_by(7).map(|k| change(k)).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out = t
+        .client
+        .check_batch(pb::CheckBatchRequest {
+            items: keys
+                .iter()
+                .map(|k| pb::CheckItem {
+                    key: k.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.results.len(), keys.len());
+    for (i, r) in out.results.iter().enumerate() {
+        let expected = if i % 7 == 0 { published.seq } else { 0 };
+        assert_eq!(r.version, expected, "key {}", keys[i]);
+    }
+}
