@@ -3,7 +3,7 @@
 //! requests' bodies, their answers, and the outbox a Watch stream's task
 //! writes its messages through.
 //!
-//! The connection's state sits behind one short lock ([`Shared`]). Its task
+//! The connection's state sits behind one short lock (`Shared`). Its task
 //! (the driver) reads from the socket, hands the bytes to the state machine
 //! under the lock, and then, outside it, runs what the frames asked for;
 //! it writes the state machine's output with the lock released. Every
@@ -26,7 +26,7 @@
 //! consumed (a collected message at once, a streamed body when read). An
 //! answer's data goes out as the peer's windows allow, and what they do not
 //! cover waits in the stream; a writer whose stream holds more than
-//! [`WAITING_BYTES`] waits for room, so a Watch stream whose reader stops
+//! `WAITING_BYTES` waits for room, so a Watch stream whose reader stops
 //! leaves its notices to its queue in the hub (where a slow consumer
 //! overflows into a repair).
 
@@ -71,6 +71,14 @@ fn settings() -> Config {
 
 /// Bytes read from the socket at a time.
 const READ_BYTES: usize = 32 * 1024;
+
+thread_local! {
+    /// Where a connection's socket is read into, shared by the connections
+    /// a thread drives (a read copies what it got into the connection's
+    /// input at once), so an idle connection holds no read buffer.
+    static READ: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; READ_BYTES].into_boxed_slice());
+}
 
 /// Bytes an answer's stream may hold beyond what the peer's windows let
 /// out before its writer waits for room.
@@ -163,7 +171,7 @@ pub(crate) struct Collecting {
     pub(crate) method: Unary,
     pub(crate) who: Option<Arc<Principal>>,
     pub(crate) deadline: Deadline,
-    message: Message1,
+    message: OneMessage,
 }
 
 impl Collecting {
@@ -172,21 +180,21 @@ impl Collecting {
             method,
             who,
             deadline,
-            message: Message1::default(),
+            message: OneMessage::default(),
         }
     }
 }
 
 /// A unary call's one message, collected from its DATA frames.
 #[derive(Default)]
-struct Message1 {
+struct OneMessage {
     /// The first piece: most requests come in one frame, with no copy.
     first: Bytes,
     /// The pieces joined, once there is more than one.
     joined: BytesMut,
 }
 
-impl Message1 {
+impl OneMessage {
     fn have(&self) -> &[u8] {
         if self.joined.is_empty() {
             &self.first
@@ -322,8 +330,7 @@ pub(crate) async fn serve<IO>(
         shared: Shared::new(),
         routes,
         info,
-        input: BytesMut::with_capacity(READ_BYTES),
-        read: vec![0; READ_BYTES].into_boxed_slice(),
+        input: BytesMut::new(),
         writing: BytesMut::new(),
         flushed: true,
         events: Vec::new(),
@@ -359,8 +366,6 @@ struct Driver<IO> {
     info: ConnInfo,
     /// Bytes read and not yet taken as whole frames.
     input: BytesMut,
-    /// Where the socket is read into.
-    read: Box<[u8]>,
     /// Output being written.
     writing: BytesMut,
     /// Everything written has been flushed.
@@ -381,11 +386,17 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
         loop {
             let mut read = false;
             if !self.read_closed && !self.broken {
-                let mut buf = ReadBuf::new(&mut self.read);
-                match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) if buf.filled().is_empty() => self.read_closed = true,
-                    Poll::Ready(Ok(())) => {
-                        self.input.extend_from_slice(buf.filled());
+                let io = &mut self.io;
+                let input = &mut self.input;
+                let polled = READ.with_borrow_mut(|scratch| {
+                    let mut buf = ReadBuf::new(scratch);
+                    let polled = Pin::new(io).poll_read(cx, &mut buf);
+                    input.extend_from_slice(buf.filled());
+                    polled.map_ok(|()| buf.filled().len())
+                });
+                match polled {
+                    Poll::Ready(Ok(0)) => self.read_closed = true,
+                    Poll::Ready(Ok(_)) => {
                         self.receive();
                         self.run_jobs();
                         read = true;
@@ -661,13 +672,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
     /// GOAWAY and the answers before it.
     async fn linger(&mut self) {
         let io = &mut self.io;
-        let read = &mut self.read;
         let read_closed = self.read_closed;
         let _ = tokio::time::timeout(LINGER, async move {
             if tokio::io::AsyncWriteExt::shutdown(io).await.is_err() || read_closed {
                 return;
             }
-            while let Ok(n) = tokio::io::AsyncReadExt::read(io, read).await {
+            let mut dropped = [0; 1024];
+            while let Ok(n) = tokio::io::AsyncReadExt::read(io, &mut dropped).await {
                 if n == 0 {
                     break;
                 }
@@ -940,9 +951,22 @@ impl Responder {
     }
 }
 
+impl Responder {
+    /// Resets the stream with `code`.
+    fn reset(mut self, code: u32) {
+        self.open = false;
+        let stream = self.stream;
+        self.with(|state| {
+            state.conn.cancel(stream, code);
+            state.forget(stream);
+        });
+    }
+}
+
 impl Drop for Responder {
     fn drop(&mut self) {
         if self.open {
+            self.open = false;
             let stream = self.stream;
             self.with(|state| {
                 state.conn.cancel(stream, code::CANCEL);
@@ -982,7 +1006,7 @@ async fn exchange(answer: Answer, mut responder: Responder) {
             None => return responder.finish(&HeaderMap::new()),
             Some(Err(status)) => {
                 tracing::debug!(%status, "a response body failed; its stream is reset");
-                return;
+                return responder.reset(code::INTERNAL_ERROR);
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(chunk) if chunk.is_empty() => {}
@@ -1105,5 +1129,159 @@ impl Drop for GrpcOutbox {
             // its side, or went away (then nothing is sent).
             self.end(&Status::ok(""));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Auth, AuthConfig, Interceptor};
+    use crate::log::MemoryLog;
+    use crate::pb::coordinator_server::CoordinatorServer;
+    use crate::routes::{Direct, Guarded};
+    use crate::service::CoordinatorService;
+    use crate::store::{Store, StoreConfig};
+    use crate::validate::Limits;
+
+    /// The Coordinator's routes over an in-memory store, without tokens.
+    fn routes() -> Routes {
+        let store = Arc::new(Store::new(
+            StoreConfig::default(),
+            Box::new(MemoryLog::with_epoch(7)),
+        ));
+        let interceptor = Interceptor::new(
+            Arc::new(Auth::new(&AuthConfig::default())),
+            store.metrics().clone(),
+        );
+        let service = Arc::new(CoordinatorService::new(store, Limits::default()));
+        Routes::new(Guarded::new(
+            CoordinatorServer::from_arc(service.clone()),
+            interceptor.clone(),
+            false,
+        ))
+        .direct(Direct::new(service, interceptor, false, 4 << 20))
+    }
+
+    /// An h2 client on a connection served in memory by [`serve`]; the
+    /// sender ends the connection when dropped.
+    async fn client() -> (h2::client::SendRequest<Bytes>, watch::Sender<()>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (finish, finishing) = watch::channel(());
+        let info = ConnInfo {
+            remote: None,
+            tls: false,
+            usage: Default::default(),
+        };
+        tokio::spawn(serve(server_io, routes(), info, finishing));
+        let (send, connection) = h2::client::handshake(client_io).await.expect("a handshake");
+        tokio::spawn(connection);
+        (send.ready().await.expect("ready"), finish)
+    }
+
+    fn post(path: &str) -> http::Request<()> {
+        http::Request::post(format!("http://freshd{path}"))
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("a request")
+    }
+
+    /// A unary body whose message comes in pieces is answered once its last
+    /// piece is in. Time is paused and the connection is in memory, so a
+    /// timeout fires only once every task is idle: by then each piece has
+    /// been read, and the answer must still be waiting for the next.
+    #[tokio::test(start_paused = true)]
+    async fn a_unary_body_in_pieces_is_answered_at_its_end() {
+        let (mut client, _finish) = client().await;
+        let request = pb::CheckRequest {
+            key: "feed:1".into(),
+            version: 1,
+            ..Default::default()
+        };
+        let whole = frame(&request, 1024, "a request").expect("framed");
+        let (response, mut send) = client
+            .send_request(post("/freshd.v1.Coordinator/Check"), false)
+            .expect("sent");
+        let mut response = std::pin::pin!(response);
+        for piece in [&whole[..3], &whole[3..7]] {
+            send.send_data(Bytes::copy_from_slice(piece), false)
+                .expect("a piece");
+            let early = tokio::time::timeout(Duration::from_secs(1), &mut response).await;
+            assert!(early.is_err(), "answered before its last piece: {early:?}");
+        }
+        send.send_data(whole.slice(7..), true).expect("the end");
+        let response = response.await.expect("an answer");
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut answer = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("a chunk");
+            let _ = body.flow_control().release_capacity(chunk.len());
+            answer.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await.expect("trailers").expect("trailers");
+        assert_eq!(trailers.get("grpc-status").expect("a status"), "0");
+        let answer = pb::CheckResponse::decode(&answer[5..]).expect("a CheckResponse");
+        assert_eq!(answer.freshness, pb::Freshness::Unknown as i32);
+    }
+
+    /// A request for tonic's handlers gets its body through a
+    /// [`RequestBody`] and its answer copied back: a call the Coordinator's
+    /// generated handler serves (`Stats`), then an unknown path.
+    #[tokio::test]
+    async fn tonic_handlers_get_their_bodies_and_answer() {
+        let (mut client, _finish) = client().await;
+        let (response, mut send) = client
+            .send_request(post("/freshd.v1.Coordinator/Stats"), false)
+            .expect("sent");
+        let message = frame(&pb::StatsRequest {}, 1024, "a request").expect("framed");
+        send.send_data(message, true).expect("the body");
+        let response = response.await.expect("an answer");
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut answer = BytesMut::new();
+        while let Some(chunk) = body.data().await {
+            answer.extend_from_slice(&chunk.expect("a chunk"));
+        }
+        let trailers = body.trailers().await.expect("trailers").expect("trailers");
+        assert_eq!(trailers.get("grpc-status").expect("a status"), "0");
+        pb::StatsResponse::decode(&answer[5..]).expect("a StatsResponse");
+
+        let (response, _) = client
+            .send_request(post("/nobody.v1.Nothing/Call"), true)
+            .expect("sent");
+        let response = response.await.expect("an answer");
+        let status = response.headers().get("grpc-status").expect("a status");
+        assert_eq!(status, &(tonic::Code::Unimplemented as i32).to_string());
+    }
+
+    /// The connection ends once told to finish: a GOAWAY, then the close,
+    /// which the client sees as the end of its connection.
+    #[tokio::test]
+    async fn finishing_sends_goaway_and_closes() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (finish, finishing) = watch::channel(());
+        let info = ConnInfo {
+            remote: None,
+            tls: false,
+            usage: Default::default(),
+        };
+        let served = tokio::spawn(serve(server_io, routes(), info, finishing));
+        let (send, connection) = h2::client::handshake(client_io).await.expect("a handshake");
+        let connection = tokio::spawn(connection);
+        let mut send = send.ready().await.expect("ready");
+        let (response, _) = send
+            .send_request(post("/nobody.v1.Nothing/Call"), true)
+            .expect("sent");
+        response.await.expect("an answer");
+        finish.send(()).expect("the connection listens");
+        tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the connection ends")
+            .expect("its task");
+        let ended = tokio::time::timeout(Duration::from_secs(5), connection)
+            .await
+            .expect("the client's connection ends")
+            .expect("its task");
+        assert!(ended.is_ok(), "a clean end, not a reset: {ended:?}");
     }
 }

@@ -1,5 +1,5 @@
-//! Serving accepted connections (HTTP/2 with h2, in [`crate::conn`]), and a
-//! router that hands each request to the gRPC service its path names.
+//! Serving accepted connections (HTTP/2, in [`crate::conn`]), and a router
+//! that hands each request to the gRPC service its path names.
 //!
 //! The router compares the service name with the Coordinator's, then with
 //! the few others' (health, reflection), and a service that needs no token
@@ -11,16 +11,17 @@
 //! request's extensions. A path that names no service gets `UNIMPLEMENTED`;
 //! an unknown method of a known service gets it from that service.
 //!
-//! `Watch` is served without tonic's generated handler: the router reads the
-//! stream's first message, registers it, and the stream's task writes its
-//! messages to the HTTP/2 stream itself (`conn::GrpcOutbox`), with
-//! no channel, response body or task of its own in between.
+//! `Watch` is served without tonic's generated handler: the router
+//! ([`Direct`]) admits the stream from its head, reads its first message,
+//! registers it, and the stream's task writes its messages to the HTTP/2
+//! stream itself (`conn::GrpcOutbox`), with no channel, response body or
+//! task of its own in between.
 //!
-//! So are `Check` and `CheckBatch`, the calls made on every cache hit: the
-//! router reads the request's one message, decodes it with its strings
-//! borrowed from the request's bytes ([`crate::wire::CheckRequestRef`]),
-//! asks the service, and writes the answer and the OK trailers to the
-//! HTTP/2 stream. tonic's generated handler would decode each key into a
+//! So are `Check` and `CheckBatch`, the calls made on every cache hit: once
+//! the connection has collected the request's one message, the router
+//! decodes it with its strings borrowed from the request's bytes
+//! ([`crate::wire::CheckRequestRef`]), asks the service, and writes the
+//! answer and the OK trailers to the HTTP/2 stream. tonic's generated handler would decode each key into a
 //! `String` of its own, and put its request, response and body layers in
 //! between; for a check answered from memory those were a sixth of the
 //! server's time. `Publish`, `Fill` and `Lease` (a cache's write and miss

@@ -508,7 +508,7 @@ async fn run<S>(
 /// The stream's task wakes for every notice batch, and its `select!` polls
 /// every branch each time; the client's requests (acks, tracking changes)
 /// are far rarer. Polling the request stream reaches through tonic's decoder
-/// and the request body to h2's stream state, behind a lock the connection's
+/// and the request body to the connection's state, behind the lock its
 /// task shares, all of it memory no other step of a delivery touches. So
 /// the inner stream is given a waker of its own, which notes the news on the
 /// subscriber ([`Subscriber::client_news`]) and wakes the task through

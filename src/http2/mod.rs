@@ -5,10 +5,9 @@
 //!
 //! They take no lock and build no `http` types: a frame borrows from the
 //! read buffer, a header field from the HPACK decoder's table or the block,
-//! and a request head keeps its fields in one buffer it reuses. h2 still
-//! serves every connection (`conn.rs`); these are the parts the
-//! connection code that replaces it on the request paths is built from
-//! (docs/ARCHITECTURE.md, "Server").
+//! and a request head keeps its fields in one buffer it reuses. `conn.rs`
+//! serves every accepted connection with them: its task owns the socket and
+//! drives a [`connection::Connection`] (docs/ARCHITECTURE.md, "Server").
 
 pub mod connection;
 pub mod frame;
