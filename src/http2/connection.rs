@@ -735,6 +735,16 @@ impl Connection {
             return;
         };
         if s.pending.is_empty() && s.pending_end == PendingEnd::None {
+            let n = data.len() as i64;
+            if n <= s.send_window && n <= self.send_window && data.len() <= self.peer_max_frame {
+                // Nothing of this stream waits, and the windows cover it:
+                // one frame, at once. (A stream still waiting for the
+                // connection's window would mean that window is spent.)
+                s.send_window -= n;
+                self.send_window -= n;
+                frame::put_data(&mut self.out, stream, &data, false);
+                return;
+            }
             self.waiting.push_back(stream);
         }
         s.pending.push_back(data);
