@@ -97,6 +97,9 @@ pub struct Args {
     /// Largest gRPC message, in bytes, either way [default: 16777216]
     #[arg(long, env = "FRESHD_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<String>,
+    /// Most streams (calls and Watch streams) open at once on one connection [default: 10000]
+    #[arg(long, env = "FRESHD_MAX_CONCURRENT_STREAMS", value_name = "N")]
+    pub max_concurrent_streams: Option<String>,
     /// How long in-flight requests may finish after SIGTERM or SIGINT [default: 10s]
     #[arg(long, env = "FRESHD_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -189,6 +192,9 @@ pub struct Config {
     pub expiry_batch: usize,
     /// Largest gRPC message either way.
     pub max_message_bytes: usize,
+    /// Most streams open at once on one connection (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); a stream past it is refused.
+    pub max_concurrent_streams: u32,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
     /// Log format.
@@ -211,6 +217,7 @@ impl Default for Config {
             expiry_interval: Duration::from_millis(100),
             expiry_batch: 1000,
             max_message_bytes: 16 << 20,
+            max_concurrent_streams: 10_000,
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
             tls: None,
@@ -253,6 +260,7 @@ const FILE_SETTINGS: &[&str] = &[
     "max_batch_items",
     "max_invalidations_per_publish",
     "max_message_bytes",
+    "max_concurrent_streams",
     "shutdown_grace",
     "history_notices",
     "history_bytes",
@@ -880,6 +888,7 @@ impl Config {
         let mut max_dependencies = config.limits.max_dependencies as u64;
         let mut max_batch_items = config.limits.max_batch_items as u64;
         let mut max_message_bytes = config.max_message_bytes as u64;
+        let mut max_concurrent_streams = u64::from(config.max_concurrent_streams);
         let hub = &mut config.store.hub;
         let mut history_notices = hub.history_notices as u64;
         let mut history_bytes = hub.history_bytes as u64;
@@ -891,7 +900,7 @@ impl Config {
         let mut max_endpoints = config.metrics.max_endpoints as u64;
         let mut max_purge_keys = config.limits.max_purge_keys;
         let mut purges_per_minute = config.limits.purges_per_minute;
-        let ints: [(&str, Option<String>, &mut u64, u64, u64); 16] = [
+        let ints: [(&str, Option<String>, &mut u64, u64, u64); 17] = [
             (
                 "metrics_max_namespaces",
                 args.metrics_max_namespaces,
@@ -1007,6 +1016,13 @@ impl Config {
                 1024,
                 1 << 30,
             ),
+            (
+                "max_concurrent_streams",
+                args.max_concurrent_streams,
+                &mut max_concurrent_streams,
+                1,
+                u64::from(u32::MAX),
+            ),
         ];
         for (name, cli, slot, min, max) in ints {
             if let Some(raw) = file.pick(name, cli)? {
@@ -1033,6 +1049,7 @@ impl Config {
         config.limits.max_dependencies = max_dependencies as usize;
         config.limits.max_batch_items = max_batch_items as usize;
         config.max_message_bytes = max_message_bytes as usize;
+        config.max_concurrent_streams = max_concurrent_streams as u32;
 
         config.auth = file.auth()?;
         let tls_cert = file.pick("tls_cert", args.tls_cert)?;

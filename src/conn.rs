@@ -57,12 +57,11 @@ use crate::tls::ConnInfo;
 use crate::watch::{Gone, Outbox};
 
 /// The HTTP/2 settings freshd offers: a 1 MiB window per stream and for the
-/// connection, 16 KiB frames and header lists, and no practical cap on
-/// concurrent streams (a Watch stream per cache holder may share one
-/// connection).
-fn settings() -> Config {
+/// connection, 16 KiB frames and header lists, and `max_streams` streams
+/// open at once (`max_concurrent_streams`).
+fn settings(max_streams: u32) -> Config {
     Config {
-        max_concurrent_streams: u32::MAX,
+        max_concurrent_streams: max_streams,
         initial_window: 1024 * 1024,
         max_frame_size: 16 * 1024,
         max_header_list: 16 * 1024,
@@ -277,10 +276,10 @@ fn message_len(have: &[u8], max: usize) -> Result<usize, Status> {
 }
 
 impl Shared {
-    fn new() -> Arc<Self> {
+    fn new(max_streams: u32) -> Arc<Self> {
         Arc::new(Shared {
             state: Mutex::new(State {
-                conn: Connection::new(settings()),
+                conn: Connection::new(settings(max_streams)),
                 slots: Default::default(),
                 driver: None,
                 room: Vec::new(),
@@ -314,12 +313,15 @@ enum Job {
     },
 }
 
-/// Serves `io` until the peer closes it, it fails, or `finishing` fires;
-/// then tells the peer to finish (GOAWAY: streams in flight complete, new
-/// ones are refused) and returns once the last stream has ended.
+/// Serves `io`, with at most `max_streams` streams open at once (one past
+/// it is refused with `REFUSED_STREAM`), until the peer closes it, it
+/// fails, or `finishing` fires; then tells the peer to finish (GOAWAY:
+/// streams in flight complete, new ones are refused) and returns once the
+/// last stream has ended.
 pub(crate) async fn serve<IO>(
     io: IO,
     routes: Routes,
+    max_streams: u32,
     info: ConnInfo,
     mut finishing: watch::Receiver<()>,
 ) where
@@ -327,7 +329,7 @@ pub(crate) async fn serve<IO>(
 {
     let mut driver = Driver {
         io,
-        shared: Shared::new(),
+        shared: Shared::new(max_streams),
         routes,
         info,
         input: BytesMut::new(),
@@ -1172,7 +1174,7 @@ mod tests {
             tls: false,
             usage: Default::default(),
         };
-        tokio::spawn(serve(server_io, routes(), info, finishing));
+        tokio::spawn(serve(server_io, routes(), 100, info, finishing));
         let (send, connection) = h2::client::handshake(client_io).await.expect("a handshake");
         tokio::spawn(connection);
         (send.ready().await.expect("ready"), finish)
@@ -1265,7 +1267,7 @@ mod tests {
             tls: false,
             usage: Default::default(),
         };
-        let served = tokio::spawn(serve(server_io, routes(), info, finishing));
+        let served = tokio::spawn(serve(server_io, routes(), 100, info, finishing));
         let (send, connection) = h2::client::handshake(client_io).await.expect("a handshake");
         let connection = tokio::spawn(connection);
         let mut send = send.ready().await.expect("ready");
@@ -1283,5 +1285,69 @@ mod tests {
             .expect("the client's connection ends")
             .expect("its task");
         assert!(ended.is_ok(), "a clean end, not a reset: {ended:?}");
+    }
+
+    /// A connection advertises its stream limit, and a stream past it is
+    /// refused while the ones before it stay open.
+    #[tokio::test]
+    async fn streams_past_the_limit_are_refused() {
+        use crate::http2::frame::{self, code, kind, setting, Head, HEAD_LEN, PREFACE};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (mut client, server_io) = tokio::io::duplex(64 * 1024);
+        let (_finish, finishing) = watch::channel(());
+        let info = ConnInfo {
+            remote: None,
+            tls: false,
+            usage: Default::default(),
+        };
+        tokio::spawn(serve(server_io, routes(), 2, info, finishing));
+        let mut out = BytesMut::new();
+        out.extend_from_slice(PREFACE);
+        frame::put_settings(&mut out, &[], false);
+        // Three Watch streams, each waiting for its first message.
+        for stream in [1, 3, 5] {
+            let mut block = Vec::new();
+            for (name, value) in [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", "freshd"),
+                (":path", crate::routes::WATCH),
+                ("content-type", "application/grpc"),
+            ] {
+                crate::http2::hpack::encode_field(name.as_bytes(), value.as_bytes(), &mut block);
+            }
+            frame::put_headers(&mut out, stream, &block, false, 16_384);
+        }
+        client.write_all(&out).await.expect("written");
+
+        let mut limit = None;
+        let mut resets = Vec::new();
+        let mut input = BytesMut::new();
+        while resets.is_empty() {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read_buf(&mut input))
+                .await
+                .expect("the server answers")
+                .expect("read");
+            assert!(n > 0, "the connection closed");
+            while let Some(head) = Head::parse(&input) {
+                if input.len() < HEAD_LEN + head.len {
+                    break;
+                }
+                let payload = &input[HEAD_LEN..HEAD_LEN + head.len];
+                if head.kind == kind::SETTINGS && head.flags & frame::flag::ACK == 0 {
+                    limit = frame::settings(payload)
+                        .find(|(id, _)| *id == setting::MAX_CONCURRENT_STREAMS)
+                        .map(|(_, value)| value);
+                }
+                if head.kind == kind::RST_STREAM {
+                    let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    resets.push((head.stream, code));
+                }
+                input.advance(HEAD_LEN + head.len);
+            }
+        }
+        assert_eq!(limit, Some(2));
+        assert_eq!(resets, vec![(5, code::REFUSED_STREAM)]);
     }
 }

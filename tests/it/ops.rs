@@ -103,6 +103,11 @@ fn bad_configuration_exits_64_naming_the_setting() {
         ),
         (vec!["--default-ttl", "5 parsecs"], vec![], "`default_ttl`"),
         (vec!["--log-format", "xml"], vec![], "`log_format`"),
+        (
+            vec!["--max-concurrent-streams", "0"],
+            vec![],
+            "`max_concurrent_streams`",
+        ),
         (vec!["--no-such-flag"], vec![], "--no-such-flag"),
     ];
     for (args, envs, needle) in cases {
