@@ -1164,9 +1164,16 @@ mod tests {
         .direct(Direct::new(service, interceptor, false, 4 << 20))
     }
 
-    /// An h2 client on a connection served in memory by [`serve`]; the
-    /// sender ends the connection when dropped.
-    async fn client() -> (h2::client::SendRequest<Bytes>, watch::Sender<()>) {
+    /// A connection served in memory by [`serve`] with at most
+    /// `max_streams` open: the client's end, the sender that tells the
+    /// connection to finish, and the connection's task.
+    fn served(
+        max_streams: u32,
+    ) -> (
+        tokio::io::DuplexStream,
+        watch::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let (finish, finishing) = watch::channel(());
         let info = ConnInfo {
@@ -1174,7 +1181,14 @@ mod tests {
             tls: false,
             usage: Default::default(),
         };
-        tokio::spawn(serve(server_io, routes(), 100, info, finishing));
+        let task = tokio::spawn(serve(server_io, routes(), max_streams, info, finishing));
+        (client_io, finish, task)
+    }
+
+    /// An h2 client on a connection served in memory by [`serve`]; the
+    /// sender ends the connection when dropped.
+    async fn client() -> (h2::client::SendRequest<Bytes>, watch::Sender<()>) {
+        let (client_io, finish, _) = served(100);
         let (send, connection) = h2::client::handshake(client_io).await.expect("a handshake");
         tokio::spawn(connection);
         (send.ready().await.expect("ready"), finish)
@@ -1260,14 +1274,7 @@ mod tests {
     /// which the client sees as the end of its connection.
     #[tokio::test]
     async fn finishing_sends_goaway_and_closes() {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let (finish, finishing) = watch::channel(());
-        let info = ConnInfo {
-            remote: None,
-            tls: false,
-            usage: Default::default(),
-        };
-        let served = tokio::spawn(serve(server_io, routes(), 100, info, finishing));
+        let (client_io, finish, served) = served(100);
         let (send, connection) = h2::client::handshake(client_io).await.expect("a handshake");
         let connection = tokio::spawn(connection);
         let mut send = send.ready().await.expect("ready");
@@ -1294,14 +1301,7 @@ mod tests {
         use crate::http2::frame::{self, code, kind, setting, Head, HEAD_LEN, PREFACE};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        let (mut client, server_io) = tokio::io::duplex(64 * 1024);
-        let (_finish, finishing) = watch::channel(());
-        let info = ConnInfo {
-            remote: None,
-            tls: false,
-            usage: Default::default(),
-        };
-        tokio::spawn(serve(server_io, routes(), 2, info, finishing));
+        let (mut client, _finish, _) = served(2);
         let mut out = BytesMut::new();
         out.extend_from_slice(PREFACE);
         frame::put_settings(&mut out, &[], false);

@@ -133,3 +133,17 @@ pub fn freshd_command() -> std::process::Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     cmd
 }
+
+/// A CheckBatch of `keys`, each with no version of its own.
+pub fn check_batch_req<'a>(keys: impl IntoIterator<Item = &'a String>) -> pb::CheckBatchRequest {
+    pb::CheckBatchRequest {
+        items: keys
+            .into_iter()
+            .map(|k| pb::CheckItem {
+                key: k.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}

@@ -2,7 +2,7 @@
 
 use freshd::pb::{self, Freshness};
 
-use crate::harness::{change, fill_req, publish_req, start};
+use crate::harness::{change, check_batch_req, fill_req, publish_req, start};
 
 #[tokio::test]
 async fn fill_publish_check_turns_stale() {
@@ -274,16 +274,7 @@ async fn a_batch_larger_than_the_windows_is_answered_whole() {
         .into_inner();
     let out = t
         .client
-        .check_batch(pb::CheckBatchRequest {
-            items: keys
-                .iter()
-                .map(|k| pb::CheckItem {
-                    key: k.clone(),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
+        .check_batch(check_batch_req(&keys))
         .await
         .unwrap()
         .into_inner();
