@@ -26,9 +26,10 @@
 //! consumed (a collected message at once, a streamed body when read). An
 //! answer's data goes out as the peer's windows allow, and what they do not
 //! cover waits in the stream; a writer whose stream holds more than
-//! `WAITING_BYTES` waits for room, so a Watch stream whose reader stops
-//! leaves its notices to its queue in the hub (where a slow consumer
-//! overflows into a repair).
+//! `WAITING_BYTES` waits for room, and so does every writer while the
+//! connection holds more than `UNWRITTEN_BYTES` the socket has not taken:
+//! a Watch stream whose reader stops leaves its notices to its queue in the
+//! hub (where a slow consumer overflows into a repair).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -83,6 +84,12 @@ thread_local! {
 /// out before its writer waits for room.
 pub(crate) const WAITING_BYTES: usize = 64 * 1024;
 
+/// Bytes a connection may hold for the socket (what the windows let out
+/// and the socket has not taken) before its writers wait for room: a
+/// client that opens its windows wide and stops reading holds about this
+/// much in the server, not its windows' worth.
+pub(crate) const UNWRITTEN_BYTES: usize = 1024 * 1024;
+
 /// A connection's state, shared by its driver and the tasks answering on
 /// it.
 pub(crate) struct Shared {
@@ -95,11 +102,38 @@ struct State {
     slots: hashbrown::HashMap<u32, Slot, foldhash::fast::RandomState>,
     /// The driver, while it is parked.
     driver: Option<Waker>,
-    /// Streams whose writer waits for room in the peer's windows.
+    /// Streams whose writer waits for room in the peer's windows or in
+    /// the socket.
     room: Vec<u32>,
+    /// Bytes the driver took from the output and has not written yet.
+    unwritten: usize,
 }
 
 impl State {
+    /// Whether a writer of `stream` must wait: the stream holds more than
+    /// [`WAITING_BYTES`] the windows do not cover, or the connection more
+    /// than [`UNWRITTEN_BYTES`] the socket has not taken.
+    fn full(&mut self, stream: u32) -> bool {
+        self.conn.waiting(stream) > WAITING_BYTES
+            || self.unwritten + self.conn.output().len() > UNWRITTEN_BYTES
+    }
+
+    /// Wakes the writers that have room again.
+    fn wake_room(&mut self) {
+        let mut i = 0;
+        while i < self.room.len() {
+            let stream = self.room[i];
+            if self.slots.contains_key(&stream) && self.full(stream) {
+                i += 1;
+                continue;
+            }
+            self.room.swap_remove(i);
+            if let Some(writer) = self.slots.get_mut(&stream).and_then(|s| s.writer.take()) {
+                writer.wake();
+            }
+        }
+    }
+
     /// Wakes the driver if it is parked and there is output to write.
     fn wake_driver(&mut self) {
         if !self.conn.output().is_empty() {
@@ -283,6 +317,7 @@ impl Shared {
                 slots: Default::default(),
                 driver: None,
                 room: Vec::new(),
+                unwritten: 0,
             }),
         })
     }
@@ -433,6 +468,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
         loop {
             if self.writing.is_empty() {
                 let mut state = self.shared.lock();
+                let written = std::mem::take(&mut state.unwritten);
+                if written > 0 && !state.room.is_empty() {
+                    state.wake_room();
+                }
                 let out = state.conn.output();
                 if out.is_empty() {
                     break;
@@ -440,6 +479,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                 // Swapped, not copied: the state keeps the old buffer's
                 // room for what comes next.
                 std::mem::swap(&mut self.writing, out);
+                state.unwritten = self.writing.len();
             }
             while !self.writing.is_empty() {
                 let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.writing))?;
@@ -483,19 +523,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
         self.events = events;
         // Window updates may have made room for waiting writers.
         if !state.room.is_empty() {
-            let State {
-                conn, slots, room, ..
-            } = &mut *state;
-            room.retain(|stream| match slots.get_mut(stream) {
-                None => false,
-                Some(slot) if conn.waiting(*stream) <= WAITING_BYTES => {
-                    if let Some(writer) = slot.writer.take() {
-                        writer.wake();
-                    }
-                    false
-                }
-                Some(_) => true,
-            });
+            state.wake_room();
         }
     }
 
@@ -909,11 +937,13 @@ impl Responder {
         std::future::poll_fn(|cx| {
             let mut state = self.shared.lock();
             let state = &mut *state;
-            let Some(slot) = state.slots.get_mut(&self.stream) else {
+            if !state.slots.contains_key(&self.stream) {
                 return Poll::Ready(Err(Gone));
-            };
-            if state.conn.waiting(self.stream) > WAITING_BYTES {
-                slot.writer = Some(cx.waker().clone());
+            }
+            if state.full(self.stream) {
+                if let Some(slot) = state.slots.get_mut(&self.stream) {
+                    slot.writer = Some(cx.waker().clone());
+                }
                 if !state.room.contains(&self.stream) {
                     state.room.push(self.stream);
                 }
@@ -1145,8 +1175,9 @@ mod tests {
     use crate::store::{Store, StoreConfig};
     use crate::validate::Limits;
 
-    /// The Coordinator's routes over an in-memory store, without tokens.
-    fn routes() -> Routes {
+    /// The Coordinator's routes over an in-memory store, without tokens,
+    /// and the store.
+    fn routes() -> (Routes, Arc<Store>) {
         let store = Arc::new(Store::new(
             StoreConfig::default(),
             Box::new(MemoryLog::with_epoch(7)),
@@ -1155,19 +1186,32 @@ mod tests {
             Arc::new(Auth::new(&AuthConfig::default())),
             store.metrics().clone(),
         );
-        let service = Arc::new(CoordinatorService::new(store, Limits::default()));
-        Routes::new(Guarded::new(
+        let service = Arc::new(CoordinatorService::new(store.clone(), Limits::default()));
+        let routes = Routes::new(Guarded::new(
             CoordinatorServer::from_arc(service.clone()),
             interceptor.clone(),
             false,
         ))
-        .direct(Direct::new(service, interceptor, false, 4 << 20))
+        .direct(Direct::new(service, interceptor, false, 4 << 20));
+        (routes, store)
     }
 
     /// A connection served in memory by [`serve`] with at most
     /// `max_streams` open: the client's end, the sender that tells the
     /// connection to finish, and the connection's task.
     fn served(
+        max_streams: u32,
+    ) -> (
+        tokio::io::DuplexStream,
+        watch::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        served_with(routes().0, max_streams)
+    }
+
+    /// As [`served`], with `routes`.
+    fn served_with(
+        routes: Routes,
         max_streams: u32,
     ) -> (
         tokio::io::DuplexStream,
@@ -1181,7 +1225,7 @@ mod tests {
             tls: false,
             usage: Default::default(),
         };
-        let task = tokio::spawn(serve(server_io, routes(), max_streams, info, finishing));
+        let task = tokio::spawn(serve(server_io, routes, max_streams, info, finishing));
         (client_io, finish, task)
     }
 
@@ -1307,17 +1351,7 @@ mod tests {
         frame::put_settings(&mut out, &[], false);
         // Three Watch streams, each waiting for its first message.
         for stream in [1, 3, 5] {
-            let mut block = Vec::new();
-            for (name, value) in [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":authority", "freshd"),
-                (":path", crate::routes::WATCH),
-                ("content-type", "application/grpc"),
-            ] {
-                crate::http2::hpack::encode_field(name.as_bytes(), value.as_bytes(), &mut block);
-            }
-            frame::put_headers(&mut out, stream, &block, false, 16_384);
+            frame::put_headers(&mut out, stream, &watch_head(), false, 16_384);
         }
         client.write_all(&out).await.expect("written");
 
@@ -1349,5 +1383,94 @@ mod tests {
         }
         assert_eq!(limit, Some(2));
         assert_eq!(resets, vec![(5, code::REFUSED_STREAM)]);
+    }
+
+    /// The header block of a Watch stream's request.
+    fn watch_head() -> Vec<u8> {
+        let mut block = Vec::new();
+        for (name, value) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", "freshd"),
+            (":path", crate::routes::WATCH),
+            ("content-type", "application/grpc"),
+        ] {
+            crate::http2::hpack::encode_field(name.as_bytes(), value.as_bytes(), &mut block);
+        }
+        block
+    }
+
+    /// A client that opens its windows as wide as HTTP/2 allows and then
+    /// stops reading holds about `UNWRITTEN_BYTES` in the server, not its
+    /// windows' worth: its Watch stream stops taking notices, and its queue
+    /// in the hub overflows (into a repair, once it reads again).
+    #[tokio::test]
+    async fn a_client_that_stops_reading_holds_a_bounded_output() {
+        use crate::http2::frame::{self, kind, setting, Head, HEAD_LEN, MAX_WINDOW, PREFACE};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (routes, store) = routes();
+        let (mut client, _finish, _) = served_with(routes, 100);
+        let mut out = BytesMut::new();
+        out.extend_from_slice(PREFACE);
+        frame::put_settings(
+            &mut out,
+            &[(setting::INITIAL_WINDOW_SIZE, MAX_WINDOW)],
+            false,
+        );
+        frame::put_window_update(&mut out, 0, MAX_WINDOW - 65_535);
+        frame::put_headers(&mut out, 1, &watch_head(), false, 16_384);
+        let start = pb::WatchRequest {
+            request: Some(pb::watch_request::Request::Start(pb::WatchStart {
+                client_id: "reader".into(),
+                subscribe: vec!["k:".into()],
+                ..Default::default()
+            })),
+        };
+        let start = frame(&start, 1024, "a request").expect("framed");
+        frame::put_data(&mut out, 1, &start, false);
+        client.write_all(&out).await.expect("written");
+        // Read until the stream's first message (it is registered).
+        let mut input = BytesMut::new();
+        'started: loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read_buf(&mut input))
+                .await
+                .expect("the server answers")
+                .expect("read");
+            assert!(n > 0, "the connection closed");
+            while let Some(head) = Head::parse(&input) {
+                if input.len() < HEAD_LEN + head.len {
+                    break;
+                }
+                if head.kind == kind::DATA && head.stream == 1 {
+                    break 'started;
+                }
+                input.advance(HEAD_LEN + head.len);
+            }
+        }
+        // Now the client reads nothing: 200,000 notices of about 40 bytes
+        // are several times the bound, and 20 times the stream's queue.
+        for round in 0..200 {
+            let changes: Vec<_> = (0..1_000)
+                .map(|i| crate::store::PublishChange {
+                    key: format!("k:{round}:{i}"),
+                    external_version: None,
+                    critical: false,
+                    event_time_ms: 0,
+                })
+                .collect();
+            store.publish(&changes).expect("a publish");
+            tokio::task::yield_now().await;
+        }
+        let overflowed = tokio::time::timeout(Duration::from_secs(10), async {
+            while store.hub().totals().1 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            overflowed.is_ok(),
+            "the stream kept taking notices from its queue: the output is unbounded"
+        );
     }
 }
