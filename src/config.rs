@@ -100,6 +100,16 @@ pub struct Args {
     /// Most streams (calls and Watch streams) open at once on one connection [default: 10000]
     #[arg(long, env = "FRESHD_MAX_CONCURRENT_STREAMS", value_name = "N")]
     pub max_concurrent_streams: Option<String>,
+    /// Bytes one stream's answers may hold beyond the client's windows before its writer waits [default: 65536]
+    #[arg(long, env = "FRESHD_STREAM_SEND_BUFFER_BYTES", value_name = "BYTES")]
+    pub stream_send_buffer_bytes: Option<String>,
+    /// Bytes one connection may hold that its socket has not taken before its writers wait [default: 1048576]
+    #[arg(
+        long,
+        env = "FRESHD_CONNECTION_SEND_BUFFER_BYTES",
+        value_name = "BYTES"
+    )]
+    pub connection_send_buffer_bytes: Option<String>,
     /// How long in-flight requests may finish after SIGTERM or SIGINT [default: 10s]
     #[arg(long, env = "FRESHD_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
@@ -192,9 +202,9 @@ pub struct Config {
     pub expiry_batch: usize,
     /// Largest gRPC message either way.
     pub max_message_bytes: usize,
-    /// Most streams open at once on one connection (HTTP/2
-    /// SETTINGS_MAX_CONCURRENT_STREAMS); a stream past it is refused.
-    pub max_concurrent_streams: u32,
+    /// What one connection may hold: open streams, and answers its client
+    /// has not taken.
+    pub connections: crate::conn::ConnLimits,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
     /// Log format.
@@ -217,7 +227,7 @@ impl Default for Config {
             expiry_interval: Duration::from_millis(100),
             expiry_batch: 1000,
             max_message_bytes: 16 << 20,
-            max_concurrent_streams: 10_000,
+            connections: crate::conn::ConnLimits::default(),
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
             tls: None,
@@ -261,6 +271,8 @@ const FILE_SETTINGS: &[&str] = &[
     "max_invalidations_per_publish",
     "max_message_bytes",
     "max_concurrent_streams",
+    "stream_send_buffer_bytes",
+    "connection_send_buffer_bytes",
     "shutdown_grace",
     "history_notices",
     "history_bytes",
@@ -888,7 +900,9 @@ impl Config {
         let mut max_dependencies = config.limits.max_dependencies as u64;
         let mut max_batch_items = config.limits.max_batch_items as u64;
         let mut max_message_bytes = config.max_message_bytes as u64;
-        let mut max_concurrent_streams = u64::from(config.max_concurrent_streams);
+        let mut max_concurrent_streams = u64::from(config.connections.max_streams);
+        let mut stream_buffer = config.connections.stream_buffer as u64;
+        let mut connection_buffer = config.connections.connection_buffer as u64;
         let hub = &mut config.store.hub;
         let mut history_notices = hub.history_notices as u64;
         let mut history_bytes = hub.history_bytes as u64;
@@ -900,7 +914,7 @@ impl Config {
         let mut max_endpoints = config.metrics.max_endpoints as u64;
         let mut max_purge_keys = config.limits.max_purge_keys;
         let mut purges_per_minute = config.limits.purges_per_minute;
-        let ints: [(&str, Option<String>, &mut u64, u64, u64); 17] = [
+        let ints: [(&str, Option<String>, &mut u64, u64, u64); 19] = [
             (
                 "metrics_max_namespaces",
                 args.metrics_max_namespaces,
@@ -1023,6 +1037,20 @@ impl Config {
                 1,
                 u64::from(u32::MAX),
             ),
+            (
+                "stream_send_buffer_bytes",
+                args.stream_send_buffer_bytes,
+                &mut stream_buffer,
+                16 * 1024,
+                1 << 30,
+            ),
+            (
+                "connection_send_buffer_bytes",
+                args.connection_send_buffer_bytes,
+                &mut connection_buffer,
+                64 * 1024,
+                1 << 32,
+            ),
         ];
         for (name, cli, slot, min, max) in ints {
             if let Some(raw) = file.pick(name, cli)? {
@@ -1049,7 +1077,11 @@ impl Config {
         config.limits.max_dependencies = max_dependencies as usize;
         config.limits.max_batch_items = max_batch_items as usize;
         config.max_message_bytes = max_message_bytes as usize;
-        config.max_concurrent_streams = max_concurrent_streams as u32;
+        config.connections = crate::conn::ConnLimits {
+            max_streams: max_concurrent_streams as u32,
+            stream_buffer: stream_buffer as usize,
+            connection_buffer: connection_buffer as usize,
+        };
 
         config.auth = file.auth()?;
         let tls_cert = file.pick("tls_cert", args.tls_cert)?;

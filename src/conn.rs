@@ -26,8 +26,9 @@
 //! consumed (a collected message at once, a streamed body when read). An
 //! answer's data goes out as the peer's windows allow, and what they do not
 //! cover waits in the stream; a writer whose stream holds more than
-//! `WAITING_BYTES` waits for room, and so does every writer while the
-//! connection holds more than `UNWRITTEN_BYTES` the socket has not taken:
+//! [`ConnLimits::stream_buffer`] waits for room, and so does every writer
+//! while the connection holds more than [`ConnLimits::connection_buffer`]
+//! the socket has not taken:
 //! a Watch stream whose reader stops leaves its notices to its queue in the
 //! hub (where a slow consumer overflows into a repair).
 
@@ -57,6 +58,31 @@ use crate::routes::{Answer, Deadline, Routes, Unary};
 use crate::tls::ConnInfo;
 use crate::watch::{Gone, Outbox};
 
+/// What one connection may hold: its streams, and the answers its client
+/// has not taken yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Most streams open at once (`max_concurrent_streams`); one past it is
+    /// refused with `REFUSED_STREAM`.
+    pub max_streams: u32,
+    /// Bytes one stream's answer may hold beyond what the peer's windows
+    /// let out before its writer waits (`stream_send_buffer_bytes`).
+    pub stream_buffer: usize,
+    /// Bytes the connection may hold that the socket has not taken before
+    /// every writer waits (`connection_send_buffer_bytes`).
+    pub connection_buffer: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_streams: 10_000,
+            stream_buffer: 64 * 1024,
+            connection_buffer: 1024 * 1024,
+        }
+    }
+}
+
 /// The HTTP/2 settings freshd offers: a 1 MiB window per stream and for the
 /// connection, 16 KiB frames and header lists, and `max_streams` streams
 /// open at once (`max_concurrent_streams`).
@@ -80,16 +106,6 @@ thread_local! {
         std::cell::RefCell::new(vec![0; READ_BYTES].into_boxed_slice());
 }
 
-/// Bytes an answer's stream may hold beyond what the peer's windows let
-/// out before its writer waits for room.
-pub(crate) const WAITING_BYTES: usize = 64 * 1024;
-
-/// Bytes a connection may hold for the socket (what the windows let out
-/// and the socket has not taken) before its writers wait for room: a
-/// client that opens its windows wide and stops reading holds about this
-/// much in the server, not its windows' worth.
-pub(crate) const UNWRITTEN_BYTES: usize = 1024 * 1024;
-
 /// A connection's state, shared by its driver and the tasks answering on
 /// it.
 pub(crate) struct Shared {
@@ -107,15 +123,18 @@ struct State {
     room: Vec<u32>,
     /// Bytes the driver took from the output and has not written yet.
     unwritten: usize,
+    limits: ConnLimits,
 }
 
 impl State {
     /// Whether a writer of `stream` must wait: the stream holds more than
-    /// [`WAITING_BYTES`] the windows do not cover, or the connection more
-    /// than [`UNWRITTEN_BYTES`] the socket has not taken.
+    /// its buffer of what the windows do not cover, or the connection more
+    /// than its buffer of what the socket has not taken: a client that
+    /// opens its windows wide and stops reading holds about that much in
+    /// the server, not its windows' worth.
     fn full(&mut self, stream: u32) -> bool {
-        self.conn.waiting(stream) > WAITING_BYTES
-            || self.unwritten + self.conn.output().len() > UNWRITTEN_BYTES
+        self.conn.waiting(stream) > self.limits.stream_buffer
+            || self.unwritten + self.conn.output().len() > self.limits.connection_buffer
     }
 
     /// Wakes the writers that have room again.
@@ -310,14 +329,15 @@ fn message_len(have: &[u8], max: usize) -> Result<usize, Status> {
 }
 
 impl Shared {
-    fn new(max_streams: u32) -> Arc<Self> {
+    fn new(limits: ConnLimits) -> Arc<Self> {
         Arc::new(Shared {
             state: Mutex::new(State {
-                conn: Connection::new(settings(max_streams)),
+                conn: Connection::new(settings(limits.max_streams)),
                 slots: Default::default(),
                 driver: None,
                 room: Vec::new(),
                 unwritten: 0,
+                limits,
             }),
         })
     }
@@ -348,15 +368,15 @@ enum Job {
     },
 }
 
-/// Serves `io`, with at most `max_streams` streams open at once (one past
-/// it is refused with `REFUSED_STREAM`), until the peer closes it, it
-/// fails, or `finishing` fires; then tells the peer to finish (GOAWAY:
+/// Serves `io` within `limits` (a stream past `max_streams` is refused
+/// with `REFUSED_STREAM`) until the peer closes it, it fails, or
+/// `finishing` fires; then tells the peer to finish (GOAWAY:
 /// streams in flight complete, new ones are refused) and returns once the
 /// last stream has ended.
 pub(crate) async fn serve<IO>(
     io: IO,
     routes: Routes,
-    max_streams: u32,
+    limits: ConnLimits,
     info: ConnInfo,
     mut finishing: watch::Receiver<()>,
 ) where
@@ -364,7 +384,7 @@ pub(crate) async fn serve<IO>(
 {
     let mut driver = Driver {
         io,
-        shared: Shared::new(max_streams),
+        shared: Shared::new(limits),
         routes,
         info,
         input: BytesMut::new(),
@@ -930,8 +950,8 @@ impl Responder {
         });
     }
 
-    /// Sends `data` once the stream holds at most [`WAITING_BYTES`]
-    /// waiting for the peer's windows; `Gone` when the stream is.
+    /// Sends `data` once the stream and the connection have room
+    /// ([`ConnLimits`]); `Gone` when the stream is.
     async fn send(&self, data: Bytes) -> Result<(), Gone> {
         let mut data = Some(data);
         std::future::poll_fn(|cx| {
@@ -1101,7 +1121,7 @@ pub(crate) fn frame(message: &impl Message, max: usize, what: &str) -> Result<By
 /// A Watch stream's messages, written to its HTTP/2 stream by the stream's
 /// own task: each message is framed (the 5-byte gRPC prefix) and added to
 /// the stream, which sends what the peer's windows allow; once the stream
-/// holds more than [`WAITING_BYTES`] the task waits for room. Its end, an
+/// has no room ([`ConnLimits`]) the task waits. Its end, an
 /// error or the drop of the outbox, writes the trailers with the stream's
 /// status.
 pub(crate) struct GrpcOutbox {
@@ -1225,7 +1245,11 @@ mod tests {
             tls: false,
             usage: Default::default(),
         };
-        let task = tokio::spawn(serve(server_io, routes, max_streams, info, finishing));
+        let limits = ConnLimits {
+            max_streams,
+            ..ConnLimits::default()
+        };
+        let task = tokio::spawn(serve(server_io, routes, limits, info, finishing));
         (client_io, finish, task)
     }
 
@@ -1401,7 +1425,7 @@ mod tests {
     }
 
     /// A client that opens its windows as wide as HTTP/2 allows and then
-    /// stops reading holds about `UNWRITTEN_BYTES` in the server, not its
+    /// stops reading holds about the connection's buffer in the server, not its
     /// windows' worth: its Watch stream stops taking notices, and its queue
     /// in the hub overflows (into a repair, once it reads again).
     #[tokio::test]

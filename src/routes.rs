@@ -564,14 +564,14 @@ fn grpc_timeout(value: Option<&[u8]>) -> Result<Option<Duration>, Status> {
     }))
 }
 
-/// Serves every connection `incoming` yields with `routes`, at most
-/// `max_streams` streams open at once on each, until `drain` completes;
+/// Serves every connection `incoming` yields with `routes`, each within
+/// `limits`, until `drain` completes;
 /// then stops accepting, tells every connection to finish, and returns
 /// when the last one has closed.
 pub async fn serve(
     mut incoming: mpsc::Receiver<Conn>,
     routes: Routes,
-    max_streams: u32,
+    limits: crate::conn::ConnLimits,
     drain: impl Future<Output = ()>,
 ) {
     let (finish, finishing) = watch::channel(());
@@ -588,7 +588,7 @@ pub async fn serve(
         tokio::spawn(crate::conn::serve(
             conn,
             routes.clone(),
-            max_streams,
+            limits,
             info,
             finishing.clone(),
         ));

@@ -201,7 +201,7 @@ async fn serve_until(
     let mut serving: JoinHandle<()> = tokio::spawn(crate::routes::serve(
         crate::tls::incoming(listener, tls, metrics.clone()),
         routes,
-        config.max_concurrent_streams,
+        config.connections,
         async {
             let _ = drain_rx.await;
         },

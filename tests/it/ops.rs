@@ -108,6 +108,11 @@ fn bad_configuration_exits_64_naming_the_setting() {
             vec![],
             "`max_concurrent_streams`",
         ),
+        (
+            vec![],
+            vec![("FRESHD_CONNECTION_SEND_BUFFER_BYTES", "1000")],
+            "`connection_send_buffer_bytes`",
+        ),
         (vec!["--no-such-flag"], vec![], "--no-such-flag"),
     ];
     for (args, envs, needle) in cases {
