@@ -190,6 +190,27 @@ struct Slot {
 }
 
 impl Slot {
+    /// A stream whose body a task reads (`end`: it has none).
+    fn body(end: bool) -> Self {
+        Slot {
+            inbound: Inbound::Body {
+                queue: VecDeque::new(),
+                end,
+                reader: None,
+            },
+            writer: None,
+        }
+    }
+
+    /// A stream whose body nobody reads.
+    fn ignored() -> Self {
+        Slot {
+            inbound: Inbound::Ignored,
+            writer: None,
+        }
+    }
+
+    /// Wakes whoever waits on the stream.
     fn wake(self) {
         if let Some(writer) = self.writer {
             writer.wake();
@@ -385,13 +406,15 @@ pub(crate) async fn serve<IO>(
     let mut driver = Driver {
         io,
         shared: Shared::new(limits),
-        routes,
-        info,
+        calls: Calls {
+            routes,
+            info,
+            jobs: Vec::new(),
+        },
         input: BytesMut::new(),
         writing: BytesMut::new(),
         flushed: true,
         events: Vec::new(),
-        jobs: Vec::new(),
         read_closed: false,
         broken: false,
     };
@@ -419,8 +442,7 @@ const LINGER: Duration = Duration::from_secs(1);
 struct Driver<IO> {
     io: IO,
     shared: Arc<Shared>,
-    routes: Routes,
-    info: ConnInfo,
+    calls: Calls,
     /// Bytes read and not yet taken as whole frames.
     input: BytesMut,
     /// Output being written.
@@ -428,7 +450,6 @@ struct Driver<IO> {
     /// Everything written has been flushed.
     flushed: bool,
     events: Vec<Event>,
-    jobs: Vec<Job>,
     /// The peer closed its side.
     read_closed: bool,
     /// The peer broke a connection rule: the GOAWAY is written, then the
@@ -455,7 +476,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                     Poll::Ready(Ok(0)) => self.read_closed = true,
                     Poll::Ready(Ok(_)) => {
                         self.receive();
-                        self.run_jobs();
+                        self.calls.run_jobs(&self.shared);
                         read = true;
                     }
                     Poll::Ready(Err(e)) => {
@@ -521,15 +542,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
     /// Hands the bytes read to the state machine and takes in what they
     /// mean, under the lock; the calls they start are run after it.
     fn receive(&mut self) {
-        let shared = self.shared.clone();
-        let mut state = shared.lock();
-        let mut events = std::mem::take(&mut self.events);
+        let mut state = self.shared.lock();
         loop {
-            events.clear();
-            let result = state.conn.receive(&mut self.input, &mut events);
-            let any = !events.is_empty();
-            for event in events.drain(..) {
-                self.event(&mut state, event);
+            self.events.clear();
+            let result = state.conn.receive(&mut self.input, &mut self.events);
+            let any = !self.events.is_empty();
+            for event in self.events.drain(..) {
+                self.calls.event(&self.shared, &mut state, event);
             }
             if let Err(e) = result {
                 tracing::debug!(error = %e.what, "the peer broke an HTTP/2 rule");
@@ -540,16 +559,59 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                 break;
             }
         }
-        self.events = events;
         // Window updates may have made room for waiting writers.
         if !state.room.is_empty() {
             state.wake_room();
         }
     }
 
-    fn event(&mut self, state: &mut State, event: Event) {
+    /// Closes this side of the socket, then reads until the peer closes
+    /// its side (for at most [`LINGER`]). Closing a socket with unread
+    /// bytes in it resets the connection, and the peer may then lose the
+    /// GOAWAY and the answers before it.
+    async fn linger(&mut self) {
+        let io = &mut self.io;
+        let read_closed = self.read_closed;
+        let _ = tokio::time::timeout(LINGER, async move {
+            if tokio::io::AsyncWriteExt::shutdown(io).await.is_err() || read_closed {
+                return;
+            }
+            let mut dropped = [0; 1024];
+            while let Ok(n) = tokio::io::AsyncReadExt::read(io, &mut dropped).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// The connection is over: whoever waits on one of its streams finds
+    /// it gone.
+    fn close(&mut self) {
+        let mut state = self.shared.lock();
+        for (_, slot) in state.slots.drain() {
+            slot.wake();
+        }
+        state.room.clear();
+    }
+}
+
+/// What a connection's requests are routed to, and the calls the last
+/// read started.
+struct Calls {
+    routes: Routes,
+    info: ConnInfo,
+    jobs: Vec<Job>,
+}
+
+impl Calls {
+    /// Takes in one event of the read, under the lock.
+    fn event(&mut self, shared: &Arc<Shared>, state: &mut State, event: Event) {
         match event {
-            Event::Request { stream, end_stream } => self.request(state, stream, end_stream),
+            Event::Request { stream, end_stream } => {
+                self.request(shared, state, stream, end_stream)
+            }
             Event::Data {
                 stream,
                 data,
@@ -561,7 +623,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
     }
 
     /// A new request: admitted (or refused) from its head, and routed.
-    fn request(&mut self, state: &mut State, stream: u32, end_stream: bool) {
+    fn request(&mut self, shared: &Arc<Shared>, state: &mut State, stream: u32, end_stream: bool) {
         let head = state.conn.head();
         let path = head.path();
         if let Some(direct) = self.routes.direct_calls() {
@@ -606,7 +668,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
             }
         }
         let body = RequestBody {
-            shared: self.shared.clone(),
+            shared: shared.clone(),
             stream,
             done: end_stream,
         };
@@ -680,10 +742,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
     }
 
     /// Runs what the last read started, with the lock let go.
-    fn run_jobs(&mut self) {
+    fn run_jobs(&mut self, shared: &Arc<Shared>) {
         for job in self.jobs.drain(..) {
             let responder = Responder {
-                shared: self.shared.clone(),
+                shared: shared.clone(),
                 stream: match &job {
                     Job::Unary { stream, .. }
                     | Job::Watch { stream, .. }
@@ -700,7 +762,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                 Job::Watch { who, timeout, .. } => {
                     if let Some(direct) = self.routes.direct_calls() {
                         let body = RequestBody {
-                            shared: self.shared.clone(),
+                            shared: shared.clone(),
                             stream: responder.stream,
                             done: false,
                         };
@@ -713,58 +775,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                     run_inline_first(exchange(answer, responder));
                 }
             }
-        }
-    }
-
-    /// Closes this side of the socket, then reads until the peer closes
-    /// its side (for at most [`LINGER`]). Closing a socket with unread
-    /// bytes in it resets the connection, and the peer may then lose the
-    /// GOAWAY and the answers before it.
-    async fn linger(&mut self) {
-        let io = &mut self.io;
-        let read_closed = self.read_closed;
-        let _ = tokio::time::timeout(LINGER, async move {
-            if tokio::io::AsyncWriteExt::shutdown(io).await.is_err() || read_closed {
-                return;
-            }
-            let mut dropped = [0; 1024];
-            while let Ok(n) = tokio::io::AsyncReadExt::read(io, &mut dropped).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
-
-    /// The connection is over: whoever waits on one of its streams finds
-    /// it gone.
-    fn close(&mut self) {
-        let mut state = self.shared.lock();
-        let streams: Vec<u32> = state.slots.keys().copied().collect();
-        for stream in streams {
-            state.forget(stream);
-        }
-        state.room.clear();
-    }
-}
-
-impl Slot {
-    fn body(end: bool) -> Self {
-        Slot {
-            inbound: Inbound::Body {
-                queue: VecDeque::new(),
-                end,
-                reader: None,
-            },
-            writer: None,
-        }
-    }
-
-    fn ignored() -> Self {
-        Slot {
-            inbound: Inbound::Ignored,
-            writer: None,
         }
     }
 }
@@ -837,19 +847,19 @@ impl HttpBody for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamGone>>> {
-        if self.done {
+        let this = &mut *self;
+        if this.done {
             return Poll::Ready(None);
         }
-        let stream = self.stream;
-        let shared = self.shared.clone();
-        let mut state = shared.lock();
+        let stream = this.stream;
+        let mut state = this.shared.lock();
         let state = &mut *state;
         let Some(Slot {
             inbound: Inbound::Body { queue, end, reader },
             ..
         }) = state.slots.get_mut(&stream)
         else {
-            self.done = true;
+            this.done = true;
             return Poll::Ready(Some(Err(StreamGone)));
         };
         if let Some(data) = queue.pop_front() {
@@ -858,7 +868,7 @@ impl HttpBody for RequestBody {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if *end {
-            self.done = true;
+            this.done = true;
             return Poll::Ready(None);
         }
         *reader = Some(cx.waker().clone());
