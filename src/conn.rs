@@ -1376,8 +1376,8 @@ mod tests {
     /// refused while the ones before it stay open.
     #[tokio::test]
     async fn streams_past_the_limit_are_refused() {
-        use crate::http2::frame::{self, code, kind, setting, Head, HEAD_LEN, PREFACE};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use crate::http2::frame::{self, code, kind, setting, PREFACE};
+        use tokio::io::AsyncWriteExt;
 
         let (mut client, _finish, _) = served(2);
         let mut out = BytesMut::new();
@@ -1390,9 +1390,35 @@ mod tests {
         client.write_all(&out).await.expect("written");
 
         let mut limit = None;
-        let mut resets = Vec::new();
+        let mut reset = None;
+        read_frames(&mut client, |head, payload| {
+            if head.kind == kind::SETTINGS && head.flags & frame::flag::ACK == 0 {
+                limit = frame::settings(payload)
+                    .find(|(id, _)| *id == setting::MAX_CONCURRENT_STREAMS)
+                    .map(|(_, value)| value);
+            }
+            if head.kind == kind::RST_STREAM {
+                let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                reset = Some((head.stream, code));
+            }
+            reset.is_some()
+        })
+        .await;
+        assert_eq!(limit, Some(2));
+        // The first reset is the third stream's: the two before it stay open.
+        assert_eq!(reset, Some((5, code::REFUSED_STREAM)));
+    }
+
+    /// Reads the server's frames, handing each whole one to `each`, until
+    /// `each` has seen what it waits for; the server has 5 s to send it.
+    async fn read_frames(
+        client: &mut tokio::io::DuplexStream,
+        mut each: impl FnMut(&crate::http2::frame::Head, &[u8]) -> bool,
+    ) {
+        use crate::http2::frame::{Head, HEAD_LEN};
+        use tokio::io::AsyncReadExt;
         let mut input = BytesMut::new();
-        while resets.is_empty() {
+        loop {
             let n = tokio::time::timeout(Duration::from_secs(5), client.read_buf(&mut input))
                 .await
                 .expect("the server answers")
@@ -1402,21 +1428,13 @@ mod tests {
                 if input.len() < HEAD_LEN + head.len {
                     break;
                 }
-                let payload = &input[HEAD_LEN..HEAD_LEN + head.len];
-                if head.kind == kind::SETTINGS && head.flags & frame::flag::ACK == 0 {
-                    limit = frame::settings(payload)
-                        .find(|(id, _)| *id == setting::MAX_CONCURRENT_STREAMS)
-                        .map(|(_, value)| value);
-                }
-                if head.kind == kind::RST_STREAM {
-                    let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    resets.push((head.stream, code));
-                }
+                let seen = each(&head, &input[HEAD_LEN..HEAD_LEN + head.len]);
                 input.advance(HEAD_LEN + head.len);
+                if seen {
+                    return;
+                }
             }
         }
-        assert_eq!(limit, Some(2));
-        assert_eq!(resets, vec![(5, code::REFUSED_STREAM)]);
     }
 
     /// The header block of a Watch stream's request.
@@ -1438,10 +1456,10 @@ mod tests {
     /// stops reading holds about the connection's buffer in the server, not its
     /// windows' worth: its Watch stream stops taking notices, and its queue
     /// in the hub overflows (into a repair, once it reads again).
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_client_that_stops_reading_holds_a_bounded_output() {
-        use crate::http2::frame::{self, kind, setting, Head, HEAD_LEN, MAX_WINDOW, PREFACE};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use crate::http2::frame::{self, kind, setting, MAX_WINDOW, PREFACE};
+        use tokio::io::AsyncWriteExt;
 
         let (routes, store) = routes();
         let (mut client, _finish, _) = served_with(routes, 100);
@@ -1465,23 +1483,10 @@ mod tests {
         frame::put_data(&mut out, 1, &start, false);
         client.write_all(&out).await.expect("written");
         // Read until the stream's first message (it is registered).
-        let mut input = BytesMut::new();
-        'started: loop {
-            let n = tokio::time::timeout(Duration::from_secs(5), client.read_buf(&mut input))
-                .await
-                .expect("the server answers")
-                .expect("read");
-            assert!(n > 0, "the connection closed");
-            while let Some(head) = Head::parse(&input) {
-                if input.len() < HEAD_LEN + head.len {
-                    break;
-                }
-                if head.kind == kind::DATA && head.stream == 1 {
-                    break 'started;
-                }
-                input.advance(HEAD_LEN + head.len);
-            }
-        }
+        read_frames(&mut client, |head, _| {
+            head.kind == kind::DATA && head.stream == 1
+        })
+        .await;
         // Now the client reads nothing: 200,000 notices of about 40 bytes
         // are several times the bound, and 20 times the stream's queue.
         for round in 0..200 {
@@ -1496,6 +1501,8 @@ mod tests {
             store.publish(&changes).expect("a publish");
             tokio::task::yield_now().await;
         }
+        // Time is paused: each sleep returns once every task is idle, so
+        // the check runs after the stream's task has taken what it could.
         let overflowed = tokio::time::timeout(Duration::from_secs(10), async {
             while store.hub().totals().1 == 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
