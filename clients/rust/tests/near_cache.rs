@@ -312,17 +312,21 @@ async fn a_server_restart_drops_the_copies_and_the_cache_keeps_working() {
     );
 
     // The stream resumes with its token, learns of the new epoch and drops
-    // every copy from the old history.
+    // every copy from the old history. The start message carries the epoch;
+    // the NEW_EPOCH reset that counts comes in the next message, so both are
+    // waited for.
     let caught_up = eventually(WAIT, || async {
-        cache.is_watching() && cache.epoch() == second_epoch && !cache.contains("feed:9")
+        cache.is_watching()
+            && cache.epoch() == second_epoch
+            && !cache.contains("feed:9")
+            && cache.stats().resets >= 1
     })
     .await;
     assert!(
         caught_up,
-        "the cache follows the new epoch: {:?}",
+        "the cache follows the new epoch and counts its reset: {:?}",
         cache.stats()
     );
-    assert!(cache.stats().resets >= 1);
 
     origin.set("feed:9", "after");
     assert_eq!(cache.get("feed:9", load()).await.unwrap(), "after");
