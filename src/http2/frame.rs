@@ -7,7 +7,8 @@
 //! the RFC gives it and whether it ends the connection or only its stream.
 //! Unknown frame types and unknown settings are passed over, as the RFC
 //! requires. Like [`super::hpack`], this is a layer of freshd's own HTTP/2
-//! connection code; h2 still serves every connection.
+//! connection code ([`super::connection`]), which serves every connection;
+//! the load tool reads `Watch` streams with it too.
 
 use std::fmt;
 

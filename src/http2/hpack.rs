@@ -11,8 +11,7 @@
 //! the table size it advertised ([`Decoder::new`]); the fuzz target
 //! `hpack` (`crate::fuzzing::hpack`) holds it to that.
 //!
-//! Connections are served by h2 today, which has its own HPACK codec; this
-//! one is the header layer of freshd's own HTTP/2 connection code, where
+//! This is the header layer of freshd's own HTTP/2 connection code, where
 //! the request path decodes headers without building a `HeaderMap`
 //! (docs/ARCHITECTURE.md, "Server").
 //!

@@ -267,6 +267,6 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
 
 /// A started subscriber.
 enum Sub {
-    Freshd(Box<crate::grpc::WatchStream>),
+    Freshd(Box<crate::watch::WatchStream>),
     Redis(AsyncConn),
 }

@@ -8,9 +8,9 @@
 //! notice or check, and the load tool then spends as much CPU per call as
 //! the server does (at 50,000 checks a second it was the bottleneck). The
 //! workloads that time calls use this module instead, so that both peers
-//! are driven the same way: the task that owns a [`WatchStream`] polls its
-//! h2 connection and its response body in one place, and [`Conn::calls`]
-//! sends calls and reads answers from the task that times them.
+//! are driven the same way: [`Conn::calls`] sends calls and reads answers
+//! from the task that times them. `Watch` streams are read straight off
+//! their sockets ([`crate::watch`]).
 //!
 //! It speaks only what those workloads need: no compression, no TLS, no
 //! reconnection, a fixed window. Real clients use a `Channel`.
@@ -20,9 +20,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use freshd::pb::watch_request::Request as WatchIn;
-use freshd::pb::watch_response::Response as WatchOut;
-use freshd::pb::{WatchRequest, WatchResponse, WatchStart};
 use h2::client::{Connection, ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
 use prost::Message;
@@ -84,17 +81,6 @@ impl Conn {
                 })
             }
         }
-    }
-
-    /// Runs `future` while driving the connection.
-    async fn drive<F: Future + Unpin>(&mut self, mut future: F) -> Result<F::Output, Error> {
-        poll_fn(|cx| {
-            if let Err(e) = self.poll(cx) {
-                return Poll::Ready(Err(e));
-            }
-            Pin::new(&mut future).poll(cx).map(Ok)
-        })
-        .await
     }
 
     /// The URI of `method` (`/package.Service/Method`) on this connection:
@@ -239,65 +225,6 @@ impl Body {
             Poll::Ready(Ok(None)) => Poll::Ready(Err("no trailers".into())),
             Poll::Ready(Err(e)) => Poll::Ready(Err(format!("trailers: {e}"))),
         }
-    }
-}
-
-/// A started freshd `Watch` stream on a connection of its own, read by the
-/// task that owns it.
-pub struct WatchStream {
-    conn: Conn,
-    body: Body,
-    /// The request side, kept open: closing it ends the stream.
-    _requests: SendStream<Bytes>,
-}
-
-impl WatchStream {
-    /// Connects to `addr`, opens a `Watch` stream as `client_id` tracking
-    /// `track`, and waits for `started`.
-    pub async fn start(addr: &str, client_id: String, track: Vec<String>) -> Result<Self, Error> {
-        let mut conn = Conn::connect(addr).await?;
-        let start = WatchRequest {
-            request: Some(WatchIn::Start(WatchStart {
-                client_id,
-                track,
-                ..Default::default()
-            })),
-        };
-        let uri = conn.uri("/freshd.v1.Coordinator/Watch")?;
-        let (response, requests) = conn.open(&uri, &start, false)?;
-        let response = conn
-            .drive(response)
-            .await?
-            .map_err(|e| format!("watch: {e}"))?;
-        let mut stream = Self {
-            body: Body::new(response).map_err(|e| format!("watch: {e}"))?,
-            conn,
-            _requests: requests,
-        };
-        match stream.message().await? {
-            Some(WatchResponse {
-                response: Some(WatchOut::Started(_)),
-            }) => Ok(stream),
-            other => Err(format!("expected `started`, got {other:?}")),
-        }
-    }
-
-    /// The next message; `None` when the server ends the stream with OK.
-    /// Cancel-safe: what has arrived stays buffered for the next call.
-    pub async fn message(&mut self) -> Result<Option<WatchResponse>, Error> {
-        poll_fn(|cx| {
-            // What arrived before the connection ended is still read.
-            let conn = self.conn.poll(cx);
-            match self.body.poll_message(cx) {
-                Poll::Ready(Ok(None)) => self.body.poll_end(cx).map_ok(|()| None),
-                Poll::Pending => match conn {
-                    Err(e) => Poll::Ready(Err(e)),
-                    Ok(()) => Poll::Pending,
-                },
-                other => other,
-            }
-        })
-        .await
     }
 }
 

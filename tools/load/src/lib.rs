@@ -31,6 +31,7 @@ pub mod notice;
 pub mod pace;
 pub mod resp;
 pub mod stats;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -35,6 +35,7 @@ use crate::grpc;
 use crate::pace::{self, Tick};
 use crate::resp::{self, AsyncConn, Reply};
 use crate::stats::{Latencies, Report};
+use crate::watch::WatchStream;
 use crate::{freshd_client, grpc_channel, parallel, socket_addr, Error, Target};
 
 /// Settings of the write-to-notice workload.
@@ -421,13 +422,13 @@ async fn freshd_sub(
 }
 
 /// A freshd Watch stream tracking `track`, started, on a connection of its
-/// own that the task reading it drives ([`grpc::WatchStream`]).
+/// own, read by the task that owns it ([`WatchStream`]).
 pub async fn freshd_watch(
     addr: &str,
     client_id: String,
     track: Vec<String>,
-) -> Result<grpc::WatchStream, Error> {
-    grpc::WatchStream::start(addr, client_id, track).await
+) -> Result<WatchStream, Error> {
+    WatchStream::start(addr, client_id, track).await
 }
 
 /// A RESP3 connection tracking `keys` (read once with `MGET`).

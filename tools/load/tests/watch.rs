@@ -1,0 +1,96 @@
+//! The load tool's own `Watch` reader ([`freshd_load::watch`]) against a
+//! real freshd on a loopback port: it must keep reading past its receive
+//! windows (so it returns them), and end with the server's status.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use freshd::config::Config;
+use freshd::pb::watch_response::Response as WatchOut;
+use freshd::pb::{Change, PublishRequest};
+use freshd::server::RunningServer;
+use freshd_load::watch::WatchStream;
+
+/// Long keys, so that a few thousand notices pass the 2 MiB stream window.
+fn key(i: usize) -> String {
+    format!("big:{i:05}:{}", "x".repeat(1000))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_past_its_receive_windows() {
+    let server = RunningServer::start(Config::ephemeral())
+        .await
+        .expect("freshd starts");
+    let addr = server.addr.to_string();
+    let keys: Vec<String> = (0..3000).map(key).collect();
+    let mut stream = WatchStream::start(&addr, "window-test".into(), keys.clone())
+        .await
+        .expect("the stream starts");
+
+    let mut client = freshd_load::freshd_client(&addr).await.expect("connects");
+    for chunk in keys.chunks(100) {
+        client
+            .publish(PublishRequest {
+                changes: chunk
+                    .iter()
+                    .map(|k| Change {
+                        key: k.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                client_id: "publisher".into(),
+            })
+            .await
+            .expect("publishes");
+    }
+
+    // 3,000 notices of about 1 KiB: past the stream's 2 MiB window, which
+    // the server stops at unless the reader returns it.
+    let mut seen = HashSet::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.len() < keys.len() {
+            match stream.message().await.expect("reads") {
+                Some(message) => {
+                    if let Some(WatchOut::Notices(batch)) = message.response {
+                        for n in batch.notices {
+                            assert!(n.version > 0, "{n:?}");
+                            seen.insert(n.key);
+                        }
+                    }
+                }
+                None => panic!("the stream ended"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "only {} of {} keys noticed: the window was not returned",
+        seen.len(),
+        keys.len()
+    );
+    assert_eq!(seen, keys.into_iter().collect(), "every key noticed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ends_with_the_servers_status() {
+    let server = RunningServer::start(Config::ephemeral())
+        .await
+        .expect("freshd starts");
+    let addr = server.addr.to_string();
+    let mut stream = WatchStream::start(&addr, "end-test".into(), vec!["k".into()])
+        .await
+        .expect("the stream starts");
+    let stopped = tokio::spawn(server.stop());
+    // A shutting-down server sends a last progress mark, then UNAVAILABLE.
+    let error = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended with OK"),
+            Err(e) => break e,
+        }
+    };
+    assert!(error.contains("grpc-status 14"), "{error}");
+    assert!(error.contains("shutting down"), "{error}");
+    stopped.await.expect("joins").expect("stops");
+}
