@@ -50,6 +50,7 @@ use tonic::body::Body;
 use tonic::Status;
 
 use crate::auth::Principal;
+use crate::fanout::{Express, Wrote};
 use crate::http2::connection::{Config, Connection, Event};
 use crate::http2::frame::code;
 use crate::http2::head::RequestHead;
@@ -1182,6 +1183,62 @@ impl Outbox for GrpcOutbox {
         };
         self.responder.send(frame).await
     }
+
+    fn express(&self) -> Option<Arc<dyn Express>> {
+        Some(Arc::new(self.express_writer()))
+    }
+}
+
+impl GrpcOutbox {
+    fn express_writer(&self) -> ExpressStream {
+        ExpressStream {
+            shared: self.responder.shared.clone(),
+            stream: self.responder.stream,
+            max_message: self.max_message,
+        }
+    }
+}
+
+/// A Watch stream's HTTP/2 stream, written by a fan-out while the stream's
+/// task is parked ([`Express`]): the same framing and the same room as the
+/// task's own writes, under the connection's lock.
+struct ExpressStream {
+    shared: Arc<Shared>,
+    stream: u32,
+    max_message: usize,
+}
+
+impl Express for ExpressStream {
+    fn write_now(&self, next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>) -> Wrote {
+        let mut state = self.shared.lock();
+        let state = &mut *state;
+        if !state.slots.contains_key(&self.stream) {
+            return Wrote::Gone;
+        }
+        if state.full(self.stream) {
+            return Wrote::NoRoom;
+        }
+        let Some(message) = next(self.max_message) else {
+            return Wrote::Nothing;
+        };
+        match frame(&message, self.max_message, "a Watch message") {
+            Ok(frame) => {
+                state.conn.send_data(self.stream, frame);
+                state.wake_driver();
+                Wrote::Written
+            }
+            Err(status) => {
+                // `next` keeps within the limit, so this does not happen;
+                // were it to, the notices taken would be lost to the
+                // stream, so the stream is reset and the client resumes
+                // from its token, which the history covers.
+                tracing::error!(%status, "a fan-out's Watch message was refused; the stream is reset");
+                state.conn.cancel(self.stream, code::INTERNAL_ERROR);
+                state.forget(self.stream);
+                Wrote::Gone
+            }
+        }
+    }
 }
 
 impl Drop for GrpcOutbox {
@@ -1450,6 +1507,105 @@ mod tests {
             crate::http2::hpack::encode_field(name.as_bytes(), value.as_bytes(), &mut block);
         }
         block
+    }
+
+    /// Notices published while a stream waits are written by the
+    /// publishes themselves (`ExpressStream`), interleaved with nothing:
+    /// each arrives once, in seq order, and a progress mark asked for after
+    /// them comes after them and covers them.
+    #[tokio::test]
+    async fn notices_written_by_publishes_arrive_in_order_before_progress() {
+        use crate::http2::frame::{self, kind, PREFACE};
+        use tokio::io::AsyncWriteExt;
+
+        let (routes, store) = routes();
+        let (mut client, _finish, _) = served_with(routes, 100);
+        let mut out = BytesMut::new();
+        out.extend_from_slice(PREFACE);
+        frame::put_settings(&mut out, &[], false);
+        frame::put_headers(&mut out, 1, &watch_head(), false, 16_384);
+        let start = pb::WatchRequest {
+            request: Some(pb::watch_request::Request::Start(pb::WatchStart {
+                client_id: "reader".into(),
+                subscribe: vec!["k:".into()],
+                ..Default::default()
+            })),
+        };
+        frame::put_data(
+            &mut out,
+            1,
+            &frame(&start, 1024, "a request").expect("framed"),
+            false,
+        );
+        client.write_all(&out).await.expect("written");
+        read_frames(&mut client, |head, _| {
+            head.kind == kind::DATA && head.stream == 1
+        })
+        .await;
+
+        // The stream's task is parked: these go out from the publishes.
+        let mut last_seq = 0;
+        for round in 0..20 {
+            let changes: Vec<_> = (0..5)
+                .map(|i| crate::store::PublishChange {
+                    key: format!("k:{round}:{i}"),
+                    external_version: None,
+                    critical: false,
+                    event_time_ms: 0,
+                })
+                .collect();
+            last_seq = store.publish(&changes).expect("a publish").seq;
+        }
+        out.clear();
+        let progress = pb::WatchRequest {
+            request: Some(pb::watch_request::Request::Progress(pb::ProgressRequest {})),
+        };
+        frame::put_data(
+            &mut out,
+            1,
+            &frame(&progress, 1024, "a request").expect("framed"),
+            false,
+        );
+        client.write_all(&out).await.expect("written");
+
+        let mut body = BytesMut::new();
+        let mut seqs = Vec::new();
+        let mut keys = std::collections::HashSet::new();
+        let mut progress_seq = None;
+        read_frames(&mut client, |head, payload| {
+            if head.kind != kind::DATA || head.stream != 1 {
+                return false;
+            }
+            body.extend_from_slice(payload);
+            while body.len() >= 5 {
+                let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+                if body.len() < 5 + len {
+                    break;
+                }
+                let message = pb::WatchResponse::decode(&body[5..5 + len]).expect("a message");
+                body.advance(5 + len);
+                match message.response {
+                    Some(pb::watch_response::Response::Notices(batch)) => {
+                        assert!(progress_seq.is_none(), "a notice after the progress mark");
+                        seqs.extend(batch.notices.iter().map(|n| n.seq));
+                        keys.extend(batch.notices.into_iter().map(|n| n.key));
+                    }
+                    Some(pb::watch_response::Response::Progress(p)) => progress_seq = Some(p.seq),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            progress_seq.is_some()
+        })
+        .await;
+        // Five keys per publish, each publish one seq.
+        assert_eq!(seqs.len(), 100, "every notice, once: {seqs:?}");
+        assert_eq!(keys.len(), 100, "every key, once");
+        assert!(
+            seqs.windows(2).all(|w| w[0] <= w[1]),
+            "in seq order: {seqs:?}"
+        );
+        assert_eq!(seqs.last(), Some(&last_seq));
+        assert!(progress_seq >= Some(last_seq), "the mark covers them");
     }
 
     /// A client that opens its windows as wide as HTTP/2 allows and then

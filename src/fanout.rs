@@ -34,6 +34,7 @@ use tokio::sync::Notify;
 
 use crate::auth::{Principal, QuotaExceeded, Scope};
 use crate::metrics::{unix_ms, BatchHistogram, Label, Metrics, Tally};
+use crate::pb;
 use crate::store::{Key, KeyHash};
 
 /// One key changed.
@@ -188,9 +189,29 @@ struct Queue {
     /// [`Subscriber::client_news`]). Kept here, beside what the stream's task
     /// reads on every wake, so checking it touches no other memory.
     client_news: bool,
+    /// Someone is writing the stream's messages: its task, from its start
+    /// until it parks with nothing queued ([`Subscriber::park`]), or a
+    /// fan-out writing through [`Queue::express`] meanwhile. Whoever holds
+    /// it is the only writer, so messages leave in seq order and a progress
+    /// mark follows every notice it covers.
+    busy: bool,
+    /// The stream's writer, when a fan-out may write through it
+    /// ([`Subscriber::set_express`]).
+    express: Option<Arc<dyn Express>>,
 }
 
 impl Queue {
+    /// Takes `busy` for a fan-out that writes through the stream's express
+    /// writer: only while the stream's task is parked with nothing behind.
+    fn claim_express(&mut self) -> Option<Arc<dyn Express>> {
+        if self.busy || self.state != State::Live {
+            return None;
+        }
+        let express = self.express.clone()?;
+        self.busy = true;
+        Some(express)
+    }
+
     fn clear(&mut self) {
         self.base += self.items.len() as u64;
         self.items.clear();
@@ -305,6 +326,32 @@ impl Queue {
             self.indexed = false;
         }
     }
+}
+
+/// What an [`Express`] writer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrote {
+    /// The message went to the stream.
+    Written,
+    /// There was nothing to write.
+    Nothing,
+    /// The stream has no room: its task writes once it has.
+    NoRoom,
+    /// The stream is gone.
+    Gone,
+}
+
+/// A stream's writer that a fan-out may write through itself, while the
+/// stream's task is parked: a notice then costs no wake-up of that task
+/// and no trip through the scheduler. The stream's own HTTP/2 stream
+/// provides one (`crate::conn`); a stream served through a channel does
+/// not, and its task writes everything.
+pub trait Express: Send + Sync {
+    /// If the stream is there and has room, writes the message `next`
+    /// makes (`next` is given the largest message allowed, and answers
+    /// `None` when it has nothing that fits). `next` runs under the
+    /// stream's connection lock and takes the queue's.
+    fn write_now(&self, next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>) -> Wrote;
 }
 
 /// What a stream asked to receive.
@@ -528,6 +575,71 @@ impl Subscriber {
         }
         sent.batches
             .push_back((last, oldest.event_time_ms, namespace));
+    }
+
+    /// Lets fan-outs write this stream's live notices through `express`
+    /// while its task is parked.
+    pub fn set_express(&self, express: Arc<dyn Express>) {
+        self.queue.lock().express = Some(express);
+    }
+
+    /// Ends writing through the express writer: the stream's task is
+    /// ending. (It also drops the writer's hold on the connection.)
+    pub fn clear_express(&self) {
+        self.queue.lock().express = None;
+    }
+
+    /// The stream's task is about to wait: it gives up `busy` if nothing is
+    /// queued and the stream is live, and says so; otherwise it has work
+    /// and keeps writing.
+    pub fn park(&self) -> bool {
+        let mut queue = self.queue.lock();
+        if queue.live > 0 || queue.state != State::Live {
+            return false;
+        }
+        queue.busy = false;
+        true
+    }
+
+    /// The stream's task woke: it takes `busy` back, waiting out a fan-out
+    /// that is writing through the express writer on another thread.
+    pub async fn unpark(&self) {
+        loop {
+            {
+                let mut queue = self.queue.lock();
+                if !queue.busy {
+                    queue.busy = true;
+                    return;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Writes the queue through `express` (this fan-out holds `busy`), then
+    /// gives `busy` back. True when that is all the stream needs: nothing
+    /// is left queued and nothing failed; otherwise its task must be woken.
+    fn express(&self, express: &dyn Express, batch: &mut Vec<Arc<Notice>>) -> bool {
+        batch.clear();
+        let wrote = express.write_now(&mut |max_message| {
+            let mut queue = self.queue.lock();
+            // `bytes` counts more than a notice's encoding takes, so a
+            // queue within the limit makes a message within it.
+            if queue.live > crate::watch::BATCH || queue.bytes + 64 > max_message {
+                return None;
+            }
+            queue.drain(usize::MAX, batch);
+            drop(queue);
+            (!batch.is_empty()).then(|| crate::watch::live_batch(batch, self))
+        });
+        if wrote == Wrote::Written {
+            self.sent(batch);
+        }
+        let mut queue = self.queue.lock();
+        queue.busy = false;
+        matches!(wrote, Wrote::Written | Wrote::Nothing)
+            && queue.live == 0
+            && queue.state == State::Live
     }
 
     /// Notes that the client's side of the stream has news (a request, or
@@ -828,9 +940,10 @@ impl Hub {
                 })
                 .collect();
             let (mut conflations, mut overflows) = (0, 0);
+            let mut batch = Vec::new();
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
-                {
+                let express = {
                     let mut queue = sub.queue.lock();
                     for &(_, i, _) in group {
                         let n = &notices[i];
@@ -843,8 +956,14 @@ impl Hub {
                             *delivered += 1;
                         }
                     }
+                    queue.claim_express()
+                };
+                // A parked stream's notices are written here, without a
+                // trip through its task; the task is woken for anything
+                // else.
+                if !express.is_some_and(|x| sub.express(&*x, &mut batch)) {
+                    sub.wake.notify_one();
                 }
-                sub.wake.notify_one();
             }
             for (histogram, delay, delivered) in delays.into_iter().flatten() {
                 histogram.observe_n(delay, delivered);
@@ -911,6 +1030,8 @@ impl Hub {
                 overflows: 0,
                 conflations: 0,
                 client_news: false,
+                busy: true,
+                express: None,
             }),
             wake: Notify::new(),
             filters: Mutex::new(Filters::default()),
@@ -1232,6 +1353,8 @@ mod tests {
             overflows: 0,
             conflations: 0,
             client_news: false,
+            busy: true,
+            express: None,
         }
     }
 

@@ -14,13 +14,13 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use crate::auth::{Principal, Scope};
-use crate::fanout::{Behind, Notice, Subscriber};
+use crate::fanout::{Behind, Express, Notice, Subscriber};
 use crate::pb::{self, watch_request::Request as In, watch_response::Response as Out};
 use crate::store::Store;
 use crate::validate::Limits;
 
 /// Most notices per batch written to the stream.
-const BATCH: usize = 512;
+pub(crate) const BATCH: usize = 512;
 
 /// Where a stream's messages go: the HTTP/2 stream itself when served
 /// (`crate::conn::GrpcOutbox`), or a channel (tonic's generated handler, and
@@ -32,6 +32,13 @@ pub trait Outbox: Send + 'static {
         &mut self,
         message: Result<pb::WatchResponse, Status>,
     ) -> impl std::future::Future<Output = Result<(), Gone>> + Send;
+
+    /// A writer that fan-outs may write the stream's live notices through
+    /// while its task is parked ([`Express`]); `None`, the default, leaves
+    /// every message to the task.
+    fn express(&self) -> Option<Arc<dyn Express>> {
+        None
+    }
 }
 
 /// The client is gone: the stream cannot send.
@@ -79,7 +86,7 @@ fn batch(notices: Vec<pb::Notice>) -> pb::WatchResponse {
 
 /// Live notices as `sub` may see them, as one batch: each notice's shared
 /// encoding, or, when the cause is hidden from `sub`, its own.
-fn live_batch(notices: &[Arc<Notice>], sub: &Subscriber) -> pb::WatchResponse {
+pub(crate) fn live_batch(notices: &[Arc<Notice>], sub: &Subscriber) -> pb::WatchResponse {
     let mut out = Vec::with_capacity(
         notices
             .iter()
@@ -223,6 +230,7 @@ impl Registered {
                 out,
             )
             .await;
+            sub.clear_express();
             store.hub().unsubscribe(&sub);
         });
     }
@@ -451,6 +459,12 @@ async fn run<S>(
         }
     };
     tokio::pin!(expired);
+    // From here on, fan-outs write live notices themselves while this task
+    // waits with nothing queued; it holds the stream's `busy` whenever it
+    // is not waiting (see `Subscriber::park`).
+    if let Some(express) = out.express() {
+        sub.set_express(express);
+    }
     let mut buf: Vec<Arc<Notice>> = Vec::new();
     loop {
         if hub.stopping() {
@@ -479,16 +493,26 @@ async fn run<S>(
             }
             continue;
         }
-        tokio::select! {
-            () = sub.wake.notified() => {}
-            () = &mut expired => {
+        if !sub.park() {
+            // Notices came since the drain.
+            continue;
+        }
+        let woke = tokio::select! {
+            () = sub.wake.notified() => Woke::News,
+            () = &mut expired => Woke::Expired,
+            request = inbound.next() => Woke::Request(request),
+        };
+        sub.unpark().await;
+        match woke {
+            Woke::News => {}
+            Woke::Expired => {
                 if let Some(owner) = sub.owner() {
                     store.metrics().auth_refused("expired");
                     let _ = out.send(Err(owner.expired_status())).await;
                 }
                 return;
             }
-            request = inbound.next() => {
+            Woke::Request(request) => {
                 let request = match request {
                     Some(Ok(r)) => r,
                     // The client closed its side or went away.
@@ -501,6 +525,16 @@ async fn run<S>(
             }
         }
     }
+}
+
+/// Why a parked stream's task woke.
+enum Woke<R> {
+    /// Its queue has work, or shutdown began.
+    News,
+    /// Its token expired.
+    Expired,
+    /// The client sent a request, or its side ended (`None`).
+    Request(Option<R>),
 }
 
 /// The client's side of a stream, polled only when it has news.
