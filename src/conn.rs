@@ -419,15 +419,23 @@ pub(crate) async fn serve<IO>(
         read_closed: false,
         broken: false,
     };
-    // One wait for the signal, kept for the connection's life.
+    // One wait for the signal, kept for the connection's life. Once it is
+    // registered, it is polled again only when the signal has come: polling
+    // it takes a lock that every connection shares, and the driver is woken
+    // for every message it writes.
+    let probe = finishing.clone();
     let mut finish = std::pin::pin!(finishing.changed());
-    let mut finished = false;
+    let (mut registered, mut finished) = (false, false);
     std::future::poll_fn(|cx| {
-        if !finished && finish.as_mut().poll(cx).is_ready() {
+        if !finished
+            && (!registered || probe.has_changed().unwrap_or(true))
+            && finish.as_mut().poll(cx).is_ready()
+        {
             finished = true;
             let mut state = driver.shared.lock();
             state.conn.go_away(code::NO_ERROR);
         }
+        registered = true;
         driver.poll(cx)
     })
     .await;
