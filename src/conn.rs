@@ -1517,20 +1517,23 @@ mod tests {
         block
     }
 
-    /// Notices published while a stream waits are written by the
-    /// publishes themselves (`ExpressStream`), interleaved with nothing:
-    /// each arrives once, in seq order, and a progress mark asked for after
-    /// them comes after them and covers them.
-    #[tokio::test]
-    async fn notices_written_by_publishes_arrive_in_order_before_progress() {
+    /// Opens a Watch stream on stream 1 that subscribes to `k:`, with
+    /// `settings` and a connection window `window` above the default, and
+    /// reads until its first message (it is registered).
+    async fn open_watch(
+        client: &mut tokio::io::DuplexStream,
+        settings: &[(u16, u32)],
+        window: u32,
+    ) {
         use crate::http2::frame::{self, kind, PREFACE};
         use tokio::io::AsyncWriteExt;
 
-        let (routes, store) = routes();
-        let (mut client, _finish, _) = served_with(routes, 100);
         let mut out = BytesMut::new();
         out.extend_from_slice(PREFACE);
-        frame::put_settings(&mut out, &[], false);
+        frame::put_settings(&mut out, settings, false);
+        if window > 0 {
+            frame::put_window_update(&mut out, 0, window);
+        }
         frame::put_headers(&mut out, 1, &watch_head(), false, 16_384);
         let start = pb::WatchRequest {
             request: Some(pb::watch_request::Request::Start(pb::WatchStart {
@@ -1546,25 +1549,43 @@ mod tests {
             false,
         );
         client.write_all(&out).await.expect("written");
-        read_frames(&mut client, |head, _| {
+        read_frames(client, |head, _| {
             head.kind == kind::DATA && head.stream == 1
         })
         .await;
+    }
+
+    /// `n` changes to keys `k:{round}:{i}`.
+    fn changes(round: usize, n: usize) -> Vec<crate::store::PublishChange> {
+        (0..n)
+            .map(|i| crate::store::PublishChange {
+                key: format!("k:{round}:{i}"),
+                external_version: None,
+                critical: false,
+                event_time_ms: 0,
+            })
+            .collect()
+    }
+
+    /// Notices published while a stream waits are written by the
+    /// publishes themselves (`ExpressStream`), interleaved with nothing:
+    /// each arrives once, in seq order, and a progress mark asked for after
+    /// them comes after them and covers them.
+    #[tokio::test]
+    async fn notices_written_by_publishes_arrive_in_order_before_progress() {
+        use crate::http2::frame::{self, kind};
+        use tokio::io::AsyncWriteExt;
+
+        let (routes, store) = routes();
+        let (mut client, _finish, _) = served_with(routes, 100);
+        open_watch(&mut client, &[], 0).await;
 
         // The stream's task is parked: these go out from the publishes.
         let mut last_seq = 0;
         for round in 0..20 {
-            let changes: Vec<_> = (0..5)
-                .map(|i| crate::store::PublishChange {
-                    key: format!("k:{round}:{i}"),
-                    external_version: None,
-                    critical: false,
-                    event_time_ms: 0,
-                })
-                .collect();
-            last_seq = store.publish(&changes).expect("a publish").seq;
+            last_seq = store.publish(&changes(round, 5)).expect("a publish").seq;
         }
-        out.clear();
+        let mut out = BytesMut::new();
         let progress = pb::WatchRequest {
             request: Some(pb::watch_request::Request::Progress(pb::ProgressRequest {})),
         };
@@ -1622,47 +1643,20 @@ mod tests {
     /// in the hub overflows (into a repair, once it reads again).
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stops_reading_holds_a_bounded_output() {
-        use crate::http2::frame::{self, kind, setting, MAX_WINDOW, PREFACE};
-        use tokio::io::AsyncWriteExt;
+        use crate::http2::frame::{setting, MAX_WINDOW};
 
         let (routes, store) = routes();
         let (mut client, _finish, _) = served_with(routes, 100);
-        let mut out = BytesMut::new();
-        out.extend_from_slice(PREFACE);
-        frame::put_settings(
-            &mut out,
+        open_watch(
+            &mut client,
             &[(setting::INITIAL_WINDOW_SIZE, MAX_WINDOW)],
-            false,
-        );
-        frame::put_window_update(&mut out, 0, MAX_WINDOW - 65_535);
-        frame::put_headers(&mut out, 1, &watch_head(), false, 16_384);
-        let start = pb::WatchRequest {
-            request: Some(pb::watch_request::Request::Start(pb::WatchStart {
-                client_id: "reader".into(),
-                subscribe: vec!["k:".into()],
-                ..Default::default()
-            })),
-        };
-        let start = frame(&start, 1024, "a request").expect("framed");
-        frame::put_data(&mut out, 1, &start, false);
-        client.write_all(&out).await.expect("written");
-        // Read until the stream's first message (it is registered).
-        read_frames(&mut client, |head, _| {
-            head.kind == kind::DATA && head.stream == 1
-        })
+            MAX_WINDOW - 65_535,
+        )
         .await;
         // Now the client reads nothing: 200,000 notices of about 40 bytes
         // are several times the bound, and 20 times the stream's queue.
         for round in 0..200 {
-            let changes: Vec<_> = (0..1_000)
-                .map(|i| crate::store::PublishChange {
-                    key: format!("k:{round}:{i}"),
-                    external_version: None,
-                    critical: false,
-                    event_time_ms: 0,
-                })
-                .collect();
-            store.publish(&changes).expect("a publish");
+            store.publish(&changes(round, 1_000)).expect("a publish");
             tokio::task::yield_now().await;
         }
         // Time is paused: each sleep returns once every task is idle, so
