@@ -121,7 +121,7 @@ const GRPC: http::HeaderValue = http::HeaderValue::from_static("application/grpc
 const TRAILERS: http::HeaderValue = http::HeaderValue::from_static("trailers");
 
 /// `message` with gRPC's 5-byte prefix (not compressed, length).
-fn frame(message: &impl Message) -> Bytes {
+pub(crate) fn frame(message: &impl Message) -> Bytes {
     let len = message.encoded_len();
     let mut out = BytesMut::with_capacity(5 + len);
     out.put_u8(0);
@@ -131,19 +131,17 @@ fn frame(message: &impl Message) -> Bytes {
 }
 
 /// The gRPC status of a response's headers or trailers: `Ok` for 0, an
-/// error naming the code and message otherwise, `None` when absent.
-fn status(headers: &http::HeaderMap) -> Option<Result<(), Error>> {
-    let code = headers.get("grpc-status")?;
-    if code == "0" {
+/// error naming the code and the (percent-decoded) message otherwise,
+/// `None` when absent.
+pub(crate) fn status(headers: &http::HeaderMap) -> Option<Result<(), Error>> {
+    let status = tonic::Status::from_header_map(headers)?;
+    if status.code() == tonic::Code::Ok {
         return Some(Ok(()));
     }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .unwrap_or("");
     Some(Err(format!(
-        "grpc-status {}: {message}",
-        code.to_str().unwrap_or("?")
+        "grpc-status {}: {}",
+        status.code() as i32,
+        status.message()
     )))
 }
 

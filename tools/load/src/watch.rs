@@ -20,7 +20,7 @@ use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use freshd::http2::frame::{self, code, setting, Frame, Head, HEAD_LEN, PREFACE};
 use freshd::http2::hpack::{self, Decoder};
 use freshd::pb::watch_request::Request as WatchIn;
@@ -61,7 +61,7 @@ pub struct WatchStream {
     hpack: Decoder,
     /// The request's message not yet sent, from `sent`: it goes out as
     /// the server's flow-control windows allow.
-    request: Vec<u8>,
+    request: Bytes,
     sent: usize,
     /// The server's windows for what this side sends: the stream's and the
     /// connection's.
@@ -103,7 +103,7 @@ impl WatchStream {
             body: BytesMut::new(),
             output: opening(addr),
             written: 0,
-            request: framed(&start),
+            request: crate::grpc::frame(&start),
             sent: 0,
             send_window: (i64::from(DEFAULT_WINDOW), i64::from(DEFAULT_WINDOW)),
             max_frame: frame::MIN_MAX_FRAME_SIZE as usize,
@@ -307,12 +307,18 @@ impl WatchStream {
     /// A complete header block: the response's headers, or its trailers
     /// when it ends the stream.
     fn headers(&mut self, block: &[u8], end_stream: bool) -> Result<(), Error> {
-        let (mut status, mut grpc_status, mut grpc_message) = (None, None, String::new());
+        let (mut status, mut grpc) = (None, http::HeaderMap::new());
         self.hpack
             .decode(block, MAX_HEADER_LIST, |name, value| match name {
                 b":status" => status = Some(value.to_vec()),
-                b"grpc-status" => grpc_status = Some(String::from_utf8_lossy(value).into_owned()),
-                b"grpc-message" => grpc_message = percent_decoded(value),
+                b"grpc-status" | b"grpc-message" => {
+                    if let Ok(value) = http::HeaderValue::from_bytes(value) {
+                        grpc.insert(
+                            http::HeaderName::from_bytes(name).expect("a valid name"),
+                            value,
+                        );
+                    }
+                }
                 _ => {}
             })
             .map_err(|e| format!("watch: bad headers from the server: {e}"))?;
@@ -323,9 +329,8 @@ impl WatchStream {
                 return Err(format!("watch: HTTP status {}", status.unwrap_or_default()));
             }
         }
-        let outcome = match grpc_status.as_deref() {
-            Some("0") => Ok(()),
-            Some(code) => Err(format!("watch: grpc-status {code}: {grpc_message}")),
+        let outcome = match crate::grpc::status(&grpc) {
+            Some(outcome) => outcome.map_err(|e| format!("watch: {e}")),
             None if end_stream => Err("watch: trailers without grpc-status".into()),
             None => return Ok(()),
         };
@@ -420,37 +425,4 @@ fn opening(authority: &str) -> Vec<u8> {
     }
     frame::put_headers(&mut out, STREAM, &block, false, 0);
     out
-}
-
-/// `message` with gRPC's 5-byte prefix (not compressed, length).
-fn framed(message: &WatchRequest) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + message.encoded_len());
-    out.put_u8(0);
-    out.put_u32(message.encoded_len() as u32);
-    message.encode(&mut out).expect("a Vec grows");
-    out
-}
-
-/// A `grpc-message` value, percent-decoded (gRPC's encoding of it).
-fn percent_decoded(value: &[u8]) -> String {
-    let mut out = Vec::with_capacity(value.len());
-    let mut i = 0;
-    while i < value.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        match (
-            value[i],
-            value.get(i + 1).copied(),
-            value.get(i + 2).copied(),
-        ) {
-            (b'%', Some(h), Some(l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -3,8 +3,8 @@
 //! operations without errors, and its histogram must hold one value per
 //! counted operation. No timing is asserted.
 
-use freshd::config::Config;
-use freshd::server::RunningServer;
+mod common;
+
 use freshd_load::check::{CheckOpts, RedisBatch, Run};
 use freshd_load::deps::DepsOpts;
 use freshd_load::fanout::FanoutOpts;
@@ -12,14 +12,6 @@ use freshd_load::memory::MemoryOpts;
 use freshd_load::notice::NoticeOpts;
 use freshd_load::stats::Report;
 use freshd_load::Target;
-
-async fn server() -> (RunningServer, String) {
-    let server = RunningServer::start(Config::ephemeral())
-        .await
-        .expect("freshd starts");
-    let addr = server.addr.to_string();
-    (server, addr)
-}
 
 fn assert_clean(report: &Report) {
     assert!(report.ops > 0, "no operation completed: {}", report.human());
@@ -47,7 +39,7 @@ fn assert_clean(report: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_closed_and_open_loop() {
-    let (_server, addr) = server().await;
+    let (_server, addr) = common::server().await;
     let opts = CheckOpts {
         target: Target::Freshd,
         addr,
@@ -90,7 +82,7 @@ async fn check_closed_and_open_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notice_reaches_every_subscriber() {
-    let (_server, addr) = server().await;
+    let (_server, addr) = common::server().await;
     let opts = NoticeOpts {
         target: Target::Freshd,
         addr,
@@ -108,7 +100,7 @@ async fn notice_reaches_every_subscriber() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers() {
-    let (_server, addr) = server().await;
+    let (_server, addr) = common::server().await;
     let opts = FanoutOpts {
         target: Target::Freshd,
         addr,
@@ -125,7 +117,7 @@ async fn fanout_delivers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deps_fan_out_reaches_every_dependent() {
-    let (_server, addr) = server().await;
+    let (_server, addr) = common::server().await;
     let opts = DepsOpts {
         target: Target::Freshd,
         addr,
@@ -142,7 +134,7 @@ async fn deps_fan_out_reaches_every_dependent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_counts_keys() {
-    let (_server, addr) = server().await;
+    let (_server, addr) = common::server().await;
     let opts = MemoryOpts {
         target: Target::Freshd,
         addr,

@@ -2,13 +2,13 @@
 //! real freshd on a loopback port: it must keep reading past its receive
 //! windows (so it returns them), and end with the server's status.
 
+mod common;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
-use freshd::config::Config;
 use freshd::pb::watch_response::Response as WatchOut;
 use freshd::pb::{Change, PublishRequest};
-use freshd::server::RunningServer;
 use freshd_load::watch::WatchStream;
 
 /// Long keys, so that a few thousand notices pass the 2 MiB stream window.
@@ -18,10 +18,7 @@ fn key(i: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_past_its_receive_windows() {
-    let server = RunningServer::start(Config::ephemeral())
-        .await
-        .expect("freshd starts");
-    let addr = server.addr.to_string();
+    let (_server, addr) = common::server().await;
     let keys: Vec<String> = (0..3000).map(key).collect();
     let mut stream = WatchStream::start(&addr, "window-test".into(), keys.clone())
         .await
@@ -74,10 +71,7 @@ async fn reads_past_its_receive_windows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ends_with_the_servers_status() {
-    let server = RunningServer::start(Config::ephemeral())
-        .await
-        .expect("freshd starts");
-    let addr = server.addr.to_string();
+    let (server, addr) = common::server().await;
     let mut stream = WatchStream::start(&addr, "end-test".into(), vec!["k".into()])
         .await
         .expect("the stream starts");
