@@ -100,6 +100,14 @@ fn settings(max_streams: u32) -> Config {
 const READ_BYTES: usize = 32 * 1024;
 
 thread_local! {
+    /// The connections that fan-outs added notices to while a driver on
+    /// this thread ran the calls of its last read (`None` at other times):
+    /// each is written once those calls return ([`Touched`]), so a
+    /// publish writes every parked subscriber's socket itself, once per
+    /// connection, after its fan-out has let go of the hub's locks.
+    static TOUCHED: std::cell::RefCell<Option<Vec<Arc<Shared>>>> =
+        const { std::cell::RefCell::new(None) };
+
     /// Where a connection's socket is read into, shared by the connections
     /// a thread drives (a read copies what it got into the connection's
     /// input at once), so an idle connection holds no read buffer.
@@ -125,6 +133,13 @@ struct State {
     /// Bytes the driver took from the output and has not written yet.
     unwritten: usize,
     limits: ConnLimits,
+    /// The plain TCP socket, which others write while the driver holds
+    /// nothing of its own to write (`unwritten` is 0): the output goes to
+    /// the socket in order either way. None under TLS, and once the driver
+    /// is done.
+    socket: Option<Arc<tokio::net::TcpStream>>,
+    /// The connection is in a thread's [`TOUCHED`] list.
+    touched: bool,
 }
 
 impl State {
@@ -152,6 +167,52 @@ impl State {
                 writer.wake();
             }
         }
+    }
+
+    /// Writes the output to the socket here, if the driver holds nothing
+    /// of its own to write, as much as the socket takes without waiting;
+    /// wakes the driver for the rest.
+    fn write_through(&mut self) {
+        if self.unwritten == 0 {
+            if let Some(socket) = &self.socket {
+                let out = self.conn.output();
+                let before = out.len();
+                while !out.is_empty() {
+                    match socket.try_write(out) {
+                        Ok(n) if n > 0 => out.advance(n),
+                        // The driver meets the error (or the would-block)
+                        // on its own write.
+                        _ => break,
+                    }
+                }
+                if out.len() < before && !self.room.is_empty() {
+                    self.wake_room();
+                }
+            }
+        }
+        self.wake_driver();
+    }
+
+    /// A fan-out added to the output: it is written once the calls a
+    /// driver on this thread runs return, or else by this connection's
+    /// driver, woken now.
+    fn touched(&mut self, shared: &Arc<Shared>) {
+        if self.touched {
+            return;
+        }
+        if self.socket.is_some() {
+            let listed = TOUCHED.with_borrow_mut(|touched| {
+                touched
+                    .as_mut()
+                    .map(|list| list.push(shared.clone()))
+                    .is_some()
+            });
+            if listed {
+                self.touched = true;
+                return;
+            }
+        }
+        self.wake_driver();
     }
 
     /// Wakes the driver if it is parked and there is output to write.
@@ -351,7 +412,7 @@ fn message_len(have: &[u8], max: usize) -> Result<usize, Status> {
 }
 
 impl Shared {
-    fn new(limits: ConnLimits) -> Arc<Self> {
+    fn new(limits: ConnLimits, socket: Option<Arc<tokio::net::TcpStream>>) -> Arc<Self> {
         Arc::new(Shared {
             state: Mutex::new(State {
                 conn: Connection::new(settings(limits.max_streams)),
@@ -360,6 +421,8 @@ impl Shared {
                 room: Vec::new(),
                 unwritten: 0,
                 limits,
+                socket,
+                touched: false,
             }),
         })
     }
@@ -394,9 +457,12 @@ enum Job {
 /// with `REFUSED_STREAM`) until the peer closes it, it fails, or
 /// `finishing` fires; then tells the peer to finish (GOAWAY:
 /// streams in flight complete, new ones are refused) and returns once the
-/// last stream has ended.
+/// last stream has ended. `socket`, when given, is the TCP socket under
+/// `io`, which fan-outs then write themselves while the driver has
+/// nothing to write.
 pub(crate) async fn serve<IO>(
     io: IO,
+    socket: Option<Arc<tokio::net::TcpStream>>,
     routes: Routes,
     limits: ConnLimits,
     info: ConnInfo,
@@ -406,7 +472,7 @@ pub(crate) async fn serve<IO>(
 {
     let mut driver = Driver {
         io,
-        shared: Shared::new(limits),
+        shared: Shared::new(limits, socket),
         calls: Calls {
             routes,
             info,
@@ -485,7 +551,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                     Poll::Ready(Ok(0)) => self.read_closed = true,
                     Poll::Ready(Ok(_)) => {
                         self.receive();
+                        let touched = Touched::collect();
                         self.calls.run_jobs(&self.shared);
+                        // This connection's answers leave first: a
+                        // publisher hears back before the notices of its
+                        // publish are written to the subscribers' sockets.
+                        if let Poll::Ready(Err(e)) = self.poll_write(cx) {
+                            tracing::debug!(error = %e, "connection write failed");
+                            return Poll::Ready(());
+                        }
+                        drop(touched);
                         read = true;
                     }
                     Poll::Ready(Err(e)) => {
@@ -603,6 +678,34 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
             slot.wake();
         }
         state.room.clear();
+        state.socket = None;
+    }
+}
+
+/// Collects the connections that fan-outs touch on this thread
+/// ([`TOUCHED`]) from its making, and writes each of them once when
+/// dropped (even by a panic, so none is left marked).
+struct Touched {
+    /// The list that was there before (`None` but in nested use).
+    previous: Option<Vec<Arc<Shared>>>,
+}
+
+impl Touched {
+    fn collect() -> Self {
+        Touched {
+            previous: TOUCHED.replace(Some(Vec::new())),
+        }
+    }
+}
+
+impl Drop for Touched {
+    fn drop(&mut self) {
+        let touched = TOUCHED.replace(self.previous.take()).unwrap_or_default();
+        for shared in touched {
+            let mut state = shared.lock();
+            state.touched = false;
+            state.write_through();
+        }
     }
 }
 
@@ -1232,7 +1335,7 @@ impl Express for ExpressStream {
         match frame(&message, self.max_message, "a Watch message") {
             Ok(frame) => {
                 state.conn.send_data(self.stream, frame);
-                state.wake_driver();
+                state.touched(&self.shared);
                 Wrote::Written
             }
             Err(status) => {
@@ -1324,7 +1427,7 @@ mod tests {
             max_streams,
             ..ConnLimits::default()
         };
-        let task = tokio::spawn(serve(server_io, routes, limits, info, finishing));
+        let task = tokio::spawn(serve(server_io, None, routes, limits, info, finishing));
         (client_io, finish, task)
     }
 
@@ -1477,7 +1580,7 @@ mod tests {
     /// Reads the server's frames, handing each whole one to `each`, until
     /// `each` has seen what it waits for; the server has 5 s to send it.
     async fn read_frames(
-        client: &mut tokio::io::DuplexStream,
+        client: &mut (impl AsyncRead + Unpin),
         mut each: impl FnMut(&crate::http2::frame::Head, &[u8]) -> bool,
     ) {
         use crate::http2::frame::{Head, HEAD_LEN};
@@ -1521,7 +1624,7 @@ mod tests {
     /// `settings` and a connection window `window` above the default, and
     /// reads until its first message (it is registered).
     async fn open_watch(
-        client: &mut tokio::io::DuplexStream,
+        client: &mut (impl AsyncRead + AsyncWrite + Unpin),
         settings: &[(u16, u32)],
         window: u32,
     ) {
@@ -1573,9 +1676,6 @@ mod tests {
     /// them comes after them and covers them.
     #[tokio::test]
     async fn notices_written_by_publishes_arrive_in_order_before_progress() {
-        use crate::http2::frame::{self, kind};
-        use tokio::io::AsyncWriteExt;
-
         let (routes, store) = routes();
         let (mut client, _finish, _) = served_with(routes, 100);
         open_watch(&mut client, &[], 0).await;
@@ -1585,6 +1685,26 @@ mod tests {
         for round in 0..20 {
             last_seq = store.publish(&changes(round, 5)).expect("a publish").seq;
         }
+        ask_progress(&mut client).await;
+        let through = std::sync::atomic::AtomicU64::new(last_seq);
+        let (seqs, keys, progress_seq) = notices_until_progress(&mut client, &through).await;
+        // Five keys per publish, each publish one seq. The mark comes
+        // after every notice it covers.
+        assert_eq!(seqs.len(), 100, "every notice, once: {seqs:?}");
+        assert_eq!(keys.len(), 100, "every key, once");
+        assert!(
+            seqs.windows(2).all(|w| w[0] <= w[1]),
+            "in seq order: {seqs:?}"
+        );
+        assert_eq!(seqs.last(), Some(&last_seq));
+        assert!(progress_seq >= last_seq, "the mark covers them");
+    }
+
+    /// Asks the Watch stream on stream 1 for a progress mark.
+    async fn ask_progress(client: &mut (impl AsyncWrite + Unpin)) {
+        use crate::http2::frame;
+        use tokio::io::AsyncWriteExt;
+
         let mut out = BytesMut::new();
         let progress = pb::WatchRequest {
             request: Some(pb::watch_request::Request::Progress(pb::ProgressRequest {})),
@@ -1596,12 +1716,23 @@ mod tests {
             false,
         );
         client.write_all(&out).await.expect("written");
+    }
+
+    /// Reads the notices of the Watch stream on stream 1 until a progress
+    /// mark at or past `through` (once it is set above 0): their seqs in
+    /// arrival order, their keys, and the mark's seq.
+    async fn notices_until_progress(
+        client: &mut (impl AsyncRead + Unpin),
+        through: &std::sync::atomic::AtomicU64,
+    ) -> (Vec<u64>, std::collections::HashSet<String>, u64) {
+        use crate::http2::frame::kind;
+        use std::sync::atomic::Ordering;
 
         let mut body = BytesMut::new();
         let mut seqs = Vec::new();
         let mut keys = std::collections::HashSet::new();
         let mut progress_seq = None;
-        read_frames(&mut client, |head, payload| {
+        read_frames(client, |head, payload| {
             if head.kind != kind::DATA || head.stream != 1 {
                 return false;
             }
@@ -1615,26 +1746,115 @@ mod tests {
                 body.advance(5 + len);
                 match message.response {
                     Some(pb::watch_response::Response::Notices(batch)) => {
-                        assert!(progress_seq.is_none(), "a notice after the progress mark");
                         seqs.extend(batch.notices.iter().map(|n| n.seq));
                         keys.extend(batch.notices.into_iter().map(|n| n.key));
                     }
-                    Some(pb::watch_response::Response::Progress(p)) => progress_seq = Some(p.seq),
+                    Some(pb::watch_response::Response::Progress(p)) => {
+                        let through = through.load(Ordering::Acquire);
+                        if through > 0 && p.seq >= through {
+                            progress_seq = Some(p.seq);
+                            return true;
+                        }
+                    }
                     other => panic!("unexpected {other:?}"),
                 }
             }
-            progress_seq.is_some()
+            false
         })
         .await;
-        // Five keys per publish, each publish one seq.
-        assert_eq!(seqs.len(), 100, "every notice, once: {seqs:?}");
-        assert_eq!(keys.len(), 100, "every key, once");
-        assert!(
-            seqs.windows(2).all(|w| w[0] <= w[1]),
-            "in seq order: {seqs:?}"
-        );
+        (seqs, keys, progress_seq.expect("the mark"))
+    }
+
+    /// Over TCP, a publish from another connection writes a parked Watch
+    /// stream's socket itself (`State::write_through`), and hands what the
+    /// socket does not take to the stream's driver. A client that reads
+    /// nothing while 2,500 notices are published (the socket's buffers are
+    /// 4 KiB a side: it soon takes no more), then reads while 7,500 more
+    /// are, gets each of them once, in seq order, before the progress mark
+    /// it asks for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_write_a_watch_socket_through_and_its_driver_writes_the_rest() {
+        use crate::http2::frame::{setting, MAX_WINDOW};
+        use crate::pb::coordinator_client::CoordinatorClient;
+
+        let (routes, _store) = routes();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a listener");
+        let addr = listener.local_addr().expect("an address");
+        let (_finish, finishing) = watch::channel(());
+        tokio::spawn(async move {
+            while let Ok((socket, remote)) = listener.accept().await {
+                // A small send buffer, which the kernel does not grow: the
+                // socket soon takes no more.
+                socket2::SockRef::from(&socket)
+                    .set_send_buffer_size(4096)
+                    .expect("a small buffer");
+                let info = ConnInfo {
+                    remote: Some(remote),
+                    tls: false,
+                    usage: Default::default(),
+                };
+                let conn = crate::tls::Conn::plain(socket, info.clone());
+                let socket = conn.socket();
+                let (routes, limits) = (routes.clone(), ConnLimits::default());
+                tokio::spawn(serve(conn, socket, routes, limits, info, finishing.clone()));
+            }
+        });
+
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.set_recv_buffer_size(4096).expect("a small buffer");
+        let mut watcher = socket.connect(addr).await.expect("connected");
+        open_watch(
+            &mut watcher,
+            &[(setting::INITIAL_WINDOW_SIZE, MAX_WINDOW)],
+            MAX_WINDOW - 65_535,
+        )
+        .await;
+
+        let mut publisher = CoordinatorClient::connect(format!("http://{addr}"))
+            .await
+            .expect("a publisher");
+        let mut publish = async |round: usize| {
+            let changes = (0..100)
+                .map(|i| pb::Change {
+                    key: format!("k:{round}:{i}"),
+                    ..Default::default()
+                })
+                .collect();
+            let answer = publisher
+                .publish(pb::PublishRequest {
+                    changes,
+                    ..Default::default()
+                })
+                .await
+                .expect("a publish");
+            answer.into_inner().seq
+        };
+        // First the client reads nothing; then it reads as the rest come,
+        // while its driver still has bytes of its own to write.
+        for round in 0..25 {
+            publish(round).await;
+        }
+        let (mut reader, mut writer) = tokio::io::split(watcher);
+        let through = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reading = tokio::spawn({
+            let through = through.clone();
+            async move { notices_until_progress(&mut reader, &through).await }
+        });
+        let mut last_seq = 0;
+        for round in 25..100 {
+            last_seq = publish(round).await;
+        }
+        through.store(last_seq, std::sync::atomic::Ordering::Release);
+        ask_progress(&mut writer).await;
+
+        let (seqs, keys, progress_seq) = reading.await.expect("the reader");
+        assert_eq!(keys.len(), 10_000, "every key, before the mark");
+        assert_eq!(seqs.len(), 10_000, "every notice, once");
+        assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "in seq order");
         assert_eq!(seqs.last(), Some(&last_seq));
-        assert!(progress_seq >= Some(last_seq), "the mark covers them");
+        assert!(progress_seq >= last_seq, "the mark covers them");
     }
 
     /// A client that opens its windows as wide as HTTP/2 allows and then

@@ -585,8 +585,10 @@ pub async fn serve(
             },
         };
         let info = conn.info().clone();
+        let socket = conn.socket();
         tokio::spawn(crate::conn::serve(
             conn,
+            socket,
             routes.clone(),
             limits,
             info,

@@ -205,7 +205,9 @@ pub struct Conn {
 }
 
 enum Io {
-    Plain(TcpStream),
+    /// Shared with the connection's state, through which a fan-out writes
+    /// a parked stream's notices to the socket itself ([`Conn::socket`]).
+    Plain(Arc<TcpStream>),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -213,6 +215,42 @@ impl Conn {
     /// What requests on this connection learn of it.
     pub fn info(&self) -> &ConnInfo {
         &self.info
+    }
+
+    /// A plain connection on `socket`.
+    #[cfg(test)]
+    pub(crate) fn plain(socket: TcpStream, info: ConnInfo) -> Self {
+        Conn {
+            io: Io::Plain(Arc::new(socket)),
+            info,
+        }
+    }
+
+    /// The plain TCP socket under the connection, which others than its
+    /// reader may write (between whole writes of the reader's own:
+    /// `crate::conn` keeps the order); none under TLS, whose records only
+    /// the stream's owner may write.
+    pub(crate) fn socket(&self) -> Option<Arc<TcpStream>> {
+        match &self.io {
+            Io::Plain(s) => Some(s.clone()),
+            Io::Tls(_) => None,
+        }
+    }
+}
+
+/// A shared socket's reads and writes: wait for readiness, then try; a try
+/// that would block clears the readiness, so the next wait registers.
+fn retry<T>(
+    cx: &mut Context<'_>,
+    ready: impl Fn(&mut Context<'_>) -> Poll<io::Result<()>>,
+    mut attempt: impl FnMut() -> io::Result<T>,
+) -> Poll<io::Result<T>> {
+    loop {
+        std::task::ready!(ready(cx))?;
+        match attempt() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
     }
 }
 
@@ -223,7 +261,14 @@ impl AsyncRead for Io {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Plain(s) => {
+                let read = retry(
+                    cx,
+                    |cx| s.poll_read_ready(cx),
+                    || s.try_read(buf.initialize_unfilled()),
+                );
+                read.map_ok(|n| buf.advance(n))
+            }
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -236,7 +281,7 @@ impl AsyncWrite for Io {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Plain(s) => retry(cx, |cx| s.poll_write_ready(cx), || s.try_write(buf)),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -247,28 +292,34 @@ impl AsyncWrite for Io {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Plain(s) => retry(
+                cx,
+                |cx| s.poll_write_ready(cx),
+                || s.try_write_vectored(bufs),
+            ),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Io::Plain(s) => s.is_write_vectored(),
+            Io::Plain(_) => true,
             Io::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Plain(_) => Poll::Ready(Ok(())),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Plain(s) => {
+                Poll::Ready(socket2::SockRef::from(s.as_ref()).shutdown(std::net::Shutdown::Write))
+            }
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
@@ -348,7 +399,7 @@ pub fn incoming(
             match &tls {
                 None => {
                     let conn = Conn {
-                        io: Io::Plain(socket),
+                        io: Io::Plain(Arc::new(socket)),
                         info,
                     };
                     if tx.send(conn).await.is_err() {
