@@ -13,6 +13,14 @@
 //! held across an `.await`, and the answers that one read brought in leave
 //! in one write.
 //!
+//! A publish writes the notices of a parked Watch stream itself
+//! (`ExpressStream`, driven by a [`crate::fanout::Delivery`]): under the
+//! lock it adds the message to the output and, on plain TCP, writes the
+//! output to the socket with one non-blocking write, as long as the driver
+//! holds nothing of its own to write (so the bytes keep their order). What
+//! the socket does not take is left to the driver, which is woken for it.
+//! A notice then costs no wake-up of the stream's task or of the driver.
+//!
 //! The unary calls the router serves itself (`Check`, `CheckBatch`,
 //! `Publish`, `Fill`, `Lease`) are admitted from their head (deadline,
 //! encoding, token), their one message is collected as its DATA frames
@@ -100,14 +108,6 @@ fn settings(max_streams: u32) -> Config {
 const READ_BYTES: usize = 32 * 1024;
 
 thread_local! {
-    /// The connections that fan-outs added notices to while a driver on
-    /// this thread ran the calls of its last read (`None` at other times):
-    /// each is written once those calls return ([`Touched`]), so a
-    /// publish writes every parked subscriber's socket itself, once per
-    /// connection, after its fan-out has let go of the hub's locks.
-    static TOUCHED: std::cell::RefCell<Option<Vec<Arc<Shared>>>> =
-        const { std::cell::RefCell::new(None) };
-
     /// Where a connection's socket is read into, shared by the connections
     /// a thread drives (a read copies what it got into the connection's
     /// input at once), so an idle connection holds no read buffer.
@@ -138,8 +138,6 @@ struct State {
     /// the socket in order either way. None under TLS, and once the driver
     /// is done.
     socket: Option<Arc<tokio::net::TcpStream>>,
-    /// The connection is in a thread's [`TOUCHED`] list.
-    touched: bool,
 }
 
 impl State {
@@ -188,28 +186,6 @@ impl State {
                 if out.len() < before && !self.room.is_empty() {
                     self.wake_room();
                 }
-            }
-        }
-        self.wake_driver();
-    }
-
-    /// A fan-out added to the output: it is written once the calls a
-    /// driver on this thread runs return, or else by this connection's
-    /// driver, woken now.
-    fn touched(&mut self, shared: &Arc<Shared>) {
-        if self.touched {
-            return;
-        }
-        if self.socket.is_some() {
-            let listed = TOUCHED.with_borrow_mut(|touched| {
-                touched
-                    .as_mut()
-                    .map(|list| list.push(shared.clone()))
-                    .is_some()
-            });
-            if listed {
-                self.touched = true;
-                return;
             }
         }
         self.wake_driver();
@@ -422,7 +398,6 @@ impl Shared {
                 unwritten: 0,
                 limits,
                 socket,
-                touched: false,
             }),
         })
     }
@@ -551,7 +526,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                     Poll::Ready(Ok(0)) => self.read_closed = true,
                     Poll::Ready(Ok(_)) => {
                         self.receive();
-                        let touched = Touched::collect();
+                        let later = crate::fanout::DeliverLater::start();
                         self.calls.run_jobs(&self.shared);
                         // This connection's answers leave first: a
                         // publisher hears back before the notices of its
@@ -560,7 +535,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                             tracing::debug!(error = %e, "connection write failed");
                             return Poll::Ready(());
                         }
-                        drop(touched);
+                        drop(later);
                         read = true;
                     }
                     Poll::Ready(Err(e)) => {
@@ -679,33 +654,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
         }
         state.room.clear();
         state.socket = None;
-    }
-}
-
-/// Collects the connections that fan-outs touch on this thread
-/// ([`TOUCHED`]) from its making, and writes each of them once when
-/// dropped (even by a panic, so none is left marked).
-struct Touched {
-    /// The list that was there before (`None` but in nested use).
-    previous: Option<Vec<Arc<Shared>>>,
-}
-
-impl Touched {
-    fn collect() -> Self {
-        Touched {
-            previous: TOUCHED.replace(Some(Vec::new())),
-        }
-    }
-}
-
-impl Drop for Touched {
-    fn drop(&mut self) {
-        let touched = TOUCHED.replace(self.previous.take()).unwrap_or_default();
-        for shared in touched {
-            let mut state = shared.lock();
-            state.touched = false;
-            state.write_through();
-        }
     }
 }
 
@@ -1335,7 +1283,7 @@ impl Express for ExpressStream {
         match frame(&message, self.max_message, "a Watch message") {
             Ok(frame) => {
                 state.conn.send_data(self.stream, frame);
-                state.touched(&self.shared);
+                state.write_through();
                 Wrote::Written
             }
             Err(status) => {

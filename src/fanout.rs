@@ -6,7 +6,12 @@
 //! order), calls [`Hub::fanout`]: the notices go into the history, then into
 //! the queue of every subscriber that tracks the key or watches a prefix of
 //! it, then `fanned` moves to the publish's seq. Each stream's task drains its
-//! queue and writes batches to the network at the client's pace.
+//! queue and writes batches to the network at the client's pace; a stream
+//! whose task is parked with nothing queued is written by the publish
+//! instead, through its [`Express`] writer: the fan-out claims it and
+//! returns a [`Delivery`], which writes it once the publish has let go of
+//! the sequencer (or, on a connection's driver, once the driver has
+//! answered the calls of its read: [`DeliverLater`]).
 //!
 //! # Slow consumers
 //! A queue holds at most `queue_notices` live notices and `queue_bytes`
@@ -21,8 +26,9 @@
 //! # Locks
 //! Order: store sequencer -> `routes` -> `history` -> one subscriber's
 //! `queue` or `filters`. The stream task takes a queue lock alone, or
-//! `history` alone, or the store's shard locks alone. No lock is held across
-//! an `.await`.
+//! `history` alone, or the store's shard locks alone. A delivery takes a
+//! stream's connection lock, then its queue lock, and holds no lock of the
+//! hub's. No lock is held across an `.await`.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -198,6 +204,9 @@ struct Queue {
     /// The stream's writer, when a fan-out may write through it
     /// ([`Subscriber::set_express`]).
     express: Option<Arc<dyn Express>>,
+    /// Batches written and not yet acknowledged: kept under the lock a
+    /// writer holds anyway when it takes the batch.
+    sent: Sent,
 }
 
 impl Queue {
@@ -328,6 +337,76 @@ impl Queue {
     }
 }
 
+/// The streams a fan-out claimed to write itself: parked streams with an
+/// [`Express`] writer, whose `busy` it holds. Dropping it writes their
+/// notices (and wakes the task of each stream it could not write all of),
+/// or, within a [`DeliverLater`] on this thread, leaves that to it. Drop
+/// it after the locks its fan-out ran under: a notice costs a socket write
+/// here, and other publishes need not wait for those.
+#[derive(Default)]
+#[must_use = "dropping it writes the notices"]
+pub struct Delivery {
+    claimed: Vec<Claim>,
+}
+
+/// A stream a fan-out holds `busy` for, and its writer.
+type Claim = (Arc<Subscriber>, Arc<dyn Express>);
+
+thread_local! {
+    /// The claims of the deliveries dropped within a [`DeliverLater`].
+    static LATER: std::cell::RefCell<Option<Vec<Claim>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.claimed.is_empty() {
+            return;
+        }
+        LATER.with_borrow_mut(|later| {
+            if let Some(later) = later {
+                later.append(&mut self.claimed);
+            }
+        });
+        deliver(&mut self.claimed);
+    }
+}
+
+/// Writes each claimed stream through its express writer, in turn.
+fn deliver(claimed: &mut Vec<Claim>) {
+    let mut batch = Vec::new();
+    for (sub, express) in claimed.drain(..) {
+        if !sub.express(&*express, &mut batch) {
+            sub.wake.notify_one();
+        }
+    }
+}
+
+/// Holds the [`Delivery`]s dropped on this thread from its making until it
+/// is dropped, and runs them then: a connection's driver answers the calls
+/// of one read (a publisher hears back) before their notices are written.
+/// Dropped by a panic too, so no claim is left held.
+pub struct DeliverLater {
+    /// What was held before (`None` but in nested use).
+    previous: Option<Vec<Claim>>,
+}
+
+impl DeliverLater {
+    /// Starts holding this thread's deliveries.
+    pub fn start() -> Self {
+        DeliverLater {
+            previous: LATER.replace(Some(Vec::new())),
+        }
+    }
+}
+
+impl Drop for DeliverLater {
+    fn drop(&mut self) {
+        let mut claimed = LATER.replace(self.previous.take()).unwrap_or_default();
+        deliver(&mut claimed);
+    }
+}
+
 /// What an [`Express`] writer did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wrote {
@@ -382,8 +461,6 @@ pub struct Subscriber {
     /// What the stream wants.
     pub filters: Mutex<Filters>,
     acked: AtomicU64,
-    /// Batches written and not yet acknowledged.
-    sent: Mutex<Sent>,
     /// Event-to-acknowledgement delay of the last acknowledged batch, ms.
     ack_delay_ms: AtomicU64,
     /// Repair notices sent after a missed invalidation, awaiting an ack:
@@ -418,6 +495,53 @@ struct Resolved {
 }
 
 impl Sent {
+    /// Notes a batch written to the stream: its delays to `written`, and
+    /// what its acknowledgement will be measured from.
+    fn record(&mut self, metrics: &Metrics, notices: &[Arc<Notice>]) {
+        let (Some(last), Some(oldest)) = (
+            notices.last().map(|n| n.seq),
+            notices.iter().min_by_key(|n| n.event_time_ms),
+        ) else {
+            return;
+        };
+        if metrics.enabled() {
+            // One clock read per batch, and one record per run of notices
+            // in a namespace.
+            let now = unix_ms();
+            let mut tally = Tally::default();
+            let mut run: Option<BatchHistogram> = None;
+            for n in notices {
+                if let Some(histogram) = &self.resolve(metrics, &n.key).written {
+                    if !run.as_ref().is_some_and(|r| r.same(histogram)) {
+                        if let Some(done) = run.replace(histogram.clone()) {
+                            done.add(&mut tally);
+                        }
+                    }
+                    let delay = now.saturating_sub(n.event_time_ms) as f64 / 1000.0;
+                    histogram.tally(&mut tally, delay);
+                }
+            }
+            if let Some(done) = run {
+                done.add(&mut tally);
+            }
+        }
+        self.resolve(metrics, &oldest.key);
+        let label = &self.last.as_ref().expect("just resolved").label;
+        // A full record makes room by its oldest entry, whose label is
+        // mostly this one: reused, it costs no reference count.
+        let reused = if self.batches.len() == SENT_BATCHES {
+            self.batches
+                .pop_front()
+                .map(|(_, _, old)| old)
+                .filter(|old| old.same(label))
+        } else {
+            None
+        };
+        let namespace = reused.unwrap_or_else(|| label.clone());
+        self.batches
+            .push_back((last, oldest.event_time_ms, namespace));
+    }
+
     /// The label and histogram of `key`'s namespace.
     fn resolve(&mut self, metrics: &Metrics, key: &str) -> &Resolved {
         let name = crate::policy::namespace(key);
@@ -484,7 +608,8 @@ impl Subscriber {
     pub fn ack(&self, seq: u64) {
         self.acked.fetch_max(seq, Ordering::Relaxed);
         {
-            let mut sent = self.sent.lock();
+            let mut queue = self.queue.lock();
+            let sent = &mut queue.sent;
             let mut oldest = None;
             while sent.batches.front().is_some_and(|(s, _, _)| *s <= seq) {
                 let (_, event, namespace) = sent.batches.pop_front().expect("checked");
@@ -541,40 +666,7 @@ impl Subscriber {
 
     /// Notes a batch written to the stream, for acknowledgement delays.
     pub fn sent(&self, notices: &[Arc<Notice>]) {
-        let (Some(last), Some(oldest)) = (
-            notices.last().map(|n| n.seq),
-            notices.iter().min_by_key(|n| n.event_time_ms),
-        ) else {
-            return;
-        };
-        let mut sent = self.sent.lock();
-        if self.metrics.enabled() {
-            // One clock read per batch, and one record per run of notices
-            // in a namespace.
-            let now = unix_ms();
-            let mut tally = Tally::default();
-            let mut run: Option<BatchHistogram> = None;
-            for n in notices {
-                if let Some(histogram) = &sent.resolve(&self.metrics, &n.key).written {
-                    if !run.as_ref().is_some_and(|r| r.same(histogram)) {
-                        if let Some(done) = run.replace(histogram.clone()) {
-                            done.add(&mut tally);
-                        }
-                    }
-                    let delay = now.saturating_sub(n.event_time_ms) as f64 / 1000.0;
-                    histogram.tally(&mut tally, delay);
-                }
-            }
-            if let Some(done) = run {
-                done.add(&mut tally);
-            }
-        }
-        let namespace = sent.resolve(&self.metrics, &oldest.key).label.clone();
-        if sent.batches.len() == SENT_BATCHES {
-            sent.batches.pop_front();
-        }
-        sent.batches
-            .push_back((last, oldest.event_time_ms, namespace));
+        self.queue.lock().sent.record(&self.metrics, notices);
     }
 
     /// Lets fan-outs write this stream's live notices through `express`
@@ -629,12 +721,15 @@ impl Subscriber {
                 return None;
             }
             queue.drain(usize::MAX, batch);
+            if batch.is_empty() {
+                return None;
+            }
+            // `next` is asked for a message only when the stream has room
+            // for it: the batch is written.
+            queue.sent.record(&self.metrics, batch);
             drop(queue);
-            (!batch.is_empty()).then(|| crate::watch::live_batch(batch, self))
+            Some(crate::watch::live_batch(batch, self))
         });
-        if wrote == Wrote::Written {
-            self.sent(batch);
-        }
         let mut queue = self.queue.lock();
         queue.busy = false;
         matches!(wrote, Wrote::Written | Wrote::Nothing)
@@ -877,11 +972,14 @@ impl Hub {
     }
 
     /// Records the notices of one mutation (all with the same seq) and queues
-    /// them for every stream that wants them. Called in seq order.
-    pub fn fanout(&self, seq: u64, notices: Vec<Notice>) {
+    /// them for every stream that wants them. Called in seq order. The
+    /// parked streams among them are written by the [`Delivery`] returned,
+    /// once it is dropped: after the caller has let go of its locks.
+    pub fn fanout(&self, seq: u64, notices: Vec<Notice>) -> Delivery {
+        let mut delivery = Delivery::default();
         if notices.is_empty() {
             self.fanned.store(seq, Ordering::Release);
-            return;
+            return delivery;
         }
         let notices: Vec<Arc<Notice>> = notices.into_iter().map(Arc::new).collect();
         {
@@ -940,7 +1038,6 @@ impl Hub {
                 })
                 .collect();
             let (mut conflations, mut overflows) = (0, 0);
-            let mut batch = Vec::new();
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
                 let express = {
@@ -958,11 +1055,12 @@ impl Hub {
                     }
                     queue.claim_express()
                 };
-                // A parked stream's notices are written here, without a
-                // trip through its task; the task is woken for anything
-                // else.
-                if !express.is_some_and(|x| sub.express(&*x, &mut batch)) {
-                    sub.wake.notify_one();
+                // A parked stream's notices are written by the delivery,
+                // without a trip through its task; the task is woken for
+                // anything else.
+                match express {
+                    Some(express) => delivery.claimed.push((sub.clone(), express)),
+                    None => sub.wake.notify_one(),
                 }
             }
             for (histogram, delay, delivered) in delays.into_iter().flatten() {
@@ -972,6 +1070,7 @@ impl Hub {
             self.overflows.fetch_add(overflows, Ordering::Relaxed);
         }
         self.fanned.store(seq, Ordering::Release);
+        delivery
     }
 
     /// Registers a stream with its first filters, atomically with respect to
@@ -1032,11 +1131,11 @@ impl Hub {
                 client_news: false,
                 busy: true,
                 express: None,
+                sent: Sent::default(),
             }),
             wake: Notify::new(),
             filters: Mutex::new(Filters::default()),
             acked: AtomicU64::new(resume.map_or(now, |(_, s)| s)),
-            sent: Mutex::new(Sent::default()),
             ack_delay_ms: AtomicU64::new(0),
             repairs_awaiting_ack: Mutex::new(VecDeque::new()),
             repairs_awaiting_fill: Mutex::new(HashMap::with_hasher(KeyHash)),
@@ -1355,6 +1454,7 @@ mod tests {
             client_news: false,
             busy: true,
             express: None,
+            sent: Sent::default(),
         }
     }
 
@@ -1478,7 +1578,8 @@ mod tests {
                 None,
             )
             .unwrap();
-        hub.fanout(
+        // No express writer: nothing is claimed, all is queued.
+        let _delivery = hub.fanout(
             1,
             vec![
                 Notice {

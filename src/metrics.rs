@@ -39,6 +39,14 @@ use crate::store::Store;
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Label(Arc<str>);
 
+impl Label {
+    /// Whether `other` is this very label (the interner hands out one per
+    /// value).
+    pub fn same(&self, other: &Label) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 impl EncodeLabelValue for Label {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
         EncodeLabelValue::encode(&&*self.0, encoder)

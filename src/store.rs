@@ -41,7 +41,7 @@ use hashbrown::{HashMap, HashSet, HashTable};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
-use crate::fanout::{Hub, HubConfig, Notice, WireCache};
+use crate::fanout::{Delivery, Hub, HubConfig, Notice, WireCache};
 use crate::lease::{LeaseOutcome, Leases};
 use crate::log::{Log, Record};
 use crate::metrics::Metrics;
@@ -831,7 +831,7 @@ impl Store {
         }
         // Seqs continue past the log's reservation: nothing names them.
         self.applied.store(end, Ordering::Release);
-        self.hub.fanout(end, Vec::new());
+        let _nothing_to_deliver = self.hub.fanout(end, Vec::new());
     }
 
     /// The whole state as a snapshot of seq `seq`: its meta and one entry
@@ -1005,7 +1005,7 @@ impl Store {
             self.hub
                 .restore_history(meta.history_floor, notices, meta.seq);
         } else {
-            self.hub.fanout(meta.seq, Vec::new());
+            let _nothing_to_deliver = self.hub.fanout(meta.seq, Vec::new());
         }
     }
 
@@ -1027,9 +1027,11 @@ impl Store {
                     })
                     .collect();
                 let hashes: Vec<u64> = changes.iter().map(|c| hash_key(&c.key)).collect();
-                self.apply_publish(
+                // Replayed notices are delivered here, under the sequencer.
+                let (_, _, delivery) = self.apply_publish(
                     sequencer, seq, &changes, &hashes, &duplicate, &p.origin, now, now_unix,
                 );
+                drop(delivery);
             }
             Some(Body::Fill(f)) => {
                 let spec = FillSpec {
@@ -1133,8 +1135,8 @@ impl Store {
     /// [`Store::publish`] on behalf of `origin`, a client id: Watch streams of
     /// that client with no-loop get no notices of it.
     pub fn publish_from(&self, changes: &[PublishChange], origin: &str) -> Result<PublishOutcome> {
-        let mut sequencer = self.sequencer.lock();
-        let sequencer = &mut *sequencer;
+        let mut guard = self.sequencer.lock();
+        let sequencer = &mut *guard;
         let hashes: Vec<u64> = changes.iter().map(|c| hash_key(&c.key)).collect();
 
         // Duplicates by external version, taking the changes in order.
@@ -1184,7 +1186,7 @@ impl Store {
             },
         )?;
         let now = self.clock.now();
-        let (mut results, total) = self.apply_publish(
+        let (mut results, total, delivery) = self.apply_publish(
             sequencer, seq, changes, &hashes, &duplicate, origin, now, now_unix,
         );
 
@@ -1197,6 +1199,10 @@ impl Store {
                     .map_or(0, |n| n.version);
             }
         }
+        // The parked streams' notices are written with the sequencer let
+        // go: the next publish need not wait for those writes.
+        drop(guard);
+        drop(delivery);
         if total > self.config.max_invalidations_per_publish {
             self.oversized.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -1224,7 +1230,7 @@ impl Store {
         origin: &str,
         now: u64,
         now_unix: u64,
-    ) -> (Vec<ChangeOutcome>, u64) {
+    ) -> (Vec<ChangeOutcome>, u64, Delivery) {
         // Read phase: which shards the walk will touch. The state cannot
         // change under us: we are the only writer.
         self.mark_publish_shards(sequencer, changes, hashes, duplicate);
@@ -1327,8 +1333,8 @@ impl Store {
         drop(shards);
         self.applied_notify.notify_waiters();
         // Still under the sequencer: fan-outs run in seq order.
-        self.hub.fanout(seq, notices);
-        (results, total)
+        let delivery = self.hub.fanout(seq, notices);
+        (results, total, delivery)
     }
 
     /// Marks in `sequencer.needed` every shard a publish of the accepted
