@@ -131,6 +131,11 @@ pub struct Args {
     /// Prefixes one Watch stream may watch [default: 1000]
     #[arg(long, env = "FRESHD_MAX_PREFIXES", value_name = "N")]
     pub max_prefixes: Option<String>,
+    /// A publish that comes sooner than this after the last one's notices
+    /// were written leaves its own to go out with what follows, in fewer
+    /// writes; 0 writes every publish's notices at once [default: 2ms]
+    #[arg(long, env = "FRESHD_WATCH_COALESCE", value_name = "DURATION")]
+    pub watch_coalesce: Option<String>,
     /// How long a fill lease lasts [default: 10s]
     #[arg(long, env = "FRESHD_LEASE_TTL", value_name = "DURATION")]
     pub lease_ttl: Option<String>,
@@ -280,6 +285,7 @@ const FILE_SETTINGS: &[&str] = &[
     "queue_bytes",
     "max_tracked_keys",
     "max_prefixes",
+    "watch_coalesce",
     "lease_ttl",
     "max_wait_for_seq",
     "max_purge_keys",
@@ -854,8 +860,13 @@ impl Config {
         }
         let mut max_wait_for_seq = config.limits.max_wait_for_seq;
         let mut purge_jitter = config.limits.purge_jitter;
-        let durations: [(&str, Option<String>, &mut Duration); 8] = [
+        let durations: [(&str, Option<String>, &mut Duration); 9] = [
             ("lease_ttl", args.lease_ttl, &mut config.store.lease_ttl),
+            (
+                "watch_coalesce",
+                args.watch_coalesce,
+                &mut config.store.hub.coalesce,
+            ),
             (
                 "max_wait_for_seq",
                 args.max_wait_for_seq,
@@ -888,7 +899,10 @@ impl Config {
             if let Some(raw) = file.pick(name, cli)? {
                 let d = parse_duration(name, &raw)?;
                 if d.is_zero()
-                    && !matches!(name, "shutdown_grace" | "max_wait_for_seq" | "purge_jitter")
+                    && !matches!(
+                        name,
+                        "shutdown_grace" | "max_wait_for_seq" | "purge_jitter" | "watch_coalesce"
+                    )
                 {
                     return Err(raw.error(name, "must be above zero"));
                 }

@@ -1268,7 +1268,11 @@ struct ExpressStream {
 }
 
 impl Express for ExpressStream {
-    fn write_now(&self, next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>) -> Wrote {
+    fn write_now(
+        &self,
+        through: bool,
+        next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>,
+    ) -> Wrote {
         let mut state = self.shared.lock();
         let state = &mut *state;
         if !state.slots.contains_key(&self.stream) {
@@ -1283,7 +1287,11 @@ impl Express for ExpressStream {
         match frame(&message, self.max_message, "a Watch message") {
             Ok(frame) => {
                 state.conn.send_data(self.stream, frame);
-                state.write_through();
+                if through {
+                    state.write_through();
+                } else {
+                    state.wake_driver();
+                }
                 Wrote::Written
             }
             Err(status) => {
@@ -1324,10 +1332,12 @@ mod tests {
     /// The Coordinator's routes over an in-memory store, without tokens,
     /// and the store.
     fn routes() -> (Routes, Arc<Store>) {
-        let store = Arc::new(Store::new(
-            StoreConfig::default(),
-            Box::new(MemoryLog::with_epoch(7)),
-        ));
+        routes_with(StoreConfig::default())
+    }
+
+    /// As [`routes`], over a store made with `config`.
+    fn routes_with(config: StoreConfig) -> (Routes, Arc<Store>) {
+        let store = Arc::new(Store::new(config, Box::new(MemoryLog::with_epoch(7))));
         let interceptor = Interceptor::new(
             Arc::new(Auth::new(&AuthConfig::default())),
             store.metrics().clone(),
@@ -1635,7 +1645,7 @@ mod tests {
         }
         ask_progress(&mut client).await;
         let through = std::sync::atomic::AtomicU64::new(last_seq);
-        let (seqs, keys, progress_seq) = notices_until_progress(&mut client, &through).await;
+        let (seqs, keys, progress_seq) = notices_until_progress(&mut client, &through, None).await;
         // Five keys per publish, each publish one seq. The mark comes
         // after every notice it covers.
         assert_eq!(seqs.len(), 100, "every notice, once: {seqs:?}");
@@ -1645,7 +1655,7 @@ mod tests {
             "in seq order: {seqs:?}"
         );
         assert_eq!(seqs.last(), Some(&last_seq));
-        assert!(progress_seq >= last_seq, "the mark covers them");
+        assert!(progress_seq >= Some(last_seq), "the mark covers them");
     }
 
     /// Asks the Watch stream on stream 1 for a progress mark.
@@ -1667,12 +1677,15 @@ mod tests {
     }
 
     /// Reads the notices of the Watch stream on stream 1 until a progress
-    /// mark at or past `through` (once it is set above 0): their seqs in
-    /// arrival order, their keys, and the mark's seq.
+    /// mark at or past `through` (once it is set above 0), or, given
+    /// `keys`, until that many keys have come: their seqs in arrival order,
+    /// their keys, and the mark's seq. Fails if the server sends nothing
+    /// for 5 s meanwhile.
     async fn notices_until_progress(
         client: &mut (impl AsyncRead + Unpin),
         through: &std::sync::atomic::AtomicU64,
-    ) -> (Vec<u64>, std::collections::HashSet<String>, u64) {
+        keys_wanted: Option<usize>,
+    ) -> (Vec<u64>, std::collections::HashSet<String>, Option<u64>) {
         use crate::http2::frame::kind;
         use std::sync::atomic::Ordering;
 
@@ -1696,6 +1709,9 @@ mod tests {
                     Some(pb::watch_response::Response::Notices(batch)) => {
                         seqs.extend(batch.notices.iter().map(|n| n.seq));
                         keys.extend(batch.notices.into_iter().map(|n| n.key));
+                        if keys_wanted.is_some_and(|n| keys.len() >= n) {
+                            return true;
+                        }
                     }
                     Some(pb::watch_response::Response::Progress(p)) => {
                         let through = through.load(Ordering::Acquire);
@@ -1710,22 +1726,37 @@ mod tests {
             false
         })
         .await;
-        (seqs, keys, progress_seq.expect("the mark"))
+        (seqs, keys, progress_seq)
     }
 
     /// Over TCP, a publish from another connection writes a parked Watch
-    /// stream's socket itself (`State::write_through`), and hands what the
-    /// socket does not take to the stream's driver. A client that reads
-    /// nothing while 2,500 notices are published (the socket's buffers are
-    /// 4 KiB a side: it soon takes no more), then reads while 7,500 more
-    /// are, gets each of them once, in seq order, before the progress mark
-    /// it asks for.
+    /// stream's socket itself (`State::write_through`; `watch_coalesce` is
+    /// zero), and hands what the socket does not take to the stream's
+    /// driver.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publishes_write_a_watch_socket_through_and_its_driver_writes_the_rest() {
+        every_notice_over_tcp(Duration::ZERO).await;
+    }
+
+    /// Publishes in close succession (all but the first, with an hour's
+    /// `watch_coalesce`) leave their notices to the connection's driver.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_close_behind_others_leave_their_notices_to_the_driver() {
+        every_notice_over_tcp(Duration::from_secs(3600)).await;
+    }
+
+    /// A Watch client over TCP that reads nothing while 2,500 notices are
+    /// published (the socket's buffers are 4 KiB a side: it soon takes no
+    /// more), then reads while 7,500 more are, gets each of them once, in
+    /// seq order, without asking for anything, and then a progress mark
+    /// that covers them.
+    async fn every_notice_over_tcp(coalesce: Duration) {
         use crate::http2::frame::{setting, MAX_WINDOW};
         use crate::pb::coordinator_client::CoordinatorClient;
 
-        let (routes, _store) = routes();
+        let mut config = StoreConfig::default();
+        config.hub.coalesce = coalesce;
+        let (routes, _store) = routes_with(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a listener");
@@ -1788,21 +1819,26 @@ mod tests {
         let through = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reading = tokio::spawn({
             let through = through.clone();
-            async move { notices_until_progress(&mut reader, &through).await }
+            async move {
+                let read = notices_until_progress(&mut reader, &through, Some(10_000)).await;
+                (read, reader)
+            }
         });
         let mut last_seq = 0;
         for round in 25..100 {
             last_seq = publish(round).await;
         }
-        through.store(last_seq, std::sync::atomic::Ordering::Release);
-        ask_progress(&mut writer).await;
-
-        let (seqs, keys, progress_seq) = reading.await.expect("the reader");
-        assert_eq!(keys.len(), 10_000, "every key, before the mark");
+        let ((seqs, keys, _), mut reader) = reading.await.expect("the reader");
+        assert_eq!(keys.len(), 10_000, "every key");
         assert_eq!(seqs.len(), 10_000, "every notice, once");
         assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "in seq order");
         assert_eq!(seqs.last(), Some(&last_seq));
-        assert!(progress_seq >= last_seq, "the mark covers them");
+
+        through.store(last_seq, std::sync::atomic::Ordering::Release);
+        ask_progress(&mut writer).await;
+        let (more, _, progress_seq) = notices_until_progress(&mut reader, &through, None).await;
+        assert_eq!(more, Vec::<u64>::new(), "nothing more");
+        assert!(progress_seq >= Some(last_seq), "the mark covers them");
     }
 
     /// A client that opens its windows as wide as HTTP/2 allows and then

@@ -33,6 +33,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use hashbrown::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
@@ -126,6 +127,11 @@ pub struct HubConfig {
     pub max_tracked_keys: usize,
     /// Most prefixes one stream may watch.
     pub max_prefixes: usize,
+    /// A fan-out that begins sooner than this after the last one's writes
+    /// finished leaves its messages to the connections' drivers, to go out
+    /// with what follows in fewer writes; zero writes every fan-out's
+    /// messages with it.
+    pub coalesce: std::time::Duration,
 }
 
 impl Default for HubConfig {
@@ -137,6 +143,7 @@ impl Default for HubConfig {
             queue_bytes: 16 << 20,
             max_tracked_keys: 100_000,
             max_prefixes: 1_000,
+            coalesce: std::time::Duration::from_millis(2),
         }
     }
 }
@@ -347,14 +354,16 @@ impl Queue {
 #[must_use = "dropping it writes the notices"]
 pub struct Delivery {
     claimed: Vec<Claim>,
+    /// The hub's note of when its last writes finished.
+    written: Option<Arc<AtomicU64>>,
 }
 
 /// A stream a fan-out holds `busy` for, and its writer.
 type Claim = (Arc<Subscriber>, Arc<dyn Express>);
 
 thread_local! {
-    /// The claims of the deliveries dropped within a [`DeliverLater`].
-    static LATER: std::cell::RefCell<Option<Vec<Claim>>> =
+    /// The deliveries dropped within a [`DeliverLater`].
+    static LATER: std::cell::RefCell<Option<Vec<Delivery>>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -363,23 +372,33 @@ impl Drop for Delivery {
         if self.claimed.is_empty() {
             return;
         }
+        let mut held = Some(Delivery {
+            claimed: std::mem::take(&mut self.claimed),
+            written: self.written.take(),
+        });
         LATER.with_borrow_mut(|later| {
             if let Some(later) = later {
-                later.append(&mut self.claimed);
+                later.extend(held.take());
             }
         });
-        deliver(&mut self.claimed);
+        if let Some(mut delivery) = held {
+            let mut batch = Vec::new();
+            for (sub, express) in delivery.claimed.drain(..) {
+                if !sub.express(&*express, true, &mut batch) {
+                    sub.wake.notify_one();
+                }
+            }
+            if let Some(written) = &delivery.written {
+                written.store(micros(), Ordering::Relaxed);
+            }
+        }
     }
 }
 
-/// Writes each claimed stream through its express writer, in turn.
-fn deliver(claimed: &mut Vec<Claim>) {
-    let mut batch = Vec::new();
-    for (sub, express) in claimed.drain(..) {
-        if !sub.express(&*express, &mut batch) {
-            sub.wake.notify_one();
-        }
-    }
+/// Microseconds since the first call, plus one (0 means never).
+fn micros() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
 }
 
 /// Holds the [`Delivery`]s dropped on this thread from its making until it
@@ -388,7 +407,7 @@ fn deliver(claimed: &mut Vec<Claim>) {
 /// Dropped by a panic too, so no claim is left held.
 pub struct DeliverLater {
     /// What was held before (`None` but in nested use).
-    previous: Option<Vec<Claim>>,
+    previous: Option<Vec<Delivery>>,
 }
 
 impl DeliverLater {
@@ -402,8 +421,8 @@ impl DeliverLater {
 
 impl Drop for DeliverLater {
     fn drop(&mut self) {
-        let mut claimed = LATER.replace(self.previous.take()).unwrap_or_default();
-        deliver(&mut claimed);
+        // Restored first: dropped now, each delivery writes.
+        drop(LATER.replace(self.previous.take()));
     }
 }
 
@@ -429,8 +448,15 @@ pub trait Express: Send + Sync {
     /// If the stream is there and has room, writes the message `next`
     /// makes (`next` is given the largest message allowed, and answers
     /// `None` when it has nothing that fits). `next` runs under the
-    /// stream's connection lock and takes the queue's.
-    fn write_now(&self, next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>) -> Wrote;
+    /// stream's connection lock and takes the queue's. With `through`,
+    /// the writer sends the message on to the network itself, if it can;
+    /// otherwise it leaves that to whoever writes its connection, to go out
+    /// with what else gathers meanwhile.
+    fn write_now(
+        &self,
+        through: bool,
+        next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>,
+    ) -> Wrote;
 }
 
 /// What a stream asked to receive.
@@ -711,9 +737,9 @@ impl Subscriber {
     /// Writes the queue through `express` (this fan-out holds `busy`), then
     /// gives `busy` back. True when that is all the stream needs: nothing
     /// is left queued and nothing failed; otherwise its task must be woken.
-    fn express(&self, express: &dyn Express, batch: &mut Vec<Arc<Notice>>) -> bool {
+    fn express(&self, express: &dyn Express, through: bool, batch: &mut Vec<Arc<Notice>>) -> bool {
         batch.clear();
-        let wrote = express.write_now(&mut |max_message| {
+        let wrote = express.write_now(through, &mut |max_message| {
             let mut queue = self.queue.lock();
             // `bytes` counts more than a notice's encoding takes, so a
             // queue within the limit makes a message within it.
@@ -869,6 +895,9 @@ pub struct Hub {
     history: Mutex<History>,
     /// The last seq whose notices were all queued.
     fanned: AtomicU64,
+    /// When the last fan-out's writes finished ([`micros`]; 0: never).
+    written: Arc<AtomicU64>,
+    coalesce_micros: u64,
     next_id: AtomicU64,
     /// Whether a stream ever subscribed: until then no notice is built or
     /// kept. Set under the store's sequencer (see `Store::subscribe`).
@@ -891,6 +920,8 @@ impl Hub {
                 ..History::default()
             }),
             fanned: AtomicU64::new(seq),
+            written: Arc::new(AtomicU64::new(0)),
+            coalesce_micros: config.coalesce.as_micros() as u64,
             next_id: AtomicU64::new(1),
             recording: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -1038,6 +1069,16 @@ impl Hub {
                 })
                 .collect();
             let (mut conflations, mut overflows) = (0, 0);
+            // A fan-out that comes close behind the last one's writes (a
+            // publisher at full speed) adds the parked streams' messages
+            // here and leaves them to their connections' drivers, which
+            // write what gathers meanwhile at once: one socket write per
+            // message and subscriber would cost more than the latency it
+            // saves. Otherwise each goes to the network with the
+            // delivery, after the locks.
+            let written = self.written.load(Ordering::Relaxed);
+            let busy = written > 0 && micros().saturating_sub(written) < self.coalesce_micros;
+            let mut batch = Vec::new();
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
                 let express = {
@@ -1059,6 +1100,11 @@ impl Hub {
                 // without a trip through its task; the task is woken for
                 // anything else.
                 match express {
+                    Some(express) if busy => {
+                        if !sub.express(&*express, false, &mut batch) {
+                            sub.wake.notify_one();
+                        }
+                    }
                     Some(express) => delivery.claimed.push((sub.clone(), express)),
                     None => sub.wake.notify_one(),
                 }
@@ -1068,6 +1114,8 @@ impl Hub {
             }
             self.conflations.fetch_add(conflations, Ordering::Relaxed);
             self.overflows.fetch_add(overflows, Ordering::Relaxed);
+            self.written.store(micros(), Ordering::Relaxed);
+            delivery.written = Some(self.written.clone());
         }
         self.fanned.store(seq, Ordering::Release);
         delivery

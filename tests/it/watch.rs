@@ -647,3 +647,28 @@ async fn a_stream_dropped_by_its_client_is_unsubscribed() {
     assert_eq!(keys(&notices).len(), 1, "{notices:?}");
     assert_eq!(notices[0].key, "feed:1");
 }
+
+/// `watch_coalesce` is a duration, zero allowed; nonsense is refused naming
+/// the setting.
+#[test]
+fn watch_coalesce_is_read_and_checked() {
+    use std::time::Duration;
+    let read = |value: &str| {
+        Config::from_args(freshd::config::Args {
+            watch_coalesce: Some(value.into()),
+            ..Default::default()
+        })
+    };
+    assert_eq!(
+        read("5ms").unwrap().store.hub.coalesce,
+        Duration::from_millis(5)
+    );
+    assert_eq!(read("0s").unwrap().store.hub.coalesce, Duration::ZERO);
+    let e = read("soon").unwrap_err();
+    assert_eq!(e.setting, "watch_coalesce", "{e}");
+    assert_eq!(
+        Config::ephemeral().store.hub.coalesce,
+        Duration::from_millis(2),
+        "the default"
+    );
+}
