@@ -133,7 +133,8 @@ pub struct Args {
     pub max_prefixes: Option<String>,
     /// A publish that comes sooner than this after the last one's notices
     /// were written leaves its own to go out with what follows, in fewer
-    /// writes; 0 writes every publish's notices at once [default: 2ms]
+    /// writes, and so do those within four times this of each other after
+    /// it; 0 writes every publish's notices at once [default: 2ms]
     #[arg(long, env = "FRESHD_WATCH_COALESCE", value_name = "DURATION")]
     pub watch_coalesce: Option<String>,
     /// How long a fill lease lasts [default: 10s]

@@ -127,10 +127,11 @@ pub struct HubConfig {
     pub max_tracked_keys: usize,
     /// Most prefixes one stream may watch.
     pub max_prefixes: usize,
-    /// A fan-out that begins sooner than this after the last one's writes
-    /// finished leaves its messages to the connections' drivers, to go out
-    /// with what follows in fewer writes; zero writes every fan-out's
-    /// messages with it.
+    /// A fan-out that begins sooner than this after the last delivery's
+    /// writes finished leaves its messages to the connections' drivers, to
+    /// go out with what follows in fewer writes, and so do the fan-outs
+    /// that follow it within four times this of each other; zero writes
+    /// every fan-out's messages with it.
     pub coalesce: std::time::Duration,
 }
 
@@ -895,8 +896,12 @@ pub struct Hub {
     history: Mutex<History>,
     /// The last seq whose notices were all queued.
     fanned: AtomicU64,
-    /// When the last fan-out's writes finished ([`micros`]; 0: never).
+    /// When the last delivery's writes finished ([`micros`]; 0: never).
     written: Arc<AtomicU64>,
+    /// When the last fan-out to streams began ([`micros`]).
+    last_start: AtomicU64,
+    /// The last fan-out left its messages to the drivers.
+    was_busy: AtomicBool,
     coalesce_micros: u64,
     next_id: AtomicU64,
     /// Whether a stream ever subscribed: until then no notice is built or
@@ -921,6 +926,8 @@ impl Hub {
             }),
             fanned: AtomicU64::new(seq),
             written: Arc::new(AtomicU64::new(0)),
+            last_start: AtomicU64::new(0),
+            was_busy: AtomicBool::new(false),
             coalesce_micros: config.coalesce.as_micros() as u64,
             next_id: AtomicU64::new(1),
             recording: AtomicBool::new(false),
@@ -1076,8 +1083,18 @@ impl Hub {
             // message and subscriber would cost more than the latency it
             // saves. Otherwise each goes to the network with the
             // delivery, after the locks.
+            let now = micros();
             let written = self.written.load(Ordering::Relaxed);
-            let busy = written > 0 && micros().saturating_sub(written) < self.coalesce_micros;
+            let last_start = self.last_start.swap(now, Ordering::Relaxed);
+            // Busy from the first fan-out that comes close behind the last
+            // delivery's writes, for as long as fan-outs keep starting
+            // within four times that of each other (the drivers' writes
+            // of the one before are still going on meanwhile).
+            let busy = self.coalesce_micros > 0
+                && ((written > 0 && now.saturating_sub(written) < self.coalesce_micros)
+                    || (self.was_busy.load(Ordering::Relaxed)
+                        && now.saturating_sub(last_start) < 4 * self.coalesce_micros));
+            self.was_busy.store(busy, Ordering::Relaxed);
             let mut batch = Vec::new();
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
@@ -1114,7 +1131,6 @@ impl Hub {
             }
             self.conflations.fetch_add(conflations, Ordering::Relaxed);
             self.overflows.fetch_add(overflows, Ordering::Relaxed);
-            self.written.store(micros(), Ordering::Relaxed);
             delivery.written = Some(self.written.clone());
         }
         self.fanned.store(seq, Ordering::Release);
