@@ -238,6 +238,31 @@ impl Conn {
     }
 }
 
+/// Reads what `socket` holds into `buf`. A read that does not fill `buf`
+/// took everything there was, so it also clears the read readiness it was
+/// made under (as tokio's own `TcpStream` does): the next poll waits for
+/// the socket instead of trying a read that would block. Readiness that
+/// came after the read is newer and stays.
+fn read_clearing(socket: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let len = buf.len();
+    let mut got = None;
+    let tried = socket.try_io(tokio::io::Interest::READABLE, || {
+        let n = socket.try_read(buf)?;
+        got = Some(n);
+        if n > 0 && n < len {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match (got, tried) {
+        (Some(n), _) => Ok(n),
+        (None, Err(e)) => Err(e),
+        // The closure records every read it makes.
+        (None, Ok(())) => Err(io::ErrorKind::WouldBlock.into()),
+    }
+}
+
 /// A shared socket's reads and writes: wait for readiness, then try; a try
 /// that would block clears the readiness, so the next wait registers.
 fn retry<T>(
@@ -265,7 +290,7 @@ impl AsyncRead for Io {
                 let read = retry(
                     cx,
                     |cx| s.poll_read_ready(cx),
-                    || s.try_read(buf.initialize_unfilled()),
+                    || read_clearing(s, buf.initialize_unfilled()),
                 );
                 read.map_ok(|n| buf.advance(n))
             }
