@@ -513,6 +513,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             let mut read = false;
+            // Held from the calls of a read until this connection's answers
+            // are written: a publisher hears back before the notices of its
+            // publish go to the subscribers' sockets.
+            let mut later = None;
             if !self.read_closed && !self.broken {
                 let io = &mut self.io;
                 let input = &mut self.input;
@@ -526,16 +530,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                     Poll::Ready(Ok(0)) => self.read_closed = true,
                     Poll::Ready(Ok(_)) => {
                         self.receive();
-                        let later = crate::fanout::DeliverLater::start();
+                        later = Some(crate::fanout::DeliverLater::start());
                         self.calls.run_jobs(&self.shared);
-                        // This connection's answers leave first: a
-                        // publisher hears back before the notices of its
-                        // publish are written to the subscribers' sockets.
-                        if let Poll::Ready(Err(e)) = self.poll_write(cx) {
-                            tracing::debug!(error = %e, "connection write failed");
-                            return Poll::Ready(());
-                        }
-                        drop(later);
                         read = true;
                     }
                     Poll::Ready(Err(e)) => {
@@ -549,6 +545,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Driver<IO> {
                 tracing::debug!(error = %e, "connection write failed");
                 return Poll::Ready(());
             }
+            drop(later);
             let mut state = self.shared.lock();
             let idle = self.writing.is_empty() && state.conn.output().is_empty();
             if idle && (self.read_closed || self.broken || state.conn.is_done()) {
