@@ -385,9 +385,7 @@ impl Drop for Delivery {
         if let Some(mut delivery) = held {
             let mut batch = Vec::new();
             for (sub, express) in delivery.claimed.drain(..) {
-                if !sub.express(&*express, true, &mut batch) {
-                    sub.wake.notify_one();
-                }
+                sub.express(&*express, true, &mut batch);
             }
             if let Some(written) = &delivery.written {
                 written.store(micros(), Ordering::Relaxed);
@@ -634,19 +632,21 @@ impl Subscriber {
     /// time of the oldest notice it covers.
     pub fn ack(&self, seq: u64) {
         self.acked.fetch_max(seq, Ordering::Relaxed);
-        {
+        let acked: Vec<(u64, u64, Label)> = {
             let mut queue = self.queue.lock();
-            let sent = &mut queue.sent;
-            let mut oldest = None;
-            while sent.batches.front().is_some_and(|(s, _, _)| *s <= seq) {
-                let (_, event, namespace) = sent.batches.pop_front().expect("checked");
-                self.metrics.invalidation_delay(&namespace, "acked", event);
-                oldest = Some(oldest.map_or(event, |o: u64| o.min(event)));
-            }
-            if let Some(event) = oldest {
-                self.ack_delay_ms
-                    .store(unix_ms().saturating_sub(event), Ordering::Relaxed);
-            }
+            let batches = &mut queue.sent.batches;
+            let n = batches.iter().take_while(|(s, _, _)| *s <= seq).count();
+            batches.drain(..n).collect()
+        };
+        // Recorded with the queue let go: publishes queue notices under it.
+        let mut oldest = None;
+        for (_, event, namespace) in &acked {
+            self.metrics.invalidation_delay(namespace, "acked", *event);
+            oldest = Some(oldest.map_or(*event, |o: u64| o.min(*event)));
+        }
+        if let Some(event) = oldest {
+            self.ack_delay_ms
+                .store(unix_ms().saturating_sub(event), Ordering::Relaxed);
         }
         let mut awaiting = self.repairs_awaiting_ack.lock();
         while awaiting.front().is_some_and(|(s, _)| *s <= seq) {
@@ -736,9 +736,9 @@ impl Subscriber {
     }
 
     /// Writes the queue through `express` (this fan-out holds `busy`), then
-    /// gives `busy` back. True when that is all the stream needs: nothing
-    /// is left queued and nothing failed; otherwise its task must be woken.
-    fn express(&self, express: &dyn Express, through: bool, batch: &mut Vec<Arc<Notice>>) -> bool {
+    /// gives `busy` back, and wakes the stream's task unless that was all
+    /// the stream needed (nothing left queued, nothing failed).
+    fn express(&self, express: &dyn Express, through: bool, batch: &mut Vec<Arc<Notice>>) {
         batch.clear();
         let wrote = express.write_now(through, &mut |max_message| {
             let mut queue = self.queue.lock();
@@ -757,11 +757,16 @@ impl Subscriber {
             drop(queue);
             Some(crate::watch::live_batch(batch, self))
         });
-        let mut queue = self.queue.lock();
-        queue.busy = false;
-        matches!(wrote, Wrote::Written | Wrote::Nothing)
-            && queue.live == 0
-            && queue.state == State::Live
+        let done = {
+            let mut queue = self.queue.lock();
+            queue.busy = false;
+            matches!(wrote, Wrote::Written | Wrote::Nothing)
+                && queue.live == 0
+                && queue.state == State::Live
+        };
+        if !done {
+            self.wake.notify_one();
+        }
     }
 
     /// Notes that the client's side of the stream has news (a request, or
@@ -1117,11 +1122,7 @@ impl Hub {
                 // without a trip through its task; the task is woken for
                 // anything else.
                 match express {
-                    Some(express) if busy => {
-                        if !sub.express(&*express, false, &mut batch) {
-                            sub.wake.notify_one();
-                        }
-                    }
+                    Some(express) if busy => sub.express(&*express, false, &mut batch),
                     Some(express) => delivery.claimed.push((sub.clone(), express)),
                     None => sub.wake.notify_one(),
                 }
