@@ -384,13 +384,37 @@ impl Drop for Delivery {
         });
         if let Some(mut delivery) = held {
             let mut batch = Vec::new();
+            let mut clock = Clock::default();
             for (sub, express) in delivery.claimed.drain(..) {
-                sub.express(&*express, true, &mut batch);
+                sub.express(&*express, true, &mut batch, &mut clock);
             }
             if let Some(written) = &delivery.written {
                 written.store(micros(), Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// The wall clock for a run of writes, in Unix ms: read afresh every
+/// [`CLOCK_READS`] writes, which at a few microseconds a write keeps it well
+/// within the millisecond it reports, at a fraction of the reads.
+#[derive(Default)]
+struct Clock {
+    ms: u64,
+    left: u32,
+}
+
+/// Writes one read of [`Clock`] serves.
+const CLOCK_READS: u32 = 16;
+
+impl Clock {
+    fn now(&mut self) -> u64 {
+        if self.left == 0 {
+            self.ms = unix_ms();
+            self.left = CLOCK_READS;
+        }
+        self.left -= 1;
+        self.ms
     }
 }
 
@@ -504,8 +528,13 @@ pub struct Subscriber {
 #[derive(Default)]
 struct Sent {
     /// `(last seq, oldest event time, its namespace)` per batch, oldest
-    /// first; bounded.
+    /// first; bounded by [`SENT_BATCHES`].
     batches: VecDeque<(u64, u64, Label)>,
+    /// The batches written since the record filled, as one: a client this
+    /// far behind on its acknowledgements costs no more memory, and every
+    /// later ack still measures from the oldest event time it covers. Kept
+    /// here, beside the queue, where writing it costs no cache miss.
+    overflow: Option<(u64, u64, Label)>,
     /// The namespace of the last notice written, resolved: a stream's
     /// notices mostly share one, and resolving costs two label-set hashes
     /// and lock reads.
@@ -522,7 +551,7 @@ struct Resolved {
 impl Sent {
     /// Notes a batch written to the stream: its delays to `written`, and
     /// what its acknowledgement will be measured from.
-    fn record(&mut self, metrics: &Metrics, notices: &[Arc<Notice>]) {
+    fn record(&mut self, metrics: &Metrics, notices: &[Arc<Notice>], clock: &mut Clock) {
         let (Some(last), Some(oldest)) = (
             notices.last().map(|n| n.seq),
             notices.iter().min_by_key(|n| n.event_time_ms),
@@ -530,9 +559,8 @@ impl Sent {
             return;
         };
         if metrics.enabled() {
-            // One clock read per batch, and one record per run of notices
-            // in a namespace.
-            let now = unix_ms();
+            // One record per run of notices in a namespace.
+            let now = clock.now();
             let mut tally = Tally::default();
             let mut run: Option<BatchHistogram> = None;
             for n in notices {
@@ -550,21 +578,34 @@ impl Sent {
                 done.add(&mut tally);
             }
         }
+        if let Some(overflow) = &mut self.overflow {
+            overflow.0 = last;
+            overflow.1 = overflow.1.min(oldest.event_time_ms);
+            return;
+        }
         self.resolve(metrics, &oldest.key);
-        let label = &self.last.as_ref().expect("just resolved").label;
-        // A full record makes room by its oldest entry, whose label is
-        // mostly this one: reused, it costs no reference count.
-        let reused = if self.batches.len() == SENT_BATCHES {
-            self.batches
-                .pop_front()
-                .map(|(_, _, old)| old)
-                .filter(|old| old.same(label))
+        let label = self.last.as_ref().expect("just resolved").label.clone();
+        let batch = (last, oldest.event_time_ms, label);
+        if self.batches.len() == SENT_BATCHES {
+            self.overflow = Some(batch);
         } else {
-            None
-        };
-        let namespace = reused.unwrap_or_else(|| label.clone());
-        self.batches
-            .push_back((last, oldest.event_time_ms, namespace));
+            self.batches.push_back(batch);
+        }
+    }
+
+    /// Takes the batches an acknowledgement of `seq` covers, oldest first.
+    fn acked(&mut self, seq: u64) -> Vec<(u64, u64, Label)> {
+        let n = self
+            .batches
+            .iter()
+            .take_while(|(s, _, _)| *s <= seq)
+            .count();
+        let mut acked: Vec<_> = self.batches.drain(..n).collect();
+        // The overflow follows every batch in the record.
+        if self.overflow.as_ref().is_some_and(|(s, _, _)| *s <= seq) {
+            acked.extend(self.overflow.take());
+        }
+        acked
     }
 
     /// The label and histogram of `key`'s namespace.
@@ -591,8 +632,9 @@ const SEARCHED: usize = 16;
 /// Repairs remembered per stream while they await their ack or fill.
 const PENDING_REPAIRS: usize = 4096;
 
-/// Batches remembered per stream for acknowledgement delays.
-const SENT_BATCHES: usize = 1024;
+/// Batches remembered per stream for acknowledgement delays; past it, a
+/// stream's batches are remembered as one until an ack covers them.
+const SENT_BATCHES: usize = 128;
 
 impl Subscriber {
     /// Whether this stream wants a notice, before filters.
@@ -634,9 +676,7 @@ impl Subscriber {
         self.acked.fetch_max(seq, Ordering::Relaxed);
         let acked: Vec<(u64, u64, Label)> = {
             let mut queue = self.queue.lock();
-            let batches = &mut queue.sent.batches;
-            let n = batches.iter().take_while(|(s, _, _)| *s <= seq).count();
-            batches.drain(..n).collect()
+            queue.sent.acked(seq)
         };
         // Recorded with the queue let go: publishes queue notices under it.
         let mut oldest = None;
@@ -693,7 +733,11 @@ impl Subscriber {
 
     /// Notes a batch written to the stream, for acknowledgement delays.
     pub fn sent(&self, notices: &[Arc<Notice>]) {
-        self.queue.lock().sent.record(&self.metrics, notices);
+        let mut clock = Clock::default();
+        self.queue
+            .lock()
+            .sent
+            .record(&self.metrics, notices, &mut clock);
     }
 
     /// Lets fan-outs write this stream's live notices through `express`
@@ -738,7 +782,13 @@ impl Subscriber {
     /// Writes the queue through `express` (this fan-out holds `busy`), then
     /// gives `busy` back, and wakes the stream's task unless that was all
     /// the stream needed (nothing left queued, nothing failed).
-    fn express(&self, express: &dyn Express, through: bool, batch: &mut Vec<Arc<Notice>>) {
+    fn express(
+        &self,
+        express: &dyn Express,
+        through: bool,
+        batch: &mut Vec<Arc<Notice>>,
+        clock: &mut Clock,
+    ) {
         batch.clear();
         let wrote = express.write_now(through, &mut |max_message| {
             let mut queue = self.queue.lock();
@@ -753,7 +803,7 @@ impl Subscriber {
             }
             // `next` is asked for a message only when the stream has room
             // for it: the batch is written.
-            queue.sent.record(&self.metrics, batch);
+            queue.sent.record(&self.metrics, batch, clock);
             drop(queue);
             Some(crate::watch::live_batch(batch, self))
         });
@@ -1101,6 +1151,7 @@ impl Hub {
                         && now.saturating_sub(last_start) < 4 * self.coalesce_micros));
             self.was_busy.store(busy, Ordering::Relaxed);
             let mut batch = Vec::new();
+            let mut clock = Clock::default();
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
                 let express = {
@@ -1122,7 +1173,7 @@ impl Hub {
                 // without a trip through its task; the task is woken for
                 // anything else.
                 match express {
-                    Some(express) if busy => sub.express(&*express, false, &mut batch),
+                    Some(express) if busy => sub.express(&*express, false, &mut batch, &mut clock),
                     Some(express) => delivery.claimed.push((sub.clone(), express)),
                     None => sub.wake.notify_one(),
                 }
@@ -1715,5 +1766,43 @@ mod tests {
         // One acknowledgement per batch, under its oldest notice's namespace.
         assert_eq!(count("feed", "acked"), 1.0, "{scrape}");
         assert_eq!(count("posts", "acked"), 1.0, "{scrape}");
+    }
+
+    #[test]
+    fn a_stream_far_behind_on_acks_keeps_its_oldest_event_times() {
+        let metrics = Arc::new(Metrics::new(Default::default()));
+        let hub = Hub::new(HubConfig::default(), 0, metrics.clone());
+        let (sub, _) = hub.subscribe("c", false, None, &[], &[], None).unwrap();
+        let at = |seq: u64, ago: u64| {
+            Arc::new(Notice {
+                event_time_ms: unix_ms() - ago,
+                ..(*n(seq, "feed:1")).clone()
+            })
+        };
+        // More batches than are remembered: the first stays, and a late
+        // batch with an old event time is remembered in the overflow.
+        let batches = SENT_BATCHES as u64 * 2;
+        for seq in 1..=batches {
+            let ago = match seq {
+                1 => 5_000,
+                s if s == batches - 10 => 60_000,
+                _ => 1_000,
+            };
+            sub.sent(&[at(seq, ago)]);
+        }
+        assert_eq!(sub.queue.lock().sent.batches.len(), SENT_BATCHES);
+        assert!(sub.queue.lock().sent.overflow.is_some());
+        sub.ack(1);
+        let first = sub.ack_delay_ms.load(Ordering::Relaxed);
+        assert!((5_000..60_000).contains(&first), "{first}");
+        // An ack inside the overflow's batches leaves it for a later one.
+        sub.ack(batches - 1);
+        assert!(sub.queue.lock().sent.batches.is_empty());
+        assert!(sub.queue.lock().sent.overflow.is_some());
+        sub.ack(batches);
+        let last = sub.ack_delay_ms.load(Ordering::Relaxed);
+        assert!(last >= 60_000, "{last}");
+        assert!(sub.queue.lock().sent.batches.is_empty());
+        assert!(sub.queue.lock().sent.overflow.is_none());
     }
 }
