@@ -147,7 +147,14 @@ impl State {
     /// opens its windows wide and stops reading holds about that much in
     /// the server, not its windows' worth.
     fn full(&mut self, stream: u32) -> bool {
-        self.conn.waiting(stream) > self.limits.stream_buffer
+        let waiting = self.conn.waiting(stream);
+        self.over_limits(waiting)
+    }
+
+    /// Whether a stream holding `waiting` bytes, on this connection, is
+    /// past its room.
+    fn over_limits(&mut self, waiting: usize) -> bool {
+        waiting > self.limits.stream_buffer
             || self.unwritten + self.conn.output().len() > self.limits.connection_buffer
     }
 
@@ -1173,16 +1180,31 @@ where
 /// message); refused when above `max` bytes, as `what`.
 pub(crate) fn frame(message: &impl Message, max: usize, what: &str) -> Result<Bytes, Status> {
     let len = message.encoded_len();
+    within(len, max, what)?;
+    let mut frame = Vec::with_capacity(GRPC_PREFIX + len);
+    put_prefix(&mut frame, len);
+    message.encode(&mut frame).expect("a Vec grows as needed");
+    Ok(Bytes::from(frame))
+}
+
+/// Bytes of gRPC's prefix to each message: a compression flag and the
+/// length.
+const GRPC_PREFIX: usize = 5;
+
+/// Appends the gRPC prefix of an uncompressed message of `len` bytes.
+fn put_prefix(out: &mut impl BufMut, len: usize) {
+    out.put_u8(0);
+    out.put_u32(len as u32);
+}
+
+/// Refuses a message of `len` bytes over `max`, naming the limit.
+fn within(len: usize, max: usize, what: &str) -> Result<(), Status> {
     if len > max {
         return Err(Status::out_of_range(format!(
             "{what} of {len} bytes exceeds the limit of {max} (max_message_bytes)"
         )));
     }
-    let mut frame = Vec::with_capacity(5 + len);
-    frame.put_u8(0);
-    frame.put_u32(len as u32);
-    message.encode(&mut frame).expect("a Vec grows as needed");
-    Ok(Bytes::from(frame))
+    Ok(())
 }
 
 /// A Watch stream's messages, written to its HTTP/2 stream by the stream's
@@ -1272,36 +1294,42 @@ impl Express for ExpressStream {
     ) -> Wrote {
         let mut state = self.shared.lock();
         let state = &mut *state;
-        if !state.slots.contains_key(&self.stream) {
+        // The connection's own record of the stream says whether it still
+        // takes data (a finished or reset stream does not), in the one
+        // lookup a notice needs.
+        let Some(waiting) = state.conn.open_for_data(self.stream) else {
             return Wrote::Gone;
-        }
-        if state.full(self.stream) {
+        };
+        if state.over_limits(waiting) {
             return Wrote::NoRoom;
         }
         let Some(message) = next(self.max_message) else {
             return Wrote::Nothing;
         };
-        match frame(&message, self.max_message, "a Watch message") {
-            Ok(frame) => {
-                state.conn.send_data(self.stream, frame);
-                if through {
-                    state.write_through();
-                } else {
-                    state.wake_driver();
-                }
-                Wrote::Written
-            }
-            Err(status) => {
-                // `next` keeps within the limit, so this does not happen;
-                // were it to, the notices taken would be lost to the
-                // stream, so the stream is reset and the client resumes
-                // from its token, which the history covers.
-                tracing::error!(%status, "a fan-out's Watch message was refused; the stream is reset");
-                state.conn.cancel(self.stream, code::INTERNAL_ERROR);
-                state.forget(self.stream);
-                Wrote::Gone
-            }
+        let len = message.encoded_len();
+        if let Err(status) = within(len, self.max_message, "a Watch message") {
+            // `next` keeps within the limit, so this does not happen; were
+            // it to, the notices taken would be lost to the stream, so the
+            // stream is reset and the client resumes from its token, which
+            // the history covers.
+            tracing::error!(%status, "a fan-out's Watch message was refused; the stream is reset");
+            state.conn.cancel(self.stream, code::INTERNAL_ERROR);
+            state.forget(self.stream);
+            return Wrote::Gone;
         }
+        // Framed straight into the connection's output.
+        state
+            .conn
+            .send_data_encoded(self.stream, GRPC_PREFIX + len, |out| {
+                put_prefix(out, len);
+                message.encode(out).expect("the output grows as needed");
+            });
+        if through {
+            state.write_through();
+        } else {
+            state.wake_driver();
+        }
+        Wrote::Written
     }
 }
 

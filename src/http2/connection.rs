@@ -19,7 +19,7 @@
 //! therefore holds at most a window of data, and the connection at most
 //! its own window across all streams.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -166,7 +166,9 @@ pub struct Connection {
     peer_settings: bool,
     decoder: Decoder,
     head: RequestHead,
-    streams: HashMap<u32, Stream>,
+    /// By identifier, which the peer picks: a keyed hash, but a fast one
+    /// (every frame and every notice looks its stream up).
+    streams: hashbrown::HashMap<u32, Stream, foldhash::fast::RandomState>,
     /// The highest stream identifier the peer opened.
     last_stream: u32,
     partial: Option<Partial>,
@@ -227,7 +229,7 @@ impl Connection {
             peer_settings: false,
             decoder: Decoder::new(hpack::DEFAULT_TABLE_SIZE),
             head: RequestHead::default(),
-            streams: HashMap::new(),
+            streams: Default::default(),
             last_stream: 0,
             partial: None,
             peer_initial_window: DEFAULT_WINDOW,
@@ -731,20 +733,68 @@ impl Connection {
     /// stream: [`Connection::waiting`]. Nothing is sent on a stream that
     /// is gone or has no response headers yet.
     pub fn send_data(&mut self, stream: u32, data: Bytes) {
-        let Some(s) = self.streams.get_mut(&stream).filter(|s| s.responded) else {
+        match self.take_windows(stream, data.len()) {
+            Some(true) => frame::put_data(&mut self.out, stream, &data, false),
+            Some(false) => self.wait_with(stream, data),
+            None => {}
+        }
+    }
+
+    /// As [`Connection::send_data`], for `len` bytes that `encode` appends
+    /// to a buffer: straight into the output when they go out at once, so
+    /// a small message costs no buffer of its own. `encode` appends exactly
+    /// `len` bytes.
+    pub fn send_data_encoded(
+        &mut self,
+        stream: u32,
+        len: usize,
+        encode: impl FnOnce(&mut BytesMut),
+    ) {
+        match self.take_windows(stream, len) {
+            Some(true) => {
+                frame::put_head(&mut self.out, len, frame::kind::DATA, 0, stream);
+                let start = self.out.len();
+                encode(&mut self.out);
+                debug_assert_eq!(self.out.len() - start, len, "encoded length");
+            }
+            Some(false) => {
+                let mut data = BytesMut::with_capacity(len);
+                encode(&mut data);
+                self.wait_with(stream, data.freeze());
+            }
+            None => {}
+        }
+    }
+
+    /// For `len` bytes of data on `stream`: `Some(true)` when nothing of
+    /// the stream waits and the windows cover them, which are then taken
+    /// (the caller writes one frame, at once); `Some(false)` when they must
+    /// wait; `None` when the stream is gone or has no response headers.
+    fn take_windows(&mut self, stream: u32, len: usize) -> Option<bool> {
+        let s = self.streams.get_mut(&stream).filter(|s| s.responded)?;
+        let n = len as i64;
+        if s.pending.is_empty()
+            && s.pending_end == PendingEnd::None
+            && n <= s.send_window
+            && n <= self.send_window
+            && len <= self.peer_max_frame
+        {
+            // (A stream still waiting for the connection's window would
+            // mean that window is spent.)
+            s.send_window -= n;
+            self.send_window -= n;
+            return Some(true);
+        }
+        Some(false)
+    }
+
+    /// Queues `data` behind what `stream` already holds, and sends what the
+    /// windows allow.
+    fn wait_with(&mut self, stream: u32, data: Bytes) {
+        let Some(s) = self.streams.get_mut(&stream) else {
             return;
         };
         if s.pending.is_empty() && s.pending_end == PendingEnd::None {
-            let n = data.len() as i64;
-            if n <= s.send_window && n <= self.send_window && data.len() <= self.peer_max_frame {
-                // Nothing of this stream waits, and the windows cover it:
-                // one frame, at once. (A stream still waiting for the
-                // connection's window would mean that window is spent.)
-                s.send_window -= n;
-                self.send_window -= n;
-                frame::put_data(&mut self.out, stream, &data, false);
-                return;
-            }
             self.waiting.push_back(stream);
         }
         s.pending.push_back(data);
@@ -782,6 +832,17 @@ impl Connection {
         self.streams
             .get(&stream)
             .map_or(0, |s| s.pending.iter().map(Bytes::len).sum())
+    }
+
+    /// The bytes waiting for the peer's windows on a stream that takes data
+    /// now: one whose response headers are sent and whose end is not
+    /// begun. `None` for any other (gone, reset, ending, or without
+    /// headers).
+    pub fn open_for_data(&self, stream: u32) -> Option<usize> {
+        self.streams
+            .get(&stream)
+            .filter(|s| s.responded && s.pending_end == PendingEnd::None)
+            .map(|s| s.pending.iter().map(Bytes::len).sum())
     }
 
     /// Resets a stream from this side (the application gave up on it).
@@ -919,7 +980,8 @@ mod tests {
         let mut input = BytesMut::new();
         let mut events = Vec::new();
         let mut seen = Vec::new();
-        let mut requests: HashMap<u32, (Vec<u8>, Vec<u8>)> = HashMap::new();
+        let mut requests: std::collections::HashMap<u32, (Vec<u8>, Vec<u8>)> =
+            std::collections::HashMap::new();
         loop {
             loop {
                 let before = input.len();
@@ -1378,6 +1440,49 @@ mod tests {
             (frame::kind::HEADERS, frame::flag::END_STREAM)
         );
         assert_eq!(conn.open_streams(), 0);
+    }
+
+    #[test]
+    fn encoded_data_goes_straight_out_or_waits_like_any_other() {
+        let mut conn = Connection::new(Config::default());
+        let mut input = raw(&headers(1, POST, false));
+        frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 10)], false);
+        let mut events = Vec::new();
+        while !input.is_empty() {
+            conn.receive(&mut input, &mut events).unwrap();
+        }
+        conn.output().clear();
+        // No headers yet: the stream takes no data.
+        assert_eq!(conn.open_for_data(1), None);
+        conn.respond(1, 200, &[], false);
+        conn.output().clear();
+        assert_eq!(conn.open_for_data(1), Some(0));
+        // Within the window: one DATA frame, as send_data writes it.
+        conn.send_data_encoded(1, 4, |out| out.extend_from_slice(b"0123"));
+        let mut expected = BytesMut::new();
+        frame::put_data(&mut expected, 1, b"0123", false);
+        assert_eq!(conn.output().split(), expected);
+        // Past it: the bytes wait, in order, behind nothing else.
+        conn.send_data_encoded(1, 8, |out| out.extend_from_slice(b"456789ab"));
+        assert_eq!(conn.open_for_data(1), Some(2));
+        let written = conn.output().split();
+        assert!(written.ends_with(b"456789"), "{written:?}");
+        // Once its end is queued, the stream takes no more.
+        conn.send_trailers(1, &[(b"grpc-status", b"0")]);
+        assert_eq!(conn.open_for_data(1), None);
+        let mut input = BytesMut::new();
+        frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 100)], false);
+        conn.receive(&mut input, &mut events).unwrap();
+        let written = conn.output().split();
+        let at = written
+            .windows(2)
+            .position(|w| w == b"ab")
+            .expect("the rest");
+        let after = Head::parse(&written[at + 2..]).expect("the trailers");
+        assert_eq!(after.kind, frame::kind::HEADERS);
+        // Its end written, the stream is gone.
+        assert_eq!(conn.open_for_data(1), None);
+        assert_eq!(conn.open_for_data(3), None);
     }
 
     #[test]
