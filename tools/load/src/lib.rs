@@ -31,6 +31,7 @@ pub mod notice;
 pub mod pace;
 pub mod resp;
 pub mod stats;
+pub mod unary;
 pub mod watch;
 
 use std::net::SocketAddr;

@@ -31,10 +31,10 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::etcdpb;
-use crate::grpc;
 use crate::pace::{self, Tick};
 use crate::resp::{self, AsyncConn, Reply};
 use crate::stats::{Latencies, Report};
+use crate::unary::UnaryConn;
 use crate::watch::WatchStream;
 use crate::{freshd_client, grpc_channel, parallel, socket_addr, Error, Target};
 
@@ -297,7 +297,7 @@ async fn write(
     let mut calls = tokio::task::JoinSet::new();
     match opts.target {
         Target::Freshd => {
-            let mut conn = grpc::Conn::connect(&opts.addr).await?;
+            let mut conn = UnaryConn::connect(&opts.addr).await?;
             conn.calls(
                 "/freshd.v1.Coordinator/Publish",
                 |cx, _| ticks.poll_recv(cx),
