@@ -25,7 +25,7 @@ use h2::{RecvStream, SendStream};
 use prost::Message;
 use tokio::net::TcpStream;
 
-use crate::{socket_addr, Error};
+use crate::Error;
 
 /// Per-stream receive window (hyper's default for clients).
 const STREAM_WINDOW: u32 = 2 << 20;
@@ -46,11 +46,7 @@ pub struct Conn {
 impl Conn {
     /// Connects to `host:port` over TCP with `TCP_NODELAY`.
     pub async fn connect(addr: &str) -> Result<Self, Error> {
-        let tcp = TcpStream::connect(socket_addr(addr)?)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        tcp.set_nodelay(true)
-            .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+        let tcp = crate::connect_nodelay(addr).await?;
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)

@@ -83,6 +83,17 @@ pub fn socket_addr(addr: &str) -> Result<SocketAddr, Error> {
         .ok_or_else(|| format!("address {addr} resolves to nothing"))
 }
 
+/// A TCP connection to `host:port` with `TCP_NODELAY`, as every client of
+/// the load tool that writes its own socket opens it.
+pub async fn connect_nodelay(addr: &str) -> Result<tokio::net::TcpStream, Error> {
+    let tcp = tokio::net::TcpStream::connect(socket_addr(addr)?)
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+    Ok(tcp)
+}
+
 /// One gRPC channel (one HTTP/2 connection) to `host:port`, through the
 /// Rust client's [`Connector`]: `TCP_NODELAY`, and each request's frames in
 /// one write ([`freshd_client::coalesce`]).

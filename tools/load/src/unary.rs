@@ -29,7 +29,7 @@ use prost::Message;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::{socket_addr, Error};
+use crate::Error;
 
 /// The receive window this side gives each stream.
 const STREAM_WINDOW: u32 = 1 << 20;
@@ -39,8 +39,6 @@ const CONN_WINDOW: u32 = 4 << 20;
 const DEFAULT_WINDOW: u32 = 65_535;
 /// The largest answer accepted.
 const MAX_MESSAGE: usize = 64 << 20;
-/// The largest header list accepted.
-const MAX_HEADER_LIST: usize = 64 << 10;
 /// What a read reserves room for.
 const READ_CHUNK: usize = 16 << 10;
 
@@ -84,11 +82,7 @@ struct Answer {
 impl UnaryConn {
     /// Connects to `addr` and queues the connection's opening.
     pub async fn connect(addr: &str) -> Result<Self, Error> {
-        let tcp = TcpStream::connect(socket_addr(addr)?)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        tcp.set_nodelay(true)
-            .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+        let tcp = crate::connect_nodelay(addr).await?;
         let mut output = Vec::with_capacity(1024);
         output.extend_from_slice(PREFACE);
         frame::put_settings(
@@ -379,20 +373,7 @@ impl UnaryConn {
     /// A complete header block on `stream`: the answer's headers, or its
     /// trailers when it ends the stream.
     fn headers(&mut self, stream: u32, block: &[u8], end_stream: bool) -> Result<(), Error> {
-        let (mut status, mut grpc) = (None, http::HeaderMap::new());
-        self.hpack
-            .decode(block, MAX_HEADER_LIST, |name, value| match name {
-                b":status" => status = Some(value.to_vec()),
-                b"grpc-status" | b"grpc-message" => {
-                    if let Ok(value) = http::HeaderValue::from_bytes(value) {
-                        grpc.insert(
-                            http::HeaderName::from_bytes(name).expect("a valid name"),
-                            value,
-                        );
-                    }
-                }
-                _ => {}
-            })
+        let (status, grpc) = crate::watch::response_head(&mut self.hpack, block)
             .map_err(|e| format!("bad headers from the server: {e}"))?;
         let Some(answer) = self.open.get_mut(&stream) else {
             return Ok(());

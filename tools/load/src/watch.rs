@@ -30,7 +30,7 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::{socket_addr, Error};
+use crate::Error;
 
 /// The receive window of the stream (hyper's default for clients).
 const STREAM_WINDOW: u32 = 2 << 20;
@@ -85,11 +85,7 @@ impl WatchStream {
     /// Connects to `addr`, opens a `Watch` stream as `client_id` tracking
     /// `track`, and waits for `started`.
     pub async fn start(addr: &str, client_id: String, track: Vec<String>) -> Result<Self, Error> {
-        let tcp = TcpStream::connect(socket_addr(addr)?)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        tcp.set_nodelay(true)
-            .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+        let tcp = crate::connect_nodelay(addr).await?;
         let start = WatchRequest {
             request: Some(WatchIn::Start(WatchStart {
                 client_id,
@@ -307,20 +303,7 @@ impl WatchStream {
     /// A complete header block: the response's headers, or its trailers
     /// when it ends the stream.
     fn headers(&mut self, block: &[u8], end_stream: bool) -> Result<(), Error> {
-        let (mut status, mut grpc) = (None, http::HeaderMap::new());
-        self.hpack
-            .decode(block, MAX_HEADER_LIST, |name, value| match name {
-                b":status" => status = Some(value.to_vec()),
-                b"grpc-status" | b"grpc-message" => {
-                    if let Ok(value) = http::HeaderValue::from_bytes(value) {
-                        grpc.insert(
-                            http::HeaderName::from_bytes(name).expect("a valid name"),
-                            value,
-                        );
-                    }
-                }
-                _ => {}
-            })
+        let (status, grpc) = response_head(&mut self.hpack, block)
             .map_err(|e| format!("watch: bad headers from the server: {e}"))?;
         if !self.answered {
             self.answered = true;
@@ -394,6 +377,29 @@ impl WatchStream {
         })
         .await
     }
+}
+
+/// Decodes a response's header block (its headers or trailers) down to
+/// what a gRPC client reads: `:status`, and `grpc-status` and
+/// `grpc-message` as a header map for [`crate::grpc::status`].
+pub(crate) fn response_head(
+    hpack: &mut Decoder,
+    block: &[u8],
+) -> Result<(Option<Vec<u8>>, http::HeaderMap), hpack::DecodeError> {
+    let (mut status, mut grpc) = (None, http::HeaderMap::new());
+    hpack.decode(block, MAX_HEADER_LIST, |name, value| match name {
+        b":status" => status = Some(value.to_vec()),
+        b"grpc-status" | b"grpc-message" => {
+            if let Ok(value) = http::HeaderValue::from_bytes(value) {
+                grpc.insert(
+                    http::HeaderName::from_bytes(name).expect("a valid name"),
+                    value,
+                );
+            }
+        }
+        _ => {}
+    })?;
+    Ok((status, grpc))
 }
 
 /// What a client sends first: the preface, its settings (no push, the
