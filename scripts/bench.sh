@@ -135,6 +135,17 @@ start_redis() {
   wait_port "$REDIS_PORT"
 }
 
+# The loopback floor for the notice workload: freshd-load's own server that
+# only copies each change to every subscriber's socket (tools/load/src/floor.rs).
+start_floor() {
+  FLOOR_PORT=$(free_port)
+  taskset -c "$SERVER_CPU" "$LOAD" floor-server --listen "127.0.0.1:$FLOOR_PORT" \
+    >>"$RESULTS/floor.log" 2>&1 &
+  FLOOR_PID=$!
+  PIDS+=("$FLOOR_PID")
+  wait_port "$FLOOR_PORT"
+}
+
 start_etcd() {
   ETCD_PORT=$(free_port)
   local peer
@@ -167,6 +178,7 @@ load() { # label target addr workload args...
     freshd) pid=$FRESHD_PID ;;
     redis) pid=$REDIS_PID ;;
     etcd) pid=$ETCD_PID ;;
+    floor) pid=$FLOOR_PID ;;
   esac
   # A failed run is reported at the end; the others still run.
   if ! taskset -c "$LOAD_CPU" "$LOAD" --target "$target" --addr "$addr" --json "$JSON" \
@@ -213,20 +225,22 @@ stop_servers
 # Write-to-notice latency, fresh servers for every case. The p99 swings run
 # to run as much as the throughputs do: freshd and Redis take ROUNDS turns at
 # every case (labels notice-<subs>, notice-<subs>@2..), and the report gives
-# the median round's ratio and the range. etcd, a reference without a goal,
-# runs in the first round only.
+# the median round's ratio and the range. The loopback floor takes its turn
+# in every round too; etcd, a reference without a goal, runs in the first
+# round only.
 for round in $(seq 1 "$ROUNDS"); do
   for case in $NOTICE_CASES; do
     subs=${case%@*} rate=${case#*@}
     label=notice-$subs; ((round == 1)) || label=notice-$subs@$round
-    targets="freshd redis"; ((round == 1)) && targets="freshd redis etcd"
-    start_freshd; start_redis
+    targets="freshd redis floor"; ((round == 1)) && targets="freshd redis floor etcd"
+    start_freshd; start_redis; start_floor
     ((round == 1)) && start_etcd
     for t in $targets; do
       case $t in
         freshd) addr=127.0.0.1:$FRESHD_PORT ;;
         redis) addr=127.0.0.1:$REDIS_PORT ;;
         etcd) addr=127.0.0.1:$ETCD_PORT ;;
+        floor) addr=127.0.0.1:$FLOOR_PORT ;;
       esac
       load "$label" "$t" "$addr" notice --subscribers "$subs" --rate "$rate" \
         --warmup "$NOTICE_WARMUP" --secs "$NOTICE_SECS"

@@ -49,6 +49,11 @@ def median_round(reports, fwant, pwant, metric):
     return fs[k], ps[k], [x for x, _ in pairs]
 
 
+# The loopback floor (`freshd-load floor-server`): a server that only copies
+# each change to every subscriber's socket, the least any server can do.
+FLOOR = "loopback floor (N writes)"
+
+
 def notice_pair(reports, subs, rate, peer):
     """freshd and `peer` in the round whose p99 ratio is the median, with
     every round's ratio; etcd runs in the first round only."""
@@ -155,7 +160,8 @@ def rows(reports):
     cases = sorted({(r["params"]["subscribers"], r["params"]["rate"]) for r in reports
                     if r["workload"] == "notice"})
     for subs, rate in cases:
-        for peer, name in (("redis", "Redis SET -> tracking"), ("etcd", "etcd Put -> Watch")):
+        for peer, name in (("redis", "Redis SET -> tracking"), ("etcd", "etcd Put -> Watch"),
+                           ("floor", FLOOR)):
             m = notice_pair(reports, subs, rate, peer)
             if not m:
                 continue
@@ -268,7 +274,7 @@ def errors(reports):
         for r in bad)
 
 
-COLORS = {"freshd": "#1f77b4", "redis": "#d62728", "etcd": "#2ca02c"}
+COLORS = {"freshd": "#1f77b4", "redis": "#d62728", "etcd": "#2ca02c", "floor": "#7f7f7f"}
 
 
 def cdf_axes(ax, series, title):
@@ -299,7 +305,7 @@ def plots(reports, out):
     os.makedirs(out, exist_ok=True)
     written = []
     names = {"freshd": "freshd Publish -> Watch", "redis": "Redis SET -> tracking",
-             "etcd": "etcd Put -> Watch"}
+             "etcd": "etcd Put -> Watch", "floor": FLOOR}
     cases = sorted({(r["params"]["subscribers"], r["params"]["rate"]) for r in reports
                     if r["workload"] == "notice"})
     for subs, rate in cases:
@@ -310,10 +316,14 @@ def plots(reports, out):
         etcd = find(reports, workload="notice", target="etcd", subscribers=subs, rate=rate)
         if etcd:
             picked["etcd"] = etcd
+        floor = notice_pair(reports, subs, rate, "floor")
+        if floor:
+            picked["floor"] = floor[1]
         if "freshd" not in picked:
             picked["freshd"] = find(reports, workload="notice", target="freshd",
                                     subscribers=subs, rate=rate)
-        series = [(names[t], picked[t]) for t in ("freshd", "redis", "etcd") if picked.get(t)]
+        series = [(names[t], picked[t]) for t in ("freshd", "redis", "etcd", "floor")
+                  if picked.get(t)]
         fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
         cdf_axes(ax, series, f"write-to-notice latency, {subs:,} subscribers, {rate:g} writes/s")
         path = os.path.join(out, f"notice_cdf_{subs}_at_{rate:g}.png")

@@ -290,7 +290,9 @@ async fn prepare(opts: &CheckOpts) -> Result<Arc<Keys>, Error> {
                 versions: (0..opts.keys as u64).collect(),
             }))
         }
-        Target::Etcd => Err("the check workload has no etcd variant".into()),
+        Target::Etcd | Target::Floor => {
+            Err("the check workload runs against freshd or redis".into())
+        }
     }
 }
 

@@ -16,6 +16,8 @@
 //!   -> `Watch` vs `PUBLISH` -> `SUBSCRIBE`).
 //! - [`deps`]: one publish that invalidates D dependents: time until the
 //!   last notice arrives.
+//! - [`floor`]: the loopback floor the notice workload also runs against,
+//!   a server that does nothing but write each change to N sockets.
 //! - [`memory`]: bytes per key of the server process with K keys and their
 //!   dependencies.
 
@@ -25,6 +27,7 @@ pub mod check;
 pub mod cpu;
 pub mod deps;
 pub mod fanout;
+pub mod floor;
 pub mod grpc;
 pub mod memory;
 pub mod notice;
@@ -58,6 +61,10 @@ pub enum Target {
     Redis,
     /// etcd over its v3 gRPC API.
     Etcd,
+    /// `freshd-load floor-server` ([`floor`]): the loopback floor, a
+    /// server that only copies each change to every subscriber's socket
+    /// (notice workload only).
+    Floor,
 }
 
 impl Target {
@@ -67,6 +74,7 @@ impl Target {
             Target::Freshd => "freshd",
             Target::Redis => "redis",
             Target::Etcd => "etcd",
+            Target::Floor => "floor",
         }
     }
 }

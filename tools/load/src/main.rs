@@ -125,6 +125,14 @@ enum Workload {
         #[arg(long, default_value_t = 10)]
         rounds: usize,
     },
+    /// Serve the loopback floor (`--target floor`): copy each line a writer
+    /// sends to every subscriber's socket, and nothing else. Runs until
+    /// killed.
+    FloorServer {
+        /// The host:port to listen on (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
     /// Bytes per key of the server with K keys and 4 dependencies each.
     Memory {
         /// Cached keys.
@@ -141,6 +149,9 @@ enum Workload {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Workload::FloorServer { listen } = &cli.workload {
+        return floor_server(listen);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("load-client")
@@ -226,6 +237,7 @@ fn main() -> ExitCode {
                 };
                 freshd_load::deps::run(&opts).await.map(|r| vec![r])
             }
+            Workload::FloorServer { .. } => unreachable!("served before the runtime starts"),
             Workload::Memory {
                 keys,
                 pid,
@@ -276,4 +288,29 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Serves the loopback floor on `listen`, printing the bound address.
+fn floor_server(listen: &str) -> ExitCode {
+    let listener = match std::net::TcpListener::bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("freshd-load: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => println!("floor server listening on {addr}"),
+        Err(e) => {
+            eprintln!("freshd-load: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match freshd_load::floor::serve(listener) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("freshd-load: floor server: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -183,7 +183,9 @@ pub async fn run(opts: &MemoryOpts) -> Result<Report, Error> {
                 }),
             )
         }
-        Target::Etcd => return Err("the memory workload runs against freshd or redis".into()),
+        Target::Etcd | Target::Floor => {
+            return Err("the memory workload runs against freshd or redis".into())
+        }
     };
     let mut extra = extra;
     extra["bytes_per_key"] = json!(per_key);

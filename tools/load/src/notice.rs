@@ -18,6 +18,9 @@
 //!   `SET hot:i`, and Redis pushes `invalidate [hot:i]`.
 //! - etcd: each subscriber is a `Watch` stream on the prefix `hot:` (one
 //!   gRPC connection each); the writer sends `Put hot:i`.
+//! - floor ([`crate::floor`]): each subscriber is a plain TCP connection;
+//!   the writer sends the line `hot:i`, which the floor server copies to
+//!   every subscriber: the least any server can do per change.
 
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,7 +39,7 @@ use crate::resp::{self, AsyncConn, Reply};
 use crate::stats::{Latencies, Report};
 use crate::unary::UnaryConn;
 use crate::watch::WatchStream;
-use crate::{freshd_client, grpc_channel, parallel, socket_addr, Error, Target};
+use crate::{connect_nodelay, freshd_client, grpc_channel, parallel, socket_addr, Error, Target};
 
 /// Settings of the write-to-notice workload.
 #[derive(Clone, Debug)]
@@ -164,6 +167,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
                 }
                 Target::Redis => redis_sub(&opts.addr, keys, limit, ready.clone(), stop, sub).await,
                 Target::Etcd => etcd_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
+                Target::Floor => floor_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
             };
             if let Err(e) = result {
                 let _ = ready.send(Err(e)).await;
@@ -227,6 +231,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
             Target::Freshd => "Publish -> Watch",
             Target::Redis => "SET -> tracking push",
             Target::Etcd => "Put -> Watch",
+            Target::Floor => "line -> N writes",
         }
         .into(),
         mode: "open".into(),
@@ -282,7 +287,7 @@ async fn prepare(opts: &NoticeOpts, keys: &Arc<Vec<String>>) -> Result<(), Error
             }
             pipe.flush().map_err(|e| e.to_string())
         }
-        Target::Etcd => Ok(()),
+        Target::Etcd | Target::Floor => Ok(()),
     }
 }
 
@@ -316,6 +321,19 @@ async fn write(
                 },
             )
             .await?;
+        }
+        Target::Floor => {
+            use tokio::io::AsyncWriteExt;
+            let mut conn = connect_nodelay(&opts.addr).await?;
+            conn.write_all(b"W\n")
+                .await
+                .map_err(|e| format!("floor write: {e}"))?;
+            // No answer comes: `write_p50_us`/`write_p99_us` stay 0.
+            while let Some(tick) = ticks.recv().await {
+                conn.write_all(format!("hot:{}\n", tick.index).as_bytes())
+                    .await
+                    .map_err(|e| format!("floor write: {e}"))?;
+            }
         }
         Target::Etcd => {
             let client = etcdpb::kv_client::KvClient::new(grpc_channel(&opts.addr).await?);
@@ -505,6 +523,54 @@ async fn redis_sub(
                 let mut done = false;
                 for key in invalidated(&reply) {
                     done |= sub.note(key, now);
+                }
+                if done {
+                    wait_stop(stop).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+async fn floor_sub(
+    addr: &str,
+    limit: Arc<Semaphore>,
+    ready: mpsc::Sender<Result<(), Error>>,
+    stop: watch::Receiver<bool>,
+    mut sub: Sub,
+) -> Result<(), Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = {
+        let _permit = limit.acquire().await.expect("semaphore");
+        let mut conn = connect_nodelay(addr).await?;
+        conn.write_all(b"S\n")
+            .await
+            .map_err(|e| format!("floor: {e}"))?;
+        conn
+    };
+    let _ = ready.send(Ok(())).await;
+    let mut stop2 = stop.clone();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut filled = 0;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop2.changed() => return Ok(()),
+            n = conn.read(&mut buf[filled..]) => {
+                let Ok(n @ 1..) = n else { return Ok(()) };
+                let now = Instant::now();
+                filled += n;
+                let mut done = false;
+                let mut used = 0;
+                while let Some(end) = buf[used..filled].iter().position(|&b| b == b'\n') {
+                    done |= sub.note(&buf[used..used + end], now);
+                    used += end + 1;
+                }
+                buf.copy_within(used..filled, 0);
+                filled -= used;
+                if filled == buf.len() {
+                    return Err("floor: a line longer than 64 KiB".into());
                 }
                 if done {
                     wait_stop(stop).await;

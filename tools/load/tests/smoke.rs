@@ -98,6 +98,29 @@ async fn notice_reaches_every_subscriber() {
     assert_eq!(r.extra["notices_received"], 120);
 }
 
+/// The loopback floor, served by the load tool itself, runs through the
+/// same workload and counts the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notice_runs_against_the_floor() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || freshd_load::floor::serve(listener));
+    let opts = NoticeOpts {
+        target: Target::Floor,
+        addr,
+        subscribers: 3,
+        rate: 100.0,
+        warmup: 0.1,
+        secs: 0.3,
+    };
+    let r = freshd_load::notice::run(&opts).await.expect("notice runs");
+    assert_eq!(r.target, "floor");
+    assert_eq!(r.errors, 0, "{}", r.human());
+    assert_eq!(r.ops, 90);
+    assert_eq!(r.latency.as_ref().map(|l| l.count), Some(90));
+    assert_eq!(r.extra["notices_received"], 120);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers() {
     let (_server, addr) = common::server().await;
