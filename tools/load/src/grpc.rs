@@ -116,10 +116,50 @@ const GRPC: http::HeaderValue = http::HeaderValue::from_static("application/grpc
 /// `te: trailers`.
 const TRAILERS: http::HeaderValue = http::HeaderValue::from_static("trailers");
 
+/// The HTTP/2 default window, which a connection and its streams start
+/// with.
+pub(crate) const DEFAULT_WINDOW: u32 = 65_535;
+/// gRPC's message prefix: a compressed flag and a 4-byte length.
+pub(crate) const PREFIX_LEN: usize = 5;
+
+/// Queues what an HTTP/2 client sends first on `out`: the preface, its
+/// settings (no push, `stream_window` for each stream it receives on) and
+/// the connection's receive window raised to `conn_window`.
+pub(crate) fn put_opening(out: &mut Vec<u8>, stream_window: u32, conn_window: u32) {
+    use freshd::http2::frame::{self, setting, PREFACE};
+    out.extend_from_slice(PREFACE);
+    frame::put_settings(
+        out,
+        &[
+            (setting::ENABLE_PUSH, 0),
+            (setting::INITIAL_WINDOW_SIZE, stream_window),
+        ],
+        false,
+    );
+    frame::put_window_update(out, 0, conn_window - DEFAULT_WINDOW);
+}
+
+/// The length of the gRPC message `body` starts with, from its prefix:
+/// `None` until the whole prefix is there; an error for a compressed
+/// message or one over `max` bytes.
+pub(crate) fn message_len(body: &[u8], max: usize) -> Result<Option<usize>, Error> {
+    let Some(prefix) = body.first_chunk::<PREFIX_LEN>() else {
+        return Ok(None);
+    };
+    if prefix[0] != 0 {
+        return Err("a compressed message (not supported)".into());
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > max {
+        return Err(format!("a message of {len} bytes, over {max}"));
+    }
+    Ok(Some(len))
+}
+
 /// `message` with gRPC's 5-byte prefix (not compressed, length).
 pub(crate) fn frame(message: &impl Message) -> Bytes {
     let len = message.encoded_len();
-    let mut out = BytesMut::with_capacity(5 + len);
+    let mut out = BytesMut::with_capacity(PREFIX_LEN + len);
     out.put_u8(0);
     out.put_u32(len as u32);
     message.encode(&mut out).expect("room reserved");
@@ -168,17 +208,10 @@ impl Body {
         cx: &mut Context<'_>,
     ) -> Poll<Result<Option<M>, Error>> {
         loop {
-            if self.buf.len() >= 5 {
-                if self.buf[0] != 0 {
-                    return Poll::Ready(Err("a compressed message (not supported)".into()));
-                }
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if len > MAX_MESSAGE {
-                    return Poll::Ready(Err(format!("a message of {len} bytes")));
-                }
-                if self.buf.len() >= 5 + len {
-                    self.buf.advance(5);
+            match message_len(&self.buf, MAX_MESSAGE) {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(Some(len)) if self.buf.len() >= PREFIX_LEN + len => {
+                    self.buf.advance(PREFIX_LEN);
                     let bytes = self.buf.split_to(len);
                     return Poll::Ready(
                         M::decode(bytes)
@@ -186,6 +219,7 @@ impl Body {
                             .map_err(|e| format!("decode: {e}")),
                     );
                 }
+                Ok(_) => {}
             }
             match self.recv.poll_data(cx) {
                 Poll::Pending => return Poll::Pending,

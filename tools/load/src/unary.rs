@@ -23,20 +23,19 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use freshd::http2::frame::{self, code, setting, Frame, Head, HEAD_LEN, PREFACE};
+use freshd::http2::frame::{self, code, setting, Frame, Head, HEAD_LEN};
 use freshd::http2::hpack::{self, Decoder};
 use prost::Message;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
+use crate::grpc::{message_len, put_opening, DEFAULT_WINDOW, PREFIX_LEN};
 use crate::Error;
 
 /// The receive window this side gives each stream.
 const STREAM_WINDOW: u32 = 1 << 20;
 /// The receive window of the connection.
 const CONN_WINDOW: u32 = 4 << 20;
-/// The HTTP/2 default window, which the connection starts with.
-const DEFAULT_WINDOW: u32 = 65_535;
 /// The largest answer accepted.
 const MAX_MESSAGE: usize = 64 << 20;
 /// What a read reserves room for.
@@ -84,16 +83,7 @@ impl UnaryConn {
     pub async fn connect(addr: &str) -> Result<Self, Error> {
         let tcp = crate::connect_nodelay(addr).await?;
         let mut output = Vec::with_capacity(1024);
-        output.extend_from_slice(PREFACE);
-        frame::put_settings(
-            &mut output,
-            &[
-                (setting::ENABLE_PUSH, 0),
-                (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-            ],
-            false,
-        );
-        frame::put_window_update(&mut output, 0, CONN_WINDOW - DEFAULT_WINDOW);
+        put_opening(&mut output, STREAM_WINDOW, CONN_WINDOW);
         Ok(UnaryConn {
             tcp,
             authority: addr.to_string(),
@@ -437,19 +427,15 @@ impl UnaryConn {
 
 /// The one message of a unary answer's body.
 fn message(body: &mut BytesMut) -> Result<Bytes, Error> {
-    let Some(prefix) = body.first_chunk::<5>() else {
+    let Some(len) = message_len(body, MAX_MESSAGE)? else {
         return Err("an answer without a message".into());
     };
-    if prefix[0] != 0 {
-        return Err("a compressed answer (not supported)".into());
-    }
-    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-    if body.len() != 5 + len {
+    if body.len() != PREFIX_LEN + len {
         return Err(format!(
             "an answer body of {} bytes for a message of {len}",
             body.len()
         ));
     }
-    body.advance(5);
+    body.advance(PREFIX_LEN);
     Ok(body.split().freeze())
 }

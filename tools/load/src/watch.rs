@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
-use freshd::http2::frame::{self, code, setting, Frame, Head, HEAD_LEN, PREFACE};
+use freshd::http2::frame::{self, code, setting, Frame, Head, HEAD_LEN};
 use freshd::http2::hpack::{self, Decoder};
 use freshd::pb::watch_request::Request as WatchIn;
 use freshd::pb::watch_response::Response as WatchOut;
@@ -30,14 +30,13 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::grpc::{message_len, put_opening, DEFAULT_WINDOW, PREFIX_LEN};
 use crate::Error;
 
 /// The receive window of the stream (hyper's default for clients).
 const STREAM_WINDOW: u32 = 2 << 20;
 /// The receive window of the connection (hyper's default for clients).
 const CONN_WINDOW: u32 = 5 << 20;
-/// The HTTP/2 default window, which the connection starts with.
-const DEFAULT_WINDOW: u32 = 65_535;
 /// The largest message accepted.
 const MAX_MESSAGE: usize = 64 << 20;
 /// The largest header list accepted.
@@ -152,22 +151,14 @@ impl WatchStream {
 
     /// A whole message from the body, if it holds one.
     fn next_message(&mut self) -> Result<Option<WatchResponse>, Error> {
-        let Some(prefix) = self.body.first_chunk::<5>() else {
-            return Ok(None);
+        let len = match message_len(&self.body, MAX_MESSAGE) {
+            Ok(Some(len)) if self.body.len() >= PREFIX_LEN + len => len,
+            Ok(_) => return Ok(None),
+            Err(e) => return Err(format!("watch: {e}")),
         };
-        if prefix[0] != 0 {
-            return Err("watch: a compressed message (not supported)".into());
-        }
-        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-        if len > MAX_MESSAGE {
-            return Err(format!("watch: a message of {len} bytes"));
-        }
-        if self.body.len() < 5 + len {
-            return Ok(None);
-        }
-        let message = WatchResponse::decode(&self.body[5..5 + len])
+        let message = WatchResponse::decode(&self.body[PREFIX_LEN..PREFIX_LEN + len])
             .map_err(|e| format!("watch: decode: {e}"))?;
-        self.body.advance(5 + len);
+        self.body.advance(PREFIX_LEN + len);
         Ok(Some(message))
     }
 
@@ -408,16 +399,7 @@ pub(crate) fn response_head(
 /// stays open).
 fn opening(authority: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(PREFACE);
-    frame::put_settings(
-        &mut out,
-        &[
-            (setting::ENABLE_PUSH, 0),
-            (setting::INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-        ],
-        false,
-    );
-    frame::put_window_update(&mut out, 0, CONN_WINDOW - DEFAULT_WINDOW);
+    put_opening(&mut out, STREAM_WINDOW, CONN_WINDOW);
     let mut block = Vec::with_capacity(128);
     for (name, value) in [
         (&b":method"[..], &b"POST"[..]),

@@ -80,11 +80,11 @@ async fn check_closed_and_open_loop() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn notice_reaches_every_subscriber() {
-    let (_server, addr) = common::server().await;
+/// Runs the notice workload against `target` with 3 subscribers and 40
+/// changes, and checks its counts.
+async fn notice_counts(target: Target, addr: String) -> Report {
     let opts = NoticeOpts {
-        target: Target::Freshd,
+        target,
         addr,
         subscribers: 3,
         rate: 100.0,
@@ -92,10 +92,19 @@ async fn notice_reaches_every_subscriber() {
         secs: 0.3,
     };
     let r = freshd_load::notice::run(&opts).await.expect("notice runs");
-    assert_clean(&r);
+    assert_eq!(r.target, target.name());
+    assert_eq!(r.errors, 0, "{}", r.human());
     // 30 counted changes (10 in the warm-up), each to 3 subscribers.
     assert_eq!(r.ops, 90);
+    assert_eq!(r.latency.as_ref().map(|l| l.count), Some(90));
     assert_eq!(r.extra["notices_received"], 120);
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notice_reaches_every_subscriber() {
+    let (_server, addr) = common::server().await;
+    assert_clean(&notice_counts(Target::Freshd, addr).await);
 }
 
 /// The loopback floor, served by the load tool itself, runs through the
@@ -105,20 +114,7 @@ async fn notice_runs_against_the_floor() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || freshd_load::floor::serve(listener));
-    let opts = NoticeOpts {
-        target: Target::Floor,
-        addr,
-        subscribers: 3,
-        rate: 100.0,
-        warmup: 0.1,
-        secs: 0.3,
-    };
-    let r = freshd_load::notice::run(&opts).await.expect("notice runs");
-    assert_eq!(r.target, "floor");
-    assert_eq!(r.errors, 0, "{}", r.human());
-    assert_eq!(r.ops, 90);
-    assert_eq!(r.latency.as_ref().map(|l| l.count), Some(90));
-    assert_eq!(r.extra["notices_received"], 120);
+    notice_counts(Target::Floor, addr).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
