@@ -9,7 +9,9 @@
 # workload (freshd memory-only, redis-server without persistence, etcd with
 # its data in a tmpfs directory), pins the servers to one core and the load
 # generator to another with taskset, runs every workload against freshd and
-# its peer, and writes:
+# its peer (the notice cases also against the loopback floor, `freshd-load
+# floor-server`: a server that only writes each subscriber's socket), and
+# writes:
 #
 #   $BENCH_RESULTS (default bench-results/<time>-<mode>/): results.jsonl
 #     (one JSON report per measurement, CDF series included), machine.txt
