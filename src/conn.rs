@@ -58,7 +58,7 @@ use tonic::body::Body;
 use tonic::Status;
 
 use crate::auth::Principal;
-use crate::fanout::{Express, Wrote};
+use crate::fanout::{Express, Flush, Wrote};
 use crate::http2::connection::{Config, Connection, Event};
 use crate::http2::frame::code;
 use crate::http2::head::RequestHead;
@@ -1302,7 +1302,7 @@ struct ExpressStream {
 impl Express for ExpressStream {
     fn write_now(
         &self,
-        through: bool,
+        flush: Flush,
         next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>,
     ) -> Wrote {
         let mut state = self.shared.lock();
@@ -1337,12 +1337,22 @@ impl Express for ExpressStream {
                 put_prefix(out, len);
                 message.encode(out).expect("the output grows as needed");
             });
-        if through {
-            state.write_through();
-        } else {
-            state.wake_driver();
+        match flush {
+            Flush::Through => state.write_through(),
+            Flush::Driver => state.wake_driver(),
+            // The fan-out calls `flush` once it has written the
+            // connection's other streams.
+            Flush::Hold => {}
         }
         Wrote::Written
+    }
+
+    fn connection(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
+    fn flush(&self) {
+        self.shared.lock().write_through();
     }
 }
 

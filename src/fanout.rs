@@ -359,8 +359,9 @@ pub struct Delivery {
     written: Option<Arc<AtomicU64>>,
 }
 
-/// A stream a fan-out holds `busy` for, and its writer.
-type Claim = (Arc<Subscriber>, Arc<dyn Express>);
+/// A stream a fan-out holds `busy` for, and its writer, with the writer's
+/// [`Express::connection`].
+type Claim = (usize, Arc<Subscriber>, Arc<dyn Express>);
 
 thread_local! {
     /// The deliveries dropped within a [`DeliverLater`].
@@ -385,9 +386,22 @@ impl Drop for Delivery {
         if let Some(mut delivery) = held {
             let mut batch = Vec::new();
             let mut clock = Clock::default();
-            for (sub, express) in delivery.claimed.drain(..) {
-                sub.express(&*express, true, &mut batch, &mut clock);
+            // Streams that share a connection are written together and
+            // sent with one write; a stream alone on its connection is
+            // sent as soon as it is framed.
+            let claimed = &mut delivery.claimed;
+            claimed.sort_unstable_by_key(|(connection, _, _)| *connection);
+            for group in claimed.chunk_by(|a, b| a.0 == b.0) {
+                if let [(_, sub, express)] = group {
+                    sub.express(&**express, Flush::Through, &mut batch, &mut clock);
+                    continue;
+                }
+                for (_, sub, express) in group {
+                    sub.express(&**express, Flush::Hold, &mut batch, &mut clock);
+                }
+                group[0].2.flush();
             }
+            claimed.clear();
             if let Some(written) = &delivery.written {
                 written.store(micros(), Ordering::Relaxed);
             }
@@ -462,6 +476,20 @@ pub enum Wrote {
     Gone,
 }
 
+/// Where an [`Express`] writer's message goes once framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// On to the network now, as far as the socket takes it without
+    /// waiting (the connection's writer takes the rest).
+    Through,
+    /// To whoever writes the connection, to go out with what else gathers
+    /// meanwhile.
+    Driver,
+    /// Nowhere yet: the fan-out writes other streams of the same
+    /// connection next, then sends them all with one [`Express::flush`].
+    Hold,
+}
+
 /// A stream's writer that a fan-out may write through itself, while the
 /// stream's task is parked: a notice then costs no wake-up of that task
 /// and no trip through the scheduler. The stream's own HTTP/2 stream
@@ -470,16 +498,22 @@ pub enum Wrote {
 pub trait Express: Send + Sync {
     /// If the stream is there and has room, writes the message `next`
     /// makes (`next` is given the largest message allowed, and answers
-    /// `None` when it has nothing that fits). `next` runs under the
-    /// stream's connection lock and takes the queue's. With `through`,
-    /// the writer sends the message on to the network itself, if it can;
-    /// otherwise it leaves that to whoever writes its connection, to go out
-    /// with what else gathers meanwhile.
+    /// `None` when it has nothing that fits), and sends it on as `flush`
+    /// says. `next` runs under the stream's connection lock and takes the
+    /// queue's.
     fn write_now(
         &self,
-        through: bool,
+        flush: Flush,
         next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>,
     ) -> Wrote;
+
+    /// The connection the stream is on: writers of streams that share one
+    /// answer the same, writers on different ones differ.
+    fn connection(&self) -> usize;
+
+    /// Sends what writes with [`Flush::Hold`] left on the connection, as
+    /// [`Flush::Through`] would have.
+    fn flush(&self);
 }
 
 /// What a stream asked to receive.
@@ -785,12 +819,12 @@ impl Subscriber {
     fn express(
         &self,
         express: &dyn Express,
-        through: bool,
+        flush: Flush,
         batch: &mut Vec<Arc<Notice>>,
         clock: &mut Clock,
     ) {
         batch.clear();
-        let wrote = express.write_now(through, &mut |max_message| {
+        let wrote = express.write_now(flush, &mut |max_message| {
             let mut queue = self.queue.lock();
             // `bytes` counts more than a notice's encoding takes, so a
             // queue within the limit makes a message within it.
@@ -1173,8 +1207,14 @@ impl Hub {
                 // without a trip through its task; the task is woken for
                 // anything else.
                 match express {
-                    Some(express) if busy => sub.express(&*express, false, &mut batch, &mut clock),
-                    Some(express) => delivery.claimed.push((sub.clone(), express)),
+                    Some(express) if busy => {
+                        sub.express(&*express, Flush::Driver, &mut batch, &mut clock)
+                    }
+                    Some(express) => {
+                        delivery
+                            .claimed
+                            .push((express.connection(), sub.clone(), express))
+                    }
                     None => sub.wake.notify_one(),
                 }
             }
@@ -1679,6 +1719,89 @@ mod tests {
         q.push(&n(2, "d"), 100, usize::MAX);
         assert_eq!(drained(&mut q, 2).len(), 3, "all of seq 1");
         assert_eq!(drained(&mut q, 2), vec![(2, "d".into())]);
+    }
+
+    /// An [`Express`] writer that records what a fan-out asks of it, in
+    /// one log all writers share.
+    struct Recorder {
+        connection: usize,
+        name: &'static str,
+        log: Arc<parking_lot::Mutex<Vec<String>>>,
+    }
+
+    impl Express for Recorder {
+        fn write_now(
+            &self,
+            flush: Flush,
+            next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>,
+        ) -> Wrote {
+            let Some(message) = next(1 << 20) else {
+                return Wrote::Nothing;
+            };
+            assert!(
+                matches!(
+                    message.response,
+                    Some(pb::watch_response::Response::Notices(_))
+                ),
+                "a notice batch, not {message:?}"
+            );
+            self.log.lock().push(format!("{} {flush:?}", self.name));
+            Wrote::Written
+        }
+
+        fn connection(&self) -> usize {
+            self.connection
+        }
+
+        fn flush(&self) {
+            self.log.lock().push(format!("flush {}", self.connection));
+        }
+    }
+
+    /// A publish's parked streams that share a connection are written one
+    /// after another and sent with one flush of that connection; a stream
+    /// alone on its connection is sent as it is written.
+    #[test]
+    fn streams_sharing_a_connection_are_sent_with_one_flush() {
+        let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
+        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        // a and c share connection 1; b is alone on connection 2.
+        let mut subs = Vec::new();
+        for (name, connection) in [("a", 1), ("b", 2), ("c", 1)] {
+            let (sub, _) = hub
+                .subscribe(name, false, None, &["k".into()], &[], None)
+                .unwrap();
+            sub.set_express(Arc::new(Recorder {
+                connection,
+                name,
+                log: log.clone(),
+            }));
+            assert!(sub.park(), "parked with nothing queued");
+            subs.push(sub);
+        }
+        let delivery = hub.fanout(
+            1,
+            vec![Notice {
+                seq: 1,
+                ..(*n(1, "k")).clone()
+            }],
+        );
+        assert!(log.lock().is_empty(), "written when the delivery drops");
+        drop(delivery);
+        let mut log = log.lock().clone();
+        // Connection 1's two streams (in either order), then its one flush;
+        // connection 2's stream, sent through, before or after them.
+        let b = log.iter().position(|l| l == "b Through");
+        let b = b.unwrap_or_else(|| panic!("b sent through: {log:?}"));
+        log.remove(b);
+        assert!(
+            log == ["a Hold", "c Hold", "flush 1"] || log == ["c Hold", "a Hold", "flush 1"],
+            "{log:?}"
+        );
+        // Each stream is free again for its own task.
+        for sub in &subs {
+            assert!(sub.park(), "nothing left queued, busy given back");
+        }
     }
 
     #[test]

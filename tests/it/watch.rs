@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use freshd::config::Config;
+use freshd::pb::coordinator_client::CoordinatorClient;
 use freshd::pb::{self, watch_request::Request as In, watch_response::Response as Out};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::Streaming;
 
 use crate::harness::{connect, eventually, fill_req, publish_req, start, start_with, TestServer};
@@ -24,7 +26,15 @@ fn request(r: In) -> pb::WatchRequest {
 
 impl Watcher {
     async fn open(t: &TestServer, start: pb::WatchStart) -> (Self, pb::WatchStarted) {
-        let mut client = connect(&t.server).await;
+        Self::open_on(&mut connect(&t.server).await, start).await
+    }
+
+    /// Opens the stream on `client`'s connection, which other streams may
+    /// share.
+    async fn open_on(
+        client: &mut CoordinatorClient<Channel>,
+        start: pb::WatchStart,
+    ) -> (Self, pb::WatchStarted) {
         let (tx, rx) = mpsc::channel(64);
         tx.send(request(In::Start(start))).await.unwrap();
         let mut rx = client
@@ -41,6 +51,24 @@ impl Watcher {
 
     async fn send(&self, r: In) {
         self.tx.send(request(r)).await.unwrap();
+    }
+
+    /// Reads until `count` notices have come, asking for nothing: what
+    /// the server sends on its own.
+    async fn notices(&mut self, count: usize) -> Vec<pb::Notice> {
+        let mut notices = Vec::new();
+        while notices.len() < count {
+            let m = tokio::time::timeout(Duration::from_secs(20), self.rx.message())
+                .await
+                .expect("the notices in time, unasked")
+                .unwrap()
+                .unwrap();
+            match m.response.unwrap() {
+                Out::Notices(b) => notices.extend(b.notices),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        notices
     }
 
     /// Asks for progress and collects everything before it.
@@ -118,6 +146,40 @@ async fn tracked_keys_and_prefixes_get_only_what_matches() {
     t.client.publish(publish_req(&["posts:1"])).await.unwrap();
     let (n, _, _) = tracker.until_progress().await;
     assert!(n.is_empty(), "{n:?}");
+}
+
+/// Streams that share one connection (one gRPC channel) each get every
+/// notice once, in order, unasked: a publish writes their notices together
+/// and sends the connection once. (`watch_coalesce` 0: every publish
+/// writes the parked streams itself, none leaves them to the driver.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_sharing_a_connection_each_get_every_notice() {
+    let mut config = Config::ephemeral();
+    config.store.hub.coalesce = Duration::ZERO;
+    let mut t = start_with(config).await;
+    let mut shared = connect(&t.server).await;
+    let mut watchers = Vec::new();
+    for i in 0..5 {
+        let (w, _) = Watcher::open_on(&mut shared, start_msg(&format!("s{i}"), &[], &["s:"])).await;
+        watchers.push(w);
+    }
+    let mut seqs = Vec::new();
+    for round in 0..50 {
+        let key = format!("s:{round}");
+        let p = t.client.publish(publish_req(&[&key])).await.unwrap();
+        seqs.push((key, p.into_inner().seq));
+    }
+    // Sent by the publishes, not on the readers' asking.
+    for w in &mut watchers {
+        assert_eq!(keys(&w.notices(seqs.len()).await), seqs);
+    }
+    for w in &mut watchers {
+        let (n, resets, _) = w.until_progress().await;
+        assert!(
+            n.is_empty() && resets.is_empty(),
+            "nothing more: {n:?} {resets:?}"
+        );
+    }
 }
 
 #[tokio::test]
