@@ -247,6 +247,13 @@ for round in $(seq 1 "$ROUNDS"); do
       load "$label" "$t" "$addr" notice --subscribers "$subs" --rate "$rate" \
         --warmup "$NOTICE_WARMUP" --secs "$NOTICE_SECS"
     done
+    # freshd's 1,000 subscribers again, on a fresh server, 100 Watch streams
+    # to a connection (as subscribers in one process share a gRPC channel).
+    if ((subs >= 1000)); then
+      start_freshd
+      load "$label" freshd "127.0.0.1:$FRESHD_PORT" notice --subscribers "$subs" \
+        --per-conn 100 --rate "$rate" --warmup "$NOTICE_WARMUP" --secs "$NOTICE_SECS"
+    fi
     stop_servers
   done
 done

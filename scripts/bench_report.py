@@ -54,11 +54,17 @@ def median_round(reports, fwant, pwant, metric):
 FLOOR = "loopback floor (N writes)"
 
 
+# freshd's notice variants: a connection per subscriber, and subscribers
+# that share connections (`--per-conn`).
+WATCH = "Publish -> Watch"
+SHARED = "Publish -> Watch, shared conns"
+
+
 def notice_pair(reports, subs, rate, peer):
     """freshd and `peer` in the round whose p99 ratio is the median, with
     every round's ratio; etcd runs in the first round only."""
     return median_round(reports, dict(workload="notice", target="freshd", subscribers=subs,
-                                      rate=rate),
+                                      rate=rate, variant=WATCH),
                         dict(workload="notice", target=peer, subscribers=subs, rate=rate),
                         lambda r: r["latency"]["p99_us"])
 
@@ -172,6 +178,21 @@ def rows(reports):
                 add(f"write-to-notice, {subs:,} {noun} at {rate:g}/s, {q} µs",
                     f["latency"][f"{q}_us"], name, p["latency"][f"{q}_us"], goal,
                     higher_better=False, spread=spread if q == "p99" else None, runs=(f, p))
+        # freshd's subscribers sharing connections, against freshd's own
+        # with a connection each, in the same round.
+        m = median_round(reports, dict(workload="notice", target="freshd", subscribers=subs,
+                                       rate=rate, variant=SHARED),
+                         dict(workload="notice", target="freshd", subscribers=subs, rate=rate,
+                              variant=WATCH),
+                         lambda r: r["latency"]["p99_us"])
+        if m:
+            f, p, spread = m
+            conns = -(-subs // f["params"]["per_conn"])
+            for q in ("p50", "p99"):
+                add(f"write-to-notice, {subs:,} subscribers on {conns:,} connections at "
+                    f"{rate:g}/s, {q} µs", f["latency"][f"{q}_us"],
+                    "freshd, a connection each", p["latency"][f"{q}_us"], higher_better=False,
+                    spread=spread if q == "p99" else None, runs=(f, p))
     m = median_round(reports, dict(workload="fanout", target="freshd"),
                      dict(workload="fanout", target="redis"), keys)
     if m:
@@ -321,7 +342,7 @@ def plots(reports, out):
             picked["floor"] = floor[1]
         if "freshd" not in picked:
             picked["freshd"] = find(reports, workload="notice", target="freshd",
-                                    subscribers=subs, rate=rate)
+                                    subscribers=subs, rate=rate, variant=WATCH)
         series = [(names[t], picked[t]) for t in ("freshd", "redis", "etcd", "floor")
                   if picked.get(t)]
         fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)

@@ -82,9 +82,13 @@ enum Workload {
     },
     /// Write-to-notice latency at a fixed rate to N subscribers.
     Notice {
-        /// Subscribers, one connection each.
+        /// Subscribers, one connection each (see --per-conn).
         #[arg(long, default_value_t = 1)]
         subscribers: usize,
+        /// freshd only: Watch streams per connection, as subscribers in
+        /// one process share a gRPC channel.
+        #[arg(long, default_value_t = 1)]
+        per_conn: usize,
         /// Changes per second.
         #[arg(long, default_value_t = 200.0)]
         rate: f64,
@@ -191,6 +195,7 @@ fn main() -> ExitCode {
             }
             Workload::Notice {
                 subscribers,
+                per_conn,
                 rate,
                 warmup,
                 secs,
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
                     target,
                     addr,
                     subscribers,
+                    per_conn,
                     rate,
                     warmup,
                     secs,

@@ -48,8 +48,11 @@ pub struct NoticeOpts {
     pub target: Target,
     /// Its `host:port`.
     pub addr: String,
-    /// Subscribers, each on a connection of its own.
+    /// Subscribers.
     pub subscribers: usize,
+    /// freshd only: `Watch` streams per connection (1: a connection per
+    /// subscriber, as Redis and etcd subscribers have).
+    pub per_conn: usize,
     /// Changes per second.
     pub rate: f64,
     /// Seconds of changes not counted, first.
@@ -151,7 +154,32 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
     let limit = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), Error>>(opts.subscribers);
     let mut subs = Vec::with_capacity(opts.subscribers);
-    for id in 0..opts.subscribers {
+    if opts.per_conn > 1 && opts.target != Target::Freshd {
+        return Err("only freshd's subscribers can share connections".into());
+    }
+    let per_conn = opts.per_conn.max(1);
+    if per_conn > 1 {
+        // Subscribers that share a connection, a task per connection.
+        for first in (0..opts.subscribers).step_by(per_conn) {
+            let ids = first..(first + per_conn).min(opts.subscribers);
+            let group: Vec<Sub> = ids.clone().map(|_| Sub::new(shared.clone())).collect();
+            let (addr, keys, limit, ready, stop) = (
+                opts.addr.clone(),
+                keys.clone(),
+                limit.clone(),
+                ready_tx.clone(),
+                stop_rx.clone(),
+            );
+            subs.push(tokio::spawn(async move {
+                let result =
+                    freshd_shared_subs(&addr, ids, keys, limit, ready.clone(), stop, group).await;
+                if let Err(e) = result {
+                    let _ = ready.send(Err(e)).await;
+                }
+            }));
+        }
+    }
+    for id in (0..opts.subscribers).filter(|_| per_conn == 1) {
         let sub = Sub::new(shared.clone());
         let (opts, keys, limit, ready, stop) = (
             opts.clone(),
@@ -228,6 +256,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         workload: "notice".into(),
         target: opts.target.name().into(),
         variant: match opts.target {
+            Target::Freshd if per_conn > 1 => "Publish -> Watch, shared conns",
             Target::Freshd => "Publish -> Watch",
             Target::Redis => "SET -> tracking push",
             Target::Etcd => "Put -> Watch",
@@ -237,7 +266,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         mode: "open".into(),
         params: json!({
             "subscribers": opts.subscribers, "rate": opts.rate,
-            "warmup_s": opts.warmup, "keys": changes,
+            "warmup_s": opts.warmup, "keys": changes, "per_conn": per_conn,
         }),
         secs: opts.secs,
         ops: counted,
@@ -430,6 +459,50 @@ async fn freshd_sub(
                         done |= sub.note(n.key.as_bytes(), now);
                     }
                     if done {
+                        wait_stop(stop).await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Subscribers `ids` as `Watch` streams on one connection, each tracking
+/// `keys`, read by one task.
+async fn freshd_shared_subs(
+    addr: &str,
+    ids: std::ops::Range<usize>,
+    keys: Arc<Vec<String>>,
+    limit: Arc<Semaphore>,
+    ready: mpsc::Sender<Result<(), Error>>,
+    stop: watch::Receiver<bool>,
+    mut subs: Vec<Sub>,
+) -> Result<(), Error> {
+    let mut conn = {
+        let _permit = limit.acquire().await.expect("semaphore");
+        let starts = ids
+            .map(|id| (format!("load-sub-{id}"), keys.to_vec()))
+            .collect();
+        WatchStream::start_many(addr, starts).await?
+    };
+    for _ in 0..subs.len() {
+        let _ = ready.send(Ok(())).await;
+    }
+    let mut stop2 = stop.clone();
+    let mut done = 0;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop2.changed() => return Ok(()),
+            message = conn.next() => {
+                let Ok(Some((i, message))) = message else { return Ok(()) };
+                let now = Instant::now();
+                if let Some(WatchOut::Notices(batch)) = message.response {
+                    for n in &batch.notices {
+                        done += usize::from(subs[i].note(n.key.as_bytes(), now));
+                    }
+                    if done == subs.len() {
                         wait_stop(stop).await;
                         return Ok(());
                     }

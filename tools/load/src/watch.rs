@@ -1,4 +1,4 @@
-//! A freshd `Watch` stream read straight off its socket.
+//! freshd `Watch` streams read straight off their socket.
 //!
 //! The Redis side of the notice, fan-out and dependency workloads reads
 //! tracking pushes with a RESP parser over the socket ([`crate::resp`]).
@@ -10,11 +10,11 @@
 //! and HPACK code ([`freshd::http2`]), gRPC messages cut from the DATA, all
 //! in the task that times them.
 //!
-//! It speaks what one `Watch` stream on its own connection needs: one
-//! request stream (stream 1) whose request side stays open, SETTINGS and
-//! PING acknowledged, receive windows returned as they are used, the
-//! response's status and trailers checked. No TLS, no compression, no
-//! requests after the first.
+//! It speaks what `Watch` streams on one connection need: one request
+//! stream per `Watch` (streams 1, 3, 5...) whose request side stays open,
+//! SETTINGS and PING acknowledged, receive windows returned as they are
+//! used, each response's status and trailers checked. No TLS, no
+//! compression, no requests after the first.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use crate::grpc::{message_len, put_opening, DEFAULT_WINDOW, PREFIX_LEN};
 use crate::Error;
 
-/// The receive window of the stream (hyper's default for clients).
+/// The receive window of each stream (hyper's default for clients).
 const STREAM_WINDOW: u32 = 2 << 20;
 /// The receive window of the connection (hyper's default for clients).
 const CONN_WINDOW: u32 = 5 << 20;
@@ -41,93 +41,147 @@ const CONN_WINDOW: u32 = 5 << 20;
 const MAX_MESSAGE: usize = 64 << 20;
 /// The largest header list accepted.
 const MAX_HEADER_LIST: usize = 64 << 10;
-/// The one stream.
-const STREAM: u32 = 1;
 /// What the first read reserves room for.
 const READ_CHUNK: usize = 16 << 10;
 
-/// A started freshd `Watch` stream on a connection of its own, read by the
-/// task that owns it.
+/// Started freshd `Watch` streams on one connection of their own, read by
+/// the task that owns them.
 pub struct WatchStream {
     tcp: TcpStream,
     /// Bytes read and not yet parsed into frames.
     input: BytesMut,
-    /// gRPC message bytes (from DATA frames) not yet decoded.
-    body: BytesMut,
-    /// Frames to write (acknowledgements, window updates), from `written`.
+    /// Frames to write (acknowledgements, window updates, requests), from
+    /// `written`.
     output: Vec<u8>,
     written: usize,
     hpack: Decoder,
+    /// The streams, the `i`th on HTTP/2 stream `2i + 1`.
+    streams: Vec<Stream>,
+    /// The server's window for what this side sends on the connection.
+    send_window: i64,
+    /// The largest frame the server accepts.
+    max_frame: usize,
+    /// A header block whose CONTINUATIONs are still to come: its stream,
+    /// the block, and whether it ends the stream.
+    block: Option<(u32, Vec<u8>, bool)>,
+    /// Flow-controlled bytes received on the connection and not yet
+    /// returned in a window update.
+    unreturned: u32,
+    /// The stream whose message [`Self::next_message`] looks at first:
+    /// streams take turns.
+    turn: usize,
+    /// How the first stream to end ended, once one has: what
+    /// [`Self::message`] answers when no stream holds another message.
+    end: Option<Result<(), Error>>,
+}
+
+/// One `Watch` stream of a connection.
+struct Stream {
+    /// gRPC message bytes (from DATA frames) not yet decoded.
+    body: BytesMut,
     /// The request's message not yet sent, from `sent`: it goes out as
     /// the server's flow-control windows allow.
     request: Bytes,
     sent: usize,
-    /// The server's windows for what this side sends: the stream's and the
-    /// connection's.
-    send_window: (i64, i64),
-    /// The largest frame the server accepts.
-    max_frame: usize,
-    /// A header block whose CONTINUATIONs are still to come, and whether
-    /// it ends the stream.
-    block: Option<(Vec<u8>, bool)>,
+    /// The server's window for what this side sends on the stream.
+    send_window: i64,
     /// The response headers came.
     answered: bool,
-    /// Flow-controlled bytes received and not yet returned in a window
-    /// update.
+    /// Flow-controlled bytes received and not yet returned.
     unreturned: u32,
-    /// How the stream ended, once it has: what [`Self::message`] answers
-    /// when the body holds no more messages.
-    end: Option<Result<(), Error>>,
+}
+
+/// The HTTP/2 stream of the `i`th `Watch`.
+fn stream_id(i: usize) -> u32 {
+    2 * i as u32 + 1
 }
 
 impl WatchStream {
     /// Connects to `addr`, opens a `Watch` stream as `client_id` tracking
     /// `track`, and waits for `started`.
     pub async fn start(addr: &str, client_id: String, track: Vec<String>) -> Result<Self, Error> {
-        let tcp = crate::connect_nodelay(addr).await?;
-        let start = WatchRequest {
-            request: Some(WatchIn::Start(WatchStart {
-                client_id,
-                track,
-                ..Default::default()
-            })),
-        };
-        let mut stream = WatchStream {
-            tcp,
-            input: BytesMut::with_capacity(READ_CHUNK),
-            body: BytesMut::new(),
-            output: opening(addr),
-            written: 0,
-            request: crate::grpc::frame(&start),
-            sent: 0,
-            send_window: (i64::from(DEFAULT_WINDOW), i64::from(DEFAULT_WINDOW)),
-            max_frame: frame::MIN_MAX_FRAME_SIZE as usize,
-            hpack: Decoder::new(hpack::DEFAULT_TABLE_SIZE),
-            block: None,
-            answered: false,
-            unreturned: 0,
-            end: None,
-        };
-        stream.send_request();
-        match stream.message().await? {
-            Some(WatchResponse {
-                response: Some(WatchOut::Started(_)),
-            }) => Ok(stream),
-            other => Err(format!("watch: expected `started`, got {other:?}")),
-        }
+        Self::start_many(addr, vec![(client_id, track)]).await
     }
 
-    /// The next message; `None` when the server ends the stream with OK.
+    /// Connects to `addr`, opens one `Watch` stream per `(client_id,
+    /// track)` on that one connection, and waits for every `started`.
+    /// [`Self::next`] then says which stream each message is from, by its
+    /// place in `starts`.
+    pub async fn start_many(addr: &str, starts: Vec<(String, Vec<String>)>) -> Result<Self, Error> {
+        if starts.is_empty() {
+            return Err("watch: no stream to start".into());
+        }
+        let tcp = crate::connect_nodelay(addr).await?;
+        let mut output = Vec::with_capacity(256 + 64 * starts.len());
+        put_opening(&mut output, STREAM_WINDOW, CONN_WINDOW);
+        let head = request_head(addr);
+        let mut streams = Vec::with_capacity(starts.len());
+        for (i, (client_id, track)) in starts.into_iter().enumerate() {
+            frame::put_headers(&mut output, stream_id(i), &head, false, 0);
+            let start = WatchRequest {
+                request: Some(WatchIn::Start(WatchStart {
+                    client_id,
+                    track,
+                    ..Default::default()
+                })),
+            };
+            streams.push(Stream {
+                body: BytesMut::new(),
+                request: crate::grpc::frame(&start),
+                sent: 0,
+                send_window: i64::from(DEFAULT_WINDOW),
+                answered: false,
+                unreturned: 0,
+            });
+        }
+        let mut conn = WatchStream {
+            tcp,
+            input: BytesMut::with_capacity(READ_CHUNK),
+            output,
+            written: 0,
+            hpack: Decoder::new(hpack::DEFAULT_TABLE_SIZE),
+            streams,
+            send_window: i64::from(DEFAULT_WINDOW),
+            max_frame: frame::MIN_MAX_FRAME_SIZE as usize,
+            block: None,
+            unreturned: 0,
+            turn: 0,
+            end: None,
+        };
+        conn.send_requests();
+        let mut started = vec![false; conn.streams.len()];
+        for _ in 0..started.len() {
+            match conn.next().await? {
+                Some((
+                    i,
+                    WatchResponse {
+                        response: Some(WatchOut::Started(_)),
+                    },
+                )) if !started[i] => started[i] = true,
+                other => return Err(format!("watch: expected `started`, got {other:?}")),
+            }
+        }
+        Ok(conn)
+    }
+
+    /// The next message of any stream; `None` when a stream ends with OK.
     /// Cancel-safe: what has arrived stays buffered for the next call, and
     /// what is owed the server stays queued.
     pub async fn message(&mut self) -> Result<Option<WatchResponse>, Error> {
+        Ok(self.next().await?.map(|(_, message)| message))
+    }
+
+    /// The next message and the stream it is from (its place in
+    /// [`Self::start_many`]'s list); `None` when a stream ends with OK.
+    /// Cancel-safe, as [`Self::message`] is.
+    pub async fn next(&mut self) -> Result<Option<(usize, WatchResponse)>, Error> {
         loop {
             if let Some(message) = self.next_message()? {
                 return Ok(Some(message));
             }
             if let Some(end) = self.end.take() {
-                if !self.body.is_empty() {
-                    return Err("watch: the stream ended inside a message".into());
+                if self.streams.iter().any(|s| !s.body.is_empty()) {
+                    return Err("watch: a stream ended inside a message".into());
                 }
                 return end.map(|()| None);
             }
@@ -149,17 +203,24 @@ impl WatchStream {
         }
     }
 
-    /// A whole message from the body, if it holds one.
-    fn next_message(&mut self) -> Result<Option<WatchResponse>, Error> {
-        let len = match message_len(&self.body, MAX_MESSAGE) {
-            Ok(Some(len)) if self.body.len() >= PREFIX_LEN + len => len,
-            Ok(_) => return Ok(None),
-            Err(e) => return Err(format!("watch: {e}")),
-        };
-        let message = WatchResponse::decode(&self.body[PREFIX_LEN..PREFIX_LEN + len])
-            .map_err(|e| format!("watch: decode: {e}"))?;
-        self.body.advance(PREFIX_LEN + len);
-        Ok(Some(message))
+    /// A whole message from some stream's body, if one holds one.
+    fn next_message(&mut self) -> Result<Option<(usize, WatchResponse)>, Error> {
+        let count = self.streams.len();
+        for k in 0..count {
+            let i = (self.turn + k) % count;
+            let body = &mut self.streams[i].body;
+            let len = match message_len(body, MAX_MESSAGE) {
+                Ok(Some(len)) if body.len() >= PREFIX_LEN + len => len,
+                Ok(_) => continue,
+                Err(e) => return Err(format!("watch: {e}")),
+            };
+            let message = WatchResponse::decode(&body[PREFIX_LEN..PREFIX_LEN + len])
+                .map_err(|e| format!("watch: decode: {e}"))?;
+            body.advance(PREFIX_LEN + len);
+            self.turn = (i + 1) % count;
+            return Ok(Some((i, message)));
+        }
+        Ok(None)
     }
 
     /// Handles every whole frame read; true if any was.
@@ -197,6 +258,12 @@ impl WatchStream {
         Ok(used)
     }
 
+    /// The index of the stream on HTTP/2 stream `id`, if it is one of ours.
+    fn index(&self, id: u32) -> Option<usize> {
+        let i = (id.checked_sub(1)? / 2) as usize;
+        (id % 2 == 1 && i < self.streams.len()).then_some(i)
+    }
+
     fn handle(&mut self, parsed: Frame<'_>) -> Result<(), Error> {
         match parsed {
             Frame::Data {
@@ -205,16 +272,17 @@ impl WatchStream {
                 end_stream,
                 flow,
             } => {
-                self.returned(flow);
-                if stream != STREAM {
+                self.returned(stream, flow);
+                let Some(i) = self.index(stream) else {
                     return Ok(());
-                }
-                if !self.answered {
+                };
+                let one = &mut self.streams[i];
+                if !one.answered {
                     return Err("watch: data before the response headers".into());
                 }
-                self.body.extend_from_slice(data);
+                one.body.extend_from_slice(data);
                 if end_stream {
-                    self.end = Some(Err("watch: the stream ended without trailers".into()));
+                    self.end = Some(Err("watch: a stream ended without trailers".into()));
                 }
             }
             Frame::Headers {
@@ -223,31 +291,37 @@ impl WatchStream {
                 end_stream,
                 end_headers,
                 ..
-            } if stream == STREAM => {
+            } => {
+                let Some(i) = self.index(stream) else {
+                    return Ok(());
+                };
                 if end_headers {
-                    self.headers(block, end_stream)?;
+                    self.headers(i, block, end_stream)?;
                 } else {
-                    self.block = Some((block.to_vec(), end_stream));
+                    self.block = Some((stream, block.to_vec(), end_stream));
                 }
             }
             Frame::Continuation {
                 stream,
                 block,
                 end_headers,
-            } if stream == STREAM => {
-                let Some((mut whole, end_stream)) = self.block.take() else {
+            } => {
+                let Some((open, mut whole, end_stream)) = self.block.take() else {
                     return Err("watch: a CONTINUATION with no header block open".into());
                 };
+                if open != stream {
+                    return Err("watch: a CONTINUATION on another stream".into());
+                }
                 whole.extend_from_slice(block);
-                if end_headers {
-                    self.headers(&whole, end_stream)?;
-                } else {
-                    self.block = Some((whole, end_stream));
+                if !end_headers {
+                    self.block = Some((open, whole, end_stream));
+                } else if let Some(i) = self.index(stream) {
+                    self.headers(i, &whole, end_stream)?;
                 }
             }
-            Frame::RstStream { stream, code } if stream == STREAM => {
+            Frame::RstStream { stream, code } if self.index(stream).is_some() => {
                 return Err(format!(
-                    "watch: the server reset the stream (code {code:#x})"
+                    "watch: the server reset stream {stream} (code {code:#x})"
                 ));
             }
             Frame::Settings {
@@ -257,47 +331,50 @@ impl WatchStream {
                 for (id, value) in frame::settings(payload) {
                     match id {
                         setting::INITIAL_WINDOW_SIZE => {
-                            // Applies to the open stream by the difference
+                            // Applies to the open streams by the difference
                             // (RFC 9113 section 6.9.2).
-                            self.send_window.0 += i64::from(value) - i64::from(DEFAULT_WINDOW);
+                            for one in &mut self.streams {
+                                one.send_window += i64::from(value) - i64::from(DEFAULT_WINDOW);
+                            }
                         }
                         setting::MAX_FRAME_SIZE => self.max_frame = value as usize,
                         _ => {}
                     }
                 }
                 frame::put_settings(&mut self.output, &[], true);
-                self.send_request();
+                self.send_requests();
             }
             Frame::WindowUpdate { stream, increment } => {
-                match stream {
-                    0 => self.send_window.1 += i64::from(increment),
-                    STREAM => self.send_window.0 += i64::from(increment),
-                    _ => {}
+                if stream == 0 {
+                    self.send_window += i64::from(increment);
+                } else if let Some(i) = self.index(stream) {
+                    self.streams[i].send_window += i64::from(increment);
                 }
-                self.send_request();
+                self.send_requests();
             }
             Frame::Ping { ack: false, data } => frame::put_ping(&mut self.output, data, true),
             Frame::GoAway {
                 last_stream, code, ..
-            } if code != code::NO_ERROR || last_stream < STREAM => {
+            } if code != code::NO_ERROR || last_stream < stream_id(self.streams.len() - 1) => {
                 return Err(format!(
                     "watch: the server ended the connection (GOAWAY code {code:#x})"
                 ));
             }
-            // Acknowledgements, a graceful GOAWAY (the stream goes on to
-            // its trailers), priority, other streams, unknown types.
+            // Acknowledgements, a graceful GOAWAY (the streams go on to
+            // their trailers), priority, other streams, unknown types.
             _ => {}
         }
         Ok(())
     }
 
-    /// A complete header block: the response's headers, or its trailers
-    /// when it ends the stream.
-    fn headers(&mut self, block: &[u8], end_stream: bool) -> Result<(), Error> {
+    /// A complete header block of stream `i`: the response's headers, or
+    /// its trailers when it ends the stream.
+    fn headers(&mut self, i: usize, block: &[u8], end_stream: bool) -> Result<(), Error> {
         let (status, grpc) = response_head(&mut self.hpack, block)
             .map_err(|e| format!("watch: bad headers from the server: {e}"))?;
-        if !self.answered {
-            self.answered = true;
+        let one = &mut self.streams[i];
+        if !one.answered {
+            one.answered = true;
             if status.as_deref() != Some(b"200") {
                 let status = status.map(|s| String::from_utf8_lossy(&s).into_owned());
                 return Err(format!("watch: HTTP status {}", status.unwrap_or_default()));
@@ -316,31 +393,41 @@ impl WatchStream {
         outcome
     }
 
-    /// Queues as much of the request's message as the windows allow, in
+    /// Queues as much of each request's message as the windows allow, in
     /// frames the server accepts.
-    fn send_request(&mut self) {
-        while self.sent < self.request.len() {
-            let room = self.send_window.0.min(self.send_window.1);
-            if room <= 0 {
-                return;
+    fn send_requests(&mut self) {
+        for (i, one) in self.streams.iter_mut().enumerate() {
+            while one.sent < one.request.len() {
+                let room = one.send_window.min(self.send_window);
+                if room <= 0 {
+                    break;
+                }
+                let n = (one.request.len() - one.sent)
+                    .min(room as usize)
+                    .min(self.max_frame);
+                let chunk = &one.request[one.sent..one.sent + n];
+                frame::put_data(&mut self.output, stream_id(i), chunk, false);
+                one.sent += n;
+                one.send_window -= n as i64;
+                self.send_window -= n as i64;
             }
-            let n = (self.request.len() - self.sent)
-                .min(room as usize)
-                .min(self.max_frame);
-            let chunk = &self.request[self.sent..self.sent + n];
-            frame::put_data(&mut self.output, STREAM, chunk, false);
-            self.sent += n;
-            self.send_window.0 -= n as i64;
-            self.send_window.1 -= n as i64;
         }
     }
 
-    /// Notes `flow` bytes received, and returns them to both windows once
-    /// half the stream's window is used.
-    fn returned(&mut self, flow: usize) {
+    /// Notes `flow` bytes received on `stream`, and returns them to its
+    /// window once half of it is used, and to the connection's once half
+    /// of that is.
+    fn returned(&mut self, stream: u32, flow: usize) {
+        if let Some(i) = self.index(stream) {
+            let one = &mut self.streams[i];
+            one.unreturned += flow as u32;
+            if one.unreturned >= STREAM_WINDOW / 2 {
+                frame::put_window_update(&mut self.output, stream, one.unreturned);
+                one.unreturned = 0;
+            }
+        }
         self.unreturned += flow as u32;
-        if self.unreturned >= STREAM_WINDOW / 2 {
-            frame::put_window_update(&mut self.output, STREAM, self.unreturned);
+        if self.unreturned >= CONN_WINDOW / 2 {
             frame::put_window_update(&mut self.output, 0, self.unreturned);
             self.unreturned = 0;
         }
@@ -393,13 +480,8 @@ pub(crate) fn response_head(
     Ok((status, grpc))
 }
 
-/// What a client sends first: the preface, its settings (no push, the
-/// stream window) and the connection's window, then the `Watch` request's
-/// headers (its message follows as the windows allow; the request side
-/// stays open).
-fn opening(authority: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    put_opening(&mut out, STREAM_WINDOW, CONN_WINDOW);
+/// The header block of a `Watch` request to `authority`.
+fn request_head(authority: &str) -> Vec<u8> {
     let mut block = Vec::with_capacity(128);
     for (name, value) in [
         (&b":method"[..], &b"POST"[..]),
@@ -411,6 +493,5 @@ fn opening(authority: &str) -> Vec<u8> {
     ] {
         hpack::encode_field(name, value, &mut block);
     }
-    frame::put_headers(&mut out, STREAM, &block, false, 0);
-    out
+    block
 }

@@ -82,11 +82,12 @@ async fn check_closed_and_open_loop() {
 
 /// Runs the notice workload against `target` with 3 subscribers and 40
 /// changes, and checks its counts.
-async fn notice_counts(target: Target, addr: String) -> Report {
+async fn notice_counts(target: Target, addr: String, per_conn: usize) -> Report {
     let opts = NoticeOpts {
         target,
         addr,
         subscribers: 3,
+        per_conn,
         rate: 100.0,
         warmup: 0.1,
         secs: 0.3,
@@ -104,7 +105,17 @@ async fn notice_counts(target: Target, addr: String) -> Report {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notice_reaches_every_subscriber() {
     let (_server, addr) = common::server().await;
-    assert_clean(&notice_counts(Target::Freshd, addr).await);
+    assert_clean(&notice_counts(Target::Freshd, addr, 1).await);
+}
+
+/// Subscribers that share connections (2 and 1 streams on the two) count
+/// the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notice_reaches_subscribers_that_share_a_connection() {
+    let (_server, addr) = common::server().await;
+    let r = notice_counts(Target::Freshd, addr, 2).await;
+    assert_clean(&r);
+    assert_eq!(r.params["per_conn"], 2);
 }
 
 /// The loopback floor, served by the load tool itself, runs through the
@@ -114,7 +125,7 @@ async fn notice_runs_against_the_floor() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || freshd_load::floor::serve(listener));
-    notice_counts(Target::Floor, addr).await;
+    notice_counts(Target::Floor, addr, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

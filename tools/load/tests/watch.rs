@@ -1,6 +1,7 @@
 //! The load tool's own `Watch` reader ([`freshd_load::watch`]) against a
 //! real freshd on a loopback port: it must keep reading past its receive
-//! windows (so it returns them), and end with the server's status.
+//! windows (so it returns them), keep streams that share a connection
+//! apart, and end with the server's status.
 
 mod common;
 
@@ -16,15 +17,9 @@ fn key(i: usize) -> String {
     format!("big:{i:05}:{}", "x".repeat(1000))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_past_its_receive_windows() {
-    let (_server, addr) = common::server().await;
-    let keys: Vec<String> = (0..3000).map(key).collect();
-    let mut stream = WatchStream::start(&addr, "window-test".into(), keys.clone())
-        .await
-        .expect("the stream starts");
-
-    let mut client = freshd_load::freshd_client(&addr).await.expect("connects");
+/// Publishes `keys`, 100 to a call.
+async fn publish_all(addr: &str, keys: &[String]) {
+    let mut client = freshd_load::freshd_client(addr).await.expect("connects");
     for chunk in keys.chunks(100) {
         client
             .publish(PublishRequest {
@@ -40,6 +35,17 @@ async fn reads_past_its_receive_windows() {
             .await
             .expect("publishes");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_past_its_receive_windows() {
+    let (_server, addr) = common::server().await;
+    let keys: Vec<String> = (0..3000).map(key).collect();
+    let mut stream = WatchStream::start(&addr, "window-test".into(), keys.clone())
+        .await
+        .expect("the stream starts");
+
+    publish_all(&addr, &keys).await;
 
     // 3,000 notices of about 1 KiB: past the stream's 2 MiB window, which
     // the server stops at unless the reader returns it.
@@ -87,4 +93,52 @@ async fn ends_with_the_servers_status() {
     assert!(error.contains("grpc-status 14"), "{error}");
     assert!(error.contains("shutting down"), "{error}");
     stopped.await.expect("joins").expect("stops");
+}
+
+/// Three streams on one connection, each tracking its own 2,100 long keys:
+/// each stream's notices pass its 2 MiB window and all of them the 5 MiB
+/// connection window, so both must be returned, and each notice must come
+/// out under the stream it was sent on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_one_connection_keep_to_their_own_notices() {
+    let (_server, addr) = common::server().await;
+    let keys: Vec<Vec<String>> = (0..3)
+        .map(|s| (0..2100).map(|i| key(s * 10_000 + i)).collect())
+        .collect();
+    let starts = keys
+        .iter()
+        .enumerate()
+        .map(|(s, k)| (format!("shared-{s}"), k.clone()))
+        .collect();
+    let mut conn = WatchStream::start_many(&addr, starts)
+        .await
+        .expect("the streams start");
+
+    publish_all(&addr, &keys.concat()).await;
+
+    let mut seen: Vec<HashSet<String>> = vec![HashSet::new(); 3];
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.iter().map(HashSet::len).sum::<usize>() < 3 * 2100 {
+            match conn.next().await.expect("reads") {
+                Some((s, message)) => {
+                    if let Some(WatchOut::Notices(batch)) = message.response {
+                        for n in batch.notices {
+                            assert!(keys[s].contains(&n.key), "stream {s} got {}", &n.key[..12]);
+                            seen[s].insert(n.key);
+                        }
+                    }
+                }
+                None => panic!("a stream ended"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "stalled at {:?}",
+        seen.iter().map(HashSet::len).collect::<Vec<_>>()
+    );
+    for (s, got) in seen.iter().enumerate() {
+        assert_eq!(got.len(), 2100, "stream {s}");
+    }
 }
