@@ -149,17 +149,18 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    if opts.per_conn > 1 && opts.target != Target::Freshd {
+        return Err("only freshd's subscribers can share connections".into());
+    }
     // The keys, then the subscribers.
     prepare(opts, &keys).await?;
     let limit = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), Error>>(opts.subscribers);
     let mut subs = Vec::with_capacity(opts.subscribers);
-    if opts.per_conn > 1 && opts.target != Target::Freshd {
-        return Err("only freshd's subscribers can share connections".into());
-    }
     let per_conn = opts.per_conn.max(1);
-    if per_conn > 1 {
-        // Subscribers that share a connection, a task per connection.
+    if opts.target == Target::Freshd {
+        // A task per connection, for its one subscriber or the several
+        // that share it.
         for first in (0..opts.subscribers).step_by(per_conn) {
             let ids = first..(first + per_conn).min(opts.subscribers);
             let group: Vec<Sub> = ids.clone().map(|_| Sub::new(shared.clone())).collect();
@@ -171,15 +172,17 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
                 stop_rx.clone(),
             );
             subs.push(tokio::spawn(async move {
-                let result =
-                    freshd_shared_subs(&addr, ids, keys, limit, ready.clone(), stop, group).await;
+                let result = freshd_subs(&addr, ids, keys, limit, ready.clone(), stop, group).await;
                 if let Err(e) = result {
                     let _ = ready.send(Err(e)).await;
                 }
             }));
         }
     }
-    for id in (0..opts.subscribers).filter(|_| per_conn == 1) {
+    for _ in 0..opts.subscribers {
+        if opts.target == Target::Freshd {
+            break;
+        }
         let sub = Sub::new(shared.clone());
         let (opts, keys, limit, ready, stop) = (
             opts.clone(),
@@ -190,9 +193,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         );
         subs.push(tokio::spawn(async move {
             let result = match opts.target {
-                Target::Freshd => {
-                    freshd_sub(&opts.addr, id, keys, limit, ready.clone(), stop, sub).await
-                }
+                Target::Freshd => unreachable!("freshd's subscribers are started above"),
                 Target::Redis => redis_sub(&opts.addr, keys, limit, ready.clone(), stop, sub).await,
                 Target::Etcd => etcd_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
                 Target::Floor => floor_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
@@ -431,46 +432,9 @@ async fn wait_stop(mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn freshd_sub(
-    addr: &str,
-    id: usize,
-    keys: Arc<Vec<String>>,
-    limit: Arc<Semaphore>,
-    ready: mpsc::Sender<Result<(), Error>>,
-    stop: watch::Receiver<bool>,
-    mut sub: Sub,
-) -> Result<(), Error> {
-    let mut responses = {
-        let _permit = limit.acquire().await.expect("semaphore");
-        freshd_watch(addr, format!("load-sub-{id}"), keys.to_vec()).await?
-    };
-    let _ = ready.send(Ok(())).await;
-    let mut stop2 = stop.clone();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop2.changed() => return Ok(()),
-            message = responses.message() => {
-                let Ok(Some(message)) = message else { return Ok(()) };
-                let now = Instant::now();
-                if let Some(WatchOut::Notices(batch)) = message.response {
-                    let mut done = false;
-                    for n in &batch.notices {
-                        done |= sub.note(n.key.as_bytes(), now);
-                    }
-                    if done {
-                        wait_stop(stop).await;
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Subscribers `ids` as `Watch` streams on one connection, each tracking
-/// `keys`, read by one task.
-async fn freshd_shared_subs(
+/// Subscribers `ids` as `Watch` streams on one connection (one stream, or
+/// several sharing it), each tracking `keys`, read by one task.
+async fn freshd_subs(
     addr: &str,
     ids: std::ops::Range<usize>,
     keys: Arc<Vec<String>>,
