@@ -113,6 +113,10 @@ pub struct Args {
     /// How long in-flight requests may finish after SIGTERM or SIGINT [default: 10s]
     #[arg(long, env = "FRESHD_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+    /// Idle time before TCP keepalive probes a client connection (then
+    /// every third of it, 3 probes); 0 turns them off [default: 300s]
+    #[arg(long, env = "FRESHD_TCP_KEEPALIVE", value_name = "DURATION")]
+    pub tcp_keepalive: Option<String>,
     /// Notices kept so that Watch streams resume exactly [default: 100000]
     #[arg(long, env = "FRESHD_HISTORY_NOTICES", value_name = "N")]
     pub history_notices: Option<String>,
@@ -213,6 +217,10 @@ pub struct Config {
     pub connections: crate::conn::ConnLimits,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
+    /// Idle time before TCP keepalive probes a client connection, so that
+    /// one whose peer vanished (a host gone without a FIN) is closed and
+    /// its Watch streams end; `None`: no probes.
+    pub tcp_keepalive: Option<Duration>,
     /// Log format.
     pub log_format: LogFormat,
     /// TLS; `None`: plaintext.
@@ -235,6 +243,7 @@ impl Default for Config {
             max_message_bytes: 16 << 20,
             connections: crate::conn::ConnLimits::default(),
             shutdown_grace: Duration::from_secs(10),
+            tcp_keepalive: Some(Duration::from_secs(300)),
             log_format: LogFormat::Text,
             tls: None,
             auth: AuthConfig::default(),
@@ -280,6 +289,7 @@ const FILE_SETTINGS: &[&str] = &[
     "stream_send_buffer_bytes",
     "connection_send_buffer_bytes",
     "shutdown_grace",
+    "tcp_keepalive",
     "history_notices",
     "history_bytes",
     "queue_notices",
@@ -861,7 +871,9 @@ impl Config {
         }
         let mut max_wait_for_seq = config.limits.max_wait_for_seq;
         let mut purge_jitter = config.limits.purge_jitter;
-        let durations: [(&str, Option<String>, &mut Duration); 9] = [
+        let mut tcp_keepalive = config.tcp_keepalive.unwrap_or_default();
+        let durations: [(&str, Option<String>, &mut Duration); 10] = [
+            ("tcp_keepalive", args.tcp_keepalive, &mut tcp_keepalive),
             ("lease_ttl", args.lease_ttl, &mut config.store.lease_ttl),
             (
                 "watch_coalesce",
@@ -902,14 +914,22 @@ impl Config {
                 if d.is_zero()
                     && !matches!(
                         name,
-                        "shutdown_grace" | "max_wait_for_seq" | "purge_jitter" | "watch_coalesce"
+                        "shutdown_grace"
+                            | "max_wait_for_seq"
+                            | "purge_jitter"
+                            | "watch_coalesce"
+                            | "tcp_keepalive"
                     )
                 {
                     return Err(raw.error(name, "must be above zero"));
                 }
+                if name == "tcp_keepalive" && !d.is_zero() && d < Duration::from_secs(1) {
+                    return Err(raw.error(name, "must be 0 (off) or at least 1s"));
+                }
                 *slot = d;
             }
         }
+        config.tcp_keepalive = (!tcp_keepalive.is_zero()).then_some(tcp_keepalive);
         let mut expiry_batch = config.expiry_batch as u64;
         let mut max_key_bytes = config.limits.max_key_bytes as u64;
         let mut max_dependencies = config.limits.max_dependencies as u64;

@@ -199,7 +199,7 @@ async fn serve_until(
         .clone()
         .map(|tls| tokio::spawn(tls.watch(metrics.clone())));
     let mut serving: JoinHandle<()> = tokio::spawn(crate::routes::serve(
-        crate::tls::incoming(listener, tls, metrics.clone()),
+        crate::tls::incoming(listener, tls, metrics.clone(), config.tcp_keepalive),
         routes,
         config.connections,
         async {

@@ -390,12 +390,27 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Turns on TCP keepalive for `socket`: after `idle` without traffic the
+/// kernel probes the peer, every third of `idle` (at least 1 s), and closes
+/// the connection after 3 probes go unanswered. A client whose host
+/// vanished then stops holding its connection and its Watch streams, as
+/// Redis's `tcp-keepalive` does for its clients.
+pub(crate) fn set_keepalive(socket: &TcpStream, idle: Duration) -> std::io::Result<()> {
+    let params = socket2::TcpKeepalive::new().with_time(idle);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let params = params
+        .with_interval((idle / 3).max(Duration::from_secs(1)))
+        .with_retries(3);
+    socket2::SockRef::from(socket).set_tcp_keepalive(&params)
+}
+
 /// The accepted connections of `listener`, TLS-terminated when `tls` is set.
 /// Accepting stops, and the listener closes, when the receiver is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: Option<Arc<Reloadable>>,
     metrics: Arc<Metrics>,
+    keepalive: Option<Duration>,
 ) -> mpsc::Receiver<Conn> {
     let (tx, rx) = mpsc::channel::<Conn>(64);
     tokio::spawn(async move {
@@ -416,6 +431,11 @@ pub fn incoming(
             };
             // Nagle's algorithm would hold small responses back for tens of ms.
             let _ = socket.set_nodelay(true);
+            if let Some(idle) = keepalive {
+                if let Err(e) = set_keepalive(&socket, idle) {
+                    tracing::debug!(error = %e, "TCP keepalive not set");
+                }
+            }
             let info = ConnInfo {
                 remote: Some(remote),
                 tls: tls.is_some(),
@@ -460,4 +480,40 @@ pub fn incoming(
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted connections carry the kernel's keepalive probes as configured
+    /// (after the idle time, every third of it, 3 probes), or none.
+    #[tokio::test]
+    async fn accepted_connections_get_tcp_keepalive() {
+        for keepalive in [Some(Duration::from_secs(60)), None] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let metrics = Arc::new(Metrics::disabled());
+            let mut conns = incoming(listener, None, metrics, keepalive);
+            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let conn = conns.recv().await.expect("a connection");
+            let socket = conn.socket().expect("a plain TCP socket");
+            let socket = socket2::SockRef::from(socket.as_ref());
+            assert_eq!(socket.keepalive().unwrap(), keepalive.is_some());
+            if keepalive.is_some() {
+                assert_eq!(
+                    socket.tcp_keepalive_time().unwrap(),
+                    Duration::from_secs(60)
+                );
+                #[cfg(target_os = "linux")]
+                {
+                    assert_eq!(
+                        socket.tcp_keepalive_interval().unwrap(),
+                        Duration::from_secs(20)
+                    );
+                    assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+                }
+            }
+        }
+    }
 }

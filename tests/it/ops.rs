@@ -183,3 +183,26 @@ fn sigterm_drains_and_exits_cleanly() {
         "{rest:?}"
     );
 }
+
+#[test]
+fn tcp_keepalive_is_read_and_checked() {
+    let read = |value: &str| {
+        Config::from_args(freshd::config::Args {
+            tcp_keepalive: Some(value.into()),
+            ..Default::default()
+        })
+    };
+    assert_eq!(
+        read("5m").unwrap().tcp_keepalive,
+        Some(Duration::from_secs(300))
+    );
+    assert_eq!(read("0s").unwrap().tcp_keepalive, None, "0 turns it off");
+    let e = read("500ms").unwrap_err();
+    assert_eq!(e.setting, "tcp_keepalive", "{e}");
+    assert!(e.to_string().contains("at least 1s"), "{e}");
+    assert_eq!(
+        Config::ephemeral().tcp_keepalive,
+        Some(Duration::from_secs(300)),
+        "the default"
+    );
+}
