@@ -16,6 +16,9 @@
 //! workload drives it like the servers (`--target floor`), so the floor's
 //! latency and CPU per notice sit beside theirs, measured the same way on
 //! the same machine in the same run.
+//!
+//! It is a measuring stick, not a server: its writes block, so a
+//! subscriber that stops reading stalls the others.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
