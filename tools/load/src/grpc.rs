@@ -139,6 +139,77 @@ pub(crate) fn put_opening(out: &mut Vec<u8>, stream_window: u32, conn_window: u3
     frame::put_window_update(out, 0, conn_window - DEFAULT_WINDOW);
 }
 
+/// The header block of a gRPC call to `path` (`/package.Service/Method`) at
+/// `authority`: the same for every call (literals and static-table indexes
+/// only, so no HPACK state).
+pub(crate) fn request_head(authority: &str, path: &str) -> Vec<u8> {
+    use freshd::http2::hpack;
+    let mut block = Vec::with_capacity(128);
+    for (name, value) in [
+        (&b":method"[..], &b"POST"[..]),
+        (b":scheme", b"http"),
+        (b":path", path.as_bytes()),
+        (b":authority", authority.as_bytes()),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ] {
+        hpack::encode_field(name, value, &mut block);
+    }
+    block
+}
+
+/// Header blocks put together from a HEADERS frame and the CONTINUATIONs
+/// that follow it.
+#[derive(Default)]
+pub(crate) struct HeaderBlocks {
+    /// A block whose CONTINUATIONs are still to come: its stream, the
+    /// block so far, and whether it ends the stream.
+    open: Option<(u32, Vec<u8>, bool)>,
+}
+
+/// A complete header block: its stream, the block, and whether it ends the
+/// stream.
+pub(crate) type HeaderBlock<'a> = (u32, std::borrow::Cow<'a, [u8]>, bool);
+
+impl HeaderBlocks {
+    /// Takes a HEADERS frame: its block, if `end_headers` says it is whole.
+    pub(crate) fn headers<'a>(
+        &mut self,
+        stream: u32,
+        block: &'a [u8],
+        end_stream: bool,
+        end_headers: bool,
+    ) -> Option<HeaderBlock<'a>> {
+        if end_headers {
+            return Some((stream, block.into(), end_stream));
+        }
+        self.open = Some((stream, block.to_vec(), end_stream));
+        None
+    }
+
+    /// Takes a CONTINUATION frame: the whole block once its last part has
+    /// come; an error for one that follows no HEADERS of its stream.
+    pub(crate) fn continuation(
+        &mut self,
+        stream: u32,
+        block: &[u8],
+        end_headers: bool,
+    ) -> Result<Option<HeaderBlock<'static>>, Error> {
+        let Some((open, mut whole, end_stream)) = self.open.take() else {
+            return Err("a CONTINUATION with no header block open".into());
+        };
+        if open != stream {
+            return Err("a CONTINUATION on another stream".into());
+        }
+        whole.extend_from_slice(block);
+        if end_headers {
+            return Ok(Some((stream, whole.into(), end_stream)));
+        }
+        self.open = Some((stream, whole, end_stream));
+        Ok(None)
+    }
+}
+
 /// The length of the gRPC message `body` starts with, from its prefix:
 /// `None` until the whole prefix is there; an error for a compressed
 /// message or one over `max` bytes.
@@ -344,5 +415,30 @@ impl Conn {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_blocks_join_continuations_of_their_stream_only() {
+        let mut blocks = HeaderBlocks::default();
+        let whole = blocks
+            .headers(1, b"abc", true, true)
+            .expect("whole at once");
+        assert_eq!((whole.0, &*whole.1, whole.2), (1, &b"abc"[..], true));
+
+        assert!(blocks.headers(3, b"ab", false, false).is_none());
+        assert!(blocks.continuation(3, b"cd", false).unwrap().is_none());
+        let whole = blocks.continuation(3, b"ef", true).unwrap().expect("whole");
+        assert_eq!((whole.0, &*whole.1, whole.2), (3, &b"abcdef"[..], false));
+
+        let e = blocks.continuation(3, b"x", true).unwrap_err();
+        assert!(e.contains("no header block open"), "{e}");
+        assert!(blocks.headers(5, b"a", false, false).is_none());
+        let e = blocks.continuation(7, b"b", true).unwrap_err();
+        assert!(e.contains("another stream"), "{e}");
     }
 }

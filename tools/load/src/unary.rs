@@ -29,7 +29,9 @@ use prost::Message;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-use crate::grpc::{message_len, put_opening, DEFAULT_WINDOW, PREFIX_LEN};
+use crate::grpc::{
+    message_len, put_opening, request_head, HeaderBlocks, DEFAULT_WINDOW, PREFIX_LEN,
+};
 use crate::Error;
 
 /// The receive window this side gives each stream.
@@ -63,8 +65,8 @@ pub struct UnaryConn {
     max_frame: usize,
     /// The answers being read, by stream.
     open: HashMap<u32, Answer>,
-    /// A header block whose CONTINUATIONs are still to come.
-    block: Option<(u32, Vec<u8>, bool)>,
+    /// Header blocks being put together.
+    blocks: HeaderBlocks,
     /// Flow-controlled bytes received and not yet returned.
     unreturned: u32,
     /// Streams whose answer is complete: the message bytes, or the error.
@@ -97,7 +99,7 @@ impl UnaryConn {
             stream_window: i64::from(DEFAULT_WINDOW),
             max_frame: frame::MIN_MAX_FRAME_SIZE as usize,
             open: HashMap::new(),
-            block: None,
+            blocks: HeaderBlocks::default(),
             unreturned: 0,
             done: Vec::new(),
         })
@@ -120,7 +122,7 @@ impl UnaryConn {
         Req: Message,
         Resp: Message + Default,
     {
-        let block = self.header_block(method);
+        let block = request_head(&self.authority, method);
         let mut items: HashMap<u32, T> = HashMap::new();
         let mut more = true;
         poll_fn(|cx| loop {
@@ -155,23 +157,6 @@ impl UnaryConn {
             }
         })
         .await
-    }
-
-    /// The header block of a call to `method`: the same for every call
-    /// (literals and static-table indexes only).
-    fn header_block(&self, method: &str) -> Vec<u8> {
-        let mut block = Vec::with_capacity(128);
-        for (name, value) in [
-            (&b":method"[..], &b"POST"[..]),
-            (b":scheme", b"http"),
-            (b":path", method.as_bytes()),
-            (b":authority", self.authority.as_bytes()),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-        ] {
-            hpack::encode_field(name, value, &mut block);
-        }
-        block
     }
 
     /// Opens a stream with `block` and queues `message` on it; its id.
@@ -296,10 +281,10 @@ impl UnaryConn {
                 end_headers,
                 ..
             } => {
-                if end_headers {
-                    self.headers(stream, block, end_stream)?;
-                } else {
-                    self.block = Some((stream, block.to_vec(), end_stream));
+                if let Some((stream, block, end)) =
+                    self.blocks.headers(stream, block, end_stream, end_headers)
+                {
+                    self.headers(stream, &block, end)?;
                 }
             }
             Frame::Continuation {
@@ -307,17 +292,10 @@ impl UnaryConn {
                 block,
                 end_headers,
             } => {
-                let Some((open, mut whole, end_stream)) = self.block.take() else {
-                    return Err("a CONTINUATION with no header block open".into());
-                };
-                if open != stream {
-                    return Err("a CONTINUATION on another stream".into());
-                }
-                whole.extend_from_slice(block);
-                if end_headers {
-                    self.headers(stream, &whole, end_stream)?;
-                } else {
-                    self.block = Some((stream, whole, end_stream));
+                if let Some((stream, block, end)) =
+                    self.blocks.continuation(stream, block, end_headers)?
+                {
+                    self.headers(stream, &block, end)?;
                 }
             }
             Frame::RstStream { stream, code } => {

@@ -30,7 +30,9 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::grpc::{message_len, put_opening, DEFAULT_WINDOW, PREFIX_LEN};
+use crate::grpc::{
+    message_len, put_opening, request_head, HeaderBlocks, DEFAULT_WINDOW, PREFIX_LEN,
+};
 use crate::Error;
 
 /// The receive window of each stream (hyper's default for clients).
@@ -61,9 +63,8 @@ pub struct WatchStream {
     send_window: i64,
     /// The largest frame the server accepts.
     max_frame: usize,
-    /// A header block whose CONTINUATIONs are still to come: its stream,
-    /// the block, and whether it ends the stream.
-    block: Option<(u32, Vec<u8>, bool)>,
+    /// Header blocks being put together.
+    blocks: HeaderBlocks,
     /// Flow-controlled bytes received on the connection and not yet
     /// returned in a window update.
     unreturned: u32,
@@ -114,7 +115,7 @@ impl WatchStream {
         let tcp = crate::connect_nodelay(addr).await?;
         let mut output = Vec::with_capacity(256 + 64 * starts.len());
         put_opening(&mut output, STREAM_WINDOW, CONN_WINDOW);
-        let head = request_head(addr);
+        let head = request_head(addr, "/freshd.v1.Coordinator/Watch");
         let mut streams = Vec::with_capacity(starts.len());
         for (i, (client_id, track)) in starts.into_iter().enumerate() {
             frame::put_headers(&mut output, stream_id(i), &head, false, 0);
@@ -143,7 +144,7 @@ impl WatchStream {
             streams,
             send_window: i64::from(DEFAULT_WINDOW),
             max_frame: frame::MIN_MAX_FRAME_SIZE as usize,
-            block: None,
+            blocks: HeaderBlocks::default(),
             unreturned: 0,
             turn: 0,
             end: None,
@@ -292,13 +293,10 @@ impl WatchStream {
                 end_headers,
                 ..
             } => {
-                let Some(i) = self.index(stream) else {
-                    return Ok(());
-                };
-                if end_headers {
-                    self.headers(i, block, end_stream)?;
-                } else {
-                    self.block = Some((stream, block.to_vec(), end_stream));
+                if let Some((stream, block, end)) =
+                    self.blocks.headers(stream, block, end_stream, end_headers)
+                {
+                    self.stream_headers(stream, &block, end)?;
                 }
             }
             Frame::Continuation {
@@ -306,17 +304,12 @@ impl WatchStream {
                 block,
                 end_headers,
             } => {
-                let Some((open, mut whole, end_stream)) = self.block.take() else {
-                    return Err("watch: a CONTINUATION with no header block open".into());
-                };
-                if open != stream {
-                    return Err("watch: a CONTINUATION on another stream".into());
-                }
-                whole.extend_from_slice(block);
-                if !end_headers {
-                    self.block = Some((open, whole, end_stream));
-                } else if let Some(i) = self.index(stream) {
-                    self.headers(i, &whole, end_stream)?;
+                let whole = self
+                    .blocks
+                    .continuation(stream, block, end_headers)
+                    .map_err(|e| format!("watch: {e}"))?;
+                if let Some((stream, block, end)) = whole {
+                    self.stream_headers(stream, &block, end)?;
                 }
             }
             Frame::RstStream { stream, code } if self.index(stream).is_some() => {
@@ -365,6 +358,15 @@ impl WatchStream {
             _ => {}
         }
         Ok(())
+    }
+
+    /// A complete header block of HTTP/2 stream `stream`, if it is one of
+    /// ours.
+    fn stream_headers(&mut self, stream: u32, block: &[u8], end_stream: bool) -> Result<(), Error> {
+        match self.index(stream) {
+            Some(i) => self.headers(i, block, end_stream),
+            None => Ok(()),
+        }
     }
 
     /// A complete header block of stream `i`: the response's headers, or
@@ -478,20 +480,4 @@ pub(crate) fn response_head(
         _ => {}
     })?;
     Ok((status, grpc))
-}
-
-/// The header block of a `Watch` request to `authority`.
-fn request_head(authority: &str) -> Vec<u8> {
-    let mut block = Vec::with_capacity(128);
-    for (name, value) in [
-        (&b":method"[..], &b"POST"[..]),
-        (b":scheme", b"http"),
-        (b":path", b"/freshd.v1.Coordinator/Watch"),
-        (b":authority", authority.as_bytes()),
-        (b"content-type", b"application/grpc"),
-        (b"te", b"trailers"),
-    ] {
-        hpack::encode_field(name, value, &mut block);
-    }
-    block
 }
