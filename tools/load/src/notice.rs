@@ -87,20 +87,18 @@ struct Shared {
     latencies: Mutex<Latencies>,
 }
 
-/// One subscriber's count.
+/// One subscriber's count. Its latencies go to the one histogram all
+/// subscribers share: a histogram each (1,000 of them, over 100 KiB apiece)
+/// would cost a cache miss per notice, which the measurement would add to
+/// every server's latency.
 struct Sub {
     shared: Arc<Shared>,
     got: u64,
-    hist: Latencies,
 }
 
 impl Sub {
     fn new(shared: Arc<Shared>) -> Self {
-        Self {
-            shared,
-            got: 0,
-            hist: Latencies::default(),
-        }
+        Self { shared, got: 0 }
     }
 
     /// Notes a notice for `key` that arrived at `now`; true once every
@@ -113,7 +111,10 @@ impl Sub {
         self.got += 1;
         if i >= self.shared.counted_from {
             let intended = pace::intended(start, self.shared.rate, i);
-            self.hist.record(now.saturating_duration_since(intended));
+            self.shared
+                .latencies
+                .lock()
+                .record(now.saturating_duration_since(intended));
         }
         if self.got == self.shared.expected {
             self.shared.finished.fetch_add(1, Ordering::Relaxed);
@@ -126,7 +127,6 @@ impl Sub {
 impl Drop for Sub {
     fn drop(&mut self) {
         self.shared.received.fetch_add(self.got, Ordering::Relaxed);
-        self.shared.latencies.lock().merge(&self.hist);
     }
 }
 

@@ -30,11 +30,6 @@ impl Latencies {
         self.hist.record(us).expect("clamped into bounds");
     }
 
-    /// Adds every value of `other`.
-    pub fn merge(&mut self, other: &Latencies) {
-        self.hist.add(&other.hist).expect("same bounds");
-    }
-
     /// How many values were recorded.
     pub fn count(&self) -> u64 {
         self.hist.len()
@@ -154,7 +149,7 @@ impl Report {
         }
         if let Some(cpu) = self.server_cpu_s {
             line.push_str(&format!(
-                "  server cores busy {:.2}, {:.1} µs CPU/op",
+                "  server cores busy {:.2}, {:.2} µs CPU/op",
                 cpu / self.window_s().max(1e-9),
                 cpu * 1e6 / self.ops.max(1) as f64
             ));
