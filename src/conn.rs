@@ -14,7 +14,7 @@
 //! in one write.
 //!
 //! A publish writes the notices of a parked Watch stream itself
-//! (`ExpressStream`, driven by a [`crate::fanout::Delivery`]): under the
+//! (the connection's [`Express`] writing, driven by a [`crate::fanout::Delivery`]): under the
 //! lock it adds the message to the output and, on plain TCP, writes the
 //! output to the socket with one non-blocking write, as long as the driver
 //! holds nothing of its own to write (so the bytes keep their order). What
@@ -58,7 +58,7 @@ use tonic::body::Body;
 use tonic::Status;
 
 use crate::auth::Principal;
-use crate::fanout::{Express, Flush, Wrote};
+use crate::fanout::{Express, ExpressWriter, Flush, Wrote};
 use crate::http2::connection::{Config, Connection, Event};
 use crate::http2::frame::code;
 use crate::http2::head::RequestHead;
@@ -138,6 +138,10 @@ struct State {
     /// the socket in order either way. None under TLS, and once the driver
     /// is done.
     socket: Option<Arc<tokio::net::TcpStream>>,
+    /// Where a fan-out encodes a message before it is framed
+    /// ([`Express`]): one buffer, reused, for every stream of the
+    /// connection.
+    message: Vec<u8>,
 }
 
 impl State {
@@ -418,6 +422,7 @@ impl Shared {
                 unwritten: 0,
                 limits,
                 socket,
+                message: Vec::new(),
             }),
         })
     }
@@ -1275,67 +1280,59 @@ impl Outbox for GrpcOutbox {
         self.responder.send(frame).await
     }
 
-    fn express(&self) -> Option<Arc<dyn Express>> {
-        Some(Arc::new(self.express_writer()))
-    }
-}
-
-impl GrpcOutbox {
-    fn express_writer(&self) -> ExpressStream {
-        ExpressStream {
-            shared: self.responder.shared.clone(),
+    fn express(&self) -> Option<ExpressWriter> {
+        Some(ExpressWriter {
+            connection: self.responder.shared.clone(),
             stream: self.responder.stream,
             max_message: self.max_message,
-        }
+        })
     }
 }
 
-/// A Watch stream's HTTP/2 stream, written by a fan-out while the stream's
-/// task is parked ([`Express`]): the same framing and the same room as the
-/// task's own writes, under the connection's lock.
-struct ExpressStream {
-    shared: Arc<Shared>,
-    stream: u32,
-    max_message: usize,
-}
-
-impl Express for ExpressStream {
+/// A fan-out writes a parked Watch stream's notices itself ([`Express`]):
+/// the same framing and the same room as the stream's task's own writes,
+/// under the connection's lock.
+impl Express for Shared {
     fn write_now(
         &self,
+        stream: u32,
+        max_message: usize,
         flush: Flush,
-        next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>,
+        next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
     ) -> Wrote {
-        let mut state = self.shared.lock();
+        let mut state = self.lock();
         let state = &mut *state;
         // The connection's own record of the stream says whether it still
         // takes data (a finished or reset stream does not), in the one
         // lookup a notice needs.
-        let Some(waiting) = state.conn.open_for_data(self.stream) else {
+        let Some(waiting) = state.conn.open_for_data(stream) else {
             return Wrote::Gone;
         };
         if state.over_limits(waiting) {
             return Wrote::NoRoom;
         }
-        let Some(message) = next(self.max_message) else {
+        let message = &mut state.message;
+        message.clear();
+        if !next(max_message, message) {
             return Wrote::Nothing;
-        };
-        let len = message.encoded_len();
-        if let Err(status) = within(len, self.max_message, "a Watch message") {
+        }
+        let len = message.len();
+        if let Err(status) = within(len, max_message, "a Watch message") {
             // `next` keeps within the limit, so this does not happen; were
             // it to, the notices taken would be lost to the stream, so the
             // stream is reset and the client resumes from its token, which
             // the history covers.
             tracing::error!(%status, "a fan-out's Watch message was refused; the stream is reset");
-            state.conn.cancel(self.stream, code::INTERNAL_ERROR);
-            state.forget(self.stream);
+            state.conn.cancel(stream, code::INTERNAL_ERROR);
+            state.forget(stream);
             return Wrote::Gone;
         }
         // Framed straight into the connection's output.
         state
             .conn
-            .send_data_encoded(self.stream, GRPC_PREFIX + len, |out| {
+            .send_data_encoded(stream, GRPC_PREFIX + len, |out| {
                 put_prefix(out, len);
-                message.encode(out).expect("the output grows as needed");
+                out.extend_from_slice(&state.message);
             });
         match flush {
             Flush::Through => state.write_through(),
@@ -1347,12 +1344,8 @@ impl Express for ExpressStream {
         Wrote::Written
     }
 
-    fn connection(&self) -> usize {
-        Arc::as_ptr(&self.shared) as usize
-    }
-
     fn flush(&self) {
-        self.shared.lock().write_through();
+        self.lock().write_through();
     }
 }
 
@@ -1677,7 +1670,7 @@ mod tests {
     }
 
     /// Notices published while a stream waits are written by the
-    /// publishes themselves (`ExpressStream`), interleaved with nothing:
+    /// publishes themselves (the connection's [`Express`] writing), interleaved with nothing:
     /// each arrives once, in seq order, and a progress mark asked for after
     /// them comes after them and covers them.
     #[tokio::test]

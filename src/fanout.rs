@@ -41,7 +41,6 @@ use tokio::sync::Notify;
 
 use crate::auth::{Principal, QuotaExceeded, Scope};
 use crate::metrics::{unix_ms, BatchHistogram, Label, Metrics, Tally};
-use crate::pb;
 use crate::store::{Key, KeyHash};
 
 /// One key changed.
@@ -211,7 +210,7 @@ struct Queue {
     busy: bool,
     /// The stream's writer, when a fan-out may write through it
     /// ([`Subscriber::set_express`]).
-    express: Option<Arc<dyn Express>>,
+    express: Option<ExpressWriter>,
     /// Batches written and not yet acknowledged: kept under the lock a
     /// writer holds anyway when it takes the batch.
     sent: Sent,
@@ -220,7 +219,7 @@ struct Queue {
 impl Queue {
     /// Takes `busy` for a fan-out that writes through the stream's express
     /// writer: only while the stream's task is parked with nothing behind.
-    fn claim_express(&mut self) -> Option<Arc<dyn Express>> {
+    fn claim_express(&mut self) -> Option<ExpressWriter> {
         if self.busy || self.state != State::Live {
             return None;
         }
@@ -361,7 +360,7 @@ pub struct Delivery {
 
 /// A stream a fan-out holds `busy` for, and its writer, with the writer's
 /// [`Express::connection`].
-type Claim = (usize, Arc<Subscriber>, Arc<dyn Express>);
+type Claim = (usize, Arc<Subscriber>, ExpressWriter);
 
 thread_local! {
     /// The deliveries dropped within a [`DeliverLater`].
@@ -393,13 +392,13 @@ impl Drop for Delivery {
             claimed.sort_unstable_by_key(|(connection, _, _)| *connection);
             for group in claimed.chunk_by(|a, b| a.0 == b.0) {
                 if let [(_, sub, express)] = group {
-                    sub.express(&**express, Flush::Through, &mut batch, &mut clock);
+                    sub.express(express, Flush::Through, &mut batch, &mut clock);
                     continue;
                 }
                 for (_, sub, express) in group {
-                    sub.express(&**express, Flush::Hold, &mut batch, &mut clock);
+                    sub.express(express, Flush::Hold, &mut batch, &mut clock);
                 }
-                group[0].2.flush();
+                group[0].2.connection.flush();
             }
             claimed.clear();
             if let Some(written) = &delivery.written {
@@ -490,30 +489,55 @@ pub enum Flush {
     Hold,
 }
 
-/// A stream's writer that a fan-out may write through itself, while the
-/// stream's task is parked: a notice then costs no wake-up of that task
-/// and no trip through the scheduler. The stream's own HTTP/2 stream
-/// provides one (`crate::conn`); a stream served through a channel does
-/// not, and its task writes everything.
+/// A connection whose streams a fan-out may write itself, while their
+/// tasks are parked: a notice then costs no wake-up of a task and no trip
+/// through the scheduler. An HTTP/2 connection served by `crate::conn` is
+/// one; a stream served through a channel has none, and its task writes
+/// everything.
 pub trait Express: Send + Sync {
-    /// If the stream is there and has room, writes the message `next`
-    /// makes (`next` is given the largest message allowed, and answers
-    /// `None` when it has nothing that fits), and sends it on as `flush`
-    /// says. `next` runs under the stream's connection lock and takes the
-    /// queue's.
+    /// If `stream` is there and has room, writes the message `next` makes
+    /// and sends it on as `flush` says. `next` is given `max_message`, the
+    /// largest message allowed, and a buffer; it appends to the buffer one
+    /// `WatchResponse`'s encoding within that size, and answers false when
+    /// it has nothing that fits. `next` runs under the connection's lock
+    /// and takes the stream's queue's.
     fn write_now(
         &self,
+        stream: u32,
+        max_message: usize,
         flush: Flush,
-        next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>,
+        next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
     ) -> Wrote;
-
-    /// The connection the stream is on: writers of streams that share one
-    /// answer the same, writers on different ones differ.
-    fn connection(&self) -> usize;
 
     /// Sends what writes with [`Flush::Hold`] left on the connection, as
     /// [`Flush::Through`] would have.
     fn flush(&self);
+}
+
+/// A stream's express writer: its connection and the stream there. Held in
+/// the stream's queue, so a fan-out reaches it without touching memory of
+/// its own: the connection, shared by its streams, is warm after the first.
+#[derive(Clone)]
+pub struct ExpressWriter {
+    /// The connection.
+    pub connection: Arc<dyn Express>,
+    /// The stream's identifier on it.
+    pub stream: u32,
+    /// Most bytes one message to the stream may take.
+    pub max_message: usize,
+}
+
+impl ExpressWriter {
+    /// The connection, as a number: writers of streams that share one
+    /// answer the same, writers on different ones differ.
+    fn connection_id(&self) -> usize {
+        Arc::as_ptr(&self.connection) as *const () as usize
+    }
+
+    fn write_now(&self, flush: Flush, next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool) -> Wrote {
+        self.connection
+            .write_now(self.stream, self.max_message, flush, next)
+    }
 }
 
 /// What a stream asked to receive.
@@ -776,7 +800,7 @@ impl Subscriber {
 
     /// Lets fan-outs write this stream's live notices through `express`
     /// while its task is parked.
-    pub fn set_express(&self, express: Arc<dyn Express>) {
+    pub fn set_express(&self, express: ExpressWriter) {
         self.queue.lock().express = Some(express);
     }
 
@@ -818,28 +842,29 @@ impl Subscriber {
     /// the stream needed (nothing left queued, nothing failed).
     fn express(
         &self,
-        express: &dyn Express,
+        express: &ExpressWriter,
         flush: Flush,
         batch: &mut Vec<Arc<Notice>>,
         clock: &mut Clock,
     ) {
         batch.clear();
-        let wrote = express.write_now(flush, &mut |max_message| {
+        let wrote = express.write_now(flush, &mut |max_message, out| {
             let mut queue = self.queue.lock();
             // `bytes` counts more than a notice's encoding takes, so a
             // queue within the limit makes a message within it.
             if queue.live > crate::watch::BATCH || queue.bytes + 64 > max_message {
-                return None;
+                return false;
             }
             queue.drain(usize::MAX, batch);
             if batch.is_empty() {
-                return None;
+                return false;
             }
             // `next` is asked for a message only when the stream has room
             // for it: the batch is written.
             queue.sent.record(&self.metrics, batch, clock);
             drop(queue);
-            Some(crate::watch::live_batch(batch, self))
+            crate::watch::encode_live_batch(batch, self, out);
+            true
         });
         let done = {
             let mut queue = self.queue.lock();
@@ -1208,12 +1233,12 @@ impl Hub {
                 // anything else.
                 match express {
                     Some(express) if busy => {
-                        sub.express(&*express, Flush::Driver, &mut batch, &mut clock)
+                        sub.express(&express, Flush::Driver, &mut batch, &mut clock)
                     }
                     Some(express) => {
                         delivery
                             .claimed
-                            .push((express.connection(), sub.clone(), express))
+                            .push((express.connection_id(), sub.clone(), express))
                     }
                     None => sub.wake.notify_one(),
                 }
@@ -1581,6 +1606,8 @@ fn dec_len(lens: &mut std::collections::BTreeMap<usize, usize>, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb;
+    use prost::Message;
 
     fn n(seq: u64, key: &str) -> Arc<Notice> {
         Arc::new(Notice {
@@ -1721,23 +1748,28 @@ mod tests {
         assert_eq!(drained(&mut q, 2), vec![(2, "d".into())]);
     }
 
-    /// An [`Express`] writer that records what a fan-out asks of it, in
-    /// one log all writers share.
+    /// An [`Express`] connection that records what a fan-out asks of it,
+    /// in one log all connections share; its streams are named by their
+    /// identifiers.
     struct Recorder {
         connection: usize,
-        name: &'static str,
+        names: &'static [&'static str],
         log: Arc<parking_lot::Mutex<Vec<String>>>,
     }
 
     impl Express for Recorder {
         fn write_now(
             &self,
+            stream: u32,
+            max_message: usize,
             flush: Flush,
-            next: &mut dyn FnMut(usize) -> Option<pb::WatchResponse>,
+            next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
         ) -> Wrote {
-            let Some(message) = next(1 << 20) else {
+            let mut out = Vec::new();
+            if !next(max_message, &mut out) {
                 return Wrote::Nothing;
-            };
+            }
+            let message = pb::WatchResponse::decode(&out[..]).expect("a WatchResponse");
             assert!(
                 matches!(
                     message.response,
@@ -1745,12 +1777,9 @@ mod tests {
                 ),
                 "a notice batch, not {message:?}"
             );
-            self.log.lock().push(format!("{} {flush:?}", self.name));
+            let name = self.names[stream as usize];
+            self.log.lock().push(format!("{name} {flush:?}"));
             Wrote::Written
-        }
-
-        fn connection(&self) -> usize {
-            self.connection
         }
 
         fn flush(&self) {
@@ -1766,16 +1795,25 @@ mod tests {
         let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
         let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
         // a and c share connection 1; b is alone on connection 2.
+        let connection = |connection, names| -> Arc<dyn Express> {
+            Arc::new(Recorder {
+                connection,
+                names,
+                log: log.clone(),
+            })
+        };
+        let one = connection(1, &["", "a", "", "c"]);
+        let two = connection(2, &["", "", "b"]);
         let mut subs = Vec::new();
-        for (name, connection) in [("a", 1), ("b", 2), ("c", 1)] {
+        for (name, connection, stream) in [("a", &one, 1), ("b", &two, 2), ("c", &one, 3)] {
             let (sub, _) = hub
                 .subscribe(name, false, None, &["k".into()], &[], None)
                 .unwrap();
-            sub.set_express(Arc::new(Recorder {
-                connection,
-                name,
-                log: log.clone(),
-            }));
+            sub.set_express(ExpressWriter {
+                connection: connection.clone(),
+                stream,
+                max_message: 1 << 20,
+            });
             assert!(sub.park(), "parked with nothing queued");
             subs.push(sub);
         }

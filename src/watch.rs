@@ -14,7 +14,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use crate::auth::{Principal, Scope};
-use crate::fanout::{Behind, Express, Notice, Subscriber};
+use crate::fanout::{Behind, ExpressWriter, Notice, Subscriber};
 use crate::pb::{self, watch_request::Request as In, watch_response::Response as Out};
 use crate::store::Store;
 use crate::validate::Limits;
@@ -34,9 +34,9 @@ pub trait Outbox: Send + 'static {
     ) -> impl std::future::Future<Output = Result<(), Gone>> + Send;
 
     /// A writer that fan-outs may write the stream's live notices through
-    /// while its task is parked ([`Express`]); `None`, the default, leaves
-    /// every message to the task.
-    fn express(&self) -> Option<Arc<dyn Express>> {
+    /// while its task is parked ([`crate::fanout::Express`]); `None`, the
+    /// default, leaves every message to the task.
+    fn express(&self) -> Option<ExpressWriter> {
         None
     }
 }
@@ -93,16 +93,43 @@ pub(crate) fn live_batch(notices: &[Arc<Notice>], sub: &Subscriber) -> pb::Watch
             .map(|n| n.key.len() + n.cause.len() + 40)
             .sum(),
     );
+    put_entries(notices, sub, &mut out);
+    pb::WatchResponse {
+        response: Some(Out::Notices(pb::NoticeBatch::from_encoded(out.into()))),
+    }
+}
+
+/// Appends [`live_batch`]'s encoding to `out`, building no message: a
+/// fan-out writes it straight to the stream.
+pub(crate) fn encode_live_batch(notices: &[Arc<Notice>], sub: &Subscriber, out: &mut Vec<u8>) {
+    // The entries go after room for the longest head (the field's key and
+    // a length of up to five varint bytes); the head, once their length is
+    // known, goes just before them.
+    const ROOM: usize = 6;
+    let start = out.len();
+    out.resize(start + ROOM, 0);
+    put_entries(notices, sub, out);
+    let len = out.len() - start - ROOM;
+    let mut head = [0u8; ROOM];
+    let mut at = &mut head[..];
+    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut at);
+    prost::encoding::encode_varint(len as u64, &mut at);
+    let head_len = ROOM - at.len();
+    out.copy_within(start + ROOM.., start + head_len);
+    out.truncate(out.len() - (ROOM - head_len));
+    out[start..start + head_len].copy_from_slice(&head[..head_len]);
+}
+
+/// Appends `notices` as `NoticeBatch.notices` entries, each cause as `sub`
+/// may see it.
+fn put_entries(notices: &[Arc<Notice>], sub: &Subscriber, out: &mut Vec<u8>) {
     for n in notices {
         let cause = sub.visible_cause(&n.cause);
         if cause.len() == n.cause.len() {
             out.extend_from_slice(n.entry());
         } else {
-            crate::wire::encode_entry(&n.fields(cause), &mut out);
+            crate::wire::encode_entry(&n.fields(cause), out);
         }
-    }
-    pb::WatchResponse {
-        response: Some(Out::Notices(pb::NoticeBatch::from_encoded(out.into()))),
     }
 }
 
@@ -743,5 +770,36 @@ mod tests {
             .expect("the loop sees every request and the end")
             .unwrap();
         assert_eq!(got, (0..100).collect::<Vec<_>>());
+    }
+
+    /// The batch a fan-out encodes straight to the stream is byte for byte
+    /// the message the stream's task sends, at every length of the head
+    /// (one, two and three varint bytes), appended after what the buffer
+    /// held.
+    #[test]
+    fn a_batch_encoded_in_place_is_the_message() {
+        use prost::Message;
+        let (_hub, sub) = subscriber();
+        for count in [1, 3, 200, 1000] {
+            let notices: Vec<Arc<Notice>> = (0..count)
+                .map(|i| {
+                    Arc::new(Notice {
+                        seq: 10 + i,
+                        key: format!("feed:{i}").into(),
+                        version: 2,
+                        cause: "posts:9".into(),
+                        critical: i % 2 == 0,
+                        event_time_ms: 1_700_000_000_000,
+                        origin: None,
+                        wire: Default::default(),
+                    })
+                })
+                .collect();
+            let expected = live_batch(&notices, &sub).encode_to_vec();
+            let mut out = b"before".to_vec();
+            encode_live_batch(&notices, &sub, &mut out);
+            assert_eq!(&out[..6], b"before");
+            assert_eq!(out[6..], expected[..], "{count} notices");
+        }
     }
 }
