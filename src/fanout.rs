@@ -60,9 +60,9 @@ pub struct Notice {
     pub event_time_ms: u64,
     /// The publishing client's id, for no-loop.
     pub origin: Option<Arc<str>>,
-    /// The notice encoded for the wire, cause included, made by the first
-    /// stream that writes it and shared by the rest.
-    pub wire: WireCache,
+    /// What the first stream that writes the notice works out and the
+    /// rest share: its encoding, its namespace's label and histogram.
+    pub cache: NoticeCache,
 }
 
 impl Notice {
@@ -78,10 +78,21 @@ impl Notice {
     /// The notice as `NoticeBatch.notices` entry bytes, for a stream that
     /// may see its cause; encoded on the first call.
     pub fn entry(&self) -> &[u8] {
-        self.wire.0.get_or_init(|| {
+        self.cache.wire.get_or_init(|| {
             let mut out = Vec::with_capacity(self.key.len() + self.cause.len() + 40);
             crate::wire::encode_entry(&self.fields(&self.cause), &mut out);
             out.into_boxed_slice()
+        })
+    }
+
+    /// The key's namespace label and its histogram of delays to `written`,
+    /// resolved on the first call: a thousand streams that write the
+    /// notice resolve it once.
+    fn namespace(&self, metrics: &Metrics) -> &(Label, Option<BatchHistogram>) {
+        self.cache.namespace.get_or_init(|| {
+            let label = metrics.namespace_label(&self.key);
+            let written = metrics.delay_histogram(&label, "written");
+            (label, written)
         })
     }
 
@@ -98,18 +109,25 @@ impl Notice {
     }
 }
 
-/// A notice's encoded bytes, once made. It takes no part in comparisons: two
-/// notices are equal when their fields are.
+/// What is worked out from a notice once, by the first stream that needs
+/// it, and shared by the rest. It takes no part in comparisons: two notices
+/// are equal when their fields are.
 #[derive(Debug, Clone, Default)]
-pub struct WireCache(OnceLock<Box<[u8]>>);
+pub struct NoticeCache {
+    /// The notice encoded for the wire, cause included.
+    wire: OnceLock<Box<[u8]>>,
+    /// The key's namespace label, and its histogram of delays to `written`
+    /// when metrics are on.
+    namespace: OnceLock<(Label, Option<BatchHistogram>)>,
+}
 
-impl PartialEq for WireCache {
+impl PartialEq for NoticeCache {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl Eq for WireCache {}
+impl Eq for NoticeCache {}
 
 /// Limits of the fan-out. Each is a setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,39 +199,45 @@ enum State {
     },
 }
 
+/// A stream's queue. In declaration order (`repr(C)`): what a fan-out
+/// reads and writes for every stream it reaches comes first, so that with
+/// the [`Subscriber`]'s own first fields it spans three cache lines, not
+/// one line per field scattered over the struct; with a thousand streams
+/// per publish, each line is a cache miss per stream.
+#[repr(C)]
 struct Queue {
-    items: VecDeque<Option<Arc<Notice>>>,
-    /// Absolute position of `items[0]`.
-    base: u64,
-    /// Key -> absolute position of its queued notice, kept only while the
-    /// queue is `indexed`; a short queue is searched instead, which spares
-    /// the common case (a notice queued and drained before the next) three
-    /// hash operations per delivery.
-    latest: HashMap<Key, u64, KeyHash>,
-    indexed: bool,
-    live: usize,
-    bytes: usize,
-    state: State,
-    /// The highest seq handed to the stream's writer.
-    drained_through: u64,
-    overflows: u64,
-    conflations: u64,
-    /// The client's side of the stream has news (see
-    /// [`Subscriber::client_news`]). Kept here, beside what the stream's task
-    /// reads on every wake, so checking it touches no other memory.
-    client_news: bool,
     /// Someone is writing the stream's messages: its task, from its start
     /// until it parks with nothing queued ([`Subscriber::park`]), or a
     /// fan-out writing through [`Queue::express`] meanwhile. Whoever holds
     /// it is the only writer, so messages leave in seq order and a progress
     /// mark follows every notice it covers.
     busy: bool,
+    /// The client's side of the stream has news (see
+    /// [`Subscriber::client_news`]). Kept here, beside what the stream's task
+    /// reads on every wake, so checking it touches no other memory.
+    client_news: bool,
+    indexed: bool,
+    state: State,
+    live: usize,
+    bytes: usize,
     /// The stream's writer, when a fan-out may write through it
     /// ([`Subscriber::set_express`]).
     express: Option<ExpressWriter>,
+    items: VecDeque<Option<Arc<Notice>>>,
+    /// Absolute position of `items[0]`.
+    base: u64,
+    /// The highest seq handed to the stream's writer.
+    drained_through: u64,
     /// Batches written and not yet acknowledged: kept under the lock a
     /// writer holds anyway when it takes the batch.
     sent: Sent,
+    /// Key -> absolute position of its queued notice, kept only while the
+    /// queue is `indexed`; a short queue is searched instead, which spares
+    /// the common case (a notice queued and drained before the next) three
+    /// hash operations per delivery.
+    latest: HashMap<Key, u64, KeyHash>,
+    overflows: u64,
+    conflations: u64,
 }
 
 impl Queue {
@@ -384,7 +408,7 @@ impl Drop for Delivery {
         });
         if let Some(mut delivery) = held {
             let mut batch = Vec::new();
-            let mut clock = Clock::default();
+            let mut recording = Recording::default();
             // Streams that share a connection are written together and
             // sent with one write; a stream alone on its connection is
             // sent as soon as it is framed.
@@ -392,11 +416,11 @@ impl Drop for Delivery {
             claimed.sort_unstable_by_key(|(connection, _, _)| *connection);
             for group in claimed.chunk_by(|a, b| a.0 == b.0) {
                 if let [(_, sub, express)] = group {
-                    sub.express(express, Flush::Through, &mut batch, &mut clock);
+                    sub.express(express, Flush::Through, &mut batch, &mut recording);
                     continue;
                 }
                 for (_, sub, express) in group {
-                    sub.express(express, Flush::Hold, &mut batch, &mut clock);
+                    sub.express(express, Flush::Hold, &mut batch, &mut recording);
                 }
                 group[0].2.connection.flush();
             }
@@ -408,19 +432,24 @@ impl Drop for Delivery {
     }
 }
 
-/// The wall clock for a run of writes, in Unix ms: read afresh every
-/// [`CLOCK_READS`] writes, which at a few microseconds a write keeps it well
-/// within the millisecond it reports, at a fraction of the reads.
+/// What a run of writes records: the wall clock, in Unix ms, read afresh
+/// every [`CLOCK_READS`] writes (which at a few microseconds a write keeps
+/// it well within the millisecond it reports, at a fraction of the reads),
+/// and the delays to `written`, gathered in one tally per run of a
+/// namespace and recorded when the run ends (or the recording is dropped),
+/// not once per stream.
 #[derive(Default)]
-struct Clock {
+struct Recording {
     ms: u64,
     left: u32,
+    run: Option<BatchHistogram>,
+    tally: Tally,
 }
 
 /// Writes one read of [`Clock`] serves.
 const CLOCK_READS: u32 = 16;
 
-impl Clock {
+impl Recording {
     fn now(&mut self) -> u64 {
         if self.left == 0 {
             self.ms = unix_ms();
@@ -428,6 +457,24 @@ impl Clock {
         }
         self.left -= 1;
         self.ms
+    }
+
+    /// Notes a delay of `delay` seconds to `histogram`.
+    fn observe(&mut self, histogram: &BatchHistogram, delay: f64) {
+        if !self.run.as_ref().is_some_and(|run| run.same(histogram)) {
+            if let Some(done) = self.run.replace(histogram.clone()) {
+                done.add(&mut self.tally);
+            }
+        }
+        histogram.tally(&mut self.tally, delay);
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(done) = self.run.take() {
+            done.add(&mut self.tally);
+        }
     }
 }
 
@@ -556,12 +603,18 @@ impl Filters {
     }
 }
 
-/// One Watch stream, as the hub sees it.
+/// One Watch stream, as the hub sees it. In declaration order
+/// (`repr(C)`): what a fan-out reads of every stream it reaches first,
+/// beside the reference counts, then the queue (see [`Queue`]).
+#[repr(C)]
 pub struct Subscriber {
     id: u64,
+    no_loop: bool,
+    /// The principal whose watch scope bounds what the stream may see;
+    /// `None` when authentication is off.
+    owner: Option<Arc<Principal>>,
     /// The client's id, for no-loop and stats.
     pub client_id: Arc<str>,
-    no_loop: bool,
     queue: Mutex<Queue>,
     /// Woken when the queue gets work.
     pub wake: Notify,
@@ -576,9 +629,6 @@ pub struct Subscriber {
     /// Keys found behind by a check, awaiting the fill that repairs them;
     /// bounded.
     repairs_awaiting_fill: Mutex<HashMap<Key, Label, KeyHash>>,
-    /// The principal whose watch scope bounds what the stream may see;
-    /// `None` when authentication is off.
-    owner: Option<Arc<Principal>>,
     metrics: Arc<Metrics>,
 }
 
@@ -593,23 +643,12 @@ struct Sent {
     /// later ack still measures from the oldest event time it covers. Kept
     /// here, beside the queue, where writing it costs no cache miss.
     overflow: Option<(u64, u64, Label)>,
-    /// The namespace of the last notice written, resolved: a stream's
-    /// notices mostly share one, and resolving costs two label-set hashes
-    /// and lock reads.
-    last: Option<Resolved>,
-}
-
-/// A namespace's label and its histogram of delays to `written`.
-struct Resolved {
-    name: String,
-    label: Label,
-    written: Option<BatchHistogram>,
 }
 
 impl Sent {
     /// Notes a batch written to the stream: its delays to `written`, and
     /// what its acknowledgement will be measured from.
-    fn record(&mut self, metrics: &Metrics, notices: &[Arc<Notice>], clock: &mut Clock) {
+    fn record(&mut self, metrics: &Metrics, notices: &[Arc<Notice>], recording: &mut Recording) {
         let (Some(last), Some(oldest)) = (
             notices.last().map(|n| n.seq),
             notices.iter().min_by_key(|n| n.event_time_ms),
@@ -617,23 +656,12 @@ impl Sent {
             return;
         };
         if metrics.enabled() {
-            // One record per run of notices in a namespace.
-            let now = clock.now();
-            let mut tally = Tally::default();
-            let mut run: Option<BatchHistogram> = None;
+            let now = recording.now();
             for n in notices {
-                if let Some(histogram) = &self.resolve(metrics, &n.key).written {
-                    if !run.as_ref().is_some_and(|r| r.same(histogram)) {
-                        if let Some(done) = run.replace(histogram.clone()) {
-                            done.add(&mut tally);
-                        }
-                    }
+                if let Some(histogram) = &n.namespace(metrics).1 {
                     let delay = now.saturating_sub(n.event_time_ms) as f64 / 1000.0;
-                    histogram.tally(&mut tally, delay);
+                    recording.observe(histogram, delay);
                 }
-            }
-            if let Some(done) = run {
-                done.add(&mut tally);
             }
         }
         if let Some(overflow) = &mut self.overflow {
@@ -641,8 +669,7 @@ impl Sent {
             overflow.1 = overflow.1.min(oldest.event_time_ms);
             return;
         }
-        self.resolve(metrics, &oldest.key);
-        let label = self.last.as_ref().expect("just resolved").label.clone();
+        let label = oldest.namespace(metrics).0.clone();
         let batch = (last, oldest.event_time_ms, label);
         if self.batches.len() == SENT_BATCHES {
             self.overflow = Some(batch);
@@ -664,22 +691,6 @@ impl Sent {
             acked.extend(self.overflow.take());
         }
         acked
-    }
-
-    /// The label and histogram of `key`'s namespace.
-    fn resolve(&mut self, metrics: &Metrics, key: &str) -> &Resolved {
-        let name = crate::policy::namespace(key);
-        if self.last.as_ref().is_some_and(|last| last.name != name) {
-            self.last = None;
-        }
-        self.last.get_or_insert_with(|| {
-            let label = metrics.namespace_label(key);
-            Resolved {
-                name: name.to_owned(),
-                written: metrics.delay_histogram(&label, "written"),
-                label,
-            }
-        })
     }
 }
 
@@ -791,11 +802,11 @@ impl Subscriber {
 
     /// Notes a batch written to the stream, for acknowledgement delays.
     pub fn sent(&self, notices: &[Arc<Notice>]) {
-        let mut clock = Clock::default();
+        let mut recording = Recording::default();
         self.queue
             .lock()
             .sent
-            .record(&self.metrics, notices, &mut clock);
+            .record(&self.metrics, notices, &mut recording);
     }
 
     /// Lets fan-outs write this stream's live notices through `express`
@@ -845,7 +856,7 @@ impl Subscriber {
         express: &ExpressWriter,
         flush: Flush,
         batch: &mut Vec<Arc<Notice>>,
-        clock: &mut Clock,
+        recording: &mut Recording,
     ) {
         batch.clear();
         let wrote = express.write_now(flush, &mut |max_message, out| {
@@ -861,7 +872,7 @@ impl Subscriber {
             }
             // `next` is asked for a message only when the stream has room
             // for it: the batch is written.
-            queue.sent.record(&self.metrics, batch, clock);
+            queue.sent.record(&self.metrics, batch, recording);
             drop(queue);
             crate::watch::encode_live_batch(batch, self, out);
             true
@@ -1210,7 +1221,7 @@ impl Hub {
                         && now.saturating_sub(last_start) < 4 * self.coalesce_micros));
             self.was_busy.store(busy, Ordering::Relaxed);
             let mut batch = Vec::new();
-            let mut clock = Clock::default();
+            let mut recording = Recording::default();
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
                 let express = {
@@ -1233,7 +1244,7 @@ impl Hub {
                 // anything else.
                 match express {
                     Some(express) if busy => {
-                        sub.express(&express, Flush::Driver, &mut batch, &mut clock)
+                        sub.express(&express, Flush::Driver, &mut batch, &mut recording)
                     }
                     Some(express) => {
                         delivery
@@ -1618,7 +1629,7 @@ mod tests {
             critical: false,
             event_time_ms: 0,
             origin: None,
-            wire: WireCache::default(),
+            cache: NoticeCache::default(),
         })
     }
 
@@ -1785,6 +1796,24 @@ mod tests {
         fn flush(&self) {
             self.log.lock().push(format!("flush {}", self.connection));
         }
+    }
+
+    /// What a fan-out reads and writes of every stream it reaches, from
+    /// the subscriber's id through its queue's `drained_through`, lies
+    /// within the first three cache lines of the stream's allocation (after
+    /// the `Arc`'s two counts): fields moved out of that run cost a cache
+    /// miss per stream per publish.
+    #[test]
+    fn what_a_fan_out_touches_of_a_stream_leads_its_memory() {
+        let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
+        let (sub, _) = hub.subscribe("c", false, None, &[], &[], None).unwrap();
+        let start = Arc::as_ptr(&sub) as usize - 2 * std::mem::size_of::<usize>();
+        let queue = &*sub.queue.lock() as *const Queue as usize;
+        let hot_end = queue - start
+            + std::mem::offset_of!(Queue, drained_through)
+            + std::mem::size_of::<u64>();
+        assert!(hot_end <= 3 * 64, "the hot fields end at byte {hot_end}");
+        assert_eq!(std::mem::offset_of!(Subscriber, id), 0);
     }
 
     /// A publish's parked streams that share a connection are written one

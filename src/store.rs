@@ -41,7 +41,7 @@ use hashbrown::{HashMap, HashSet, HashTable};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{Error, Result};
-use crate::fanout::{Delivery, Hub, HubConfig, Notice, WireCache};
+use crate::fanout::{Delivery, Hub, HubConfig, Notice, NoticeCache};
 use crate::lease::{LeaseOutcome, Leases};
 use crate::log::{Log, Record};
 use crate::metrics::Metrics;
@@ -999,7 +999,7 @@ impl Store {
                     critical: n.critical,
                     event_time_ms: n.event_time_ms,
                     origin: (!n.origin.is_empty()).then(|| Arc::from(n.origin.as_str())),
-                    wire: WireCache::default(),
+                    cache: NoticeCache::default(),
                 })
                 .collect();
             self.hub
@@ -1286,7 +1286,7 @@ impl Store {
                     critical,
                     event_time_ms: event_time,
                     origin: origin.clone(),
-                    wire: WireCache::default(),
+                    cache: NoticeCache::default(),
                 }),
                 Bump::Upgraded if record => upgraded.push(node.key.clone()),
                 _ => {}

@@ -791,7 +791,7 @@ mod tests {
                         critical: i % 2 == 0,
                         event_time_ms: 1_700_000_000_000,
                         origin: None,
-                        wire: Default::default(),
+                        cache: Default::default(),
                     })
                 })
                 .collect();
