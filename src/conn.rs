@@ -58,7 +58,7 @@ use tonic::body::Body;
 use tonic::Status;
 
 use crate::auth::Principal;
-use crate::fanout::{Express, ExpressWriter, Flush, Wrote};
+use crate::fanout::{Express, ExpressWriter, Flush, StreamWrites, Wrote};
 use crate::http2::connection::{Config, Connection, Event};
 use crate::http2::frame::code;
 use crate::http2::head::RequestHead;
@@ -1289,19 +1289,30 @@ impl Outbox for GrpcOutbox {
     }
 }
 
-/// A fan-out writes a parked Watch stream's notices itself ([`Express`]):
-/// the same framing and the same room as the stream's task's own writes,
+/// A fan-out writes parked Watch streams' notices itself ([`Express`]):
+/// the same framing and the same room as the streams' tasks' own writes,
 /// under the connection's lock.
 impl Express for Shared {
-    fn write_now(
-        &self,
+    fn locked(&self, flush: Flush, writes: &mut dyn FnMut(&mut dyn StreamWrites)) {
+        let mut state = self.lock();
+        writes(&mut *state);
+        match flush {
+            Flush::Through => state.write_through(),
+            Flush::Driver => state.wake_driver(),
+            // The fan-out sends it with a later hold.
+            Flush::Hold => {}
+        }
+    }
+}
+
+impl StreamWrites for State {
+    fn write(
+        &mut self,
         stream: u32,
         max_message: usize,
-        flush: Flush,
         next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
     ) -> Wrote {
-        let mut state = self.lock();
-        let state = &mut *state;
+        let state = self;
         // The connection's own record of the stream says whether it still
         // takes data (a finished or reset stream does not), in the one
         // lookup a notice needs.
@@ -1334,18 +1345,7 @@ impl Express for Shared {
                 put_prefix(out, len);
                 out.extend_from_slice(&state.message);
             });
-        match flush {
-            Flush::Through => state.write_through(),
-            Flush::Driver => state.wake_driver(),
-            // The fan-out calls `flush` once it has written the
-            // connection's other streams.
-            Flush::Hold => {}
-        }
         Wrote::Written
-    }
-
-    fn flush(&self) {
-        self.lock().write_through();
     }
 }
 

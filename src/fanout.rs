@@ -243,11 +243,11 @@ struct Queue {
 impl Queue {
     /// Takes `busy` for a fan-out that writes through the stream's express
     /// writer: only while the stream's task is parked with nothing behind.
-    fn claim_express(&mut self) -> Option<ExpressWriter> {
+    fn claim_express(&mut self) -> Option<&ExpressWriter> {
         if self.busy || self.state != State::Live {
             return None;
         }
-        let express = self.express.clone()?;
+        let express = self.express.as_ref()?;
         self.busy = true;
         Some(express)
     }
@@ -382,10 +382,6 @@ pub struct Delivery {
     written: Option<Arc<AtomicU64>>,
 }
 
-/// A stream a fan-out holds `busy` for, and its writer, with the writer's
-/// [`Express::connection`].
-type Claim = (usize, Arc<Subscriber>, ExpressWriter);
-
 thread_local! {
     /// The deliveries dropped within a [`DeliverLater`].
     static LATER: std::cell::RefCell<Option<Vec<Delivery>>> =
@@ -413,16 +409,32 @@ impl Drop for Delivery {
             // sent with one write; a stream alone on its connection is
             // sent as soon as it is framed.
             let claimed = &mut delivery.claimed;
-            claimed.sort_unstable_by_key(|(connection, _, _)| *connection);
-            for group in claimed.chunk_by(|a, b| a.0 == b.0) {
-                if let [(_, sub, express)] = group {
-                    sub.express(express, Flush::Through, &mut batch, &mut recording);
-                    continue;
+            claimed.sort_unstable_by_key(|claim| claim.connection_id);
+            for group in claimed.chunk_by(|a, b| a.connection_id == b.connection_id) {
+                let connection = group
+                    .iter()
+                    .find_map(|claim| claim.connection.as_ref())
+                    .expect("the first claim of each connection holds it");
+                let holds = group.chunks(WRITES_PER_HOLD);
+                let last = holds.len() - 1;
+                for (i, hold) in holds.enumerate() {
+                    let flush = if i == last {
+                        Flush::Through
+                    } else {
+                        Flush::Hold
+                    };
+                    connection.locked(flush, &mut |writes| {
+                        for claim in hold {
+                            claim.sub.express(
+                                writes,
+                                claim.stream,
+                                claim.max_message,
+                                &mut batch,
+                                &mut recording,
+                            );
+                        }
+                    });
                 }
-                for (_, sub, express) in group {
-                    sub.express(express, Flush::Hold, &mut batch, &mut recording);
-                }
-                group[0].2.connection.flush();
             }
             claimed.clear();
             if let Some(written) = &delivery.written {
@@ -522,7 +534,8 @@ pub enum Wrote {
     Gone,
 }
 
-/// Where an [`Express`] writer's message goes once framed.
+/// Where what an [`Express`] connection's writes framed goes once its lock
+/// is let go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flush {
     /// On to the network now, as far as the socket takes it without
@@ -531,8 +544,8 @@ pub enum Flush {
     /// To whoever writes the connection, to go out with what else gathers
     /// meanwhile.
     Driver,
-    /// Nowhere yet: the fan-out writes other streams of the same
-    /// connection next, then sends them all with one [`Express::flush`].
+    /// Nowhere yet: the fan-out writes more of the connection's streams
+    /// next, and sends them all at once.
     Hold,
 }
 
@@ -542,23 +555,24 @@ pub enum Flush {
 /// one; a stream served through a channel has none, and its task writes
 /// everything.
 pub trait Express: Send + Sync {
-    /// If `stream` is there and has room, writes the message `next` makes
-    /// and sends it on as `flush` says. `next` is given `max_message`, the
-    /// largest message allowed, and a buffer; it appends to the buffer one
-    /// `WatchResponse`'s encoding within that size, and answers false when
-    /// it has nothing that fits. `next` runs under the connection's lock
-    /// and takes the stream's queue's.
-    fn write_now(
-        &self,
+    /// Runs `writes` under the connection's lock (one hold for any number
+    /// of its streams), then sends what they framed as `flush` says.
+    fn locked(&self, flush: Flush, writes: &mut dyn FnMut(&mut dyn StreamWrites));
+}
+
+/// The streams of an [`Express`] connection, while its lock is held.
+pub trait StreamWrites {
+    /// If `stream` is there and has room, writes the message `next` makes.
+    /// `next` is given `max_message`, the largest message allowed, and a
+    /// buffer; it appends to the buffer one `WatchResponse`'s encoding
+    /// within that size, and answers false when it has nothing that fits.
+    /// `next` takes the stream's queue's lock.
+    fn write(
+        &mut self,
         stream: u32,
         max_message: usize,
-        flush: Flush,
         next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
     ) -> Wrote;
-
-    /// Sends what writes with [`Flush::Hold`] left on the connection, as
-    /// [`Flush::Through`] would have.
-    fn flush(&self);
 }
 
 /// A stream's express writer: its connection and the stream there. Held in
@@ -580,12 +594,26 @@ impl ExpressWriter {
     fn connection_id(&self) -> usize {
         Arc::as_ptr(&self.connection) as *const () as usize
     }
-
-    fn write_now(&self, flush: Flush, next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool) -> Wrote {
-        self.connection
-            .write_now(self.stream, self.max_message, flush, next)
-    }
 }
+
+/// A parked stream a fan-out claimed (it holds the stream's `busy`), to be
+/// written by its [`Delivery`].
+struct Claim {
+    /// [`ExpressWriter::connection_id`].
+    connection_id: usize,
+    sub: Arc<Subscriber>,
+    stream: u32,
+    max_message: usize,
+    /// The connection, held by the first claim of a run of claims on it
+    /// (in the fan-out's order), so that every connection a delivery
+    /// writes is held at least once, without a reference count taken
+    /// per stream.
+    connection: Option<Arc<dyn Express>>,
+}
+
+/// Streams of one connection written per hold of its lock: a connection
+/// with thousands of streams does not keep its driver out for all of them.
+const WRITES_PER_HOLD: usize = 128;
 
 /// What a stream asked to receive.
 #[derive(Default)]
@@ -848,18 +876,21 @@ impl Subscriber {
         }
     }
 
-    /// Writes the queue through `express` (this fan-out holds `busy`), then
-    /// gives `busy` back, and wakes the stream's task unless that was all
-    /// the stream needed (nothing left queued, nothing failed).
+    /// Writes the queue to `stream` of a connection whose lock is held
+    /// (this fan-out holds `busy`), then gives `busy` back, and wakes the
+    /// stream's task unless that was all the stream needed (nothing left
+    /// queued, nothing failed).
     fn express(
         &self,
-        express: &ExpressWriter,
-        flush: Flush,
+        writes: &mut dyn StreamWrites,
+        stream: u32,
+        max_message: usize,
         batch: &mut Vec<Arc<Notice>>,
         recording: &mut Recording,
     ) {
         batch.clear();
-        let wrote = express.write_now(flush, &mut |max_message, out| {
+        let mut released = false;
+        let wrote = writes.write(stream, max_message, &mut |max_message, out| {
             let mut queue = self.queue.lock();
             // `bytes` counts more than a notice's encoding takes, so a
             // queue within the limit makes a message within it.
@@ -873,10 +904,25 @@ impl Subscriber {
             // `next` is asked for a message only when the stream has room
             // for it: the batch is written.
             queue.sent.record(&self.metrics, batch, recording);
+            // With all of the queue taken, `busy` goes back now rather than
+            // under one more hold of the queue's lock: the batch is framed
+            // under the connection's lock, which any other writer of the
+            // stream (its task, another fan-out) needs first, so nothing
+            // overtakes it.
+            if queue.live == 0 && queue.state == State::Live {
+                queue.busy = false;
+                released = true;
+            }
             drop(queue);
             crate::watch::encode_live_batch(batch, self, out);
             true
         });
+        if released {
+            if wrote != Wrote::Written {
+                self.wake.notify_one();
+            }
+            return;
+        }
         let done = {
             let mut queue = self.queue.lock();
             queue.busy = false;
@@ -1222,6 +1268,7 @@ impl Hub {
             self.was_busy.store(busy, Ordering::Relaxed);
             let mut batch = Vec::new();
             let mut recording = Recording::default();
+            let mut last_connection = None;
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
                 let express = {
@@ -1237,19 +1284,31 @@ impl Hub {
                             *delivered += 1;
                         }
                     }
-                    queue.claim_express()
+                    queue.claim_express().map(|express| {
+                        let id = express.connection_id();
+                        let connection = (busy || last_connection != Some(id))
+                            .then(|| express.connection.clone());
+                        (id, express.stream, express.max_message, connection)
+                    })
                 };
                 // A parked stream's notices are written by the delivery,
                 // without a trip through its task; the task is woken for
                 // anything else.
                 match express {
-                    Some(express) if busy => {
-                        sub.express(&express, Flush::Driver, &mut batch, &mut recording)
+                    Some((_, stream, max_message, Some(connection))) if busy => {
+                        connection.locked(Flush::Driver, &mut |writes| {
+                            sub.express(writes, stream, max_message, &mut batch, &mut recording)
+                        })
                     }
-                    Some(express) => {
-                        delivery
-                            .claimed
-                            .push((express.connection_id(), sub.clone(), express))
+                    Some((connection_id, stream, max_message, connection)) => {
+                        last_connection = Some(connection_id);
+                        delivery.claimed.push(Claim {
+                            connection_id,
+                            sub: sub.clone(),
+                            stream,
+                            max_message,
+                            connection,
+                        })
                     }
                     None => sub.wake.notify_one(),
                 }
@@ -1760,20 +1819,32 @@ mod tests {
     }
 
     /// An [`Express`] connection that records what a fan-out asks of it,
-    /// in one log all connections share; its streams are named by their
-    /// identifiers.
+    /// in one log all connections share: each stream written, by its
+    /// identifier, and each release of the lock, with its flush.
     struct Recorder {
         connection: usize,
-        names: &'static [&'static str],
         log: Arc<parking_lot::Mutex<Vec<String>>>,
     }
 
     impl Express for Recorder {
-        fn write_now(
-            &self,
+        fn locked(&self, flush: Flush, writes: &mut dyn FnMut(&mut dyn StreamWrites)) {
+            writes(&mut Held { recorder: self });
+            self.log
+                .lock()
+                .push(format!("{flush:?} {}", self.connection));
+        }
+    }
+
+    /// A [`Recorder`]'s lock, held.
+    struct Held<'a> {
+        recorder: &'a Recorder,
+    }
+
+    impl StreamWrites for Held<'_> {
+        fn write(
+            &mut self,
             stream: u32,
             max_message: usize,
-            flush: Flush,
             next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
         ) -> Wrote {
             let mut out = Vec::new();
@@ -1788,14 +1859,58 @@ mod tests {
                 ),
                 "a notice batch, not {message:?}"
             );
-            let name = self.names[stream as usize];
-            self.log.lock().push(format!("{name} {flush:?}"));
+            self.recorder.log.lock().push(stream.to_string());
             Wrote::Written
         }
+    }
 
-        fn flush(&self) {
-            self.log.lock().push(format!("flush {}", self.connection));
+    /// A connection with more streams than [`WRITES_PER_HOLD`] is written
+    /// under several holds of its lock, and its output sent once, after
+    /// the last.
+    #[test]
+    fn a_connection_with_many_streams_is_written_in_runs_and_sent_once() {
+        let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
+        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let connection: Arc<dyn Express> = Arc::new(Recorder {
+            connection: 1,
+            log: log.clone(),
+        });
+        let streams = WRITES_PER_HOLD + 2;
+        let mut subs = Vec::new();
+        for stream in 0..streams {
+            let (sub, _) = hub
+                .subscribe("c", false, None, &["k".into()], &[], None)
+                .unwrap();
+            sub.set_express(ExpressWriter {
+                connection: connection.clone(),
+                stream: stream as u32,
+                max_message: 1 << 20,
+            });
+            assert!(sub.park());
+            subs.push(sub);
         }
+        drop(hub.fanout(
+            1,
+            vec![Notice {
+                seq: 1,
+                ..(*n(1, "k")).clone()
+            }],
+        ));
+        let log = log.lock().clone();
+        let releases: Vec<(usize, &str)> = log
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with("Hold") || l.starts_with("Through"))
+            .map(|(i, l)| (i, l.as_str()))
+            .collect();
+        assert_eq!(
+            releases,
+            [(WRITES_PER_HOLD, "Hold 1"), (streams + 1, "Through 1")],
+            "{log:?}"
+        );
+        let mut written: Vec<u32> = log.iter().filter_map(|l| l.parse().ok()).collect();
+        written.sort_unstable();
+        assert_eq!(written, (0..streams as u32).collect::<Vec<_>>());
     }
 
     /// What a fan-out reads and writes of every stream it reaches, from
@@ -1823,20 +1938,19 @@ mod tests {
     fn streams_sharing_a_connection_are_sent_with_one_flush() {
         let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
         let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        // a and c share connection 1; b is alone on connection 2.
-        let connection = |connection, names| -> Arc<dyn Express> {
+        // Streams 1 and 3 share connection 1; stream 2 is alone on
+        // connection 2.
+        let connection = |connection| -> Arc<dyn Express> {
             Arc::new(Recorder {
                 connection,
-                names,
                 log: log.clone(),
             })
         };
-        let one = connection(1, &["", "a", "", "c"]);
-        let two = connection(2, &["", "", "b"]);
+        let (one, two) = (connection(1), connection(2));
         let mut subs = Vec::new();
-        for (name, connection, stream) in [("a", &one, 1), ("b", &two, 2), ("c", &one, 3)] {
+        for (connection, stream) in [(&one, 1), (&two, 2), (&one, 3)] {
             let (sub, _) = hub
-                .subscribe(name, false, None, &["k".into()], &[], None)
+                .subscribe("c", false, None, &["k".into()], &[], None)
                 .unwrap();
             sub.set_express(ExpressWriter {
                 connection: connection.clone(),
@@ -1856,13 +1970,17 @@ mod tests {
         assert!(log.lock().is_empty(), "written when the delivery drops");
         drop(delivery);
         let mut log = log.lock().clone();
-        // Connection 1's two streams (in either order), then its one flush;
-        // connection 2's stream, sent through, before or after them.
-        let b = log.iter().position(|l| l == "b Through");
-        let b = b.unwrap_or_else(|| panic!("b sent through: {log:?}"));
-        log.remove(b);
+        // Connection 1's two streams (in either order) under one hold of
+        // its lock, sent when it is let go; connection 2's stream, the
+        // same, before or after them.
+        let two = log.iter().position(|l| l == "2");
+        let two = two.unwrap_or_else(|| panic!("stream 2 written: {log:?}"));
+        assert_eq!(
+            log.drain(two..two + 2).collect::<Vec<_>>(),
+            ["2", "Through 2"]
+        );
         assert!(
-            log == ["a Hold", "c Hold", "flush 1"] || log == ["c Hold", "a Hold", "flush 1"],
+            log == ["1", "3", "Through 1"] || log == ["3", "1", "Through 1"],
             "{log:?}"
         );
         // Each stream is free again for its own task.
