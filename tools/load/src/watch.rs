@@ -74,6 +74,8 @@ pub struct WatchStream {
     /// How the first stream to end ended, once one has: what
     /// [`Self::message`] answers when no stream holds another message.
     end: Option<Result<(), Error>>,
+    /// When the last read from the socket returned.
+    read_at: Option<std::time::Instant>,
 }
 
 /// One `Watch` stream of a connection.
@@ -148,6 +150,7 @@ impl WatchStream {
             unreturned: 0,
             turn: 0,
             end: None,
+            read_at: None,
         };
         conn.send_requests();
         let mut started = vec![false; conn.streams.len()];
@@ -201,7 +204,26 @@ impl WatchStream {
             if n == 0 {
                 return Err("watch: the server closed the connection".into());
             }
+            self.read_at = Some(std::time::Instant::now());
         }
+    }
+
+    /// The next message already read, as [`Self::next`] gives it, without
+    /// reading or waiting: `None` when the bytes read hold no whole message.
+    pub fn buffered(&mut self) -> Result<Option<(usize, WatchResponse)>, Error> {
+        if let Some(message) = self.next_message()? {
+            return Ok(Some(message));
+        }
+        if self.end.is_none() && self.parse_frames()? {
+            return self.next_message();
+        }
+        Ok(None)
+    }
+
+    /// When the last read from the socket returned: the time the messages
+    /// it brought arrived, however long they wait to be taken.
+    pub fn read_at(&self) -> Option<std::time::Instant> {
+        self.read_at
     }
 
     /// A whole message from some stream's body, if one holds one.
