@@ -84,13 +84,53 @@ struct Shared {
     expected: u64,
     finished: AtomicUsize,
     received: AtomicU64,
-    latencies: Mutex<Latencies>,
+    /// Tells this run's histograms from an earlier run's.
+    run: u64,
+    /// The histogram of each thread that recorded a latency, merged when
+    /// the run ends.
+    latencies: Mutex<Vec<Arc<Mutex<Latencies>>>>,
 }
 
-/// One subscriber's count. Its latencies go to the one histogram all
-/// subscribers share: a histogram each (1,000 of them, over 100 KiB apiece)
-/// would cost a cache miss per notice, which the measurement would add to
-/// every server's latency.
+thread_local! {
+    /// This thread's histogram, and the run it is for.
+    static RECORDER: std::cell::RefCell<Option<(u64, Arc<Mutex<Latencies>>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Numbers the runs of this process.
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+impl Shared {
+    /// Records a latency in this thread's histogram. A histogram per
+    /// subscriber (1,000 of them, over 100 KiB apiece) would cost a cache
+    /// miss per notice, and one shared by every thread would stall the
+    /// others whenever the thread holding its lock is preempted: either
+    /// would add the load tool's delays to every server's latency.
+    fn record(&self, latency: Duration) {
+        RECORDER.with_borrow_mut(|slot| {
+            let histogram = match slot {
+                Some((run, histogram)) if *run == self.run => histogram,
+                _ => {
+                    let histogram = Arc::new(Mutex::new(Latencies::default()));
+                    self.latencies.lock().push(histogram.clone());
+                    &mut slot.insert((self.run, histogram)).1
+                }
+            };
+            histogram.lock().record(latency);
+        });
+    }
+
+    /// Every latency recorded, once the subscribers are done.
+    fn latencies(&self) -> Latencies {
+        let mut all = Latencies::default();
+        for histogram in self.latencies.lock().iter() {
+            all.merge(&histogram.lock());
+        }
+        all
+    }
+}
+
+/// One subscriber's count; its latencies go to [`Shared::record`].
 struct Sub {
     shared: Arc<Shared>,
     got: u64,
@@ -111,10 +151,7 @@ impl Sub {
         self.got += 1;
         if i >= self.shared.counted_from {
             let intended = pace::intended(start, self.shared.rate, i);
-            self.shared
-                .latencies
-                .lock()
-                .record(now.saturating_duration_since(intended));
+            self.shared.record(now.saturating_duration_since(intended));
         }
         if self.got == self.shared.expected {
             self.shared.finished.fetch_add(1, Ordering::Relaxed);
@@ -145,7 +182,8 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         expected: changes,
         finished: AtomicUsize::new(0),
         received: AtomicU64::new(0),
-        latencies: Mutex::new(Latencies::default()),
+        run: RUNS.fetch_add(1, Ordering::Relaxed),
+        latencies: Mutex::new(Vec::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -248,7 +286,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         let _ = s.await;
     }
 
-    let latencies = shared.latencies.lock().clone();
+    let latencies = shared.latencies();
     let counted = latencies.count();
     let received = shared.received.load(Ordering::Relaxed);
     let expected = changes * opts.subscribers as u64;

@@ -30,6 +30,11 @@ impl Latencies {
         self.hist.record(us).expect("clamped into bounds");
     }
 
+    /// Adds every value of `other`.
+    pub fn merge(&mut self, other: &Latencies) {
+        self.hist.add(&other.hist).expect("same bounds");
+    }
+
     /// How many values were recorded.
     pub fn count(&self) -> u64 {
         self.hist.len()
