@@ -589,38 +589,113 @@ pub fn invalidated(reply: &Reply) -> Vec<&[u8]> {
     }
 }
 
+/// A subscriber's connection to Redis, the floor or etcd, as
+/// [`listen`] reads it.
+trait Arrivals: Send {
+    /// Waits for what the server sends next and hands each key it names to
+    /// `note`; `false` once the connection has ended.
+    fn next(
+        &mut self,
+        note: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// Reads `conn` until every expected notice has come (then waits for the
+/// stop), the connection ends, or the run stops. Each notice counts from
+/// when the read that brought it returned.
+async fn listen(
+    mut conn: impl Arrivals,
+    stop: watch::Receiver<bool>,
+    mut sub: Sub,
+) -> Result<(), Error> {
+    let mut stop2 = stop.clone();
+    loop {
+        let mut done = false;
+        let mut at = None;
+        let mut note = |key: &[u8]| {
+            let now = *at.get_or_insert_with(Instant::now);
+            done |= sub.note(key, now);
+        };
+        let open = tokio::select! {
+            biased;
+            _ = stop2.changed() => return Ok(()),
+            open = conn.next(&mut note) => open,
+        };
+        if done {
+            wait_stop(stop).await;
+            return Ok(());
+        }
+        if !open {
+            return Ok(());
+        }
+    }
+}
+
+impl Arrivals for AsyncConn {
+    async fn next(&mut self, note: &mut (dyn FnMut(&[u8]) + Send)) -> bool {
+        let Ok(reply) = self.read_reply().await else {
+            return false;
+        };
+        for key in invalidated(&reply) {
+            note(key);
+        }
+        true
+    }
+}
+
+/// A floor subscriber's socket and what it has read of the current line.
+struct FloorLines {
+    conn: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+impl Arrivals for FloorLines {
+    async fn next(&mut self, note: &mut (dyn FnMut(&[u8]) + Send)) -> bool {
+        use tokio::io::AsyncReadExt;
+        let Ok(n @ 1..) = self.conn.read(&mut self.buf[self.filled..]).await else {
+            return false;
+        };
+        self.filled += n;
+        let mut used = 0;
+        while let Some(end) = self.buf[used..self.filled].iter().position(|&b| b == b'\n') {
+            note(&self.buf[used..used + end]);
+            used += end + 1;
+        }
+        self.buf.copy_within(used..self.filled, 0);
+        self.filled -= used;
+        // A line longer than the buffer is not a floor's; the subscriber
+        // stops, and its notices count as missing.
+        self.filled < self.buf.len()
+    }
+}
+
+impl Arrivals for tonic::Streaming<etcdpb::WatchResponse> {
+    async fn next(&mut self, note: &mut (dyn FnMut(&[u8]) + Send)) -> bool {
+        let Ok(Some(message)) = self.message().await else {
+            return false;
+        };
+        for kv in message.events.iter().filter_map(|e| e.kv.as_ref()) {
+            note(&kv.key);
+        }
+        true
+    }
+}
+
 async fn redis_sub(
     addr: &str,
     keys: Arc<Vec<String>>,
     limit: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), Error>>,
     stop: watch::Receiver<bool>,
-    mut sub: Sub,
+    sub: Sub,
 ) -> Result<(), Error> {
-    let mut conn = {
+    let conn = {
         let _permit = limit.acquire().await.expect("semaphore");
         redis_tracking(addr, &keys).await?
     };
     let _ = ready.send(Ok(())).await;
-    let mut stop2 = stop.clone();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop2.changed() => return Ok(()),
-            reply = conn.read_reply() => {
-                let Ok(reply) = reply else { return Ok(()) };
-                let now = Instant::now();
-                let mut done = false;
-                for key in invalidated(&reply) {
-                    done |= sub.note(key, now);
-                }
-                if done {
-                    wait_stop(stop).await;
-                    return Ok(());
-                }
-            }
-        }
-    }
+    listen(conn, stop, sub).await
 }
 
 async fn floor_sub(
@@ -628,10 +703,10 @@ async fn floor_sub(
     limit: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), Error>>,
     stop: watch::Receiver<bool>,
-    mut sub: Sub,
+    sub: Sub,
 ) -> Result<(), Error> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = {
+    use tokio::io::AsyncWriteExt;
+    let conn = {
         let _permit = limit.acquire().await.expect("semaphore");
         let mut conn = connect_nodelay(addr).await?;
         conn.write_all(b"S\n")
@@ -640,35 +715,12 @@ async fn floor_sub(
         conn
     };
     let _ = ready.send(Ok(())).await;
-    let mut stop2 = stop.clone();
-    let mut buf = vec![0u8; 64 << 10];
-    let mut filled = 0;
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop2.changed() => return Ok(()),
-            n = conn.read(&mut buf[filled..]) => {
-                let Ok(n @ 1..) = n else { return Ok(()) };
-                let now = Instant::now();
-                filled += n;
-                let mut done = false;
-                let mut used = 0;
-                while let Some(end) = buf[used..filled].iter().position(|&b| b == b'\n') {
-                    done |= sub.note(&buf[used..used + end], now);
-                    used += end + 1;
-                }
-                buf.copy_within(used..filled, 0);
-                filled -= used;
-                if filled == buf.len() {
-                    return Err("floor: a line longer than 64 KiB".into());
-                }
-                if done {
-                    wait_stop(stop).await;
-                    return Ok(());
-                }
-            }
-        }
-    }
+    let lines = FloorLines {
+        conn,
+        buf: vec![0u8; 64 << 10],
+        filled: 0,
+    };
+    listen(lines, stop, sub).await
 }
 
 async fn etcd_sub(
@@ -676,34 +728,14 @@ async fn etcd_sub(
     limit: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), Error>>,
     stop: watch::Receiver<bool>,
-    mut sub: Sub,
+    sub: Sub,
 ) -> Result<(), Error> {
-    let (_requests, mut responses) = {
+    let (_requests, responses) = {
         let _permit = limit.acquire().await.expect("semaphore");
         etcd_watch(addr, b"hot:").await?
     };
     let _ = ready.send(Ok(())).await;
-    let mut stop2 = stop.clone();
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop2.changed() => return Ok(()),
-            message = responses.message() => {
-                let Ok(Some(message)) = message else { return Ok(()) };
-                let now = Instant::now();
-                let mut done = false;
-                for event in &message.events {
-                    if let Some(kv) = &event.kv {
-                        done |= sub.note(&kv.key, now);
-                    }
-                }
-                if done {
-                    wait_stop(stop).await;
-                    return Ok(());
-                }
-            }
-        }
-    }
+    listen(responses, stop, sub).await
 }
 
 /// An etcd Watch stream on every key starting with `prefix`, created.
