@@ -633,7 +633,7 @@ impl Filters {
 
 /// One Watch stream, as the hub sees it. In declaration order
 /// (`repr(C)`): what a fan-out reads of every stream it reaches first,
-/// beside the reference counts, then the queue (see [`Queue`]).
+/// beside the reference counts, then the queue (see `Queue`).
 #[repr(C)]
 pub struct Subscriber {
     id: u64,
