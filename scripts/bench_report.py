@@ -60,6 +60,16 @@ WATCH = "Publish -> Watch"
 SHARED = "Publish -> Watch, shared conns"
 
 
+def shared_pair(reports, subs, rate):
+    """freshd's subscribers sharing connections and freshd's own with a
+    connection each, in the round whose p99 ratio is the median."""
+    return median_round(reports, dict(workload="notice", target="freshd", subscribers=subs,
+                                      rate=rate, variant=SHARED),
+                        dict(workload="notice", target="freshd", subscribers=subs, rate=rate,
+                             variant=WATCH),
+                        lambda r: r["latency"]["p99_us"])
+
+
 def notice_pair(reports, subs, rate, peer):
     """freshd and `peer` in the round whose p99 ratio is the median, with
     every round's ratio; etcd runs in the first round only."""
@@ -180,11 +190,7 @@ def rows(reports):
                     higher_better=False, spread=spread if q == "p99" else None, runs=(f, p))
         # freshd's subscribers sharing connections, against freshd's own
         # with a connection each, in the same round.
-        m = median_round(reports, dict(workload="notice", target="freshd", subscribers=subs,
-                                       rate=rate, variant=SHARED),
-                         dict(workload="notice", target="freshd", subscribers=subs, rate=rate,
-                              variant=WATCH),
-                         lambda r: r["latency"]["p99_us"])
+        m = shared_pair(reports, subs, rate)
         if m:
             f, p, spread = m
             conns = -(-subs // f["params"]["per_conn"])
@@ -299,15 +305,19 @@ COLORS = {"freshd": "#1f77b4", "redis": "#d62728", "etcd": "#2ca02c", "floor": "
 
 
 def cdf_axes(ax, series, title):
+    """One CDF per `(label, report)` of `series`, or `(label, report, style)`
+    where `style` overrides the target's colour and the rate's line."""
     styles = ["-", "--", ":", "-."]
-    rates = sorted({r["params"].get("rate") for _, r in series})
-    for label, report in series:
+    rates = sorted({entry[1]["params"].get("rate") for entry in series})
+    for label, report, *override in series:
         style = styles[rates.index(report["params"].get("rate")) % len(styles)] if len(rates) > 1 else "-"
         cdf = report["latency"]["cdf"]
         xs = [max(v, 1) / 1000 for _, v in cdf]
         ys = [q for q, _ in cdf]
+        kwargs = dict(color=COLORS.get(report["target"]), linestyle=style)
+        kwargs.update(*override)
         ax.plot(xs, ys, label=f"{label} (p99 {report['latency']['p99_us'] / 1000:.2f} ms)",
-                color=COLORS.get(report["target"]), linestyle=style, drawstyle="steps-post")
+                drawstyle="steps-post", **kwargs)
     ax.set_xscale("log")
     ax.set_xlabel("latency, ms (log)")
     ax.set_ylabel("fraction of notices" if "notice" in title else "fraction of requests")
@@ -345,6 +355,11 @@ def plots(reports, out):
                                     subscribers=subs, rate=rate, variant=WATCH)
         series = [(names[t], picked[t]) for t in ("freshd", "redis", "etcd", "floor")
                   if picked.get(t)]
+        shared = shared_pair(reports, subs, rate)
+        if shared:
+            per_conn = shared[0]["params"]["per_conn"]
+            series.insert(1, (f"freshd, {per_conn} subscribers a connection", shared[0],
+                              dict(color=COLORS["freshd"], linestyle="--")))
         fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
         cdf_axes(ax, series, f"write-to-notice latency, {subs:,} subscribers, {rate:g} writes/s")
         path = os.path.join(out, f"notice_cdf_{subs}_at_{rate:g}.png")
