@@ -102,22 +102,21 @@ pub(crate) fn live_batch(notices: &[Arc<Notice>], sub: &Subscriber) -> pb::Watch
 /// Appends [`live_batch`]'s encoding to `out`, building no message: a
 /// fan-out writes it straight to the stream.
 pub(crate) fn encode_live_batch(notices: &[Arc<Notice>], sub: &Subscriber, out: &mut Vec<u8>) {
-    // The entries go after room for the longest head (the field's key and
-    // a length of up to five varint bytes); the head, once their length is
-    // known, goes just before them.
-    const ROOM: usize = 6;
-    let start = out.len();
-    out.resize(start + ROOM, 0);
+    let len: usize = notices
+        .iter()
+        .map(|n| {
+            let cause = sub.visible_cause(&n.cause);
+            if cause.len() == n.cause.len() {
+                n.entry().len()
+            } else {
+                crate::wire::entry_len(&n.fields(cause))
+            }
+        })
+        .sum();
+    // `WatchResponse.notices` (field 2), then the batch's entries.
+    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, out);
+    prost::encoding::encode_varint(len as u64, out);
     put_entries(notices, sub, out);
-    let len = out.len() - start - ROOM;
-    let mut head = [0u8; ROOM];
-    let mut at = &mut head[..];
-    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut at);
-    prost::encoding::encode_varint(len as u64, &mut at);
-    let head_len = ROOM - at.len();
-    out.copy_within(start + ROOM.., start + head_len);
-    out.truncate(out.len() - (ROOM - head_len));
-    out[start..start + head_len].copy_from_slice(&head[..head_len]);
 }
 
 /// Appends `notices` as `NoticeBatch.notices` entries, each cause as `sub`

@@ -337,26 +337,7 @@ pub struct NoticeFields<'a> {
 /// for the same [`pb::Notice`]: fields in number order, default values
 /// left out.
 pub fn encode_entry(n: &NoticeFields<'_>, out: &mut impl BufMut) {
-    let uint = |tag: u32, v: u64| {
-        if v == 0 {
-            0
-        } else {
-            encoding::key_len(tag) + encoding::encoded_len_varint(v)
-        }
-    };
-    let string = |tag: u32, s: &str| {
-        if s.is_empty() {
-            0
-        } else {
-            encoding::key_len(tag) + encoding::encoded_len_varint(s.len() as u64) + s.len()
-        }
-    };
-    let len = uint(1, n.seq)
-        + string(2, n.key)
-        + uint(3, n.version)
-        + string(4, n.cause)
-        + uint(5, u64::from(n.critical))
-        + uint(6, n.event_time_unix_ms);
+    let len = notice_len(n);
     encoding::encode_key(1, WireType::LengthDelimited, out);
     encoding::encode_varint(len as u64, out);
     fn put_uint(tag: u32, v: u64, out: &mut impl BufMut) {
@@ -378,6 +359,36 @@ pub fn encode_entry(n: &NoticeFields<'_>, out: &mut impl BufMut) {
     put_string(4, n.cause, out);
     put_uint(5, u64::from(n.critical), out);
     put_uint(6, n.event_time_unix_ms, out);
+}
+
+/// The bytes [`encode_entry`] appends for `n`.
+pub fn entry_len(n: &NoticeFields<'_>) -> usize {
+    let len = notice_len(n);
+    encoding::key_len(1) + encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The length of `n` as a `Notice` message.
+fn notice_len(n: &NoticeFields<'_>) -> usize {
+    let uint = |tag: u32, v: u64| {
+        if v == 0 {
+            0
+        } else {
+            encoding::key_len(tag) + encoding::encoded_len_varint(v)
+        }
+    };
+    let string = |tag: u32, s: &str| {
+        if s.is_empty() {
+            0
+        } else {
+            encoding::key_len(tag) + encoding::encoded_len_varint(s.len() as u64) + s.len()
+        }
+    };
+    uint(1, n.seq)
+        + string(2, n.key)
+        + uint(3, n.version)
+        + string(4, n.cause)
+        + uint(5, u64::from(n.critical))
+        + uint(6, n.event_time_unix_ms)
 }
 
 #[cfg(test)]
@@ -417,6 +428,7 @@ mod tests {
         ]
     }
 
+    /// Entries, and the length [`entry_len`] gives for them, are prost's.
     #[test]
     fn entries_are_what_prost_writes() {
         for n in samples() {
@@ -425,6 +437,7 @@ mod tests {
             let mut theirs = Vec::new();
             encoding::message::encode(1, &n, &mut theirs);
             assert_eq!(ours, theirs, "{n:?}");
+            assert_eq!(entry_len(&fields(&n)), theirs.len(), "{n:?}");
         }
     }
 
