@@ -102,21 +102,29 @@ pub(crate) fn live_batch(notices: &[Arc<Notice>], sub: &Subscriber) -> pb::Watch
 /// Appends [`live_batch`]'s encoding to `out`, building no message: a
 /// fan-out writes it straight to the stream.
 pub(crate) fn encode_live_batch(notices: &[Arc<Notice>], sub: &Subscriber, out: &mut Vec<u8>) {
-    let len: usize = notices
-        .iter()
-        .map(|n| {
-            let cause = sub.visible_cause(&n.cause);
-            if cause.len() == n.cause.len() {
-                n.entry().len()
-            } else {
-                crate::wire::entry_len(&n.fields(cause))
-            }
-        })
-        .sum();
-    // `WatchResponse.notices` (field 2), then the batch's entries.
-    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, out);
-    prost::encoding::encode_varint(len as u64, out);
-    put_entries(notices, sub, out);
+    // `WatchResponse.notices` (field 2): its length, then the entries.
+    let head = |len: usize, out: &mut Vec<u8>| {
+        prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, out);
+        prost::encoding::encode_varint(len as u64, out);
+    };
+    let mut len = 0;
+    for n in notices {
+        if sub.visible_cause(&n.cause).len() != n.cause.len() {
+            // A cause the stream may not see: the entries are encoded
+            // afresh, into a buffer of their own (a rare case: an edge
+            // across namespaces, a stream scoped to one of them).
+            let mut entries = Vec::new();
+            put_entries(notices, sub, &mut entries);
+            head(entries.len(), out);
+            out.extend_from_slice(&entries);
+            return;
+        }
+        len += n.entry().len();
+    }
+    head(len, out);
+    for n in notices {
+        out.extend_from_slice(n.entry());
+    }
 }
 
 /// Appends `notices` as `NoticeBatch.notices` entries, each cause as `sub`
@@ -774,12 +782,32 @@ mod tests {
     /// The batch a fan-out encodes straight to the stream is byte for byte
     /// the message the stream's task sends, at every length of the head
     /// (one, two and three varint bytes), appended after what the buffer
-    /// held.
+    /// held; for a stream that may not see the cause too (it is left out).
     #[test]
     fn a_batch_encoded_in_place_is_the_message() {
+        use crate::auth::{PrincipalConfig, Scopes};
         use prost::Message;
-        let (_hub, sub) = subscriber();
-        for count in [1, 3, 200, 1000] {
+        let (hub, open) = subscriber();
+        let mut watch = Scopes::default();
+        watch.insert(Scope::Watch);
+        let feeds_only = Arc::new(Principal::new(&PrincipalConfig {
+            name: "feeds".into(),
+            token_sha256: [0; 32],
+            expires: None,
+            scopes: vec![("feed".into(), watch)],
+            quotas: Default::default(),
+        }));
+        let (scoped, _) = hub
+            .subscribe("s", false, None, &[], &[], Some(feeds_only))
+            .unwrap();
+        assert_eq!(scoped.visible_cause("posts:9"), "", "the cause is hidden");
+        for (sub, count) in [
+            (&open, 1),
+            (&open, 3),
+            (&open, 200),
+            (&open, 1000),
+            (&scoped, 3),
+        ] {
             let notices: Vec<Arc<Notice>> = (0..count)
                 .map(|i| {
                     Arc::new(Notice {
@@ -794,9 +822,9 @@ mod tests {
                     })
                 })
                 .collect();
-            let expected = live_batch(&notices, &sub).encode_to_vec();
+            let expected = live_batch(&notices, sub).encode_to_vec();
             let mut out = b"before".to_vec();
-            encode_live_batch(&notices, &sub, &mut out);
+            encode_live_batch(&notices, sub, &mut out);
             assert_eq!(&out[..6], b"before");
             assert_eq!(out[6..], expected[..], "{count} notices");
         }

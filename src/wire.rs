@@ -361,12 +361,6 @@ pub fn encode_entry(n: &NoticeFields<'_>, out: &mut impl BufMut) {
     put_uint(6, n.event_time_unix_ms, out);
 }
 
-/// The bytes [`encode_entry`] appends for `n`.
-pub fn entry_len(n: &NoticeFields<'_>) -> usize {
-    let len = notice_len(n);
-    encoding::key_len(1) + encoding::encoded_len_varint(len as u64) + len
-}
-
 /// The length of `n` as a `Notice` message.
 fn notice_len(n: &NoticeFields<'_>) -> usize {
     let uint = |tag: u32, v: u64| {
@@ -428,7 +422,6 @@ mod tests {
         ]
     }
 
-    /// Entries, and the length [`entry_len`] gives for them, are prost's.
     #[test]
     fn entries_are_what_prost_writes() {
         for n in samples() {
@@ -437,7 +430,6 @@ mod tests {
             let mut theirs = Vec::new();
             encoding::message::encode(1, &n, &mut theirs);
             assert_eq!(ours, theirs, "{n:?}");
-            assert_eq!(entry_len(&fields(&n)), theirs.len(), "{n:?}");
         }
     }
 
