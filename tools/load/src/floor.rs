@@ -1,21 +1,26 @@
 //! The loopback floor: the least a server can do to deliver a change to N
-//! subscribers that each hold a TCP connection of their own.
+//! subscribers that each hold a TCP connection of their own, or that share
+//! connections.
 //!
 //! `freshd-load floor-server` accepts connections that name their role in
-//! their first two bytes:
+//! their first line:
 //!
 //! - `S\n`: a subscriber. It is written to and never read from.
+//! - `S<n>\n` (`S100\n`): `n` subscribers sharing the connection, as Watch
+//!   streams share an HTTP/2 connection. Each change is written to it `n`
+//!   times over, in one `write`.
 //! - `W\n`: a writer. Every line it sends (`hot:17\n`) is written, as it is,
-//!   to every subscriber in turn, one `write` per subscriber, from the
-//!   thread that read it.
+//!   to every subscriber connection in turn, one `write` per connection,
+//!   from the thread that read it.
 //!
 //! No parsing beyond the newline, no bookkeeping, no framing, no answer to
-//! the writer: one `read` and N `write`s per change, which is what every
-//! server that pushes to a connection per subscriber (freshd's Watch
+//! the writer: one `read` and a `write` per connection per change, which is
+//! what every server that pushes to its subscribers (freshd's Watch
 //! streams, Redis tracking, etcd watches) must at least do. The notice
-//! workload drives it like the servers (`--target floor`), so the floor's
-//! latency and CPU per notice sit beside theirs, measured the same way on
-//! the same machine in the same run.
+//! workload drives it like the servers (`--target floor`, with `--per-conn`
+//! for shared connections), so the floor's latency and CPU per notice sit
+//! beside theirs, measured the same way on the same machine in the same
+//! run.
 //!
 //! It is a measuring stick, not a server: its writes block, so a
 //! subscriber that stops reading stalls the others.
@@ -31,18 +36,27 @@ use parking_lot::Mutex;
 const ROLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest line a writer may send.
 const MAX_LINE: usize = 1024;
+/// The most subscribers one connection may carry.
+const MAX_SHARED: usize = 100_000;
 
-/// What a connection's first two bytes say it is.
+/// What a connection's first line says it is.
 #[derive(Debug, PartialEq, Eq)]
 enum Role {
-    Subscriber,
+    /// This many subscribers.
+    Subscribers(usize),
     Writer,
+}
+
+/// A subscriber connection and how many subscribers share it.
+struct Subscribed {
+    conn: TcpStream,
+    shared: usize,
 }
 
 /// Serves on `listener` until accepting fails. Each writer gets a thread of
 /// its own; subscribers are written from the writers' threads.
 pub fn serve(listener: TcpListener) -> std::io::Result<()> {
-    let subscribers: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let subscribers: Arc<Mutex<Vec<Subscribed>>> = Arc::default();
     for conn in listener.incoming() {
         let mut conn = match conn {
             Ok(c) => c,
@@ -51,7 +65,7 @@ pub fn serve(listener: TcpListener) -> std::io::Result<()> {
             Err(e) => return Err(e),
         };
         match role(&mut conn) {
-            Ok(Role::Subscriber) => subscribers.lock().push(conn),
+            Ok(Role::Subscribers(shared)) => subscribers.lock().push(Subscribed { conn, shared }),
             Ok(Role::Writer) => {
                 let subscribers = subscribers.clone();
                 std::thread::Builder::new()
@@ -69,25 +83,46 @@ pub fn serve(listener: TcpListener) -> std::io::Result<()> {
 fn role(conn: &mut TcpStream) -> std::io::Result<Role> {
     conn.set_nodelay(true)?;
     conn.set_read_timeout(Some(ROLE_TIMEOUT))?;
-    let mut first = [0u8; 2];
-    conn.read_exact(&mut first)?;
+    // Byte by byte: nothing past the newline is read, and a subscriber
+    // sends nothing after it anyway.
+    let mut first = Vec::with_capacity(8);
+    let mut byte = [0u8; 1];
+    while first.len() < 8 && first.last() != Some(&b'\n') {
+        conn.read_exact(&mut byte)?;
+        first.push(byte[0]);
+    }
     conn.set_read_timeout(None)?;
-    match &first {
-        b"S\n" => Ok(Role::Subscriber),
-        b"W\n" => Ok(Role::Writer),
-        _ => Err(std::io::Error::new(
+    parse_role(&first).ok_or_else(|| {
+        std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            "a connection must start with S\\n or W\\n",
-        )),
+            format!("a connection must start with S\\n, S<1..={MAX_SHARED}>\\n or W\\n"),
+        )
+    })
+}
+
+/// The role a first line names.
+fn parse_role(line: &[u8]) -> Option<Role> {
+    match line.strip_suffix(b"\n")? {
+        b"W" => Some(Role::Writer),
+        b"S" => Some(Role::Subscribers(1)),
+        [b'S', n @ ..] => std::str::from_utf8(n)
+            .ok()?
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_SHARED).contains(n))
+            .map(Role::Subscribers),
+        _ => None,
     }
 }
 
-/// Writes every line `writer` sends to every subscriber, dropping those
-/// whose connection fails, until the writer closes or sends a line longer
-/// than [`MAX_LINE`].
-fn relay(writer: TcpStream, subscribers: &Mutex<Vec<TcpStream>>) {
+/// Writes every line `writer` sends to every subscriber (as many times
+/// over as share a connection, in one write), dropping connections that
+/// fail, until the writer closes or sends a line longer than [`MAX_LINE`].
+fn relay(writer: TcpStream, subscribers: &Mutex<Vec<Subscribed>>) {
     let mut lines = BufReader::new(writer);
     let mut line = Vec::with_capacity(64);
+    // The line repeated, for shared connections; made once per line.
+    let mut repeated = Vec::new();
     loop {
         line.clear();
         match (&mut lines)
@@ -96,9 +131,19 @@ fn relay(writer: TcpStream, subscribers: &Mutex<Vec<TcpStream>>) {
         {
             Ok(0) | Err(_) => return,
             Ok(_) if line.last() != Some(&b'\n') => return,
-            Ok(_) => subscribers
-                .lock()
-                .retain_mut(|s| s.write_all(&line).is_ok()),
+            Ok(_) => {
+                repeated.clear();
+                subscribers.lock().retain_mut(|s| {
+                    if s.shared == 1 {
+                        return s.conn.write_all(&line).is_ok();
+                    }
+                    let want = line.len() * s.shared;
+                    while repeated.len() < want {
+                        repeated.extend_from_slice(&line);
+                    }
+                    s.conn.write_all(&repeated[..want]).is_ok()
+                });
+            }
         }
     }
 }
@@ -154,6 +199,34 @@ mod tests {
         }
         let want: String = (0..50).map(|i| format!("hot:{i}\n")).collect();
         assert_eq!(read_n(&mut kept, want.len()), want.as_bytes());
+    }
+
+    #[test]
+    fn a_shared_connection_gets_each_line_once_per_subscriber() {
+        let addr = start();
+        let mut one = connect(addr, b"S\n");
+        let mut three = connect(addr, b"S3\n");
+        let mut two = connect(addr, b"S2\n");
+        let mut w = connect(addr, b"W\n");
+        w.write_all(b"hot:0\nhot:1\n").unwrap();
+        assert_eq!(read_n(&mut one, 12), b"hot:0\nhot:1\n");
+        assert_eq!(
+            read_n(&mut three, 36),
+            b"hot:0\nhot:0\nhot:0\nhot:1\nhot:1\nhot:1\n"
+        );
+        assert_eq!(read_n(&mut two, 24), b"hot:0\nhot:0\nhot:1\nhot:1\n");
+    }
+
+    #[test]
+    fn roles_are_read_from_the_first_line() {
+        assert_eq!(parse_role(b"S\n"), Some(Role::Subscribers(1)));
+        assert_eq!(parse_role(b"S100\n"), Some(Role::Subscribers(100)));
+        assert_eq!(parse_role(b"W\n"), Some(Role::Writer));
+        assert_eq!(parse_role(b"S0\n"), None);
+        assert_eq!(parse_role(b"S100001\n"), None);
+        assert_eq!(parse_role(b"Sx\n"), None);
+        assert_eq!(parse_role(b"S"), None);
+        assert_eq!(parse_role(b"X\n"), None);
     }
 
     #[test]

@@ -85,8 +85,8 @@ enum Workload {
         /// Subscribers, one connection each (see --per-conn).
         #[arg(long, default_value_t = 1)]
         subscribers: usize,
-        /// freshd only: Watch streams per connection, as subscribers in
-        /// one process share a gRPC channel.
+        /// Subscribers per connection, for freshd (Watch streams, as
+        /// subscribers in one process share a gRPC channel) and the floor.
         #[arg(long, default_value_t = 1)]
         per_conn: usize,
         /// Changes per second.

@@ -50,8 +50,8 @@ pub struct NoticeOpts {
     pub addr: String,
     /// Subscribers.
     pub subscribers: usize,
-    /// freshd only: `Watch` streams per connection (1: a connection per
-    /// subscriber, as Redis and etcd subscribers have).
+    /// freshd and the floor only: subscribers per connection (1: a
+    /// connection per subscriber, as Redis and etcd subscribers have).
     pub per_conn: usize,
     /// Changes per second.
     pub rate: f64,
@@ -187,8 +187,8 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    if opts.per_conn > 1 && opts.target != Target::Freshd {
-        return Err("only freshd's subscribers can share connections".into());
+    if opts.per_conn > 1 && !matches!(opts.target, Target::Freshd | Target::Floor) {
+        return Err("only freshd's and the floor's subscribers can share connections".into());
     }
     // The keys, then the subscribers.
     prepare(opts, &keys).await?;
@@ -196,7 +196,8 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), Error>>(opts.subscribers);
     let mut subs = Vec::with_capacity(opts.subscribers);
     let per_conn = opts.per_conn.max(1);
-    if opts.target == Target::Freshd {
+    let grouped = opts.target == Target::Freshd || per_conn > 1;
+    if grouped {
         // A task per connection, for its one subscriber or the several
         // that share it.
         for first in (0..opts.subscribers).step_by(per_conn) {
@@ -209,8 +210,12 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
                 ready_tx.clone(),
                 stop_rx.clone(),
             );
+            let target = opts.target;
             subs.push(tokio::spawn(async move {
-                let result = freshd_subs(&addr, ids, keys, limit, ready.clone(), stop, group).await;
+                let result = match target {
+                    Target::Floor => floor_subs(&addr, limit, ready.clone(), stop, group).await,
+                    _ => freshd_subs(&addr, ids, keys, limit, ready.clone(), stop, group).await,
+                };
                 if let Err(e) = result {
                     let _ = ready.send(Err(e)).await;
                 }
@@ -218,7 +223,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         }
     }
     for _ in 0..opts.subscribers {
-        if opts.target == Target::Freshd {
+        if grouped {
             break;
         }
         let sub = Sub::new(shared.clone());
@@ -231,7 +236,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         );
         subs.push(tokio::spawn(async move {
             let result = match opts.target {
-                Target::Freshd => unreachable!("freshd's subscribers are started above"),
+                Target::Freshd => unreachable!("grouped subscribers are started above"),
                 Target::Redis => redis_sub(&opts.addr, keys, limit, ready.clone(), stop, sub).await,
                 Target::Etcd => etcd_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
                 Target::Floor => floor_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
@@ -299,6 +304,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
             Target::Freshd => "Publish -> Watch",
             Target::Redis => "SET -> tracking push",
             Target::Etcd => "Put -> Watch",
+            Target::Floor if per_conn > 1 => "line -> N writes, shared conns",
             Target::Floor => "line -> N writes",
         }
         .into(),
@@ -721,6 +727,56 @@ async fn floor_sub(
         filled: 0,
     };
     listen(lines, stop, sub).await
+}
+
+/// Subscribers sharing one connection to the floor, which writes each
+/// change to it once per subscriber: the lines are theirs in turn.
+async fn floor_subs(
+    addr: &str,
+    limit: Arc<Semaphore>,
+    ready: mpsc::Sender<Result<(), Error>>,
+    stop: watch::Receiver<bool>,
+    mut subs: Vec<Sub>,
+) -> Result<(), Error> {
+    use tokio::io::AsyncWriteExt;
+    let conn = {
+        let _permit = limit.acquire().await.expect("semaphore");
+        let mut conn = connect_nodelay(addr).await?;
+        conn.write_all(format!("S{}\n", subs.len()).as_bytes())
+            .await
+            .map_err(|e| format!("floor: {e}"))?;
+        conn
+    };
+    for _ in 0..subs.len() {
+        let _ = ready.send(Ok(())).await;
+    }
+    let mut lines = FloorLines {
+        conn,
+        buf: vec![0u8; 64 << 10],
+        filled: 0,
+    };
+    let mut stop2 = stop.clone();
+    let (mut next, mut done) = (0, 0);
+    loop {
+        let mut at = None;
+        let mut note = |key: &[u8]| {
+            let now = *at.get_or_insert_with(Instant::now);
+            done += usize::from(subs[next].note(key, now));
+            next = (next + 1) % subs.len();
+        };
+        let open = tokio::select! {
+            biased;
+            _ = stop2.changed() => return Ok(()),
+            open = lines.next(&mut note) => open,
+        };
+        if done == subs.len() {
+            wait_stop(stop).await;
+            return Ok(());
+        }
+        if !open {
+            return Ok(());
+        }
+    }
 }
 
 async fn etcd_sub(

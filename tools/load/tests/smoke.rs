@@ -128,6 +128,18 @@ async fn notice_runs_against_the_floor() {
     notice_counts(Target::Floor, addr, 1).await;
 }
 
+/// The floor's subscribers can share connections too (2 and 1 on the
+/// two), as freshd's Watch streams do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notice_runs_against_the_floor_on_shared_connections() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || freshd_load::floor::serve(listener));
+    let r = notice_counts(Target::Floor, addr, 2).await;
+    assert_eq!(r.params["per_conn"], 2);
+    assert_eq!(r.variant, "line -> N writes, shared conns");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers() {
     let (_server, addr) = common::server().await;
