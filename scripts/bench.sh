@@ -248,10 +248,15 @@ for round in $(seq 1 "$ROUNDS"); do
         --warmup "$NOTICE_WARMUP" --secs "$NOTICE_SECS"
     done
     # freshd's 1,000 subscribers again, on a fresh server, 100 Watch streams
-    # to a connection (as subscribers in one process share a gRPC channel).
+    # to a connection (as subscribers in one process share a gRPC channel),
+    # and the floor's on as many connections (each change written to a
+    # connection once per subscriber there, in one write).
     if ((subs >= 1000)); then
-      start_freshd
+      stop_servers
+      start_freshd; start_floor
       load "$label" freshd "127.0.0.1:$FRESHD_PORT" notice --subscribers "$subs" \
+        --per-conn 100 --rate "$rate" --warmup "$NOTICE_WARMUP" --secs "$NOTICE_SECS"
+      load "$label" floor "127.0.0.1:$FLOOR_PORT" notice --subscribers "$subs" \
         --per-conn 100 --rate "$rate" --warmup "$NOTICE_WARMUP" --secs "$NOTICE_SECS"
     fi
     stop_servers

@@ -52,6 +52,12 @@ def median_round(reports, fwant, pwant, metric):
 # The loopback floor (`freshd-load floor-server`): a server that only copies
 # each change to every subscriber's socket, the least any server can do.
 FLOOR = "loopback floor (N writes)"
+# Its variants: a connection per subscriber, and subscribers that share
+# connections (each change written to a connection once per subscriber
+# there, in one write).
+FLOOR_EACH = "line -> N writes"
+FLOOR_SHARED = "line -> N writes, shared conns"
+SHARED_FLOOR = "loopback floor, shared conns (a write per connection)"
 
 
 # freshd's notice variants: a connection per subscriber, and subscribers
@@ -70,13 +76,30 @@ def shared_pair(reports, subs, rate):
                         lambda r: r["latency"]["p99_us"])
 
 
+def shared_floor_pair(reports, subs, rate):
+    """freshd's subscribers sharing connections and the floor's, in the
+    round whose p99 ratio is the median."""
+    return median_round(reports, dict(workload="notice", target="freshd", subscribers=subs,
+                                      rate=rate, variant=SHARED),
+                        dict(workload="notice", target="floor", subscribers=subs, rate=rate,
+                             variant=FLOOR_SHARED),
+                        lambda r: r["latency"]["p99_us"])
+
+
 def notice_pair(reports, subs, rate, peer):
     """freshd and `peer` in the round whose p99 ratio is the median, with
-    every round's ratio; etcd runs in the first round only."""
+    every round's ratio; etcd runs in the first round only. A connection
+    per subscriber on both sides."""
+    pwant = dict(workload="notice", target=peer, subscribers=subs, rate=rate)
+    if peer == "floor":
+        pwant["variant"] = FLOOR_EACH
     return median_round(reports, dict(workload="notice", target="freshd", subscribers=subs,
                                       rate=rate, variant=WATCH),
-                        dict(workload="notice", target=peer, subscribers=subs, rate=rate),
-                        lambda r: r["latency"]["p99_us"])
+                        pwant, lambda r: r["latency"]["p99_us"])
+
+
+def per_conn(r):
+    return r["params"].get("per_conn") or 1
 
 
 def _get(r, key):
@@ -199,6 +222,16 @@ def rows(reports):
                     f"{rate:g}/s, {q} µs", f["latency"][f"{q}_us"],
                     "freshd, a connection each", p["latency"][f"{q}_us"], higher_better=False,
                     spread=spread if q == "p99" else None, runs=(f, p))
+        # And against the floor on as many connections.
+        m = shared_floor_pair(reports, subs, rate)
+        if m:
+            f, p, spread = m
+            conns = -(-subs // per_conn(f))
+            for q in ("p50", "p99"):
+                add(f"write-to-notice, {subs:,} subscribers on {conns:,} connections at "
+                    f"{rate:g}/s, {q} µs", f["latency"][f"{q}_us"], SHARED_FLOOR,
+                    p["latency"][f"{q}_us"], higher_better=False,
+                    spread=spread if q == "p99" else None, runs=(f, p))
     m = median_round(reports, dict(workload="fanout", target="freshd"),
                      dict(workload="fanout", target="redis"), keys)
     if m:
@@ -279,6 +312,9 @@ def cpu_table(reports):
             if (any(f["params"].get(k) != p["params"].get(k) for k in keys)
                     or round_of(f) != round_of(p)):
                 continue
+            # The floor beside freshd on as many connections.
+            if p["target"] == "floor" and per_conn(p) != per_conn(f):
+                continue
             fu = f["server_cpu_s"] * 1e6 / f["ops"]
             pu = p["server_cpu_s"] * 1e6 / p["ops"]
             what = f"{f['workload']} {f['variant']} ({f['mode']}"
@@ -357,9 +393,12 @@ def plots(reports, out):
                   if picked.get(t)]
         shared = shared_pair(reports, subs, rate)
         if shared:
-            per_conn = shared[0]["params"]["per_conn"]
-            series.insert(1, (f"freshd, {per_conn} subscribers a connection", shared[0],
-                              dict(color=COLORS["freshd"], linestyle="--")))
+            series.insert(1, (f"freshd, {per_conn(shared[0])} subscribers a connection",
+                              shared[0], dict(color=COLORS["freshd"], linestyle="--")))
+        shared_floor = shared_floor_pair(reports, subs, rate)
+        if shared_floor:
+            series.append((f"floor, {per_conn(shared_floor[1])} subscribers a connection",
+                           shared_floor[1], dict(color=COLORS["floor"], linestyle="--")))
         fig, ax = plt.subplots(figsize=(6.4, 4), dpi=90)
         cdf_axes(ax, series, f"write-to-notice latency, {subs:,} subscribers, {rate:g} writes/s")
         path = os.path.join(out, f"notice_cdf_{subs}_at_{rate:g}.png")
