@@ -182,6 +182,119 @@ async fn streams_sharing_a_connection_each_get_every_notice() {
     }
 }
 
+/// Four publishers at full speed, every key published once, to 30 streams
+/// that watch them all: 10 on each of two shared connections and 10 on
+/// connections of their own, read as the notices come (or, `late`, only
+/// once the publishers are done, with 16 KiB stream windows and 4 KiB
+/// allowed to wait for them: the windows fill, then what may wait, then
+/// the queues). Whichever path
+/// writes a notice (the publish itself, a connection's driver when
+/// publishes come back to back, a stream's own task when its window or its
+/// connection's is full, or a catch-up from the history after its queue of
+/// `queue_notices` overflowed), every stream gets every notice exactly
+/// once, in seq order, and nothing after. Returns the overflows the
+/// streams had.
+async fn every_stream_gets_every_notice_once_in_seq_order(queue_notices: usize, late: bool) -> u64 {
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 500;
+    let mut config = Config::ephemeral();
+    config.store.hub.queue_notices = queue_notices;
+    if late {
+        config.connections.stream_buffer = 4 * 1024;
+    }
+    let t = start_with(config).await;
+    // (A tonic client ends a connection holding more than about 12,000
+    // small DATA frames its application has not read: h2's guard against
+    // floods, sized by the connection's window. Small stream windows keep
+    // the late readers' connections under it.)
+    let connection = || async {
+        let endpoint = Channel::from_shared(t.server.url()).unwrap();
+        let endpoint = if late {
+            endpoint.initial_stream_window_size(16 * 1024)
+        } else {
+            endpoint
+        };
+        CoordinatorClient::new(endpoint.connect().await.expect("client connects"))
+    };
+    let mut watchers = Vec::new();
+    for c in 0..2 {
+        let mut shared = connection().await;
+        for i in 0..10 {
+            let start = start_msg(&format!("c{c}-s{i}"), &[], &["u:"]);
+            watchers.push(Watcher::open_on(&mut shared, start).await.0);
+        }
+    }
+    for i in 0..10 {
+        let start = start_msg(&format!("own-{i}"), &[], &["u:"]);
+        watchers.push(Watcher::open_on(&mut connection().await, start).await.0);
+    }
+    let (go, ready) = tokio::sync::watch::channel(!late);
+    let readers: Vec<_> = watchers
+        .into_iter()
+        .map(|mut w| {
+            let mut ready = ready.clone();
+            tokio::spawn(async move {
+                ready.wait_for(|go| *go).await.unwrap();
+                let got = keys(&w.notices(PUBLISHERS * EACH).await);
+                let (more, resets, _) = w.until_progress().await;
+                assert!(
+                    more.is_empty() && resets.is_empty(),
+                    "nothing more: {more:?} {resets:?}"
+                );
+                (w, got)
+            })
+        })
+        .collect();
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let mut client = connect(&t.server).await;
+        publishers.push(tokio::spawn(async move {
+            let mut published = Vec::with_capacity(EACH);
+            for n in 0..EACH {
+                let key = format!("u:{p}:{n}");
+                let reply = client.publish(publish_req(&[&key])).await.unwrap();
+                published.push((key, reply.into_inner().seq));
+            }
+            published
+        }));
+    }
+    let mut all = Vec::new();
+    for p in publishers {
+        all.extend(p.await.unwrap());
+    }
+    all.sort_by_key(|(_, seq)| *seq);
+    go.send(true).unwrap();
+    // The streams stay open until the stats are read.
+    let mut open = Vec::new();
+    for reader in readers {
+        let (w, got) = reader.await.unwrap();
+        assert_eq!(got, all);
+        open.push(w);
+    }
+    let mut client = connect(&t.server).await;
+    let stats = client
+        .stats(pb::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.subscribers.len(), open.len());
+    stats.subscribers.iter().map(|s| s.overflows).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_reach_every_stream_once_in_seq_order() {
+    every_stream_gets_every_notice_once_in_seq_order(10_000, false).await;
+}
+
+/// The same with queues of 20 notices, read once the publishers are done:
+/// streams overflow and catch up from the history, and still get every
+/// notice once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_overflow_still_get_every_notice_once_in_seq_order() {
+    let overflows = every_stream_gets_every_notice_once_in_seq_order(20, true).await;
+    assert!(overflows > 0, "some queue overflowed");
+}
+
 #[tokio::test]
 async fn no_loop_skips_my_own_publishes() {
     let mut t = start().await;
