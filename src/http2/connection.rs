@@ -916,7 +916,19 @@ impl Connection {
             let Some(pending) = s.pending.as_deref_mut() else {
                 continue;
             };
-            while let Some(chunk) = pending.data.front_mut() {
+            // What waited goes out in frames as large as the windows and
+            // the peer's frame size allow, not a frame per piece of data:
+            // a stream's waiting messages (a Watch stream's notices, tens
+            // of bytes each) would otherwise reach a slow reader as many
+            // small frames, which h2 clients count against a budget and
+            // end the connection past it.
+            loop {
+                while pending.data.front().is_some_and(Bytes::is_empty) {
+                    pending.data.pop_front();
+                }
+                if pending.data.is_empty() {
+                    break;
+                }
                 let room = s
                     .send_window
                     .min(self.send_window)
@@ -924,14 +936,31 @@ impl Connection {
                 if room <= 0 {
                     break;
                 }
-                let n = chunk.len().min(room as usize);
-                let piece = chunk.split_to(n);
-                if chunk.is_empty() {
-                    pending.data.pop_front();
+                let room = room as usize;
+                let mut len = 0;
+                for chunk in &pending.data {
+                    len += chunk.len().min(room - len);
+                    if len == room {
+                        break;
+                    }
                 }
-                s.send_window -= n as i64;
-                self.send_window -= n as i64;
-                frame::put_data(&mut self.out, id, &piece, false);
+                frame::put_head(&mut self.out, len, frame::kind::DATA, 0, id);
+                let mut left = len;
+                while let Some(chunk) = pending.data.front_mut() {
+                    let n = chunk.len().min(left);
+                    self.out.extend_from_slice(&chunk[..n]);
+                    left -= n;
+                    if n == chunk.len() {
+                        pending.data.pop_front();
+                    } else {
+                        chunk.advance(n);
+                    }
+                    if left == 0 {
+                        break;
+                    }
+                }
+                s.send_window -= len as i64;
+                self.send_window -= len as i64;
             }
             if !pending.data.is_empty() {
                 self.waiting.push_back(id);
@@ -1482,6 +1511,58 @@ mod tests {
             (frame::kind::HEADERS, frame::flag::END_STREAM)
         );
         assert_eq!(conn.open_streams(), 0);
+    }
+
+    /// Messages that waited for the windows leave together, in as few
+    /// DATA frames as the windows allow: a slow reader of small messages
+    /// gets a few large frames, not one per message.
+    #[test]
+    fn waiting_data_leaves_in_frames_as_large_as_the_windows_allow() {
+        let mut conn = Connection::new(Config::default());
+        let mut input = raw(&headers(1, POST, false));
+        frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 10)], false);
+        let mut events = Vec::new();
+        while !input.is_empty() {
+            conn.receive(&mut input, &mut events).unwrap();
+        }
+        conn.respond(1, 200, &[], false);
+        conn.output().clear();
+        for message in [&b"0123"[..], b"4567", b"89ab", b"cdef", b"ghij"] {
+            conn.send_data(1, Bytes::copy_from_slice(message));
+        }
+        // Two messages and a piece of the third within the 10 bytes.
+        let data = |written: &[u8]| {
+            let mut rest = written;
+            let mut frames = Vec::new();
+            while let Some(head) = Head::parse(rest) {
+                if head.kind == frame::kind::DATA {
+                    frames.push(rest[HEAD_LEN..HEAD_LEN + head.len].to_vec());
+                }
+                rest = &rest[HEAD_LEN + head.len..];
+            }
+            frames
+        };
+        let sent = data(&conn.output().split());
+        assert_eq!(sent.concat(), b"0123456789");
+        assert_eq!(conn.waiting(1), 10);
+        // A larger window lets the rest go as one frame.
+        let mut input = BytesMut::new();
+        frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 100)], false);
+        conn.receive(&mut input, &mut events).unwrap();
+        assert_eq!(data(&conn.output().split()), [b"abcdefghij".to_vec()]);
+        assert_eq!(conn.waiting(1), 0);
+        // Past the window again, a window update lets out only what it
+        // covers, in one frame, and the rest waits.
+        for message in [&b"0123456789"[..]; 10] {
+            conn.send_data(1, Bytes::copy_from_slice(message));
+        }
+        conn.output().clear();
+        assert_eq!(conn.waiting(1), 20);
+        let mut input = BytesMut::new();
+        frame::put_window_update(&mut input, 1, 15);
+        conn.receive(&mut input, &mut events).unwrap();
+        assert_eq!(data(&conn.output().split()), [b"012345678901234".to_vec()]);
+        assert_eq!(conn.waiting(1), 5);
     }
 
     #[test]
