@@ -39,9 +39,13 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     timeout: Option<Duration>,
     max_message_bytes: usize,
+    connection_window: u32,
     token: Option<Secret>,
     tls: TlsSettings,
 }
+
+/// The default of [`ClientBuilder::connection_window`].
+pub const DEFAULT_CONNECTION_WINDOW: u32 = 16 << 20;
 
 impl ClientBuilder {
     /// The bearer token sent with every request, Watch streams included, as
@@ -119,6 +123,20 @@ impl ClientBuilder {
         self
     }
 
+    /// The HTTP/2 connection's receive window: the most bytes the server
+    /// may send that the application has not read (default 16 MiB,
+    /// [`DEFAULT_CONNECTION_WINDOW`]; at least 64 KiB). It also sizes h2's
+    /// guard against floods of small frames: a connection holding more
+    /// unread frames under 256 bytes than half of it allows (each costing
+    /// 256 minus its length) is ended with `ENHANCE_YOUR_CALM`. A Watch
+    /// notice is one such frame, so the default lets about 40,000 unread
+    /// notices wait on a connection (hyper's own 5 MiB, about 12,700).
+    /// Read Watch streams promptly all the same.
+    pub fn connection_window(mut self, bytes: u32) -> Self {
+        self.connection_window = bytes.max(65_535);
+        self
+    }
+
     /// Whether the connection uses TLS: an `https://` address, or any
     /// `tls_*` setting.
     fn uses_tls(&self) -> bool {
@@ -147,6 +165,7 @@ impl ClientBuilder {
         let mut endpoint = Endpoint::from_shared(self.addr.clone())
             .map(|e| {
                 e.connect_timeout(self.connect_timeout)
+                    .initial_connection_window_size(self.connection_window)
                     .http2_keep_alive_interval(Duration::from_secs(30))
                     .keep_alive_while_idle(true)
             })
@@ -241,6 +260,7 @@ impl Client {
             connect_timeout: Duration::from_secs(5),
             timeout: Some(Duration::from_secs(30)),
             max_message_bytes: 16 << 20,
+            connection_window: DEFAULT_CONNECTION_WINDOW,
             token: None,
             tls: TlsSettings::default(),
         }

@@ -64,7 +64,7 @@ pub mod pb {
 
 pub use client::{
     normalize_addr, AuthorizedStub, Client, ClientBuilder, Watch, WatchEvent, WatchSender,
-    DEFAULT_ADDR,
+    DEFAULT_ADDR, DEFAULT_CONNECTION_WINDOW,
 };
 pub use credentials::BearerToken;
 pub use error::{code_name, BoxError, Error, Result};

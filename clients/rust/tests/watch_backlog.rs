@@ -1,0 +1,60 @@
+//! A Watch stream read late: its notices wait on the connection unread,
+//! one small HTTP/2 frame each. h2 (0.4.20 and later) ends a connection
+//! that holds more unread small frames than half its receive window
+//! allows; the client's connection window keeps a backlog of 15,000
+//! notices under that.
+
+mod common;
+
+use freshd_client::{pb, Client, Error, WatchEvent};
+
+const NOTICES: usize = 15_000;
+
+/// Opens a Watch stream on `client`, publishes [`NOTICES`] keys one call
+/// each through it without reading the stream, then reads them all.
+async fn read_late(client: &Client) -> Result<usize, Error> {
+    let mut watch = client
+        .watch(pb::WatchStart {
+            subscribe: vec!["b:".into()],
+            ..Default::default()
+        })
+        .await?;
+    for i in 0..NOTICES {
+        client.publish_keys([format!("b:{i}")]).await?;
+    }
+    let mut got = 0;
+    while got < NOTICES {
+        match watch.next().await {
+            Some(Ok(WatchEvent::Notices(notices))) => got += notices.len(),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => break,
+        }
+    }
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_read_late_keeps_its_connection() {
+    let server = common::start().await;
+    let client = Client::connect(server.url()).await.unwrap();
+    assert_eq!(read_late(&client).await.unwrap(), NOTICES);
+}
+
+/// With hyper's own 5 MiB window (h2's budget: about 12,700 small frames)
+/// the same backlog ends the connection: what the default guards against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_hypers_default_window_h2_ends_the_connection() {
+    let server = common::start().await;
+    let client = Client::builder(server.url())
+        .connection_window(5 << 20)
+        .connect()
+        .await
+        .unwrap();
+    let result = read_late(&client).await;
+    // h2's GOAWAY ENHANCE_YOUR_CALM reaches gRPC as RESOURCE_EXHAUSTED.
+    assert!(
+        matches!(result, Err(Error::ResourceExhausted(_))),
+        "{result:?}"
+    );
+}
