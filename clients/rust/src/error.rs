@@ -143,6 +143,11 @@ impl Error {
             Code::Aborted => Error::FillRaced(message),
             Code::NotFound => Error::NotFound(message),
             Code::FailedPrecondition => Error::FailedPrecondition(message),
+            // Made on this side: the client's own HTTP/2 library ended the
+            // connection (h2's guard against floods of small frames).
+            Code::ResourceExhausted if is_transport(&status) => {
+                Error::ResourceExhausted(local_exhaustion(&status))
+            }
             Code::ResourceExhausted => Error::ResourceExhausted(message),
             Code::OutOfRange => Error::OutOfRange(message),
             Code::Unauthenticated => Error::Unauthenticated(message),
@@ -300,6 +305,22 @@ fn transport_message(status: &tonic::Status) -> String {
         source = e.source();
     }
     last
+}
+
+/// A `RESOURCE_EXHAUSTED` made on this side, with its cause, and what to do
+/// when it is h2 ending a connection that held too many unread small frames
+/// (each Watch notice is one).
+fn local_exhaustion(status: &tonic::Status) -> String {
+    let cause = transport_message(status);
+    let mut message = format!("{}: {cause}", status.message());
+    if format!("{status:?}").contains("too_many_data_frames") {
+        message.push_str(
+            " (this client's HTTP/2 library ended the connection: it held too many \
+             unread small frames; read Watch streams promptly, or raise \
+             ClientBuilder::connection_window)",
+        );
+    }
+    message
 }
 
 /// The innermost cause of a transport error.

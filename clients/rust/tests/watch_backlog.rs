@@ -52,9 +52,12 @@ async fn with_hypers_default_window_h2_ends_the_connection() {
         .await
         .unwrap();
     let result = read_late(&client).await;
-    // h2's GOAWAY ENHANCE_YOUR_CALM reaches gRPC as RESOURCE_EXHAUSTED.
-    assert!(
-        matches!(result, Err(Error::ResourceExhausted(_))),
-        "{result:?}"
-    );
+    // h2's GOAWAY ENHANCE_YOUR_CALM reaches gRPC as RESOURCE_EXHAUSTED,
+    // and the error says what happened and what to do.
+    match result {
+        Err(Error::ResourceExhausted(message)) => {
+            assert!(message.contains("connection_window"), "{message}")
+        }
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
 }
