@@ -337,7 +337,26 @@ pub struct NoticeFields<'a> {
 /// for the same [`pb::Notice`]: fields in number order, default values
 /// left out.
 pub fn encode_entry(n: &NoticeFields<'_>, out: &mut impl BufMut) {
-    let len = notice_len(n);
+    let uint = |tag: u32, v: u64| {
+        if v == 0 {
+            0
+        } else {
+            encoding::key_len(tag) + encoding::encoded_len_varint(v)
+        }
+    };
+    let string = |tag: u32, s: &str| {
+        if s.is_empty() {
+            0
+        } else {
+            encoding::key_len(tag) + encoding::encoded_len_varint(s.len() as u64) + s.len()
+        }
+    };
+    let len = uint(1, n.seq)
+        + string(2, n.key)
+        + uint(3, n.version)
+        + string(4, n.cause)
+        + uint(5, u64::from(n.critical))
+        + uint(6, n.event_time_unix_ms);
     encoding::encode_key(1, WireType::LengthDelimited, out);
     encoding::encode_varint(len as u64, out);
     fn put_uint(tag: u32, v: u64, out: &mut impl BufMut) {
@@ -359,30 +378,6 @@ pub fn encode_entry(n: &NoticeFields<'_>, out: &mut impl BufMut) {
     put_string(4, n.cause, out);
     put_uint(5, u64::from(n.critical), out);
     put_uint(6, n.event_time_unix_ms, out);
-}
-
-/// The length of `n` as a `Notice` message.
-fn notice_len(n: &NoticeFields<'_>) -> usize {
-    let uint = |tag: u32, v: u64| {
-        if v == 0 {
-            0
-        } else {
-            encoding::key_len(tag) + encoding::encoded_len_varint(v)
-        }
-    };
-    let string = |tag: u32, s: &str| {
-        if s.is_empty() {
-            0
-        } else {
-            encoding::key_len(tag) + encoding::encoded_len_varint(s.len() as u64) + s.len()
-        }
-    };
-    uint(1, n.seq)
-        + string(2, n.key)
-        + uint(3, n.version)
-        + string(4, n.cause)
-        + uint(5, u64::from(n.critical))
-        + uint(6, n.event_time_unix_ms)
 }
 
 #[cfg(test)]
