@@ -196,7 +196,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
     let (ready_tx, mut ready_rx) = mpsc::channel::<Result<(), Error>>(opts.subscribers);
     let mut subs = Vec::with_capacity(opts.subscribers);
     let per_conn = opts.per_conn.max(1);
-    let grouped = opts.target == Target::Freshd || per_conn > 1;
+    let grouped = matches!(opts.target, Target::Freshd | Target::Floor);
     if grouped {
         // A task per connection, for its one subscriber or the several
         // that share it.
@@ -236,10 +236,11 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         );
         subs.push(tokio::spawn(async move {
             let result = match opts.target {
-                Target::Freshd => unreachable!("grouped subscribers are started above"),
+                Target::Freshd | Target::Floor => {
+                    unreachable!("grouped subscribers are started above")
+                }
                 Target::Redis => redis_sub(&opts.addr, keys, limit, ready.clone(), stop, sub).await,
                 Target::Etcd => etcd_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
-                Target::Floor => floor_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
             };
             if let Err(e) = result {
                 let _ = ready.send(Err(e)).await;
@@ -606,28 +607,30 @@ trait Arrivals: Send {
     ) -> impl std::future::Future<Output = bool> + Send;
 }
 
-/// Reads `conn` until every expected notice has come (then waits for the
-/// stop), the connection ends, or the run stops. Each notice counts from
-/// when the read that brought it returned.
+/// Reads `conn`, which carries `subs` (one, or several that share it and
+/// get each change once apiece, in turn), until every expected notice has
+/// come (then waits for the stop), the connection ends, or the run stops.
+/// Each notice counts from when the read that brought it returned.
 async fn listen(
     mut conn: impl Arrivals,
     stop: watch::Receiver<bool>,
-    mut sub: Sub,
+    mut subs: Vec<Sub>,
 ) -> Result<(), Error> {
     let mut stop2 = stop.clone();
+    let (mut next, mut done) = (0, 0);
     loop {
-        let mut done = false;
         let mut at = None;
         let mut note = |key: &[u8]| {
             let now = *at.get_or_insert_with(Instant::now);
-            done |= sub.note(key, now);
+            done += usize::from(subs[next].note(key, now));
+            next = (next + 1) % subs.len();
         };
         let open = tokio::select! {
             biased;
             _ = stop2.changed() => return Ok(()),
             open = conn.next(&mut note) => open,
         };
-        if done {
+        if done == subs.len() {
             wait_stop(stop).await;
             return Ok(());
         }
@@ -701,42 +704,17 @@ async fn redis_sub(
         redis_tracking(addr, &keys).await?
     };
     let _ = ready.send(Ok(())).await;
-    listen(conn, stop, sub).await
+    listen(conn, stop, vec![sub]).await
 }
 
-async fn floor_sub(
-    addr: &str,
-    limit: Arc<Semaphore>,
-    ready: mpsc::Sender<Result<(), Error>>,
-    stop: watch::Receiver<bool>,
-    sub: Sub,
-) -> Result<(), Error> {
-    use tokio::io::AsyncWriteExt;
-    let conn = {
-        let _permit = limit.acquire().await.expect("semaphore");
-        let mut conn = connect_nodelay(addr).await?;
-        conn.write_all(b"S\n")
-            .await
-            .map_err(|e| format!("floor: {e}"))?;
-        conn
-    };
-    let _ = ready.send(Ok(())).await;
-    let lines = FloorLines {
-        conn,
-        buf: vec![0u8; 64 << 10],
-        filled: 0,
-    };
-    listen(lines, stop, sub).await
-}
-
-/// Subscribers sharing one connection to the floor, which writes each
+/// Subscribers on one connection to the floor (`S<n>`), which writes each
 /// change to it once per subscriber: the lines are theirs in turn.
 async fn floor_subs(
     addr: &str,
     limit: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), Error>>,
     stop: watch::Receiver<bool>,
-    mut subs: Vec<Sub>,
+    subs: Vec<Sub>,
 ) -> Result<(), Error> {
     use tokio::io::AsyncWriteExt;
     let conn = {
@@ -750,33 +728,12 @@ async fn floor_subs(
     for _ in 0..subs.len() {
         let _ = ready.send(Ok(())).await;
     }
-    let mut lines = FloorLines {
+    let lines = FloorLines {
         conn,
         buf: vec![0u8; 64 << 10],
         filled: 0,
     };
-    let mut stop2 = stop.clone();
-    let (mut next, mut done) = (0, 0);
-    loop {
-        let mut at = None;
-        let mut note = |key: &[u8]| {
-            let now = *at.get_or_insert_with(Instant::now);
-            done += usize::from(subs[next].note(key, now));
-            next = (next + 1) % subs.len();
-        };
-        let open = tokio::select! {
-            biased;
-            _ = stop2.changed() => return Ok(()),
-            open = lines.next(&mut note) => open,
-        };
-        if done == subs.len() {
-            wait_stop(stop).await;
-            return Ok(());
-        }
-        if !open {
-            return Ok(());
-        }
-    }
+    listen(lines, stop, subs).await
 }
 
 async fn etcd_sub(
@@ -791,7 +748,7 @@ async fn etcd_sub(
         etcd_watch(addr, b"hot:").await?
     };
     let _ = ready.send(Ok(())).await;
-    listen(responses, stop, sub).await
+    listen(responses, stop, vec![sub]).await
 }
 
 /// An etcd Watch stream on every key starting with `prefix`, created.
