@@ -1477,17 +1477,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn data_waits_for_the_peers_windows_in_order() {
+    /// A connection whose peer opened stream 1 (its request ended when
+    /// `end_stream`) with an initial stream window of `window` bytes; its
+    /// output so far cleared.
+    fn opened_with_window(end_stream: bool, window: u32) -> (Connection, Vec<Event>) {
         let mut conn = Connection::new(Config::default());
-        let mut input = raw(&headers(1, POST, true));
-        // The peer's initial stream window: 10 bytes.
-        frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 10)], false);
+        let mut input = raw(&headers(1, POST, end_stream));
+        frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, window)], false);
         let mut events = Vec::new();
         while !input.is_empty() {
             conn.receive(&mut input, &mut events).unwrap();
         }
         conn.output().clear();
+        (conn, events)
+    }
+
+    #[test]
+    fn data_waits_for_the_peers_windows_in_order() {
+        // The peer's initial stream window: 10 bytes.
+        let (mut conn, mut events) = opened_with_window(true, 10);
         conn.respond(1, 200, &[], false);
         conn.send_data(1, Bytes::from_static(b"0123456789abcdef"));
         conn.send_trailers(1, &[(b"grpc-status", b"0")]);
@@ -1518,13 +1526,7 @@ mod tests {
     /// gets a few large frames, not one per message.
     #[test]
     fn waiting_data_leaves_in_frames_as_large_as_the_windows_allow() {
-        let mut conn = Connection::new(Config::default());
-        let mut input = raw(&headers(1, POST, false));
-        frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 10)], false);
-        let mut events = Vec::new();
-        while !input.is_empty() {
-            conn.receive(&mut input, &mut events).unwrap();
-        }
+        let (mut conn, mut events) = opened_with_window(false, 10);
         conn.respond(1, 200, &[], false);
         conn.output().clear();
         for message in [&b"0123"[..], b"4567", b"89ab", b"cdef", b"ghij"] {
@@ -1567,14 +1569,7 @@ mod tests {
 
     #[test]
     fn encoded_data_goes_straight_out_or_waits_like_any_other() {
-        let mut conn = Connection::new(Config::default());
-        let mut input = raw(&headers(1, POST, false));
-        frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 10)], false);
-        let mut events = Vec::new();
-        while !input.is_empty() {
-            conn.receive(&mut input, &mut events).unwrap();
-        }
-        conn.output().clear();
+        let (mut conn, mut events) = opened_with_window(false, 10);
         // No headers yet: the stream takes no data.
         assert_eq!(conn.open_for_data(1), None);
         conn.respond(1, 200, &[], false);
