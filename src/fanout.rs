@@ -604,17 +604,12 @@ struct Claim {
     sub: Arc<Subscriber>,
     stream: u32,
     max_message: usize,
-    /// The connection, held by the first claim on it (of the first
-    /// [`HELD`] connections; past them, by the first of each run of claims
-    /// on it in the fan-out's order), so that every connection a delivery
-    /// writes is held at least once, without a reference count taken per
-    /// stream.
+    /// The connection, held by the first claim of a run of claims on it
+    /// (in the fan-out's order), so that every connection a delivery
+    /// writes is held at least once, without a reference count taken
+    /// per stream.
     connection: Option<Arc<dyn Express>>,
 }
-
-/// Connections a fan-out remembers holding, for its claims on them to
-/// take no reference count of their own.
-const HELD: usize = 16;
 
 /// Streams of one connection written per hold of its lock: a connection
 /// with thousands of streams does not keep its driver out for all of them.
@@ -1274,12 +1269,6 @@ impl Hub {
             self.was_busy.store(busy, Ordering::Relaxed);
             let mut batch = Vec::new();
             let mut recording = Recording::default();
-            // The connections a claim of this delivery holds already: the
-            // next claim on one of them need not (see `Claim::connection`).
-            // Streams of a few shared connections come interleaved in the
-            // order of their ids; past `HELD` connections, claims hold
-            // theirs unless the claim before held the same.
-            let mut held: Vec<usize> = Vec::new();
             let mut last_connection = None;
             delivery.claimed.reserve(targets.len());
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
@@ -1299,9 +1288,8 @@ impl Hub {
                     }
                     queue.claim_express().map(|express| {
                         let id = express.connection_id();
-                        let connection = (busy
-                            || (last_connection != Some(id) && !held.contains(&id)))
-                        .then(|| express.connection.clone());
+                        let connection = (busy || last_connection != Some(id))
+                            .then(|| express.connection.clone());
                         (id, express.stream, express.max_message, connection)
                     })
                 };
@@ -1315,9 +1303,6 @@ impl Hub {
                         })
                     }
                     Some((connection_id, stream, max_message, connection)) => {
-                        if connection.is_some() && held.len() < HELD {
-                            held.push(connection_id);
-                        }
                         last_connection = Some(connection_id);
                         delivery.claimed.push(Claim {
                             connection_id,
