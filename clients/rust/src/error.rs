@@ -313,14 +313,28 @@ fn transport_message(status: &tonic::Status) -> String {
 fn local_exhaustion(status: &tonic::Status) -> String {
     let cause = transport_message(status);
     let mut message = format!("{}: {cause}", status.message());
-    if format!("{status:?}").contains("too_many_data_frames") {
+    if ended_by_h2_for_calm(status) {
         message.push_str(
-            " (this client's HTTP/2 library ended the connection: it held too many \
-             unread small frames; read Watch streams promptly, or raise \
-             ClientBuilder::connection_window)",
+            " (this client's HTTP/2 library ended the connection as abusive, as it \
+             does when it holds too many unread small frames: read Watch streams \
+             promptly, or raise ClientBuilder::connection_window)",
         );
     }
     message
+}
+
+/// Whether h2 on this side ended the connection with `ENHANCE_YOUR_CALM`,
+/// its answer to a peer it judges abusive (here: too many unread small
+/// DATA frames).
+fn ended_by_h2_for_calm(status: &tonic::Status) -> bool {
+    let mut source = StdError::source(status);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_library() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The innermost cause of a transport error.
