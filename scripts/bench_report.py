@@ -322,8 +322,10 @@ def cpu_table(reports):
             what += f", {f['params']['subscribers']:,} subs" if f["params"].get("subscribers") else ""
             what += f", round {round_of(f)}" if round_of(f) > 1 else ""
             what += ")"
-            lines.append(f"| {what} | {per.get(f['workload'], 'op')} | {fu:,.1f} | "
-                         f"{p['target']} {p['variant']} | {pu:,.1f} | {fu / pu:.2f} | "
+            # A peer idle enough to read no CPU time at all has no ratio.
+            ratio = f"{fu / pu:.2f}" if pu > 0 else "n/a"
+            lines.append(f"| {what} | {per.get(f['workload'], 'op')} | {fu:,.2f} | "
+                         f"{p['target']} {p['variant']} | {pu:,.2f} | {ratio} | "
                          f"{busy(f):.2f} | {busy(p):.2f} | {fmt_busy(f)} / {fmt_busy(p)} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
