@@ -15,33 +15,36 @@ pub fn set_server_pid(pid: u32) {
     let _ = SERVER_PID.set(pid);
 }
 
-/// CPU time of process `pid` so far: the time its threads have run, in
-/// nanoseconds ([`threads_run_time`]), or where the kernel keeps no
-/// per-thread schedstat, its user + system time in clock ticks
-/// ([`ticks`]). Ticks are 10 ms: a server that works 5 ms in a window of
-/// six seconds (the floor at 20 writes/s) reads as 0 or 10 ms of them.
+/// CPU time of process `pid` so far, to the nanosecond: its CPU-time clock
+/// ([`clock`]), or where that cannot be read, its user + system time in
+/// clock ticks ([`ticks`]). Ticks are 10 ms: a server that works 5 ms in a
+/// window of six seconds (the floor at 20 writes/s) reads as 0 or 10 ms of
+/// them.
 pub fn process_cpu(pid: u32) -> Option<Duration> {
-    threads_run_time(pid).or_else(|| ticks(pid))
+    clock(pid).or_else(|| ticks(pid))
 }
 
-/// The time the threads of `pid` now alive have run, from the first field
-/// of each `/proc/<pid>/task/<tid>/schedstat` (nanoseconds on a CPU, user
-/// and system alike). A thread that ends takes its time with it, so a
-/// window in which one ended reads short (or, below its start, not at
-/// all); the servers measured keep their threads.
-pub fn threads_run_time(pid: u32) -> Option<Duration> {
-    let mut ns: u64 = 0;
-    let mut threads = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let Ok(task) = task else { continue };
-        // A thread that ended since the listing has no file: skipped.
-        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
-            continue;
-        };
-        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-        threads += 1;
+/// The CPU-time clock of process `pid` (`clock_getcpuclockid`): the time
+/// all its threads have run, those that ended included, in nanoseconds.
+pub fn clock(pid: u32) -> Option<Duration> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    let mut id: libc::clockid_t = 0;
+    // SAFETY: `id` is a valid place for the call to write a clock id to.
+    if unsafe { libc::clock_getcpuclockid(pid, &mut id) } != 0 {
+        return None;
     }
-    (threads > 0).then(|| Duration::from_nanos(ns))
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec for the call to write.
+    if unsafe { libc::clock_gettime(id, &mut now) } != 0 {
+        return None;
+    }
+    Some(Duration::new(
+        u64::try_from(now.tv_sec).ok()?,
+        u32::try_from(now.tv_nsec).ok()?,
+    ))
 }
 
 /// User + system CPU time of process `pid` so far, from `/proc/<pid>/stat`,
@@ -150,16 +153,21 @@ mod tests {
     }
 
     #[test]
-    fn run_time_sees_a_few_milliseconds_of_work() {
+    fn the_clock_sees_a_few_milliseconds_of_work_and_ended_threads() {
         let pid = std::process::id();
-        let before = threads_run_time(pid).expect("this kernel keeps schedstat");
+        let before = clock(pid).expect("the CPU-time clock reads");
         spin(Duration::from_millis(3));
-        let used = threads_run_time(pid).unwrap() - before;
-        // The spin ran at least until its deadline unless preempted, and
-        // then not for longer than the wall time the test took.
-        assert!(used > Duration::ZERO, "3 ms of work read as {used:?}");
+        // A thread's time stays counted after it ends.
+        std::thread::spawn(|| spin(Duration::from_millis(3)))
+            .join()
+            .unwrap();
+        let used = clock(pid).unwrap() - before;
+        // Each spin ran until its deadline unless preempted, and none
+        // longer than the wall time the test took.
+        assert!(used > Duration::ZERO, "6 ms of work read as {used:?}");
         assert!(used < Duration::from_secs(5), "read {used:?}");
         assert!(process_cpu(pid).is_some());
+        assert_eq!(clock(u32::MAX), None);
     }
 
     #[test]
@@ -168,6 +176,5 @@ mod tests {
         let t = ticks(pid).expect("/proc/self/stat parses");
         assert_eq!(t.as_millis() % 10, 0, "{t:?} is whole ticks");
         assert_eq!(ticks(u32::MAX), None);
-        assert_eq!(threads_run_time(u32::MAX), None);
     }
 }
