@@ -46,6 +46,11 @@ from .types import (
     WatchStarted,
 )
 
+#: Events a :class:`WatchStream` holds for :meth:`WatchStream.recv` before
+#: its reader stops reading from the server.
+DEFAULT_MAX_BUFFERED = 1024
+
+
 __all__ = ["Client", "Pem", "WatchStream", "WatchEvent", "SyncResult", "StreamEnded"]
 
 #: PEM given as its content (``bytes``, or a ``str`` that starts with
@@ -442,10 +447,13 @@ class Client:
         track: Iterable[str] = (),
         subscribe: Iterable[str] = (),
         start_timeout: Optional[float] = None,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
     ) -> "WatchStream":
         """Opens the invalidation stream and waits for its ``started``
         message. Raises :class:`~freshd.errors.FreshdError` when the server
-        refuses the start (a bad key, a limit)."""
+        refuses the start (a bad key, a limit). ``max_buffered`` bounds the
+        events read from the server and not yet taken with
+        :meth:`WatchStream.recv` (see there)."""
         return WatchStream(
             self.stub,
             client_id=self._id(client_id),
@@ -454,6 +462,7 @@ class Client:
             track=track,
             subscribe=subscribe,
             start_timeout=self.timeout if start_timeout is None else start_timeout,
+            max_buffered=max_buffered,
         )
 
 
@@ -478,8 +487,14 @@ class WatchStream:
     read notice batches, progress and resets.
 
     A reader thread moves responses into a queue, so :meth:`recv` can wait
-    with a timeout. Use it as a context manager, or call :meth:`cancel` or
-    :meth:`close`.
+    with a timeout. The queue holds at most ``max_buffered`` events (1,024
+    by default): when the application does not keep up, the reader stops
+    reading, the call's flow-control windows fill, and the server treats
+    the stream as a slow consumer (it conflates, then catches the stream up
+    from its history or resets what it cannot), rather than this process
+    buffering without bound. Once the stream is closed the bound no longer
+    holds back the reader. Use it as a context manager, or call
+    :meth:`cancel` or :meth:`close`.
     """
 
     def __init__(
@@ -492,9 +507,15 @@ class WatchStream:
         track: Iterable[str] = (),
         subscribe: Iterable[str] = (),
         start_timeout: Optional[float] = 10.0,
+        max_buffered: int = DEFAULT_MAX_BUFFERED,
     ) -> None:
+        if max_buffered < 1:
+            raise ValueError(f"max_buffered must be at least 1, got {max_buffered}")
         self._requests: "queue.Queue[Optional[pb.WatchRequest]]" = queue.Queue()
         self._events: "queue.Queue[Any]" = queue.Queue()
+        # Room for events not yet taken by recv(): the reader takes one
+        # before it queues an event, recv() gives one back.
+        self._room = threading.Semaphore(max_buffered)
         self._closed = False
         self._ended: Optional[BaseException] = None
         start = pb.WatchStart(
@@ -542,18 +563,27 @@ class WatchStream:
                 return
             yield request
 
+    def _queue(self, event: Any) -> None:
+        """Queues an event once there is room for it (or the stream is
+        closed); meanwhile nothing more is read from the server."""
+        while not self._room.acquire(timeout=0.1):
+            if self._closed:
+                break
+        self._events.put(event)
+
     def _read(self) -> None:
         try:
             for response in self._call:
                 kind = response.WhichOneof("response")
                 if kind == "started":
-                    self._events.put(WatchStarted.from_pb(response.started))
+                    self._queue(WatchStarted.from_pb(response.started))
                 elif kind == "notices":
-                    self._events.put(NoticeBatch.from_pb(response.notices))
+                    self._queue(NoticeBatch.from_pb(response.notices))
                 elif kind == "progress":
-                    self._events.put(Progress.from_pb(response.progress))
+                    self._queue(Progress.from_pb(response.progress))
                 elif kind == "reset":
-                    self._events.put(Reset.from_pb(response.reset))
+                    self._queue(Reset.from_pb(response.reset))
+            # The end and a failure are queued at once: each is the last.
             self._events.put(_END)
         except grpc.RpcError as e:
             self._events.put(from_rpc_error(e, "Watch"))
@@ -604,6 +634,7 @@ class WatchStream:
             event = self._events.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no Watch event within {timeout}s") from None
+        self._room.release()
         if event is _END:
             self._ended = StreamEnded("the Watch stream ended")
             raise self._ended
@@ -611,6 +642,12 @@ class WatchStream:
             self._ended = event
             raise event
         return event  # type: ignore[no-any-return]
+
+    @property
+    def buffered(self) -> int:
+        """Events read from the server and not yet taken by :meth:`recv`
+        (at most ``max_buffered``, and one more for the end)."""
+        return self._events.qsize()
 
     def __iter__(self) -> Iterator[WatchEvent]:
         while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -145,6 +147,29 @@ def test_watch_stream_notices_progress_and_resume(client: freshd.Client) -> None
         resumed.sync(timeout=5)  # the subscribe is in force once progress answers
         p3 = client.publish(["users:9"]).seq
         assert [n.seq for n in resumed.sync(timeout=5).notices] == [p3]
+
+
+def test_watch_stream_buffers_at_most_max_buffered_events(client: freshd.Client) -> None:
+    keys = [f"bound:{i}" for i in range(200)]
+    with client.watch(track=keys, max_buffered=4) as stream:
+        for key in keys:
+            client.publish([key])
+        # Two hundred notices went out, each on its own; the reader stops
+        # once four wait for recv().
+        deadline = time.monotonic() + 5
+        while stream.buffered < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stream.buffered == 4
+        # Read, everything arrives: nothing was lost to the bound.
+        synced = stream.sync(timeout=5)
+        assert sorted(n.key for n in synced.notices) == sorted(keys)
+        assert synced.resets == ()
+        assert stream.buffered == 0
+
+
+def test_watch_max_buffered_must_be_positive(client: freshd.Client) -> None:
+    with pytest.raises(ValueError, match="max_buffered must be at least 1, got 0"):
+        client.watch(track=["k"], max_buffered=0)
 
 
 def test_watch_refused_start_raises(client: freshd.Client) -> None:
