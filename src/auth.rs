@@ -9,13 +9,17 @@
 //!
 //! With no principal configured, authentication is off and every request is
 //! allowed; that is the default, for loopback use. See `docs/security.md`.
+//!
+//! The principals can be replaced while the server runs ([`Auth::reload`]):
+//! a principal whose settings are unchanged carries on as it was, and the
+//! Watch streams of one removed or changed end with UNAUTHENTICATED.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use hashbrown::HashMap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
@@ -108,7 +112,7 @@ pub struct Quotas {
 }
 
 /// A principal as configured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrincipalConfig {
     /// Its name, in logs, errors and metrics.
     pub name: String,
@@ -123,7 +127,7 @@ pub struct PrincipalConfig {
 }
 
 /// Authentication settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuthConfig {
     /// The principals; none turns authentication off.
     pub principals: Vec<PrincipalConfig>,
@@ -183,7 +187,15 @@ pub struct Principal {
     namespaces: HashMap<Box<str>, Scopes>,
     /// Its quotas.
     pub quotas: Quotas,
-    usage: Usage,
+    /// What it holds. Shared with the principal of the same name that
+    /// replaces it in a reload: what was counted against this one is given
+    /// back there when it closes.
+    usage: Arc<Usage>,
+    /// What it was made from, to tell a reload that changes it.
+    config: PrincipalConfig,
+    /// A reload removed or changed it.
+    revoked: AtomicBool,
+    revocation: tokio::sync::Notify,
 }
 
 /// A quota was exceeded; the message names it.
@@ -204,6 +216,20 @@ impl From<QuotaExceeded> for Status {
 impl Principal {
     /// A principal from its configuration.
     pub fn new(config: &PrincipalConfig) -> Self {
+        Self::with_usage(
+            config,
+            Arc::new(Usage {
+                connections: AtomicU64::new(0),
+                streams: AtomicU64::new(0),
+                tracked: AtomicU64::new(0),
+                publishes: Mutex::new(Bucket::new(config.quotas.publishes_per_second.unwrap_or(0))),
+                fanout: Mutex::new(Bucket::new(config.quotas.fanout_per_second.unwrap_or(0))),
+            }),
+        )
+    }
+
+    /// A principal from its configuration, counting into `usage`.
+    fn with_usage(config: &PrincipalConfig, usage: Arc<Usage>) -> Self {
         let mut all = Scopes::default();
         let mut namespaces = HashMap::new();
         for (ns, scopes) in &config.scopes {
@@ -219,14 +245,54 @@ impl Principal {
             all,
             namespaces,
             quotas: config.quotas,
-            usage: Usage {
-                connections: AtomicU64::new(0),
-                streams: AtomicU64::new(0),
-                tracked: AtomicU64::new(0),
-                publishes: Mutex::new(Bucket::new(config.quotas.publishes_per_second.unwrap_or(0))),
-                fanout: Mutex::new(Bucket::new(config.quotas.fanout_per_second.unwrap_or(0))),
-            },
+            usage,
+            config: config.clone(),
+            revoked: AtomicBool::new(false),
+            revocation: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether it counts what it holds where `other` does: the same
+    /// principal, or one a reload changed into the other.
+    fn counts_as(&self, other: &Principal) -> bool {
+        Arc::ptr_eq(&self.usage, &other.usage)
+    }
+
+    /// Whether a reload removed or changed it: the streams opened under it
+    /// end (requests authenticate against the principals now configured).
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Marks it removed or changed by a reload, and wakes every stream
+    /// waiting in [`Principal::revoked`].
+    fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+        self.revocation.notify_waiters();
+    }
+
+    /// Completes once a reload has removed or changed it.
+    pub async fn revoked(&self) {
+        loop {
+            let notified = self.revocation.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a revocation between
+            // the two still wakes it.
+            notified.as_mut().enable();
+            if self.is_revoked() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The end of a stream whose principal a reload removed or changed.
+    pub fn revoked_status(&self) -> Status {
+        Status::unauthenticated(format!(
+            "the settings of principal {:?} changed in a configuration reload: \
+             reconnect with a token that is configured, and resume from the last seq",
+            self.name
+        ))
     }
 
     /// Whether it holds `scope` in `namespace` (directly or through `"*"`).
@@ -504,9 +570,27 @@ pub fn parse_sha256(text: &str) -> Option<[u8; 32]> {
 /// The authenticator: tokens to principals.
 #[derive(Debug, Default)]
 pub struct Auth {
-    by_hash: HashMap<[u8; 32], Arc<Principal>>,
+    /// Replaced whole by a reload; read under the lock only to look a
+    /// token up.
+    by_hash: RwLock<Arc<HashMap<[u8; 32], Arc<Principal>>>>,
+    /// Fixed at startup: a reload cannot turn authentication on or off.
+    enabled: bool,
     health_requires_token: bool,
     reflection_requires_token: bool,
+}
+
+/// What a reload changed, by principal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Unchanged: they carry on as they were.
+    pub kept: usize,
+    /// Changed settings (token, expiry, scopes or quotas): their streams
+    /// end, and their usage carries over to the new settings.
+    pub changed: usize,
+    /// New names.
+    pub added: usize,
+    /// Gone: their tokens are refused and their streams end.
+    pub removed: usize,
 }
 
 /// The principal of a request, as the interceptor leaves it in the request's
@@ -518,19 +602,78 @@ impl Auth {
     /// An authenticator for `config`.
     pub fn new(config: &AuthConfig) -> Self {
         Self {
-            by_hash: config
-                .principals
-                .iter()
-                .map(|p| (p.token_sha256, Arc::new(Principal::new(p))))
-                .collect(),
+            by_hash: RwLock::new(Arc::new(
+                config
+                    .principals
+                    .iter()
+                    .map(|p| (p.token_sha256, Arc::new(Principal::new(p))))
+                    .collect(),
+            )),
+            enabled: config.enabled(),
             health_requires_token: config.health_requires_token,
             reflection_requires_token: config.reflection_requires_token,
         }
     }
 
+    /// Replaces the principals with `config`'s. A principal whose settings
+    /// are the same carries on untouched (its streams, its counts); one
+    /// whose settings changed, or that is gone, is revoked: its token no
+    /// longer authenticates (a changed one's new token does) and its Watch
+    /// streams end with UNAUTHENTICATED. A changed principal keeps counting
+    /// what it holds (connections, streams, tracked keys, rate budgets)
+    /// toward its quotas. Refused, changing nothing, when it would turn
+    /// authentication on or off, which needs a restart; `health` and
+    /// `reflection` also keep their startup settings.
+    pub fn reload(&self, config: &AuthConfig) -> Result<Reloaded, String> {
+        if !self.enabled {
+            return Err("authentication is off: turning it on needs a restart".into());
+        }
+        if !config.enabled() {
+            return Err(
+                "the new settings configure no principal: turning authentication off needs a restart"
+                    .into(),
+            );
+        }
+        let mut by_hash = self.by_hash.write();
+        let current = Arc::clone(&by_hash);
+        let old: HashMap<&str, &Arc<Principal>> = current.values().map(|p| (&*p.name, p)).collect();
+        let mut next = HashMap::with_capacity(config.principals.len());
+        let mut reloaded = Reloaded::default();
+        for p in &config.principals {
+            let principal = match old.get(p.name.as_str()) {
+                Some(was) if was.config == *p => {
+                    reloaded.kept += 1;
+                    Arc::clone(was)
+                }
+                Some(was) => {
+                    reloaded.changed += 1;
+                    Arc::new(Principal::with_usage(p, was.usage.clone()))
+                }
+                None => {
+                    reloaded.added += 1;
+                    Arc::new(Principal::new(p))
+                }
+            };
+            next.insert(p.token_sha256, principal);
+        }
+        for was in current.values() {
+            let kept = next
+                .get(&was.config.token_sha256)
+                .is_some_and(|p| Arc::ptr_eq(p, was));
+            if !kept {
+                if !config.principals.iter().any(|p| p.name == *was.name) {
+                    reloaded.removed += 1;
+                }
+                was.revoke();
+            }
+        }
+        *by_hash = Arc::new(next);
+        Ok(reloaded)
+    }
+
     /// Whether requests must carry a token.
     pub fn enabled(&self) -> bool {
-        !self.by_hash.is_empty()
+        self.enabled
     }
 
     /// Whether health checks must carry a token.
@@ -574,7 +717,8 @@ impl Auth {
             ));
         };
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let Some(principal) = self.by_hash.get(&digest) else {
+        let principal = self.by_hash.read().get(&digest).cloned();
+        let Some(principal) = principal else {
             return Err((
                 Status::unauthenticated("unknown token: no principal has it"),
                 "unknown",
@@ -583,7 +727,7 @@ impl Auth {
         if principal.expired(SystemTime::now()) {
             return Err((principal.expired_status(), "expired"));
         }
-        Ok(principal.clone())
+        Ok(principal)
     }
 }
 
@@ -600,7 +744,7 @@ impl ConnectionUse {
     /// connection against its quota the first time, or refuses.
     pub fn bind(&self, principal: &Arc<Principal>) -> Result<(), QuotaExceeded> {
         if let Some(first) = self.first.get() {
-            if Arc::ptr_eq(first, principal) {
+            if first.counts_as(principal) {
                 return Ok(());
             }
         } else {
@@ -610,12 +754,12 @@ impl ConnectionUse {
                 Ok(()) => return Ok(()),
                 Err(_) => principal.close_connection(),
             }
-            if self.first.get().is_some_and(|f| Arc::ptr_eq(f, principal)) {
+            if self.first.get().is_some_and(|f| f.counts_as(principal)) {
                 return Ok(());
             }
         }
         let mut others = self.others.lock();
-        if others.iter().any(|p| Arc::ptr_eq(p, principal)) {
+        if others.iter().any(|p| p.counts_as(principal)) {
             return Ok(());
         }
         principal.open_connection()?;
@@ -875,5 +1019,149 @@ mod tests {
         assert_eq!(b.bind(&p).unwrap_err().quota, "connections");
         drop(a);
         b.bind(&p).unwrap();
+    }
+
+    #[test]
+    fn a_reload_keeps_the_unchanged_revokes_the_rest_and_carries_usage_over() {
+        let make = |name: &str, token: &str, streams: Option<u64>| PrincipalConfig {
+            name: name.into(),
+            token_sha256: parse_sha256(&hash_token(token)).unwrap(),
+            expires: None,
+            scopes: vec![],
+            quotas: Quotas {
+                connections: Some(1),
+                streams,
+                ..Quotas::default()
+            },
+        };
+        let with = |token: &str| {
+            let mut m = MetadataMap::new();
+            m.insert("authorization", format!("Bearer {token}").parse().unwrap());
+            m
+        };
+        let auth = Auth::new(&AuthConfig {
+            principals: vec![
+                make("same", "fd_same", None),
+                make("quota", "fd_quota", Some(1)),
+                make("gone", "fd_gone", None),
+            ],
+            ..AuthConfig::default()
+        });
+        let same = auth.authenticate(&with("fd_same")).unwrap();
+        let quota = auth.authenticate(&with("fd_quota")).unwrap();
+        let gone = auth.authenticate(&with("fd_gone")).unwrap();
+        quota.open_stream().unwrap();
+        let connection = ConnectionUse::default();
+        connection.bind(&quota).unwrap();
+
+        let reloaded = auth
+            .reload(&AuthConfig {
+                principals: vec![
+                    make("same", "fd_same", None),
+                    // A new token, the same quota: changed.
+                    make("quota", "fd_quota_2", Some(1)),
+                    make("new", "fd_new", None),
+                ],
+                ..AuthConfig::default()
+            })
+            .unwrap();
+        assert_eq!(
+            reloaded,
+            Reloaded {
+                kept: 1,
+                changed: 1,
+                added: 1,
+                removed: 1
+            }
+        );
+        // The unchanged principal is the same one, not revoked.
+        let same_after = auth.authenticate(&with("fd_same")).unwrap();
+        assert!(Arc::ptr_eq(&same, &same_after));
+        assert!(!same.is_revoked());
+        // The removed one and the old token are refused; the old objects
+        // are revoked.
+        assert_eq!(
+            auth.authenticate(&with("fd_gone")).unwrap_err().1,
+            "unknown"
+        );
+        assert_eq!(
+            auth.authenticate(&with("fd_quota")).unwrap_err().1,
+            "unknown"
+        );
+        assert!(gone.is_revoked() && quota.is_revoked());
+        assert_eq!(&*auth.authenticate(&with("fd_new")).unwrap().name, "new");
+        // The changed principal still counts its open stream and its
+        // connection: a second stream is refused, and the connection it
+        // was using counts once.
+        let quota_after = auth.authenticate(&with("fd_quota_2")).unwrap();
+        assert!(!quota_after.is_revoked());
+        assert_eq!(quota_after.open_stream().unwrap_err().quota, "streams");
+        connection.bind(&quota_after).unwrap();
+        assert_eq!(
+            ConnectionUse::default()
+                .bind(&quota_after)
+                .unwrap_err()
+                .quota,
+            "connections"
+        );
+        // Closing what the old object counted frees it for the new one.
+        quota.close_stream();
+        quota_after.open_stream().unwrap();
+        drop(connection);
+        ConnectionUse::default().bind(&quota_after).unwrap();
+
+        // Turning authentication off is refused, changing nothing.
+        let e = auth.reload(&AuthConfig::default()).unwrap_err();
+        assert!(e.contains("needs a restart"), "{e}");
+        assert!(auth.authenticate(&with("fd_new")).is_ok());
+        let off = Auth::new(&AuthConfig::default());
+        assert!(off
+            .reload(&AuthConfig {
+                principals: vec![make("x", "fd_x", None)],
+                ..AuthConfig::default()
+            })
+            .is_err());
+        assert!(!off.enabled());
+    }
+
+    #[tokio::test]
+    async fn revoked_completes_for_a_waiter_and_after_the_fact() {
+        let auth = Auth::new(&AuthConfig {
+            principals: vec![PrincipalConfig {
+                name: "p".into(),
+                token_sha256: [1; 32],
+                expires: None,
+                scopes: vec![],
+                quotas: Quotas::default(),
+            }],
+            ..AuthConfig::default()
+        });
+        let p = auth.by_hash.read().values().next().unwrap().clone();
+        let waiting = tokio::spawn({
+            let p = p.clone();
+            async move { p.revoked().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        auth.reload(&AuthConfig {
+            principals: vec![PrincipalConfig {
+                name: "q".into(),
+                token_sha256: [2; 32],
+                expires: None,
+                scopes: vec![],
+                quotas: Quotas::default(),
+            }],
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiter wakes")
+            .unwrap();
+        // A stream that starts waiting after the reload ends at once.
+        tokio::time::timeout(Duration::from_secs(10), p.revoked())
+            .await
+            .expect("already revoked");
+        assert!(p.revoked_status().message().contains("\"p\""));
     }
 }

@@ -171,6 +171,9 @@ pub struct Args {
     /// How often the TLS files are checked for changes and reloaded [default: 10s]
     #[arg(long, env = "FRESHD_TLS_RELOAD_INTERVAL", value_name = "DURATION")]
     pub tls_reload_interval: Option<String>,
+    /// How often the --config file is checked for changed principals, which are reloaded [default: 10s]
+    #[arg(long, env = "FRESHD_AUTH_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub auth_reload_interval: Option<String>,
     /// Allow plaintext gRPC on an address that is not loopback
     #[arg(long, env = "FRESHD_ALLOW_PLAINTEXT")]
     pub allow_plaintext: bool,
@@ -227,6 +230,12 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Tokens, principals, scopes and quotas; no principal: open.
     pub auth: AuthConfig,
+    /// The file the settings came from, if any: with principals in it, it
+    /// is checked every `auth_reload_interval`, and changed principals are
+    /// reloaded ([`auth_from_file`]).
+    pub config_file: Option<PathBuf>,
+    /// How often `config_file` is checked for changed principals.
+    pub auth_reload_interval: Duration,
 }
 
 impl Default for Config {
@@ -247,6 +256,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             tls: None,
             auth: AuthConfig::default(),
+            config_file: None,
+            auth_reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -307,6 +318,7 @@ const FILE_SETTINGS: &[&str] = &[
     "tls_key",
     "tls_client_ca",
     "tls_reload_interval",
+    "auth_reload_interval",
     "allow_plaintext",
 ];
 
@@ -829,6 +841,12 @@ fn parse_int(setting: &str, raw: &Raw, min: u64, max: u64) -> Result<u64, Config
     Ok(n)
 }
 
+/// The principals of the TOML file at `path` (its `[auth]` table), read
+/// and checked as at startup: what a reload of the principals applies.
+pub fn auth_from_file(path: &Path) -> Result<AuthConfig, ConfigError> {
+    FileValues::load(Some(path))?.auth()
+}
+
 impl Config {
     /// Resolves flags, environment and file into a validated configuration.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
@@ -1119,6 +1137,13 @@ impl Config {
         };
 
         config.auth = file.auth()?;
+        config.config_file = args.config.clone();
+        if let Some(raw) = file.pick("auth_reload_interval", args.auth_reload_interval)? {
+            config.auth_reload_interval = parse_duration("auth_reload_interval", &raw)?;
+            if config.auth_reload_interval.is_zero() {
+                return Err(raw.error("auth_reload_interval", "must be above zero"));
+            }
+        }
         let tls_cert = file.pick("tls_cert", args.tls_cert)?;
         let tls_key = file.pick("tls_key", args.tls_key)?;
         let tls_client_ca = file.pick("tls_client_ca", args.tls_client_ca)?;

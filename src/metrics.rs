@@ -217,6 +217,7 @@ pub struct Metrics {
     quota_refusals: Family<QuotaLabels, Counter>,
     tls_reloads: Family<ResultLabels, Counter>,
     tls_handshake_failures: Counter,
+    auth_reloads: Family<ResultLabels, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -260,6 +261,7 @@ impl Metrics {
             quota_refusals: Family::default(),
             tls_reloads: Family::default(),
             tls_handshake_failures: Counter::default(),
+            auth_reloads: Family::default(),
         };
         {
             let mut r = metrics.registry.lock();
@@ -337,6 +339,11 @@ impl Metrics {
                 "freshd_tls_reloads",
                 "TLS certificate reloads after a file changed, by result: ok or error",
                 metrics.tls_reloads.clone(),
+            );
+            r.register(
+                "freshd_auth_reloads",
+                "Reloads of the principals after the --config file changed, by result: ok or error",
+                metrics.auth_reloads.clone(),
             );
             r.register(
                 "freshd_tls_handshake_failures",
@@ -526,6 +533,15 @@ impl Metrics {
         if self.enabled {
             self.quota_refusals
                 .get_or_create(&QuotaLabels { quota })
+                .inc();
+        }
+    }
+
+    /// Counts a reload of the principals by result (`ok`, `error`).
+    pub fn auth_reload(&self, result: &'static str) {
+        if self.enabled {
+            self.auth_reloads
+                .get_or_create(&ResultLabels { result })
                 .inc();
         }
     }

@@ -198,6 +198,16 @@ async fn serve_until(
     let reload = tls
         .clone()
         .map(|tls| tokio::spawn(tls.watch(metrics.clone())));
+    let auth_reload = match (&config.config_file, auth.enabled()) {
+        (Some(path), true) => Some(tokio::spawn(reload_auth_forever(
+            auth.clone(),
+            config.auth.clone(),
+            path.clone(),
+            config.auth_reload_interval,
+            metrics.clone(),
+        ))),
+        _ => None,
+    };
     let mut serving: JoinHandle<()> = tokio::spawn(crate::routes::serve(
         crate::tls::incoming(listener, tls, metrics.clone(), config.tcp_keepalive),
         routes,
@@ -250,6 +260,9 @@ async fn serve_until(
     if let Some(reload) = reload {
         reload.abort();
     }
+    if let Some(reload) = auth_reload {
+        reload.abort();
+    }
     let result = match result {
         Some(Ok(())) => Ok(()),
         Some(Err(e)) => Err(ServeError::Io(std::io::Error::other(format!(
@@ -293,6 +306,74 @@ async fn set_health(
 
 /// Sweeps expired registrations: `batch` at a time, back to back while there
 /// is a backlog, then every `interval`.
+/// Reads `path` every `interval` and, when its content changed and its
+/// principals differ from those `applied` (the startup's, then each
+/// reload's), reloads them ([`Auth::reload`]). A file that does not parse,
+/// or that would turn authentication off, changes nothing and is counted
+/// as an error; the same content is not tried again until it changes.
+async fn reload_auth_forever(
+    auth: Arc<Auth>,
+    mut applied: crate::auth::AuthConfig,
+    path: std::path::PathBuf,
+    interval: std::time::Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    let read = |path: std::path::PathBuf| async move {
+        // Reading a file blocks.
+        tokio::task::spawn_blocking(move || std::fs::read(&path).ok())
+            .await
+            .ok()
+            .flatten()
+    };
+    // Compared with what was applied, not with the file as first read
+    // here: a change made since startup is not missed.
+    let mut known = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let content = read(path.clone()).await;
+        if content.is_none() || content == known {
+            continue;
+        }
+        known = content;
+        let parsed = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || crate::config::auth_from_file(&path)).await
+        };
+        let outcome = match parsed {
+            Ok(Ok(config)) if config == applied => continue,
+            Ok(Ok(config)) => {
+                let reloaded = auth.reload(&config);
+                if reloaded.is_ok() {
+                    applied = config;
+                }
+                reloaded
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("the reload failed: {e}")),
+        };
+        match outcome {
+            Ok(r) => {
+                metrics.auth_reload("ok");
+                tracing::info!(
+                    file = %path.display(),
+                    kept = r.kept,
+                    changed = r.changed,
+                    added = r.added,
+                    removed = r.removed,
+                    "reloaded the principals"
+                );
+            }
+            Err(e) => {
+                metrics.auth_reload("error");
+                tracing::error!(file = %path.display(), error = %e, "cannot reload the principals; keeping the previous ones");
+            }
+        }
+    }
+}
+
 async fn expire_forever(store: Arc<Store>, interval: std::time::Duration, batch: usize) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

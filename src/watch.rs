@@ -476,20 +476,31 @@ async fn run<S>(
         }
     }
 
-    // A stream lives no longer than its token: at the token's expiry it ends
+    // A stream lives no longer than its token: at the token's expiry, or
+    // when a reload removes or changes its principal, it ends
     // UNAUTHENTICATED, and the client resumes on a new stream with a valid
     // token (the history covers the gap).
-    let expiry = sub.owner().and_then(|p| p.expires()).and_then(|at| {
-        let left = at
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        // Too far off to represent: never, in practice.
-        tokio::time::Instant::now().checked_add(left)
-    });
+    let owner = sub.owner().cloned();
     let expired = async move {
-        match expiry {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
+        let Some(owner) = owner else {
+            return std::future::pending().await;
+        };
+        let expiry = owner.expires().and_then(|at| {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            // Too far off to represent: never, in practice.
+            tokio::time::Instant::now().checked_add(left)
+        });
+        let expires = async move {
+            match expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = expires => (owner.expired_status(), "expired"),
+            () = owner.revoked() => (owner.revoked_status(), "revoked"),
         }
     };
     tokio::pin!(expired);
@@ -533,17 +544,15 @@ async fn run<S>(
         }
         let woke = tokio::select! {
             () = sub.wake.notified() => Woke::News,
-            () = &mut expired => Woke::Expired,
+            ended = &mut expired => Woke::Expired(ended),
             request = inbound.next() => Woke::Request(request),
         };
         sub.unpark().await;
         match woke {
             Woke::News => {}
-            Woke::Expired => {
-                if let Some(owner) = sub.owner() {
-                    store.metrics().auth_refused("expired");
-                    let _ = out.send(Err(owner.expired_status())).await;
-                }
+            Woke::Expired((status, reason)) => {
+                store.metrics().auth_refused(reason);
+                let _ = out.send(Err(status)).await;
                 return;
             }
             Woke::Request(request) => {
@@ -565,8 +574,9 @@ async fn run<S>(
 enum Woke<R> {
     /// Its queue has work, or shutdown began.
     News,
-    /// Its token expired.
-    Expired,
+    /// Its token expired, or a reload revoked its principal: the stream's
+    /// end, and the reason counted.
+    Expired((Status, &'static str)),
     /// The client sent a request, or its side ended (`None`).
     Request(Option<R>),
 }

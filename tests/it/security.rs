@@ -1323,3 +1323,164 @@ fn the_binary_makes_and_hashes_tokens_and_refuses_bad_certificates() {
         "{stderr}"
     );
 }
+
+/// One `[[auth.principals]]` entry, its token derived from its name.
+fn principal_entry(name: &str, scopes: &str) -> String {
+    format!(
+        "[[auth.principals]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\nscopes = {scopes}\n\n",
+        hash_token(&token_of(name))
+    )
+}
+
+/// Publishes `key` as `writer` and returns the seq.
+async fn publish_as(writer: &mut Authed, key: &str) -> u64 {
+    writer
+        .publish(publish_req(&[key]))
+        .await
+        .expect("published")
+        .into_inner()
+        .seq
+}
+
+/// A principal kept as it was carries on; one removed, or whose scopes
+/// changed, loses its streams (UNAUTHENTICATED, saying why) and its old
+/// token or scopes; one added works; a file that does not parse changes
+/// nothing. All without a restart, from the `--config` file.
+#[tokio::test]
+async fn a_changed_config_file_reloads_the_principals_without_a_restart() {
+    let dir = temp_dir("auth-reload");
+    let file = dir.join("freshd.toml");
+    let write = |text: &str| {
+        // As a configuration manager replaces a file: whole, at once.
+        let next = dir.join("next.toml");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &file).unwrap();
+    };
+    let everything = r#"{ "*" = ["check", "watch", "fill", "publish", "purge", "admin"] }"#;
+    let watch_a = r#"{ a = ["watch"] }"#;
+    let watch_b = r#"{ b = ["watch"] }"#;
+    write(&format!(
+        "{}{}{}",
+        principal_entry("stays", everything),
+        principal_entry("leaves", watch_a),
+        principal_entry("narrows", watch_a),
+    ));
+    let config = Config::from_args(freshd::config::Args {
+        config: Some(file.clone()),
+        listen: Some("127.0.0.1:0".into()),
+        admin_listen: Some("127.0.0.1:0".into()),
+        auth_reload_interval: Some("50ms".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let server = RunningServer::start(config).await.expect("starts");
+    let track_a1 = || pb::WatchStart {
+        track: vec!["a:1".into()],
+        ..Default::default()
+    };
+    let mut stays = as_principal(&server, "stays").await;
+    let (mut stays_stream, stays_tx) = watch(&mut stays, track_a1()).await.unwrap();
+    let mut leaves = as_principal(&server, "leaves").await;
+    let (mut leaves_stream, _leaves_tx) = watch(&mut leaves, track_a1()).await.unwrap();
+    let mut narrows = as_principal(&server, "narrows").await;
+    let (mut narrows_stream, _narrows_tx) = watch(&mut narrows, track_a1()).await.unwrap();
+    let seq = publish_as(&mut stays, "a:1").await;
+    for stream in [&mut stays_stream, &mut leaves_stream, &mut narrows_stream] {
+        let m = stream.message().await.unwrap().unwrap();
+        assert!(matches!(m.response, Some(Out::Notices(_))), "{m:?}");
+    }
+
+    write(&format!(
+        "{}{}{}",
+        principal_entry("stays", everything),
+        principal_entry("narrows", watch_b),
+        principal_entry("joins", everything),
+    ));
+    let mut joins = as_principal(&server, "joins").await;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let mut joins = joins.clone();
+            async move { joins.stats(pb::StatsRequest {}).await.is_ok() }
+        })
+        .await,
+        "the added principal's token works after the reload"
+    );
+    for stream in [&mut leaves_stream, &mut narrows_stream] {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the stream ends")
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        assert!(
+            e.message().contains("configuration reload"),
+            "{}",
+            e.message()
+        );
+    }
+    let e = leaves
+        .check(pb::CheckRequest {
+            key: "a:1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // The narrowed principal's new scopes apply to its new streams.
+    let e = watch(&mut narrows, track_a1()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let (mut b_stream, _b_tx) = watch(
+        &mut narrows,
+        pb::WatchStart {
+            track: vec!["b:1".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let seq_b = publish_as(&mut joins, "b:1").await;
+    let m = b_stream.message().await.unwrap().unwrap();
+    assert!(
+        matches!(&m.response, Some(Out::Notices(n)) if n.notices[0].seq == seq_b),
+        "{m:?}"
+    );
+    // The unchanged principal's stream went on, without a gap.
+    let seq_2 = publish_as(&mut joins, "a:1").await;
+    let got = until_progress(&mut stays_stream, &stays_tx, seq_2).await;
+    let seqs: Vec<u64> = got
+        .iter()
+        .filter_map(|m| match m {
+            Out::Notices(n) => Some(n.notices.iter().map(|n| n.seq)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(seqs, vec![seq_2], "after {seq}");
+
+    // A file that does not parse is refused and counted; the principals
+    // stay as they are.
+    write("[[auth.principals]]\nname = \"broken\"\n");
+    let admin = server.admin_addr.unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async move {
+            http_get(admin, "/metrics")
+                .await
+                .1
+                .contains("freshd_auth_reloads_total{result=\"error\"} 1")
+        })
+        .await,
+        "the refused reload is counted"
+    );
+    let scrape = http_get(admin, "/metrics").await.1;
+    assert!(
+        scrape.contains("freshd_auth_reloads_total{result=\"ok\"} 1"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("freshd_auth_refusals_total{reason=\"revoked\"} 2"),
+        "{scrape}"
+    );
+    joins.stats(pb::StatsRequest {}).await.unwrap();
+    stays.stats(pb::StatsRequest {}).await.unwrap();
+    server.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
