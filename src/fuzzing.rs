@@ -908,6 +908,7 @@ pub mod generate {
                         }),
                         track: keys(rng, 3),
                         subscribe: keys(rng, 2),
+                        refusals_in_band: rng.random(),
                     }),
                     2 => In::Track(pb::KeyList { keys: keys(rng, 3) }),
                     3 => In::Untrack(pb::KeyList { keys: keys(rng, 3) }),

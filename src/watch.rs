@@ -181,6 +181,7 @@ pub struct Registered {
     sub: Arc<Subscriber>,
     from: u64,
     resumed: bool,
+    refusals_in_band: bool,
 }
 
 /// Validates a stream's first message and registers the stream. `owner` is
@@ -228,6 +229,7 @@ pub fn register(
         sub,
         from,
         resumed: resume.is_some(),
+        refusals_in_band: start.refusals_in_band,
     })
 }
 
@@ -246,24 +248,9 @@ impl Registered {
         O: Outbox,
     {
         tokio::spawn(async move {
-            let Registered {
-                store,
-                limits,
-                sub,
-                from,
-                resumed,
-            } = self;
+            let (store, sub) = (self.store.clone(), self.sub.clone());
             let inbound = Requests::new(inbound, sub.clone());
-            run(
-                store.clone(),
-                limits,
-                sub.clone(),
-                from,
-                resumed,
-                inbound,
-                out,
-            )
-            .await;
+            run(self, inbound, out).await;
             sub.clear_express();
             store.hub().unsubscribe(&sub);
         });
@@ -424,17 +411,18 @@ async fn flush_with_progress(
     out.send(Ok(progress(store, seq))).await.ok()
 }
 
-async fn run<S>(
-    store: Arc<Store>,
-    limits: Limits,
-    sub: Arc<Subscriber>,
-    from: u64,
-    resumed: bool,
-    mut inbound: S,
-    mut out: impl Outbox,
-) where
+async fn run<S>(stream: Registered, mut inbound: S, mut out: impl Outbox)
+where
     S: Stream<Item = Result<pb::WatchRequest, Status>> + Unpin + Send + 'static,
 {
+    let Registered {
+        store,
+        limits,
+        sub,
+        from,
+        resumed,
+        refusals_in_band,
+    } = stream;
     let hub = store.hub();
     let outcome = if resumed {
         // Catch up before saying so, so that `started` names what happened.
@@ -511,6 +499,8 @@ async fn run<S>(
         sub.set_express(express);
     }
     let mut buf: Vec<Arc<Notice>> = Vec::new();
+    // The client's requests read so far, `start` being the first.
+    let mut requests: u64 = 1;
     loop {
         if hub.stopping() {
             // Drain: a final watermark, so the client resumes elsewhere
@@ -561,9 +551,25 @@ async fn run<S>(
                     // The client closed its side or went away.
                     Some(Err(_)) | None => return,
                 };
-                if let Err(status) = handle(&store, &limits, &sub, &mut out, request).await {
-                    let _ = out.send(Err(status)).await;
-                    return;
+                requests += 1;
+                match handle(&store, &limits, &sub, &mut out, request).await {
+                    Ok(()) => {}
+                    Err(Failed::Refused(status)) if refusals_in_band => {
+                        let refused = pb::WatchResponse {
+                            response: Some(Out::Refused(pb::Refused {
+                                request: requests,
+                                code: status.code() as i32,
+                                message: status.message().to_string(),
+                            })),
+                        };
+                        if out.send(Ok(refused)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(Failed::Refused(status) | Failed::Protocol(status)) => {
+                        let _ = out.send(Err(status)).await;
+                        return;
+                    }
                 }
             }
         }
@@ -644,6 +650,17 @@ impl<S: Stream + Unpin> Stream for Requests<S> {
     }
 }
 
+/// Why a client request failed.
+enum Failed {
+    /// The stream is used wrongly (a request with no field set, `start`
+    /// again): it ends.
+    Protocol(Status),
+    /// A key or prefix, the watch scope, a per-stream limit or a quota
+    /// refused a request, which changed nothing: answered in the stream when
+    /// the client asked for that (`refusals_in_band`), else it ends.
+    Refused(Status),
+}
+
 /// Applies one client request.
 async fn handle(
     store: &Store,
@@ -651,28 +668,30 @@ async fn handle(
     sub: &Arc<Subscriber>,
     out: &mut impl Outbox,
     request: pb::WatchRequest,
-) -> Result<(), Status> {
+) -> Result<(), Failed> {
     let hub = store.hub();
     match request.request {
-        None => Err(Status::invalid_argument(
+        None => Err(Failed::Protocol(Status::invalid_argument(
             "a Watch request must set one field",
-        )),
-        Some(In::Start(_)) => Err(Status::invalid_argument(
+        ))),
+        Some(In::Start(_)) => Err(Failed::Protocol(Status::invalid_argument(
             "`start` may only be the first message of a Watch stream",
-        )),
+        ))),
         Some(In::Track(list)) => {
-            check_keys(limits, sub.owner(), "track.keys", &list.keys, false)?;
+            check_keys(limits, sub.owner(), "track.keys", &list.keys, false)
+                .map_err(Failed::Refused)?;
             hub.add(sub, &list.keys, &[])
-                .map_err(Status::resource_exhausted)
+                .map_err(|e| Failed::Refused(Status::resource_exhausted(e)))
         }
         Some(In::Untrack(list)) => {
             hub.untrack(sub, &list.keys);
             Ok(())
         }
         Some(In::Subscribe(list)) => {
-            check_keys(limits, sub.owner(), "subscribe.keys", &list.keys, true)?;
+            check_keys(limits, sub.owner(), "subscribe.keys", &list.keys, true)
+                .map_err(Failed::Refused)?;
             hub.add(sub, &[], &list.keys)
-                .map_err(Status::resource_exhausted)
+                .map_err(|e| Failed::Refused(Status::resource_exhausted(e)))
         }
         Some(In::Unsubscribe(list)) => {
             hub.unwatch_prefixes(sub, &list.keys);

@@ -182,6 +182,7 @@ async fn a_crash_loop_loses_nothing_acknowledged() {
                     }
                 }
                 pb::watch_response::Response::Reset(r) => panic!("round {round}: a reset {r:?}"),
+                pb::watch_response::Response::Refused(r) => panic!("round {round}: {r:?}"),
                 pb::watch_response::Response::Progress(p) => {
                     token = Some(pb::ResumeToken {
                         epoch: p.epoch,

@@ -728,6 +728,7 @@ async fn a_narrow_subscriber_sees_nothing_of_a_broad_purge_elsewhere() {
             }
             pb::watch_response::Response::Progress(_)
             | pb::watch_response::Response::Started(_) => {}
+            pb::watch_response::Response::Refused(r) => panic!("refused: {r:?}"),
         }
     }
     // feed:u1 depends on posts:1: the purge and the publish reached it.

@@ -86,6 +86,7 @@ impl Watcher {
                 Out::Reset(r) => resets.push(r),
                 Out::Progress(p) => return (notices, resets, p.seq),
                 Out::Started(s) => panic!("unexpected {s:?}"),
+                Out::Refused(r) => panic!("unexpected {r:?}"),
             }
         }
     }
@@ -98,6 +99,7 @@ fn start_msg(client_id: &str, track: &[&str], prefixes: &[&str]) -> pb::WatchSta
         resume: None,
         track: track.iter().map(|k| k.to_string()).collect(),
         subscribe: prefixes.iter().map(|k| k.to_string()).collect(),
+        refusals_in_band: false,
     }
 }
 
@@ -534,6 +536,7 @@ async fn chaos_subscriber(
             resume: token,
             track: keys.clone(),
             subscribe: vec![],
+            refusals_in_band: false,
         };
         tx.send(request(In::Start(start))).await.unwrap();
         let mut stream = client
@@ -577,6 +580,7 @@ async fn chaos_subscriber(
                     }
                 }
                 Out::Reset(r) => panic!("tracked keys are repaired, not reset: {r:?}"),
+                Out::Refused(r) => panic!("nothing is refused: {r:?}"),
                 Out::Progress(p) => {
                     token.as_mut().unwrap().seq = p.seq;
                     if finishing {
@@ -794,6 +798,87 @@ async fn bad_watch_requests_get_clear_errors() {
         })
         .await
     );
+}
+
+/// With `refusals_in_band`, a refused `track` or `subscribe` is answered
+/// with `refused` (naming the request, the code and the field) and applies
+/// nothing of itself; the stream goes on, and a `start` sent again still
+/// ends it.
+#[tokio::test]
+async fn refusals_in_band_answer_a_bad_request_and_the_stream_goes_on() {
+    let mut config = Config::ephemeral();
+    config.store.hub.max_tracked_keys = 3;
+    let t = start_with(config).await;
+    let mut c = connect(&t.server).await;
+    let (mut w, _) = Watcher::open(
+        &t,
+        pb::WatchStart {
+            refusals_in_band: true,
+            ..start_msg("inband", &["a"], &[])
+        },
+    )
+    .await;
+    let refused = |m: pb::WatchResponse| match m.response {
+        Some(Out::Refused(r)) => r,
+        other => panic!("expected refused, got {other:?}"),
+    };
+    // Request 2: one good key and an empty one. Nothing of it applies.
+    w.send(In::Track(pb::KeyList {
+        keys: vec!["b".into(), String::new()],
+    }))
+    .await;
+    let r = refused(w.rx.message().await.unwrap().unwrap());
+    assert_eq!(r.request, 2);
+    assert_eq!(r.code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        r.message.contains("track.keys[1] must not be empty"),
+        "{r:?}"
+    );
+    // Request 3 passes the per-stream limit: refused too, naming it.
+    w.send(In::Track(pb::KeyList {
+        keys: vec!["b".into(), "c".into(), "d".into()],
+    }))
+    .await;
+    let r = refused(w.rx.message().await.unwrap().unwrap());
+    assert_eq!(r.request, 3);
+    assert_eq!(r.code, tonic::Code::ResourceExhausted as i32);
+    assert!(r.message.contains("max_tracked_keys"), "{r:?}");
+    // Request 4: an empty prefix is allowed, a bad one is not.
+    w.send(In::Subscribe(pb::KeyList {
+        keys: vec!["x".repeat(100_000)],
+    }))
+    .await;
+    let r = refused(w.rx.message().await.unwrap().unwrap());
+    assert_eq!(
+        (r.request, r.code),
+        (4, tonic::Code::InvalidArgument as i32)
+    );
+    assert!(r.message.contains("subscribe.keys[0]"), "{r:?}");
+    // The stream goes on: "b" is not tracked, "a" is; request 5 tracks "c".
+    w.send(In::Track(pb::KeyList {
+        keys: vec!["c".into()],
+    }))
+    .await;
+    // Answered after the track: applied by then.
+    let (notices, _, _) = w.until_progress().await;
+    assert!(notices.is_empty());
+    let seq = c
+        .publish(publish_req(&["b", "a", "c"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .seq;
+    let (notices, resets, through) = w.until_progress().await;
+    assert!(through >= seq);
+    assert!(resets.is_empty());
+    let mut keys: Vec<&str> = notices.iter().map(|n| n.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["a", "c"]);
+    // Using the stream wrongly still ends it.
+    w.send(In::Start(start_msg("again", &[], &[]))).await;
+    let status = w.rx.message().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("`start` may only be the first"));
 }
 
 /// A client that goes away leaves no stream behind: the server unsubscribes

@@ -40,6 +40,7 @@ from .types import (
     Progress,
     PublishResult,
     PurgeResult,
+    Refused,
     Reset,
     ResumeToken,
     Stats,
@@ -58,7 +59,7 @@ __all__ = ["Client", "Pem", "WatchStream", "WatchEvent", "SyncResult", "StreamEn
 Pem = Union[bytes, str, "os.PathLike[str]"]
 
 #: What a :class:`WatchStream` yields.
-WatchEvent = Union[WatchStarted, NoticeBatch, Progress, Reset]
+WatchEvent = Union[WatchStarted, NoticeBatch, Progress, Reset, Refused]
 
 # Reconnect quickly after a server restart: the defaults wait up to minutes.
 _CHANNEL_OPTIONS: List[Tuple[str, Any]] = [
@@ -448,12 +449,16 @@ class Client:
         subscribe: Iterable[str] = (),
         start_timeout: Optional[float] = None,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
+        refusals_in_band: bool = False,
     ) -> "WatchStream":
         """Opens the invalidation stream and waits for its ``started``
         message. Raises :class:`~freshd.errors.FreshdError` when the server
         refuses the start (a bad key, a limit). ``max_buffered`` bounds the
         events read from the server and not yet taken with
-        :meth:`WatchStream.recv` (see there)."""
+        :meth:`WatchStream.recv` (see there). With ``refusals_in_band``, a
+        later ``track`` or ``subscribe`` the server refuses arrives as a
+        :class:`~freshd.Refused` event and the stream goes on; without it,
+        such a request ends the stream with the error."""
         return WatchStream(
             self.stub,
             client_id=self._id(client_id),
@@ -463,6 +468,7 @@ class Client:
             subscribe=subscribe,
             start_timeout=self.timeout if start_timeout is None else start_timeout,
             max_buffered=max_buffered,
+            refusals_in_band=refusals_in_band,
         )
 
 
@@ -477,6 +483,8 @@ class SyncResult:
     notices: Tuple[Notice, ...]
     resets: Tuple[Reset, ...]
     progress: Progress
+    #: Requests refused before the watermark (``refusals_in_band`` only).
+    refused: Tuple[Refused, ...] = ()
 
 
 _END = object()
@@ -508,6 +516,7 @@ class WatchStream:
         subscribe: Iterable[str] = (),
         start_timeout: Optional[float] = 10.0,
         max_buffered: int = DEFAULT_MAX_BUFFERED,
+        refusals_in_band: bool = False,
     ) -> None:
         if max_buffered < 1:
             raise ValueError(f"max_buffered must be at least 1, got {max_buffered}")
@@ -523,6 +532,7 @@ class WatchStream:
             no_loop=no_loop,
             track=list(track),
             subscribe=list(subscribe),
+            refusals_in_band=refusals_in_band,
         )
         if resume is not None:
             start.resume.CopyFrom(resume.to_pb())
@@ -583,6 +593,8 @@ class WatchStream:
                     self._queue(Progress.from_pb(response.progress))
                 elif kind == "reset":
                     self._queue(Reset.from_pb(response.reset))
+                elif kind == "refused":
+                    self._queue(Refused.from_pb(response.refused))
             # The end and a failure are queued at once: each is the last.
             self._events.put(_END)
         except grpc.RpcError as e:
@@ -657,19 +669,22 @@ class WatchStream:
                 return
 
     def sync(self, timeout: Optional[float] = 10.0) -> SyncResult:
-        """Requests progress and collects every notice and reset up to it.
-        Not for use while another thread reads the stream."""
+        """Requests progress and collects every notice, reset and refusal up
+        to it. Not for use while another thread reads the stream."""
         self.request_progress()
         notices: List[Notice] = []
         resets: List[Reset] = []
+        refused: List[Refused] = []
         while True:
             event = self.recv(timeout=timeout)
             if isinstance(event, NoticeBatch):
                 notices.extend(event.notices)
             elif isinstance(event, Reset):
                 resets.append(event)
+            elif isinstance(event, Refused):
+                refused.append(event)
             elif isinstance(event, Progress):
-                return SyncResult(tuple(notices), tuple(resets), event)
+                return SyncResult(tuple(notices), tuple(resets), event, tuple(refused))
 
     # ------------------------------------------------------------- closing
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+import grpc
 from typing import Any, Optional, Tuple, Type, TypeVar
 
 from ._pb import coordinator_pb2 as pb
@@ -533,3 +535,24 @@ class Reset:
     @classmethod
     def from_pb(cls, m: pb.Reset) -> "Reset":
         return cls(prefix=m.prefix, since=m.since, reason=_enum(ResetReason, m.reason), raw=m)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A ``track`` or ``subscribe`` the server refused, on a stream opened with
+    ``refusals_in_band=True``: nothing of the request was applied, and the
+    stream goes on."""
+
+    #: Which request: 1 is the stream's start, 2 the request after it.
+    request: int
+    #: What the request would have ended the stream with: INVALID_ARGUMENT,
+    #: PERMISSION_DENIED or RESOURCE_EXHAUSTED.
+    code: grpc.StatusCode
+    #: What was wrong, naming the field and the limit.
+    message: str
+    raw: pb.Refused = _raw()
+
+    @classmethod
+    def from_pb(cls, m: pb.Refused) -> "Refused":
+        code = next((c for c in grpc.StatusCode if c.value[0] == m.code), grpc.StatusCode.UNKNOWN)
+        return cls(request=m.request, code=code, message=m.message, raw=m)

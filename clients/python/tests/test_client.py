@@ -174,6 +174,29 @@ def test_watch_refused_start_raises(client: freshd.Client) -> None:
         client.watch(track=[""])
 
 
+def test_watch_refusals_in_band_leave_the_stream_open(client: freshd.Client) -> None:
+    with client.watch(track=["inband:a"], refusals_in_band=True) as stream:
+        # Request 2: a good key and an empty one; nothing of it applies.
+        stream.track(["inband:b", ""])
+        synced = stream.sync(timeout=5)
+        assert [(r.request, r.code) for r in synced.refused] == [
+            (2, grpc.StatusCode.INVALID_ARGUMENT)
+        ]
+        assert "track.keys[1] must not be empty" in synced.refused[0].message
+        # The stream goes on, with only what was applied.
+        client.publish(["inband:a", "inband:b"])
+        synced = stream.sync(timeout=5)
+        assert [n.key for n in synced.notices] == ["inband:a"]
+        assert synced.refused == ()
+
+
+def test_watch_without_refusals_in_band_ends_on_a_bad_track(client: freshd.Client) -> None:
+    with client.watch(track=["inband:a"]) as stream:
+        stream.track([""])
+        with pytest.raises(freshd.InvalidArgument, match="track.keys\\[0\\]"):
+            stream.sync(timeout=5)
+
+
 def test_watch_new_epoch_resets_everything(client: freshd.Client) -> None:
     epoch = client.stats().epoch
     with client.watch(track=["k"], resume=freshd.ResumeToken(epoch ^ 1, 3)) as stream:

@@ -503,6 +503,11 @@ pub enum WatchEvent {
     Progress(pb::Progress),
     /// Revalidate (or drop) everything held under the prefix ("" is all).
     Reset(pb::Reset),
+    /// A `track` or `subscribe` the server refused, which changed nothing;
+    /// the stream goes on. Only on a stream started with
+    /// `refusals_in_band`: without it such a request ends the stream with
+    /// the error.
+    Refused(pb::Refused),
 }
 
 /// Sends requests on a Watch stream; cheap to clone. Sending never waits.
@@ -586,6 +591,7 @@ impl Watch {
                 Some(Out::Notices(batch)) => WatchEvent::Notices(batch.notices),
                 Some(Out::Progress(p)) => WatchEvent::Progress(p),
                 Some(Out::Reset(r)) => WatchEvent::Reset(r),
+                Some(Out::Refused(r)) => WatchEvent::Refused(r),
                 Some(Out::Started(_)) => {
                     return Some(Err(Error::Protocol(
                         "`started` arrived twice on one Watch stream".into(),

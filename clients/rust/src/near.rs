@@ -1323,6 +1323,11 @@ async fn watch_forever<V: Clone + Send + Sync + 'static>(
                             WatchEvent::Notices(notices) => shared.on_notices(notices),
                             WatchEvent::Reset(reset) => shared.on_reset(reset),
                             WatchEvent::Progress(_) => confirmations.answered(),
+                            // The cache's stream does not ask for refusals
+                            // in band: a refused track ends it instead.
+                            WatchEvent::Refused(r) => {
+                                tracing::warn!(request = r.request, message = %r.message, "freshd refused a request of the cache's Watch stream");
+                            }
                         }
                         let applied = match event {
                             WatchEvent::Notices(notices) => notices.last().map(|n| (started.epoch, n.seq)),
@@ -1333,7 +1338,7 @@ async fn watch_forever<V: Clone + Send + Sync + 'static>(
                                 token = Some(pb::ResumeToken { epoch: started.epoch, seq: started.seq });
                                 None
                             }
-                            WatchEvent::Reset(_) => None,
+                            WatchEvent::Reset(_) | WatchEvent::Refused(_) => None,
                         };
                         if let Some((epoch, seq)) = applied {
                             if seq > acked {

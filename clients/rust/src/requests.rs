@@ -379,4 +379,12 @@ impl WatchStart {
         self.subscribe.extend(prefixes.into_iter().map(Into::into));
         self
     }
+
+    /// Answer a later `track` or `subscribe` the server refuses with
+    /// [`crate::WatchEvent::Refused`], keeping the stream; without it such a
+    /// request ends the stream with the error.
+    pub fn with_refusals_in_band(mut self, in_band: bool) -> Self {
+        self.refusals_in_band = in_band;
+        self
+    }
 }

@@ -1,4 +1,5 @@
-//! A Watch stream read late: its notices wait on the connection unread,
+//! Watch streams through the client: a refused request answered in band
+//! (at the end), and a stream read late: its notices wait on the connection unread,
 //! one small HTTP/2 frame each. h2 (0.4.20 and later) ends a connection
 //! that holds more unread small frames than half its receive window
 //! allows; the client's connection window keeps a backlog of 15,000
@@ -59,5 +60,48 @@ async fn with_hypers_default_window_h2_ends_the_connection() {
             assert!(message.contains("connection_window"), "{message}")
         }
         other => panic!("expected RESOURCE_EXHAUSTED, got {other:?}"),
+    }
+}
+
+/// A refused `track` on a stream that asked for refusals in band is an
+/// event, and the stream goes on; without the flag it ends the stream.
+#[tokio::test]
+async fn a_refused_track_is_an_event_with_refusals_in_band() {
+    let server = common::start().await;
+    let client = Client::connect(server.url()).await.unwrap();
+    let mut watch = client
+        .watch(
+            pb::WatchStart::new()
+                .with_track(["r:a"])
+                .with_refusals_in_band(true),
+        )
+        .await
+        .unwrap();
+    watch.track(["r:b", ""]).unwrap();
+    match watch.next().await {
+        Some(Ok(WatchEvent::Refused(r))) => {
+            assert_eq!(r.request, 2);
+            assert_eq!(r.code, tonic::Code::InvalidArgument as i32);
+            assert!(r.message.contains("track.keys[1]"), "{r:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    client.publish_keys(["r:b", "r:a"]).await.unwrap();
+    match watch.next().await {
+        Some(Ok(WatchEvent::Notices(notices))) => {
+            let keys: Vec<&str> = notices.iter().map(|n| n.key.as_str()).collect();
+            assert_eq!(keys, ["r:a"]);
+        }
+        other => panic!("expected the notice of r:a, got {other:?}"),
+    }
+
+    let mut strict = client
+        .watch(pb::WatchStart::new().with_track(["r:a"]))
+        .await
+        .unwrap();
+    strict.track([""]).unwrap();
+    match strict.next().await {
+        Some(Err(Error::InvalidArgument(m))) => assert!(m.contains("track.keys[0]"), "{m}"),
+        other => panic!("expected the stream to end, got {other:?}"),
     }
 }

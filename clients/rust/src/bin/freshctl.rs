@@ -696,6 +696,13 @@ async fn watch(client: &Client, out: &Out, args: WatchArgs) -> Result<(), Failur
                         )));
                     }
                 }
+                Some(Ok(WatchEvent::Refused(r))) => {
+                    if out.json {
+                        out.json(&serde_json::json!({ "refused": r }));
+                    } else {
+                        out.line(out.yellow(format!("refused request {}: {}", r.request, r.message)));
+                    }
+                }
                 Some(Err(e)) => {
                     let mut failure = Failure::from(e);
                     failure.message = format!(
