@@ -284,6 +284,10 @@ impl Runner {
                         }
                         Some(Ok(WatchEvent::Reset(reset))) => resets.push(json(&reset)),
                         Some(Ok(WatchEvent::Progress(p))) => break p.seq,
+                        // No scenario asks for refusals in band.
+                        Some(Ok(WatchEvent::Refused(r))) => {
+                            return Err(format!("an unexpected refusal: {r:?}"))
+                        }
                         Some(Err(e)) => return outcome::<()>(Err(e)),
                         None => return Err("the stream ended before the progress".into()),
                     }
