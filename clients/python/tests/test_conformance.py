@@ -274,6 +274,10 @@ class Runner:
         return {
             "notices": [to_dict(n.raw) for n in synced.notices],
             "resets": [to_dict(r.raw) for r in synced.resets],
+            "refused": [
+                {"request": r.request, "code": r.code.name, "message": r.message}
+                for r in synced.refused
+            ],
             "progress": synced.progress.seq,
         }
 

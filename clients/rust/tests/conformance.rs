@@ -274,6 +274,7 @@ impl Runner {
                 stream.progress().map_err(|e| e.to_string())?;
                 let mut notices = Vec::new();
                 let mut resets = Vec::new();
+                let mut refused = Vec::new();
                 let progress = loop {
                     let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
                         .await
@@ -284,10 +285,11 @@ impl Runner {
                         }
                         Some(Ok(WatchEvent::Reset(reset))) => resets.push(json(&reset)),
                         Some(Ok(WatchEvent::Progress(p))) => break p.seq,
-                        // No scenario asks for refusals in band.
-                        Some(Ok(WatchEvent::Refused(r))) => {
-                            return Err(format!("an unexpected refusal: {r:?}"))
-                        }
+                        Some(Ok(WatchEvent::Refused(r))) => refused.push(serde_json::json!({
+                            "request": r.request,
+                            "code": code_name(tonic::Code::from_i32(r.code)),
+                            "message": r.message,
+                        })),
                         Some(Err(e)) => return outcome::<()>(Err(e)),
                         None => return Err("the stream ended before the progress".into()),
                     }
@@ -295,6 +297,7 @@ impl Runner {
                 Ok(Outcome::Response(serde_json::json!({
                     "notices": notices,
                     "resets": resets,
+                    "refused": refused,
                     "progress": progress,
                 })))
             }
