@@ -120,6 +120,9 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    // SIGHUP means "check the files" (the server watches it once serving):
+    // registered now, it no longer ends the process, even while it starts.
+    drop(signal(SignalKind::hangup())?);
     Ok(async move {
         tokio::select! {
             _ = interrupt.recv() => tracing::info!("SIGINT received"),

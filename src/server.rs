@@ -195,9 +195,13 @@ async fn serve_until(
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let local = listener.local_addr()?;
+    // SIGHUP asks for the reloadable files to be checked at once, beside
+    // their periodic checks.
+    let (hangup_tx, hangup) = tokio::sync::watch::channel(());
+    let hangups = tokio::spawn(forward_hangups(hangup_tx));
     let reload = tls
         .clone()
-        .map(|tls| tokio::spawn(tls.watch(metrics.clone())));
+        .map(|tls| tokio::spawn(tls.watch(metrics.clone(), hangup.clone())));
     let auth_reload = match (&config.config_file, auth.enabled()) {
         (Some(path), true) => Some(tokio::spawn(reload_auth_forever(
             auth.clone(),
@@ -205,6 +209,7 @@ async fn serve_until(
             path.clone(),
             config.auth_reload_interval,
             metrics.clone(),
+            hangup,
         ))),
         _ => None,
     };
@@ -263,6 +268,7 @@ async fn serve_until(
     if let Some(reload) = auth_reload {
         reload.abort();
     }
+    hangups.abort();
     let result = match result {
         Some(Ok(())) => Ok(()),
         Some(Err(e)) => Err(ServeError::Io(std::io::Error::other(format!(
@@ -306,17 +312,65 @@ async fn set_health(
 
 /// Sweeps expired registrations: `batch` at a time, back to back while there
 /// is a backlog, then every `interval`.
-/// Reads `path` every `interval` and, when its content changed and its
-/// principals differ from those `applied` (the startup's, then each
-/// reload's), reloads them ([`Auth::reload`]). A file that does not parse,
-/// or that would turn authentication off, changes nothing and is counted
-/// as an error; the same content is not tried again until it changes.
+/// Tells `reload` of every SIGHUP, for as long as it runs. The signal's
+/// default action (ending the process) is replaced once any handler is
+/// registered, so an operator's `kill -HUP` never stops the server.
+#[cfg(unix)]
+async fn forward_hangups(reload: tokio::sync::watch::Sender<()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; files are checked on their intervals only");
+            // Kept, so that the reloaders keep waiting on it.
+            return std::future::pending().await;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP received: checking the TLS files and the principals for changes");
+        reload.send_replace(());
+    }
+    std::future::pending::<()>().await;
+    drop(reload);
+}
+
+/// Holds `reload` (no SIGHUP here): files are checked on their intervals.
+#[cfg(not(unix))]
+async fn forward_hangups(reload: tokio::sync::watch::Sender<()>) {
+    std::future::pending::<()>().await;
+    drop(reload);
+}
+
+/// Waits for the next tick of `tick`, or for a SIGHUP forwarded to
+/// `hangup`, whichever comes first.
+pub(crate) async fn tick_or_hangup(
+    tick: &mut tokio::time::Interval,
+    hangup: &mut tokio::sync::watch::Receiver<()>,
+) {
+    tokio::select! {
+        _ = tick.tick() => {}
+        changed = hangup.changed() => {
+            if changed.is_err() {
+                // The forwarder is gone: ticks only.
+                tick.tick().await;
+            }
+        }
+    }
+}
+
+/// Reads `path` every `interval`, or at once on SIGHUP, and, when its
+/// content changed and its principals differ from those `applied` (the
+/// startup's, then each reload's), reloads them ([`Auth::reload`]). A file
+/// that does not parse, or that would turn authentication off, changes
+/// nothing and is counted as an error; the same content is not tried again
+/// until it changes.
 async fn reload_auth_forever(
     auth: Arc<Auth>,
     mut applied: crate::auth::AuthConfig,
     path: std::path::PathBuf,
     interval: std::time::Duration,
     metrics: Arc<crate::metrics::Metrics>,
+    mut hangup: tokio::sync::watch::Receiver<()>,
 ) {
     let read = |path: std::path::PathBuf| async move {
         // Reading a file blocks.
@@ -332,7 +386,7 @@ async fn reload_auth_forever(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tick.tick().await;
+        tick_or_hangup(&mut tick, &mut hangup).await;
         let content = read(path.clone()).await;
         if content.is_none() || content == known {
             continue;

@@ -159,13 +159,18 @@ impl Reloadable {
         TlsAcceptor::from(self.current.read().clone())
     }
 
-    /// Checks the files every `reload_interval`, forever.
-    pub async fn watch(self: Arc<Self>, metrics: Arc<Metrics>) {
+    /// Checks the files every `reload_interval`, and when `hangup` changes
+    /// (a SIGHUP), forever.
+    pub async fn watch(
+        self: Arc<Self>,
+        metrics: Arc<Metrics>,
+        mut hangup: tokio::sync::watch::Receiver<()>,
+    ) {
         let mut tick = tokio::time::interval(self.config.reload_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
-            tick.tick().await;
+            crate::server::tick_or_hangup(&mut tick, &mut hangup).await;
             let this = self.clone();
             // Reading and parsing files blocks.
             let outcome = tokio::task::spawn_blocking(move || this.reload_if_changed())

@@ -1485,3 +1485,83 @@ async fn a_changed_config_file_reloads_the_principals_without_a_restart() {
     server.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// SIGHUP checks the `--config` file at once (here the interval is an
+/// hour), and does not stop the server.
+#[tokio::test]
+async fn sighup_reloads_the_principals_at_once() {
+    use std::io::BufRead;
+    let dir = temp_dir("auth-sighup");
+    let file = dir.join("freshd.toml");
+    let everything = r#"{ "*" = ["check", "watch", "fill", "publish", "purge", "admin"] }"#;
+    std::fs::write(&file, principal_entry("first", everything)).unwrap();
+    let mut child = freshd_command()
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "off"])
+        .args(["--log-format", "json", "--auth-reload-interval", "1h"])
+        .arg("--config")
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // A server that never logs the reload is killed, which ends its log:
+    // the test then fails instead of waiting for ever.
+    let (done, watchdog) = std::sync::mpsc::channel::<()>();
+    let pid = child.id().to_string();
+    std::thread::spawn(move || {
+        if watchdog.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status();
+        }
+    });
+    let serving = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("freshd serving"))
+        .expect("a serving log line");
+    let addr = serving
+        .split("\"addr\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the address in the serving line")
+        .to_owned();
+    std::fs::write(
+        &file,
+        format!(
+            "{}{}",
+            principal_entry("first", everything),
+            principal_entry("second", everything)
+        ),
+    )
+    .unwrap();
+    let hangup = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hangup.success());
+    let reloaded = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("reloaded the principals"))
+        .expect("a reload log line");
+    assert!(reloaded.contains("\"added\":1"), "{reloaded}");
+    // Still serving, and the new token works.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut second = CoordinatorClient::with_interceptor(
+        channel,
+        Bearer(Some(format!("Bearer {}", token_of("second")))),
+    );
+    second.stats(pb::StatsRequest {}).await.unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    done.send(()).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
