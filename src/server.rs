@@ -310,8 +310,6 @@ async fn set_health(
     health.set_service_status(COORDINATOR_SERVICE, status).await;
 }
 
-/// Sweeps expired registrations: `batch` at a time, back to back while there
-/// is a backlog, then every `interval`.
 /// Tells `reload` of every SIGHUP, for as long as it runs. The signal's
 /// default action (ending the process) is replaced once any handler is
 /// registered, so an operator's `kill -HUP` never stops the server.
@@ -428,6 +426,8 @@ async fn reload_auth_forever(
     }
 }
 
+/// Sweeps expired registrations: `batch` at a time, back to back while there
+/// is a backlog, then every `interval`.
 async fn expire_forever(store: Arc<Store>, interval: std::time::Duration, batch: usize) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
