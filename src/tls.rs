@@ -399,14 +399,22 @@ impl AsyncWrite for Conn {
 /// kernel probes the peer, every third of `idle` (at least 1 s), and closes
 /// the connection after 3 probes go unanswered. A client whose host
 /// vanished then stops holding its connection and its Watch streams, as
-/// Redis's `tcp-keepalive` does for its clients.
+/// Redis's `tcp-keepalive` does for its clients. On Linux the same bound,
+/// `idle` plus the probes, also holds for data sent and never acknowledged
+/// (`TCP_USER_TIMEOUT`): keepalive probes only go out on an idle
+/// connection, and a stream whose notices are in flight to a vanished host
+/// would otherwise wait for the kernel's retransmissions to give up (about
+/// 15 minutes).
 pub(crate) fn set_keepalive(socket: &TcpStream, idle: Duration) -> std::io::Result<()> {
     let params = socket2::TcpKeepalive::new().with_time(idle);
+    let socket = socket2::SockRef::from(socket);
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    let params = params
-        .with_interval((idle / 3).max(Duration::from_secs(1)))
-        .with_retries(3);
-    socket2::SockRef::from(socket).set_tcp_keepalive(&params)
+    let params = {
+        let interval = (idle / 3).max(Duration::from_secs(1));
+        socket.set_tcp_user_timeout(Some(idle + 3 * interval))?;
+        params.with_interval(interval).with_retries(3)
+    };
+    socket.set_tcp_keepalive(&params)
 }
 
 /// The accepted connections of `listener`, TLS-terminated when `tls` is set.
@@ -517,7 +525,15 @@ mod tests {
                         Duration::from_secs(20)
                     );
                     assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+                    assert_eq!(
+                        socket.tcp_user_timeout().unwrap(),
+                        Some(Duration::from_secs(120)),
+                        "unacknowledged data is given up after as long"
+                    );
                 }
+            } else {
+                #[cfg(target_os = "linux")]
+                assert_eq!(socket.tcp_user_timeout().unwrap(), None);
             }
         }
     }
