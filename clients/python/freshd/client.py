@@ -527,6 +527,10 @@ class WatchStream:
         self._room = threading.Semaphore(max_buffered)
         self._closed = False
         self._ended: Optional[BaseException] = None
+        # Requests queued so far (the start is the first), numbered under
+        # the lock in the order the server reads them.
+        self._sending = threading.Lock()
+        self._sent = 1
         start = pb.WatchStart(
             client_id=client_id,
             no_loop=no_loop,
@@ -605,34 +609,40 @@ class WatchStream:
             # The call is over: let the request iterator end too.
             self._requests.put(None)
 
-    def _send(self, request: pb.WatchRequest) -> None:
-        if self._closed:
-            raise StreamEnded("the Watch stream is closed")
-        self._requests.put(request)
+    def _send(self, request: pb.WatchRequest) -> int:
+        with self._sending:
+            if self._closed:
+                raise StreamEnded("the Watch stream is closed")
+            self._requests.put(request)
+            self._sent += 1
+            return self._sent
 
     # --------------------------------------------------------------- sends
+    #
+    # Each returns the request's number on the stream (the start was 1), the
+    # number a :class:`~freshd.Refused` names.
 
-    def track(self, keys: Iterable[str]) -> None:
+    def track(self, keys: Iterable[str]) -> int:
         """Tracks exact keys (do it before reading them from the origin)."""
-        self._send(pb.WatchRequest(track=pb.KeyList(keys=list(keys))))
+        return self._send(pb.WatchRequest(track=pb.KeyList(keys=list(keys))))
 
-    def untrack(self, keys: Iterable[str]) -> None:
-        self._send(pb.WatchRequest(untrack=pb.KeyList(keys=list(keys))))
+    def untrack(self, keys: Iterable[str]) -> int:
+        return self._send(pb.WatchRequest(untrack=pb.KeyList(keys=list(keys))))
 
-    def subscribe(self, prefixes: Iterable[str]) -> None:
+    def subscribe(self, prefixes: Iterable[str]) -> int:
         """Watches prefixes (every notice under them; "" is every key)."""
-        self._send(pb.WatchRequest(subscribe=pb.KeyList(keys=list(prefixes))))
+        return self._send(pb.WatchRequest(subscribe=pb.KeyList(keys=list(prefixes))))
 
-    def unsubscribe(self, prefixes: Iterable[str]) -> None:
-        self._send(pb.WatchRequest(unsubscribe=pb.KeyList(keys=list(prefixes))))
+    def unsubscribe(self, prefixes: Iterable[str]) -> int:
+        return self._send(pb.WatchRequest(unsubscribe=pb.KeyList(keys=list(prefixes))))
 
-    def ack(self, seq: int) -> None:
+    def ack(self, seq: int) -> int:
         """Acknowledges every notice up to ``seq`` as applied."""
-        self._send(pb.WatchRequest(ack=pb.Ack(seq=seq)))
+        return self._send(pb.WatchRequest(ack=pb.Ack(seq=seq)))
 
-    def request_progress(self) -> None:
+    def request_progress(self) -> int:
         """Asks for a watermark: what is queued, then a :class:`Progress`."""
-        self._send(pb.WatchRequest(progress=pb.ProgressRequest()))
+        return self._send(pb.WatchRequest(progress=pb.ProgressRequest()))
 
     # ------------------------------------------------------------- receive
 

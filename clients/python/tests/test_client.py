@@ -177,10 +177,11 @@ def test_watch_refused_start_raises(client: freshd.Client) -> None:
 def test_watch_refusals_in_band_leave_the_stream_open(client: freshd.Client) -> None:
     with client.watch(track=["inband:a"], refusals_in_band=True) as stream:
         # Request 2: a good key and an empty one; nothing of it applies.
-        stream.track(["inband:b", ""])
+        sent = stream.track(["inband:b", ""])
+        assert sent == 2, "the start was 1"
         synced = stream.sync(timeout=5)
         assert [(r.request, r.code) for r in synced.refused] == [
-            (2, grpc.StatusCode.INVALID_ARGUMENT)
+            (sent, grpc.StatusCode.INVALID_ARGUMENT)
         ]
         assert "track.keys[1] must not be empty" in synced.refused[0].message
         # The stream goes on, with only what was applied.

@@ -460,7 +460,10 @@ impl Client {
     pub async fn watch(&self, mut start: pb::WatchStart) -> Result<Watch> {
         self.fill_client_id(&mut start.client_id);
         let (tx, rx) = mpsc::unbounded_channel();
-        let sender = WatchSender { tx };
+        let sender = WatchSender {
+            tx,
+            sent: Arc::default(),
+        };
         sender.send(In::Start(start))?;
         let mut stub = self.stub.clone();
         let opening = stub.watch(UnboundedReceiverStream::new(rx));
@@ -511,18 +514,26 @@ pub enum WatchEvent {
 }
 
 /// Sends requests on a Watch stream; cheap to clone. Sending never waits.
+/// Each send returns the request's number on the stream (`start` was 1),
+/// the number a [`WatchEvent::Refused`] names.
 #[derive(Debug, Clone)]
 pub struct WatchSender {
     tx: mpsc::UnboundedSender<pb::WatchRequest>,
+    /// Requests sent so far: held while one is queued, so that numbers
+    /// follow the order the server reads them in, whichever clone sends.
+    sent: Arc<parking_lot::Mutex<u64>>,
 }
 
 impl WatchSender {
-    fn send(&self, request: In) -> Result<()> {
+    fn send(&self, request: In) -> Result<u64> {
+        let mut sent = self.sent.lock();
         self.tx
             .send(pb::WatchRequest {
                 request: Some(request),
             })
-            .map_err(|_| Error::Closed("the Watch stream is closed".into()))
+            .map_err(|_| Error::Closed("the Watch stream is closed".into()))?;
+        *sent += 1;
+        Ok(*sent)
     }
 
     fn list<K: Into<String>>(keys: impl IntoIterator<Item = K>) -> pb::KeyList {
@@ -532,17 +543,17 @@ impl WatchSender {
     }
 
     /// Tracks exact keys. Track a key before reading it from the origin.
-    pub fn track<K: Into<String>>(&self, keys: impl IntoIterator<Item = K>) -> Result<()> {
+    pub fn track<K: Into<String>>(&self, keys: impl IntoIterator<Item = K>) -> Result<u64> {
         self.send(In::Track(Self::list(keys)))
     }
 
     /// Stops tracking keys.
-    pub fn untrack<K: Into<String>>(&self, keys: impl IntoIterator<Item = K>) -> Result<()> {
+    pub fn untrack<K: Into<String>>(&self, keys: impl IntoIterator<Item = K>) -> Result<u64> {
         self.send(In::Untrack(Self::list(keys)))
     }
 
     /// Watches prefixes (every notice under them).
-    pub fn subscribe<K: Into<String>>(&self, prefixes: impl IntoIterator<Item = K>) -> Result<()> {
+    pub fn subscribe<K: Into<String>>(&self, prefixes: impl IntoIterator<Item = K>) -> Result<u64> {
         self.send(In::Subscribe(Self::list(prefixes)))
     }
 
@@ -550,23 +561,24 @@ impl WatchSender {
     pub fn unsubscribe<K: Into<String>>(
         &self,
         prefixes: impl IntoIterator<Item = K>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         self.send(In::Unsubscribe(Self::list(prefixes)))
     }
 
     /// Acknowledges every notice up to `seq` as applied.
-    pub fn ack(&self, seq: u64) -> Result<()> {
+    pub fn ack(&self, seq: u64) -> Result<u64> {
         self.send(In::Ack(pb::Ack { seq }))
     }
 
     /// Asks for a progress watermark, sent after everything queued.
-    pub fn progress(&self) -> Result<()> {
+    pub fn progress(&self) -> Result<u64> {
         self.send(In::Progress(pb::ProgressRequest {}))
     }
 }
 
 /// One open Watch stream, from [`Client::watch`]. Dropping it closes the
-/// client's side, which ends the stream.
+/// client's side, which ends the stream. Its sending methods return the
+/// request's number on the stream, as [`WatchSender`]'s do.
 #[derive(Debug)]
 pub struct Watch {
     /// The server's `started` message: epoch, start seq and outcome.
@@ -610,17 +622,17 @@ impl Watch {
     }
 
     /// Tracks exact keys.
-    pub fn track<K: Into<String>>(&self, keys: impl IntoIterator<Item = K>) -> Result<()> {
+    pub fn track<K: Into<String>>(&self, keys: impl IntoIterator<Item = K>) -> Result<u64> {
         self.sender.track(keys)
     }
 
     /// Stops tracking keys.
-    pub fn untrack<K: Into<String>>(&self, keys: impl IntoIterator<Item = K>) -> Result<()> {
+    pub fn untrack<K: Into<String>>(&self, keys: impl IntoIterator<Item = K>) -> Result<u64> {
         self.sender.untrack(keys)
     }
 
     /// Watches prefixes.
-    pub fn subscribe<K: Into<String>>(&self, prefixes: impl IntoIterator<Item = K>) -> Result<()> {
+    pub fn subscribe<K: Into<String>>(&self, prefixes: impl IntoIterator<Item = K>) -> Result<u64> {
         self.sender.subscribe(prefixes)
     }
 
@@ -628,17 +640,17 @@ impl Watch {
     pub fn unsubscribe<K: Into<String>>(
         &self,
         prefixes: impl IntoIterator<Item = K>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         self.sender.unsubscribe(prefixes)
     }
 
     /// Acknowledges every notice up to `seq` as applied.
-    pub fn ack(&self, seq: u64) -> Result<()> {
+    pub fn ack(&self, seq: u64) -> Result<u64> {
         self.sender.ack(seq)
     }
 
     /// Asks for a progress watermark.
-    pub fn progress(&self) -> Result<()> {
+    pub fn progress(&self) -> Result<u64> {
         self.sender.progress()
     }
 }

@@ -77,10 +77,11 @@ async fn a_refused_track_is_an_event_with_refusals_in_band() {
         )
         .await
         .unwrap();
-    watch.track(["r:b", ""]).unwrap();
+    let sent = watch.track(["r:b", ""]).unwrap();
+    assert_eq!(sent, 2, "start was 1");
     match watch.next().await {
         Some(Ok(WatchEvent::Refused(r))) => {
-            assert_eq!(r.request, 2);
+            assert_eq!(r.request, sent);
             assert_eq!(r.code, tonic::Code::InvalidArgument as i32);
             assert!(r.message.contains("track.keys[1]"), "{r:?}");
         }
