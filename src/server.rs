@@ -92,6 +92,11 @@ impl Recovery {
 
 /// Serves gRPC on `listener` (and the admin HTTP endpoint on
 /// `config.admin_listen`) until `shutdown` completes, then drains.
+///
+/// On Unix, serving watches SIGHUP, which asks for the TLS files and the
+/// principals of `config.config_file` to be checked for changes at once.
+/// Watching it replaces the signal's default action (ending the process)
+/// for the whole process, as for any tokio signal handler.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
