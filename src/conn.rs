@@ -1284,7 +1284,7 @@ impl Outbox for GrpcOutbox {
         Some(ExpressWriter {
             connection: self.responder.shared.clone(),
             stream: self.responder.stream,
-            max_message: self.max_message,
+            max_message: u32::try_from(self.max_message).unwrap_or(u32::MAX),
         })
     }
 }

@@ -187,16 +187,30 @@ enum Pushed {
     Missed,
 }
 
-/// What a stream's queue is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a stream's queue is doing. Boxed when behind, which is rare, so
+/// that the state takes one word of the queue's first line.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     Live,
-    /// Everything in `(since, through]` that matches must be caught up.
-    Behind {
-        since: u64,
-        through: u64,
-        why: Behind,
-    },
+    Behind(Box<Gap>),
+}
+
+/// Everything in `(since, through]` that matches must be caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gap {
+    since: u64,
+    through: u64,
+    why: Behind,
+}
+
+impl State {
+    fn behind(since: u64, through: u64, why: Behind) -> Self {
+        State::Behind(Box::new(Gap {
+            since,
+            through,
+            why,
+        }))
+    }
 }
 
 /// A stream's queue. In declaration order (`repr(C)`): what a fan-out
@@ -268,8 +282,8 @@ impl Queue {
     /// Queues a notice; says whether it was queued, conflated an older
     /// one, or overflowed the queue.
     fn push(&mut self, notice: &Arc<Notice>, cap: usize, cap_bytes: usize) -> Pushed {
-        if let State::Behind { through, .. } = &mut self.state {
-            *through = (*through).max(notice.seq);
+        if let State::Behind(gap) = &mut self.state {
+            gap.through = gap.through.max(notice.seq);
             return Pushed::Missed;
         }
         let mut pushed = Pushed::Queued;
@@ -283,11 +297,7 @@ impl Queue {
         }
         if self.live >= cap || self.bytes + notice.bytes() > cap_bytes {
             self.overflows += 1;
-            self.state = State::Behind {
-                since: self.drained_through,
-                through: notice.seq,
-                why: Behind::SlowConsumer,
-            };
+            self.state = State::behind(self.drained_through, notice.seq, Behind::SlowConsumer);
             self.clear();
             return Pushed::Overflowed;
         }
@@ -594,8 +604,9 @@ pub struct ExpressWriter {
     pub connection: Arc<dyn Express>,
     /// The stream's identifier on it.
     pub stream: u32,
-    /// Most bytes one message to the stream may take.
-    pub max_message: usize,
+    /// Most bytes one message to the stream may take (`max_message_bytes`
+    /// is at most 1 GiB; a `u32` keeps the writer in three words).
+    pub max_message: u32,
 }
 
 impl ExpressWriter {
@@ -654,9 +665,10 @@ pub struct Subscriber {
     /// The principal whose watch scope bounds what the stream may see;
     /// `None` when authentication is off.
     owner: Option<Arc<Principal>>,
-    /// The client's id, for no-loop and stats.
-    pub client_id: Arc<str>,
     queue: Mutex<Queue>,
+    /// The client's id, for no-loop and stats: read only for a notice
+    /// whose publisher named a client id, so kept out of the first line.
+    pub client_id: Arc<str>,
     /// Woken when the queue gets work.
     pub wake: Notify,
     /// What the stream wants.
@@ -683,7 +695,7 @@ struct Sent {
     /// far behind on its acknowledgements costs no more memory, and every
     /// later ack still measures from the oldest event time it covers. Kept
     /// here, beside the queue, where writing it costs no cache miss.
-    overflow: Option<(u64, u64, Label)>,
+    overflow: Option<Box<(u64, u64, Label)>>,
 }
 
 impl Sent {
@@ -713,7 +725,7 @@ impl Sent {
         let label = oldest.namespace(metrics).0.clone();
         let batch = (last, oldest.event_time_ms, label);
         if self.batches.len() == SENT_BATCHES {
-            self.overflow = Some(batch);
+            self.overflow = Some(Box::new(batch));
         } else {
             self.batches.push_back(batch);
         }
@@ -728,8 +740,8 @@ impl Sent {
             .count();
         let mut acked: Vec<_> = self.batches.drain(..n).collect();
         // The overflow follows every batch in the record.
-        if self.overflow.as_ref().is_some_and(|(s, _, _)| *s <= seq) {
-            acked.extend(self.overflow.take());
+        if self.overflow.as_ref().is_some_and(|o| o.0 <= seq) {
+            acked.extend(self.overflow.take().map(|o| *o));
         }
         acked
     }
@@ -968,13 +980,9 @@ impl Subscriber {
 
     /// The catch-up owed, if the stream is behind: `(since, through, why)`.
     pub fn behind(&self) -> Option<(u64, u64, Behind)> {
-        match self.queue.lock().state {
+        match &self.queue.lock().state {
             State::Live => None,
-            State::Behind {
-                since,
-                through,
-                why,
-            } => Some((since, through, why)),
+            State::Behind(gap) => Some((gap.since, gap.through, gap.why)),
         }
     }
 
@@ -983,21 +991,15 @@ impl Subscriber {
     /// misses meanwhile: catch up again from there.
     pub fn finish_catch_up(&self, covered: u64) -> bool {
         let mut queue = self.queue.lock();
-        match queue.state {
-            State::Behind { through, why, .. } if through > covered => {
-                queue.state = State::Behind {
-                    since: covered,
-                    through,
-                    why,
-                };
-                false
-            }
-            _ => {
-                queue.state = State::Live;
-                queue.drained_through = queue.drained_through.max(covered);
-                true
+        if let State::Behind(gap) = &mut queue.state {
+            if gap.through > covered {
+                gap.since = covered;
+                return false;
             }
         }
+        queue.state = State::Live;
+        queue.drained_through = queue.drained_through.max(covered);
+        true
     }
 
     /// Queued notices right now.
@@ -1310,7 +1312,7 @@ impl Hub {
                         let id = express.connection_id();
                         let connection =
                             (busy || !held.contains(&id)).then(|| express.connection.clone());
-                        (id, express.stream, express.max_message, connection)
+                        (id, express.stream, express.max_message as usize, connection)
                     })
                 };
                 // A parked stream's notices are written by the delivery,
@@ -1384,16 +1386,8 @@ impl Hub {
         let state = match resume {
             None => State::Live,
             Some((true, seq)) if seq >= now => State::Live,
-            Some((true, seq)) => State::Behind {
-                since: seq,
-                through: now,
-                why: Behind::Resume,
-            },
-            Some((false, _)) => State::Behind {
-                since: 0,
-                through: now,
-                why: Behind::NewEpoch,
-            },
+            Some((true, seq)) => State::behind(seq, now, Behind::Resume),
+            Some((false, _)) => State::behind(0, now, Behind::NewEpoch),
         };
         let sub = Arc::new(Subscriber {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -1816,14 +1810,7 @@ mod tests {
         q.push(&n(3, "c"), 2, usize::MAX);
         q.push(&n(4, "d"), 2, usize::MAX);
         q.push(&n(7, "e"), 2, usize::MAX);
-        assert_eq!(
-            q.state,
-            State::Behind {
-                since: 1,
-                through: 7,
-                why: Behind::SlowConsumer
-            }
-        );
+        assert_eq!(q.state, State::behind(1, 7, Behind::SlowConsumer));
         assert_eq!((q.live, q.bytes, q.overflows), (0, 0, 1));
     }
 
@@ -2143,5 +2130,26 @@ mod tests {
         assert!(last >= 60_000, "{last}");
         assert!(sub.queue.lock().sent.batches.is_empty());
         assert!(sub.queue.lock().sent.overflow.is_none());
+    }
+}
+#[cfg(test)]
+mod layout {
+    use super::{Queue, Sent, Subscriber};
+    use std::mem::{offset_of, size_of};
+
+    /// What a fan-out and its delivery touch of a stream (the reference
+    /// counts, the routing fields, the queue's lock and its fields through
+    /// `sent`) ends within the first three cache lines of the allocation.
+    #[test]
+    fn a_streams_hot_fields_span_three_cache_lines() {
+        let counts = 2 * size_of::<usize>();
+        let lock = size_of::<parking_lot::Mutex<Queue>>() - size_of::<Queue>();
+        let queue = counts + offset_of!(Subscriber, queue) + lock;
+        let end = queue + offset_of!(Queue, sent) + size_of::<Sent>();
+        assert!(end <= 3 * 64, "the hot fields end at byte {end}");
+        assert!(
+            queue + offset_of!(Queue, state) + size_of::<usize>() <= 64,
+            "the lock and the state share the first line"
+        );
     }
 }
