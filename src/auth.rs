@@ -656,14 +656,14 @@ impl Auth {
             };
             next.insert(p.token_sha256, principal);
         }
+        // Names and tokens are unique on both sides: each old principal was
+        // kept, changed, or removed.
+        reloaded.removed = current.len() - reloaded.kept - reloaded.changed;
         for was in current.values() {
             let kept = next
                 .get(&was.config.token_sha256)
                 .is_some_and(|p| Arc::ptr_eq(p, was));
             if !kept {
-                if !config.principals.iter().any(|p| p.name == *was.name) {
-                    reloaded.removed += 1;
-                }
                 was.revoke();
             }
         }

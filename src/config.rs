@@ -232,7 +232,7 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The file the settings came from, if any: with principals in it, it
     /// is checked every `auth_reload_interval`, and changed principals are
-    /// reloaded ([`auth_from_file`]).
+    /// reloaded ([`auth_from_text`]).
     pub config_file: Option<PathBuf>,
     /// How often `config_file` is checked for changed principals.
     pub auth_reload_interval: Duration,
@@ -363,13 +363,23 @@ impl FileValues {
                 table: toml::Table::new(),
             });
         };
-        let fail = |message: String| ConfigError {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Self::failure(path, format!("cannot read it: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// What is wrong with the file at `path`.
+    fn failure(path: &Path, message: String) -> ConfigError {
+        ConfigError {
             setting: "config".into(),
             origin: format!("--config / FRESHD_CONFIG = {}", path.display()),
             message,
-        };
-        let text =
-            std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+        }
+    }
+
+    /// The file at `path`, from its `text`.
+    fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let fail = |message: String| Self::failure(path, message);
         let table: toml::Table = text
             .parse()
             .map_err(|e| fail(format!("not valid TOML: {e}")))?;
@@ -841,10 +851,11 @@ fn parse_int(setting: &str, raw: &Raw, min: u64, max: u64) -> Result<u64, Config
     Ok(n)
 }
 
-/// The principals of the TOML file at `path` (its `[auth]` table), read
-/// and checked as at startup: what a reload of the principals applies.
-pub fn auth_from_file(path: &Path) -> Result<AuthConfig, ConfigError> {
-    FileValues::load(Some(path))?.auth()
+/// The principals of the TOML file at `path` whose content is `text` (its
+/// `[auth]` table), checked as at startup: what a reload of the
+/// principals applies.
+pub fn auth_from_text(path: &Path, text: &str) -> Result<AuthConfig, ConfigError> {
+    FileValues::parse(path, text)?.auth()
 }
 
 impl Config {

@@ -377,7 +377,7 @@ async fn reload_auth_forever(
 ) {
     let read = |path: std::path::PathBuf| async move {
         // Reading a file blocks.
-        tokio::task::spawn_blocking(move || std::fs::read(&path).ok())
+        tokio::task::spawn_blocking(move || std::fs::read_to_string(&path).ok())
             .await
             .ok()
             .flatten()
@@ -390,26 +390,25 @@ async fn reload_auth_forever(
     tick.tick().await;
     loop {
         tick_or_hangup(&mut tick, &mut hangup).await;
-        let content = read(path.clone()).await;
-        if content.is_none() || content == known {
+        let Some(content) = read(path.clone()).await else {
+            continue;
+        };
+        if known.as_ref() == Some(&content) {
             continue;
         }
-        known = content;
-        let parsed = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || crate::config::auth_from_file(&path)).await
-        };
+        // The content just read is the content parsed.
+        let parsed = crate::config::auth_from_text(&path, &content);
+        known = Some(content);
         let outcome = match parsed {
-            Ok(Ok(config)) if config == applied => continue,
-            Ok(Ok(config)) => {
+            Ok(config) if config == applied => continue,
+            Ok(config) => {
                 let reloaded = auth.reload(&config);
                 if reloaded.is_ok() {
                     applied = config;
                 }
                 reloaded
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("the reload failed: {e}")),
+            Err(e) => Err(e.to_string()),
         };
         match outcome {
             Ok(r) => {
