@@ -134,6 +134,15 @@ pub fn freshd_command() -> std::process::Command {
     cmd
 }
 
+/// Reads a child's log `lines` up to the first that contains `needle`, and
+/// returns it; panics naming `needle` when the log ends first.
+pub fn log_line(lines: &mut impl Iterator<Item = std::io::Result<String>>, needle: &str) -> String {
+    lines
+        .map_while(Result::ok)
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no log line with {needle:?}"))
+}
+
 /// A CheckBatch of `keys`, each with no version of its own.
 pub fn check_batch_req<'a>(keys: impl IntoIterator<Item = &'a String>) -> pb::CheckBatchRequest {
     pb::CheckBatchRequest {

@@ -160,11 +160,7 @@ fn sigterm_drains_and_exits_cleanly() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let serving = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains("freshd serving"))
-        .expect("a serving log line");
+    let serving = crate::harness::log_line(&mut lines, "freshd serving");
     assert!(serving.contains("\"addr\":\"127.0.0.1:"), "{serving}");
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

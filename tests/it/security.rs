@@ -1517,11 +1517,7 @@ async fn sighup_reloads_the_principals_at_once() {
                 .status();
         }
     });
-    let serving = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains("freshd serving"))
-        .expect("a serving log line");
+    let serving = crate::harness::log_line(&mut lines, "freshd serving");
     let addr = serving
         .split("\"addr\":\"")
         .nth(1)
@@ -1542,11 +1538,7 @@ async fn sighup_reloads_the_principals_at_once() {
         .status()
         .unwrap();
     assert!(hangup.success());
-    let reloaded = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find(|l| l.contains("reloaded the principals"))
-        .expect("a reload log line");
+    let reloaded = crate::harness::log_line(&mut lines, "reloaded the principals");
     assert!(reloaded.contains("\"added\":1"), "{reloaded}");
     // Still serving, and the new token works.
     let channel = Channel::from_shared(format!("http://{addr}"))
