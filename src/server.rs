@@ -325,24 +325,19 @@ async fn forward_hangups(reload: tokio::sync::watch::Sender<()>) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch SIGHUP; files are checked on their intervals only");
-            // Kept, so that the reloaders keep waiting on it.
-            return std::future::pending().await;
+            return;
         }
     };
     while hangups.recv().await.is_some() {
         tracing::info!("SIGHUP received: checking the TLS files and the principals for changes");
         reload.send_replace(());
     }
-    std::future::pending::<()>().await;
-    drop(reload);
 }
 
-/// Holds `reload` (no SIGHUP here): files are checked on their intervals.
+/// No SIGHUP here: dropping `reload` leaves the reloaders to their
+/// intervals ([`tick_or_hangup`]).
 #[cfg(not(unix))]
-async fn forward_hangups(reload: tokio::sync::watch::Sender<()>) {
-    std::future::pending::<()>().await;
-    drop(reload);
-}
+async fn forward_hangups(_reload: tokio::sync::watch::Sender<()>) {}
 
 /// Waits for the next tick of `tick`, or for a SIGHUP forwarded to
 /// `hangup`, whichever comes first.
@@ -354,7 +349,8 @@ pub(crate) async fn tick_or_hangup(
         _ = tick.tick() => {}
         changed = hangup.changed() => {
             if changed.is_err() {
-                // The forwarder is gone: ticks only.
+                // No SIGHUP to forward: ticks only (this branch is
+                // ready at once from now on, so wait for the tick).
                 tick.tick().await;
             }
         }
