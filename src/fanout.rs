@@ -242,8 +242,9 @@ struct Queue {
     base: u64,
     /// The highest seq handed to the stream's writer.
     drained_through: u64,
-    /// Batches written and not yet acknowledged: kept under the lock a
-    /// writer holds anyway when it takes the batch.
+    /// The newest batch written and not yet acknowledged: kept under the
+    /// lock a writer holds anyway when it takes the batch, beside the
+    /// queue, where writing it costs no cache miss.
     sent: Sent,
     /// Key -> absolute position of its queued notice, kept only while the
     /// queue is `indexed`; a short queue is searched instead, which spares
@@ -252,6 +253,10 @@ struct Queue {
     latest: HashMap<Key, u64, KeyHash>,
     overflows: u64,
     conflations: u64,
+    /// The unacknowledged batches before `sent`'s, oldest first, at most
+    /// [`SENT_BATCHES`]` - 1`: out of the lines a fan-out touches, since
+    /// only a client whose acks lag a batch or more behind has any.
+    sent_before: VecDeque<Batch>,
 }
 
 impl Queue {
@@ -266,7 +271,7 @@ impl Queue {
         // The delivery writes `sent`, the one line of the queue this pass
         // has not touched: read now, its miss overlaps this stream's
         // others instead of stalling the delivery's write on its own.
-        std::hint::black_box(self.sent.overflow.is_some());
+        std::hint::black_box(self.sent.newest.is_some());
         Some(express)
     }
 
@@ -685,23 +690,32 @@ pub struct Subscriber {
     metrics: Arc<Metrics>,
 }
 
-/// What a stream has written and not yet had acknowledged.
+/// A batch written to a stream, for its acknowledgement delay: `(last seq,
+/// oldest event time in Unix ms, that notice's namespace)`.
+type Batch = (u64, u64, Label);
+
+/// The newest batch a stream has written and not yet had acknowledged (the
+/// ones before it are [`Queue::sent_before`]).
 #[derive(Default)]
 struct Sent {
-    /// `(last seq, oldest event time, its namespace)` per batch, oldest
-    /// first; bounded by [`SENT_BATCHES`].
-    batches: VecDeque<(u64, u64, Label)>,
-    /// The batches written since the record filled, as one: a client this
-    /// far behind on its acknowledgements costs no more memory, and every
-    /// later ack still measures from the oldest event time it covers. Kept
-    /// here, beside the queue, where writing it costs no cache miss.
-    overflow: Option<Box<(u64, u64, Label)>>,
+    newest: Option<Batch>,
+    /// `newest` stands for every batch written since the record filled: a
+    /// client this far behind on its acknowledgements costs no more memory,
+    /// and every later ack still measures from the oldest event time it
+    /// covers. A client that acks each batch before the next, or never
+    /// acks, touches nothing of the record but this.
+    merged: bool,
 }
 
-impl Sent {
+impl Queue {
     /// Notes a batch written to the stream: its delays to `written`, and
     /// what its acknowledgement will be measured from.
-    fn record(&mut self, metrics: &Metrics, notices: &[Arc<Notice>], recording: &mut Recording) {
+    fn record_sent(
+        &mut self,
+        metrics: &Metrics,
+        notices: &[Arc<Notice>],
+        recording: &mut Recording,
+    ) {
         let (Some(last), Some(oldest)) = (
             notices.last().map(|n| n.seq),
             notices.iter().min_by_key(|n| n.event_time_ms),
@@ -717,33 +731,49 @@ impl Sent {
                 }
             }
         }
-        if let Some(overflow) = &mut self.overflow {
-            overflow.0 = last;
-            overflow.1 = overflow.1.min(oldest.event_time_ms);
-            return;
-        }
-        let label = oldest.namespace(metrics).0.clone();
-        let batch = (last, oldest.event_time_ms, label);
-        if self.batches.len() == SENT_BATCHES {
-            self.overflow = Some(Box::new(batch));
-        } else {
-            self.batches.push_back(batch);
+        match &mut self.sent.newest {
+            Some(newest) if self.sent.merged => {
+                newest.0 = last;
+                newest.1 = newest.1.min(oldest.event_time_ms);
+            }
+            Some(newest) => {
+                let batch = (
+                    last,
+                    oldest.event_time_ms,
+                    oldest.namespace(metrics).0.clone(),
+                );
+                self.sent_before.push_back(std::mem::replace(newest, batch));
+                self.sent.merged = self.sent_before.len() + 1 >= SENT_BATCHES;
+            }
+            None => {
+                let label = oldest.namespace(metrics).0.clone();
+                self.sent.newest = Some((last, oldest.event_time_ms, label));
+            }
         }
     }
 
     /// Takes the batches an acknowledgement of `seq` covers, oldest first.
-    fn acked(&mut self, seq: u64) -> Vec<(u64, u64, Label)> {
+    fn take_acked(&mut self, seq: u64) -> Vec<Batch> {
         let n = self
-            .batches
+            .sent_before
             .iter()
             .take_while(|(s, _, _)| *s <= seq)
             .count();
-        let mut acked: Vec<_> = self.batches.drain(..n).collect();
-        // The overflow follows every batch in the record.
-        if self.overflow.as_ref().is_some_and(|o| o.0 <= seq) {
-            acked.extend(self.overflow.take().map(|o| *o));
+        let mut acked: Vec<Batch> = self.sent_before.drain(..n).collect();
+        // The newest follows every batch before it.
+        if self.sent.newest.as_ref().is_some_and(|b| b.0 <= seq) {
+            acked.extend(self.sent.newest.take());
         }
+        // With room again, a merged newest is kept as one batch and the
+        // next is remembered on its own.
+        self.sent.merged &= acked.is_empty();
         acked
+    }
+
+    /// Batches remembered.
+    #[cfg(test)]
+    fn sent_len(&self) -> usize {
+        self.sent_before.len() + usize::from(self.sent.newest.is_some())
     }
 }
 
@@ -754,9 +784,10 @@ const SEARCHED: usize = 16;
 /// Repairs remembered per stream while they await their ack or fill.
 const PENDING_REPAIRS: usize = 4096;
 
-/// Batches remembered per stream for acknowledgement delays; past it, a
-/// stream's batches are remembered as one until an ack covers them.
-const SENT_BATCHES: usize = 128;
+/// Unacknowledged batches remembered one by one per stream, for
+/// acknowledgement delays; the last of them and every batch after it are
+/// remembered as one until an ack covers them.
+const SENT_BATCHES: usize = 16;
 
 impl Subscriber {
     /// Whether this stream wants a notice, before filters.
@@ -798,7 +829,7 @@ impl Subscriber {
         self.acked.fetch_max(seq, Ordering::Relaxed);
         let acked: Vec<(u64, u64, Label)> = {
             let mut queue = self.queue.lock();
-            queue.sent.acked(seq)
+            queue.take_acked(seq)
         };
         // Recorded with the queue let go: publishes queue notices under it.
         let mut oldest = None;
@@ -858,8 +889,7 @@ impl Subscriber {
         let mut recording = Recording::default();
         self.queue
             .lock()
-            .sent
-            .record(&self.metrics, notices, &mut recording);
+            .record_sent(&self.metrics, notices, &mut recording);
     }
 
     /// Lets fan-outs write this stream's live notices through `express`
@@ -929,7 +959,7 @@ impl Subscriber {
             }
             // `next` is asked for a message only when the stream has room
             // for it: the batch is written.
-            queue.sent.record(metrics, batch, recording);
+            queue.record_sent(metrics, batch, recording);
             // With all of the queue taken, `busy` goes back now rather than
             // under one more hold of the queue's lock: the batch is framed
             // under the connection's lock, which any other writer of the
@@ -1408,6 +1438,7 @@ impl Hub {
                 busy: true,
                 express: None,
                 sent: Sent::default(),
+                sent_before: VecDeque::new(),
             }),
             wake: Notify::new(),
             filters: Mutex::new(Filters::default()),
@@ -1733,6 +1764,7 @@ mod tests {
             busy: true,
             express: None,
             sent: Sent::default(),
+            sent_before: VecDeque::new(),
         }
     }
 
@@ -2106,8 +2138,9 @@ mod tests {
             })
         };
         // More batches than are remembered: the first stays, and a late
-        // batch with an old event time is remembered in the overflow.
-        let batches = SENT_BATCHES as u64 * 2;
+        // batch with an old event time is remembered in the newest, which
+        // stands for every batch since the record filled.
+        let batches = SENT_BATCHES as u64 * 8;
         for seq in 1..=batches {
             let ago = match seq {
                 1 => 5_000,
@@ -2116,20 +2149,56 @@ mod tests {
             };
             sub.sent(&[at(seq, ago)]);
         }
-        assert_eq!(sub.queue.lock().sent.batches.len(), SENT_BATCHES);
-        assert!(sub.queue.lock().sent.overflow.is_some());
+        assert_eq!(sub.queue.lock().sent_len(), SENT_BATCHES);
         sub.ack(1);
         let first = sub.ack_delay_ms.load(Ordering::Relaxed);
         assert!((5_000..60_000).contains(&first), "{first}");
-        // An ack inside the overflow's batches leaves it for a later one.
+        // An ack inside the newest's batches leaves it for a later one.
         sub.ack(batches - 1);
-        assert!(sub.queue.lock().sent.batches.is_empty());
-        assert!(sub.queue.lock().sent.overflow.is_some());
+        assert_eq!(sub.queue.lock().sent_len(), 1);
+        assert!(sub.queue.lock().sent_before.is_empty());
+        // With room again, the next batch is remembered on its own.
+        sub.sent(&[at(batches + 1, 1_000)]);
+        assert_eq!(sub.queue.lock().sent_len(), 2);
         sub.ack(batches);
         let last = sub.ack_delay_ms.load(Ordering::Relaxed);
         assert!(last >= 60_000, "{last}");
-        assert!(sub.queue.lock().sent.batches.is_empty());
-        assert!(sub.queue.lock().sent.overflow.is_none());
+        assert_eq!(sub.queue.lock().sent_len(), 1);
+        sub.ack(batches + 1);
+        let last = sub.ack_delay_ms.load(Ordering::Relaxed);
+        assert!((1_000..60_000).contains(&last), "{last}");
+        assert_eq!(sub.queue.lock().sent_len(), 0);
+    }
+
+    #[test]
+    fn acks_that_keep_up_leave_only_the_newest_batch() {
+        let metrics = Arc::new(Metrics::new(Default::default()));
+        let hub = Hub::new(HubConfig::default(), 0, metrics.clone());
+        let (sub, _) = hub.subscribe("c", false, None, &[], &[], None).unwrap();
+        let at = |seq: u64, ago: u64| {
+            Arc::new(Notice {
+                event_time_ms: unix_ms() - ago,
+                ..(*n(seq, "feed:1")).clone()
+            })
+        };
+        sub.sent(&[at(1, 1_000)]);
+        sub.ack(1);
+        sub.sent(&[at(2, 2_000), at(3, 1_000)]);
+        assert!(sub.queue.lock().sent_before.is_empty());
+        // One batch behind: the older one waits beside the newest, in order.
+        sub.sent(&[at(4, 7_000)]);
+        assert_eq!(sub.queue.lock().sent_len(), 2);
+        sub.ack(3);
+        let delay = sub.ack_delay_ms.load(Ordering::Relaxed);
+        assert!((2_000..7_000).contains(&delay), "{delay}");
+        assert!(sub.queue.lock().sent_before.is_empty());
+        sub.ack(4);
+        let delay = sub.ack_delay_ms.load(Ordering::Relaxed);
+        assert!(delay >= 7_000, "{delay}");
+        assert_eq!(sub.queue.lock().sent_len(), 0);
+        // An ack of what was never written takes nothing.
+        sub.ack(9);
+        assert_eq!(sub.queue.lock().sent_len(), 0);
     }
 }
 #[cfg(test)]
