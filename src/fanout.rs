@@ -275,6 +275,30 @@ impl Queue {
         Some(express)
     }
 
+    /// Whether `notice` would be queued alone, neither conflating nor
+    /// overflowing: nothing is queued and it fits the bounds by itself.
+    fn takes_alone(&self, notice: &Notice, config: &HubConfig) -> bool {
+        self.live == 0 && config.queue_notices > 0 && notice.bytes() <= config.queue_bytes
+    }
+
+    /// Puts back, ahead of everything queued since, a notice a fan-out took
+    /// without queueing and could not write. A newer notice of its key
+    /// queued meanwhile conflates it; a stream gone behind meanwhile
+    /// catches up from before it.
+    fn requeue(&mut self, notice: &Arc<Notice>) {
+        let newer: Vec<Arc<Notice>> = self.items.drain(..).flatten().collect();
+        let (live, bytes) = (self.live, self.bytes);
+        self.clear();
+        // The same bounds as a fan-out's push: the notices were queued
+        // behind one that only now counts.
+        let cap = newer.len() + 1;
+        let cap_bytes = bytes + notice.bytes();
+        debug_assert_eq!(live, newer.len());
+        for n in std::iter::once(notice).chain(&newer) {
+            self.push(n, cap, cap_bytes);
+        }
+    }
+
     fn clear(&mut self) {
         self.base += self.items.len() as u64;
         self.items.clear();
@@ -397,6 +421,9 @@ impl Queue {
 #[must_use = "dropping it writes the notices"]
 pub struct Delivery {
     claimed: Vec<Claim>,
+    /// The fan-out's notices, which claims name by index: none is cloned
+    /// per stream.
+    notices: Vec<Arc<Notice>>,
     /// The hub's note of when its last writes finished, and its metrics
     /// (passed to each stream's write, not read from each stream: that
     /// field lies lines away from what else a write touches, a cache miss
@@ -417,6 +444,7 @@ impl Drop for Delivery {
         }
         let mut held = Some(Delivery {
             claimed: std::mem::take(&mut self.claimed),
+            notices: std::mem::take(&mut self.notices),
             hub: self.hub.take(),
         });
         LATER.with_borrow_mut(|later| {
@@ -436,12 +464,13 @@ impl Drop for Delivery {
             // sent as soon as it is framed.
             let claimed = &mut delivery.claimed;
             claimed.sort_unstable_by_key(|claim| claim.connection_id);
-            for group in claimed.chunk_by(|a, b| a.connection_id == b.connection_id) {
+            let notices = &delivery.notices;
+            for group in claimed.chunk_by_mut(|a, b| a.connection_id == b.connection_id) {
                 let connection = group
-                    .iter()
-                    .find_map(|claim| claim.connection.as_ref())
+                    .iter_mut()
+                    .find_map(|claim| claim.connection.take())
                     .expect("a claim of each connection holds it");
-                let holds = group.chunks(WRITES_PER_HOLD);
+                let holds = group.chunks_mut(WRITES_PER_HOLD);
                 let last = holds.len() - 1;
                 for (i, hold) in holds.enumerate() {
                     let flush = if i == last {
@@ -450,12 +479,13 @@ impl Drop for Delivery {
                         Flush::Hold
                     };
                     connection.locked(flush, &mut |writes| {
-                        for claim in hold {
+                        for claim in hold.iter() {
                             claim.sub.express(
                                 &metrics,
                                 writes,
                                 claim.stream,
-                                claim.max_message,
+                                claim.max_message as usize,
+                                claim.notice.map(|i| &notices[i as usize]),
                                 &mut batch,
                                 &mut recording,
                             );
@@ -629,7 +659,12 @@ struct Claim {
     connection_id: usize,
     sub: Arc<Subscriber>,
     stream: u32,
-    max_message: usize,
+    /// [`ExpressWriter::max_message`].
+    max_message: u32,
+    /// The stream's one notice from this fan-out (its index among the
+    /// delivery's notices), when its queue was empty: written ahead of the
+    /// queue, which it never entered (see [`Subscriber::express`]).
+    notice: Option<u32>,
     /// The connection, held by the first claim on it (in the fan-out's
     /// order; again after [`HELD`] other connections), so that every
     /// connection a delivery writes is held at least once, without a
@@ -931,46 +966,69 @@ impl Subscriber {
         }
     }
 
-    /// Writes the queue to `stream` of a connection whose lock is held
-    /// (this fan-out holds `busy`), then gives `busy` back, and wakes the
+    /// Writes `notice` (a fan-out's notice that never entered the queue)
+    /// and the queue to `stream` of a connection whose lock is held (this
+    /// fan-out holds `busy`), then gives `busy` back, and wakes the
     /// stream's task unless that was all the stream needed (nothing left
-    /// queued, nothing failed).
+    /// queued, nothing failed). A `notice` that could not be written goes
+    /// to the front of the queue, for the task.
+    #[allow(clippy::too_many_arguments)]
     fn express(
         &self,
         metrics: &Metrics,
         writes: &mut dyn StreamWrites,
         stream: u32,
         max_message: usize,
+        notice: Option<&Arc<Notice>>,
         batch: &mut Vec<Arc<Notice>>,
         recording: &mut Recording,
     ) {
         batch.clear();
         let mut released = false;
+        let mut taken = false;
         let wrote = writes.write(stream, max_message, &mut |max_message, out| {
             let mut queue = self.queue.lock();
             // `bytes` counts more than a notice's encoding takes, so a
             // queue within the limit makes a message within it.
-            if queue.live > crate::watch::BATCH || queue.bytes + 64 > max_message {
+            let (live, bytes) = match notice {
+                Some(n) => (queue.live + 1, queue.bytes + n.bytes()),
+                None => (queue.live, queue.bytes),
+            };
+            if live > crate::watch::BATCH || bytes + 64 > max_message || queue.state != State::Live
+            {
                 return false;
             }
-            queue.drain(usize::MAX, batch);
-            if batch.is_empty() {
+            if let Some(n) = notice {
+                queue.drained_through = queue.drained_through.max(n.seq);
+                taken = true;
+            }
+            // The common case, a lone notice and nothing queued, is
+            // written from the delivery's own.
+            let notices = match notice {
+                Some(n) if queue.live == 0 => std::slice::from_ref(n),
+                _ => {
+                    batch.extend(notice.cloned());
+                    queue.drain(usize::MAX, batch);
+                    &batch[..]
+                }
+            };
+            if notices.is_empty() {
                 return false;
             }
             // `next` is asked for a message only when the stream has room
             // for it: the batch is written.
-            queue.record_sent(metrics, batch, recording);
+            queue.record_sent(metrics, notices, recording);
             // With all of the queue taken, `busy` goes back now rather than
             // under one more hold of the queue's lock: the batch is framed
             // under the connection's lock, which any other writer of the
             // stream (its task, another fan-out) needs first, so nothing
             // overtakes it.
-            if queue.live == 0 && queue.state == State::Live {
+            if queue.live == 0 {
                 queue.busy = false;
                 released = true;
             }
             drop(queue);
-            crate::watch::encode_live_batch(batch, self, out);
+            crate::watch::encode_live_batch(notices, self, out);
             true
         });
         if released {
@@ -981,6 +1039,9 @@ impl Subscriber {
         }
         let done = {
             let mut queue = self.queue.lock();
+            if let Some(n) = notice.filter(|_| !taken) {
+                queue.requeue(n);
+            }
             queue.busy = false;
             matches!(wrote, Wrote::Written | Wrote::Nothing)
                 && queue.live == 0
@@ -1325,25 +1386,44 @@ impl Hub {
             delivery.claimed.reserve(targets.len());
             for group in targets.chunk_by(|a, b| a.0 == b.0) {
                 let sub = group[0].2;
-                let express = {
+                let (express, notice) = {
                     let mut queue = sub.queue.lock();
+                    let claim = |express: &ExpressWriter| {
+                        let id = express.connection_id();
+                        let connection =
+                            (busy || !held.contains(&id)).then(|| express.connection.clone());
+                        (id, express.stream, express.max_message, connection)
+                    };
+                    // A parked stream with nothing queued takes a lone
+                    // notice to its delivery without queueing it: the
+                    // queue's buffer, a cache line of its own per stream,
+                    // is not touched.
+                    let alone = match *group {
+                        [(_, i, _)] => queue
+                            .takes_alone(&notices[i], &self.config)
+                            .then(|| queue.claim_express().map(claim))
+                            .flatten()
+                            .map(|express| (express, i as u32)),
+                        _ => None,
+                    };
                     for &(_, i, _) in group {
-                        let n = &notices[i];
-                        match queue.push(n, self.config.queue_notices, self.config.queue_bytes) {
-                            Pushed::Conflated => conflations += 1,
-                            Pushed::Overflowed => overflows += 1,
-                            Pushed::Queued | Pushed::Missed => {}
+                        if alone.is_none() {
+                            let n = &notices[i];
+                            match queue.push(n, self.config.queue_notices, self.config.queue_bytes)
+                            {
+                                Pushed::Conflated => conflations += 1,
+                                Pushed::Overflowed => overflows += 1,
+                                Pushed::Queued | Pushed::Missed => {}
+                            }
                         }
                         if let Some((_, _, delivered)) = &mut delays[i] {
                             *delivered += 1;
                         }
                     }
-                    queue.claim_express().map(|express| {
-                        let id = express.connection_id();
-                        let connection =
-                            (busy || !held.contains(&id)).then(|| express.connection.clone());
-                        (id, express.stream, express.max_message as usize, connection)
-                    })
+                    match alone {
+                        Some((express, notice)) => (Some(express), Some(notice)),
+                        None => (queue.claim_express().map(claim), None),
+                    }
                 };
                 // A parked stream's notices are written by the delivery,
                 // without a trip through its task; the task is woken for
@@ -1355,7 +1435,8 @@ impl Hub {
                                 &self.metrics,
                                 writes,
                                 stream,
-                                max_message,
+                                max_message as usize,
+                                notice.map(|i| &notices[i as usize]),
                                 &mut batch,
                                 &mut recording,
                             )
@@ -1371,6 +1452,7 @@ impl Hub {
                             sub: sub.clone(),
                             stream,
                             max_message,
+                            notice,
                             connection,
                         })
                     }
@@ -1382,6 +1464,9 @@ impl Hub {
             }
             self.conflations.fetch_add(conflations, Ordering::Relaxed);
             self.overflows.fetch_add(overflows, Ordering::Relaxed);
+        }
+        if !delivery.claimed.is_empty() {
+            delivery.notices = notices;
         }
         self.fanned.store(seq, Ordering::Release);
         delivery
@@ -1912,6 +1997,136 @@ mod tests {
             self.recorder.log.lock().push(stream.to_string());
             Wrote::Written
         }
+    }
+
+    /// A connection whose streams have no room, or are gone: nothing is
+    /// written.
+    struct Closed(Wrote);
+
+    impl Express for Closed {
+        fn locked(&self, _: Flush, writes: &mut dyn FnMut(&mut dyn StreamWrites)) {
+            writes(&mut Refusing(self.0));
+        }
+    }
+
+    struct Refusing(Wrote);
+
+    impl StreamWrites for Refusing {
+        fn write(
+            &mut self,
+            _: u32,
+            _: usize,
+            _: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
+        ) -> Wrote {
+            self.0
+        }
+    }
+
+    /// Whether the stream's task was woken (and takes the wake).
+    fn woken(sub: &Subscriber) -> bool {
+        let notified = std::pin::pin!(sub.wake.notified());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::future::Future::poll(notified, &mut cx).is_ready()
+    }
+
+    /// A parked stream tracking `keys`, written through `connection`.
+    fn parked(hub: &Hub, keys: &[&str], connection: Arc<dyn Express>) -> Arc<Subscriber> {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        let (sub, _) = hub.subscribe("c", false, None, &keys, &[], None).unwrap();
+        sub.set_express(ExpressWriter {
+            connection,
+            stream: 1,
+            max_message: 1 << 20,
+        });
+        assert!(sub.park());
+        sub
+    }
+
+    fn publish(hub: &Hub, seq: u64, key: &str) -> Delivery {
+        hub.fanout(seq, vec![(*n(seq, key)).clone()])
+    }
+
+    /// The common case: a notice for a parked stream with nothing queued
+    /// goes from the fan-out to the socket without entering the queue.
+    #[test]
+    fn a_lone_notice_to_a_parked_stream_skips_its_queue() {
+        let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
+        let log = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let connection = Arc::new(Recorder {
+            connection: 1,
+            log: log.clone(),
+        });
+        let sub = parked(&hub, &["a"], connection);
+        for seq in 1..=3 {
+            drop(publish(&hub, seq, "a"));
+        }
+        assert_eq!(log.lock().iter().filter(|l| *l == "1").count(), 3);
+        let queue = sub.queue.lock();
+        assert_eq!(
+            queue.items.capacity(),
+            0,
+            "the queue's buffer was never used"
+        );
+        assert_eq!((queue.live, queue.drained_through), (0, 3));
+        assert_eq!(queue.sent.newest.as_ref().map(|b| b.0), Some(3));
+        assert!(!queue.busy, "parked again");
+    }
+
+    /// A notice the fan-out could not write waits in the queue for the
+    /// stream's task, ahead of the notices queued since, and the task is
+    /// woken.
+    #[test]
+    fn a_lone_notice_without_room_waits_ahead_of_newer_ones() {
+        for wrote in [Wrote::NoRoom, Wrote::Gone] {
+            let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
+            let sub = parked(&hub, &["a", "b", "c"], Arc::new(Closed(wrote)));
+            let first = publish(&hub, 1, "a");
+            // Publishes while the first one's delivery is pending find the
+            // stream claimed and queue their notices.
+            drop(publish(&hub, 2, "b"));
+            drop(publish(&hub, 3, "c"));
+            drop(first);
+            let mut queue = sub.queue.lock();
+            assert!(!queue.busy);
+            let keys: Vec<(u64, String)> = drained(&mut queue, 10);
+            assert_eq!(
+                keys,
+                [(1, "a".into()), (2, "b".into()), (3, "c".into())],
+                "{wrote:?}"
+            );
+            drop(queue);
+            assert!(woken(&sub), "the task is woken to write them ({wrote:?})");
+        }
+    }
+
+    /// Put back, the notice is conflated by a newer one of its key, and a
+    /// stream that went behind meanwhile catches up from before it.
+    #[test]
+    fn a_lone_notice_put_back_conflates_or_is_covered_by_the_catch_up() {
+        let hub = Hub::new(HubConfig::default(), 0, Arc::new(Metrics::disabled()));
+        let sub = parked(&hub, &["a", "b"], Arc::new(Closed(Wrote::NoRoom)));
+        let first = publish(&hub, 1, "a");
+        drop(publish(&hub, 2, "b"));
+        drop(publish(&hub, 3, "a"));
+        drop(first);
+        let mut queue = sub.queue.lock();
+        assert_eq!(drained(&mut queue, 10), [(2, "b".into()), (3, "a".into())]);
+        assert_eq!(queue.conflations, 1);
+        drop(queue);
+
+        let config = HubConfig {
+            queue_notices: 1,
+            ..HubConfig::default()
+        };
+        let hub = Hub::new(config, 0, Arc::new(Metrics::disabled()));
+        let sub = parked(&hub, &["a", "b", "c"], Arc::new(Closed(Wrote::NoRoom)));
+        let first = publish(&hub, 1, "a");
+        drop(publish(&hub, 2, "b"));
+        drop(publish(&hub, 3, "c"));
+        drop(first);
+        let queue = sub.queue.lock();
+        assert_eq!(queue.state, State::behind(0, 3, Behind::SlowConsumer));
+        assert_eq!(queue.live, 0, "the catch-up covers all three");
     }
 
     /// A connection with more streams than [`WRITES_PER_HOLD`] is written
