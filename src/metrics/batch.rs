@@ -41,6 +41,9 @@ pub struct Tally {
     sum: f64,
     count: u64,
     counts: [u64; MAX_BOUNDS + 1],
+    /// The last value tallied (its bits) and its bucket: a run of writes
+    /// mostly tallies one delay over and over, found once.
+    last: Option<(u64, usize)>,
 }
 
 /// The bucket of `v` among `bounds` (ascending): the first bound at or above
@@ -98,9 +101,18 @@ impl BatchHistogram {
 
     /// Adds `v` to `tally`, to be recorded later with [`Self::add`].
     pub fn tally(&self, tally: &mut Tally, v: f64) {
+        let bits = v.to_bits();
+        let i = match tally.last {
+            Some((last, i)) if last == bits => i,
+            _ => {
+                let i = bucket(self.bounds, v);
+                tally.last = Some((bits, i));
+                i
+            }
+        };
         tally.sum += v;
         tally.count += 1;
-        tally.counts[bucket(self.bounds, v)] += 1;
+        tally.counts[i] += 1;
     }
 
     /// Records what `tally` gathered, and empties it.
