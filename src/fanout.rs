@@ -479,7 +479,13 @@ impl Drop for Delivery {
                         Flush::Hold
                     };
                     connection.locked(flush, &mut |writes| {
-                        for claim in hold.iter() {
+                        for (k, claim) in hold.iter().enumerate() {
+                            // The next stream's first line (outside its
+                            // lock) and its connection state, read ahead.
+                            if let Some(next) = hold.get(k + 1) {
+                                std::hint::black_box(next.sub.id);
+                                writes.look_ahead(next.stream);
+                            }
                             claim.sub.express(
                                 &metrics,
                                 writes,
@@ -628,6 +634,11 @@ pub trait StreamWrites {
         max_message: usize,
         next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
     ) -> Wrote;
+
+    /// A write to `stream` follows the next one: reading its state now,
+    /// before the next write's locks, overlaps its cache misses with that
+    /// write's instead of waiting for them after. Does nothing by default.
+    fn look_ahead(&mut self, _stream: u32) {}
 }
 
 /// A stream's express writer: its connection and the stream there. Held in
