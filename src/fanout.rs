@@ -2352,17 +2352,24 @@ mod tests {
         assert_eq!(count("posts", "acked"), 1.0, "{scrape}");
     }
 
+    /// A stream of a hub that records metrics.
+    fn measured_stream() -> Arc<Subscriber> {
+        let metrics = Arc::new(Metrics::new(Default::default()));
+        let hub = Hub::new(HubConfig::default(), 0, metrics);
+        hub.subscribe("c", false, None, &[], &[], None).unwrap().0
+    }
+
+    /// A notice of `feed:1` at `seq` whose event was `ago` ms ago.
+    fn at(seq: u64, ago: u64) -> Arc<Notice> {
+        Arc::new(Notice {
+            event_time_ms: unix_ms() - ago,
+            ..(*n(seq, "feed:1")).clone()
+        })
+    }
+
     #[test]
     fn a_stream_far_behind_on_acks_keeps_its_oldest_event_times() {
-        let metrics = Arc::new(Metrics::new(Default::default()));
-        let hub = Hub::new(HubConfig::default(), 0, metrics.clone());
-        let (sub, _) = hub.subscribe("c", false, None, &[], &[], None).unwrap();
-        let at = |seq: u64, ago: u64| {
-            Arc::new(Notice {
-                event_time_ms: unix_ms() - ago,
-                ..(*n(seq, "feed:1")).clone()
-            })
-        };
+        let sub = measured_stream();
         // More batches than are remembered: the first stays, and a late
         // batch with an old event time is remembered in the newest, which
         // stands for every batch since the record filled.
@@ -2398,15 +2405,7 @@ mod tests {
 
     #[test]
     fn acks_that_keep_up_leave_only_the_newest_batch() {
-        let metrics = Arc::new(Metrics::new(Default::default()));
-        let hub = Hub::new(HubConfig::default(), 0, metrics.clone());
-        let (sub, _) = hub.subscribe("c", false, None, &[], &[], None).unwrap();
-        let at = |seq: u64, ago: u64| {
-            Arc::new(Notice {
-                event_time_ms: unix_ms() - ago,
-                ..(*n(seq, "feed:1")).clone()
-            })
-        };
+        let sub = measured_stream();
         sub.sent(&[at(1, 1_000)]);
         sub.ack(1);
         sub.sent(&[at(2, 2_000), at(3, 1_000)]);
