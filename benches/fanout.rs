@@ -239,5 +239,34 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// A stream's record of what it wrote, for acknowledgement delays: a
+/// batch written and acknowledged before the next, as a near cache that
+/// acks each batch does.
+fn ack(c: &mut Criterion) {
+    let metrics = Arc::new(Metrics::new(MetricsConfig::default()));
+    let hub = Hub::new(HubConfig::default(), 0, metrics);
+    let (sub, _) = hub
+        .subscribe("bench", false, None, &[KEY.to_string()], &[], None)
+        .expect("subscribed");
+    let key = Key::from(KEY);
+    let notice = Arc::new(Notice {
+        seq: 1,
+        key: key.clone(),
+        version: 1,
+        cause: key,
+        critical: false,
+        event_time_ms: freshd::metrics::unix_ms(),
+        origin: None,
+        cache: Default::default(),
+    });
+    let batch = [notice];
+    c.bench_function("a stream's batch written, then acknowledged", |b| {
+        b.iter(|| {
+            sub.sent(&batch);
+            sub.ack(1);
+        })
+    });
+}
+
+criterion_group!(benches, bench, ack);
 criterion_main!(benches);

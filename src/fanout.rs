@@ -798,22 +798,25 @@ impl Queue {
         }
     }
 
-    /// Takes the batches an acknowledgement of `seq` covers, oldest first.
-    fn take_acked(&mut self, seq: u64) -> Vec<Batch> {
+    /// Takes the batches an acknowledgement of `seq` covers: the older
+    /// ones, oldest first, then the newest if it is covered. An ack that
+    /// keeps up takes the newest alone, without allocating.
+    fn take_acked(&mut self, seq: u64) -> (Vec<Batch>, Option<Batch>) {
         let n = self
             .sent_before
             .iter()
             .take_while(|(s, _, _)| *s <= seq)
             .count();
-        let mut acked: Vec<Batch> = self.sent_before.drain(..n).collect();
+        let older: Vec<Batch> = self.sent_before.drain(..n).collect();
         // The newest follows every batch before it.
-        if self.sent.newest.as_ref().is_some_and(|b| b.0 <= seq) {
-            acked.extend(self.sent.newest.take());
-        }
+        let newest = match &self.sent.newest {
+            Some(b) if b.0 <= seq => self.sent.newest.take(),
+            _ => None,
+        };
         // With room again, a merged newest is kept as one batch and the
         // next is remembered on its own.
-        self.sent.merged &= acked.is_empty();
-        acked
+        self.sent.merged &= older.is_empty() && newest.is_none();
+        (older, newest)
     }
 
     /// Batches remembered.
@@ -873,19 +876,22 @@ impl Subscriber {
     /// time of the oldest notice it covers.
     pub fn ack(&self, seq: u64) {
         self.acked.fetch_max(seq, Ordering::Relaxed);
-        let acked: Vec<(u64, u64, Label)> = {
-            let mut queue = self.queue.lock();
-            queue.take_acked(seq)
-        };
+        let (older, newest) = self.queue.lock().take_acked(seq);
         // Recorded with the queue let go: publishes queue notices under it.
         let mut oldest = None;
-        for (_, event, namespace) in &acked {
-            self.metrics.invalidation_delay(namespace, "acked", *event);
+        let now = if older.is_empty() && newest.is_none() {
+            0
+        } else {
+            unix_ms()
+        };
+        for (_, event, namespace) in older.iter().chain(&newest) {
+            self.metrics
+                .invalidation_delay(namespace, "acked", *event, now);
             oldest = Some(oldest.map_or(*event, |o: u64| o.min(*event)));
         }
         if let Some(event) = oldest {
             self.ack_delay_ms
-                .store(unix_ms().saturating_sub(event), Ordering::Relaxed);
+                .store(now.saturating_sub(event), Ordering::Relaxed);
         }
         let mut awaiting = self.repairs_awaiting_ack.lock();
         while awaiting.front().is_some_and(|(s, _)| *s <= seq) {

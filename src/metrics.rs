@@ -419,13 +419,20 @@ impl Metrics {
         })
     }
 
-    /// Records the delay from a producer's event time (Unix ms) to a stage:
-    /// `enqueued`, `written` or `acked`.
-    pub fn invalidation_delay(&self, namespace: &Label, stage: &'static str, event_time_ms: u64) {
+    /// Records the delay from a producer's event time to a stage
+    /// (`enqueued`, `written` or `acked`) reached at `now_ms` (both Unix
+    /// ms; the caller's one clock read serves several records).
+    pub fn invalidation_delay(
+        &self,
+        namespace: &Label,
+        stage: &'static str,
+        event_time_ms: u64,
+        now_ms: u64,
+    ) {
         if !self.enabled {
             return;
         }
-        let delay = unix_ms().saturating_sub(event_time_ms);
+        let delay = now_ms.saturating_sub(event_time_ms);
         self.invalidation_delay
             .get_or_create(&StageLabels {
                 namespace: namespace.clone(),
