@@ -465,12 +465,12 @@ impl Drop for Delivery {
             let claimed = &mut delivery.claimed;
             claimed.sort_unstable_by_key(|claim| claim.connection_id);
             let notices = &delivery.notices;
-            for group in claimed.chunk_by_mut(|a, b| a.connection_id == b.connection_id) {
+            for group in claimed.chunk_by(|a, b| a.connection_id == b.connection_id) {
                 let connection = group
-                    .iter_mut()
-                    .find_map(|claim| claim.connection.take())
+                    .iter()
+                    .find_map(|claim| claim.connection.as_ref())
                     .expect("a claim of each connection holds it");
-                let holds = group.chunks_mut(WRITES_PER_HOLD);
+                let holds = group.chunks(WRITES_PER_HOLD);
                 let last = holds.len() - 1;
                 for (i, hold) in holds.enumerate() {
                     let flush = if i == last {
@@ -1416,30 +1416,31 @@ impl Hub {
                     // queue's buffer, a cache line of its own per stream,
                     // is not touched.
                     let alone = match *group {
-                        [(_, i, _)] => queue
-                            .takes_alone(&notices[i], &self.config)
-                            .then(|| queue.claim_express().map(claim))
-                            .flatten()
-                            .map(|express| (express, i as u32)),
+                        [(_, i, _)] if queue.takes_alone(&notices[i], &self.config) => queue
+                            .claim_express()
+                            .map(|express| (claim(express), i as u32)),
                         _ => None,
                     };
                     for &(_, i, _) in group {
-                        if alone.is_none() {
-                            let n = &notices[i];
-                            match queue.push(n, self.config.queue_notices, self.config.queue_bytes)
-                            {
-                                Pushed::Conflated => conflations += 1,
-                                Pushed::Overflowed => overflows += 1,
-                                Pushed::Queued | Pushed::Missed => {}
-                            }
-                        }
                         if let Some((_, _, delivered)) = &mut delays[i] {
                             *delivered += 1;
                         }
                     }
                     match alone {
                         Some((express, notice)) => (Some(express), Some(notice)),
-                        None => (queue.claim_express().map(claim), None),
+                        None => {
+                            for &(_, i, _) in group {
+                                let n = &notices[i];
+                                let (cap, cap_bytes) =
+                                    (self.config.queue_notices, self.config.queue_bytes);
+                                match queue.push(n, cap, cap_bytes) {
+                                    Pushed::Conflated => conflations += 1,
+                                    Pushed::Overflowed => overflows += 1,
+                                    Pushed::Queued | Pushed::Missed => {}
+                                }
+                            }
+                            (queue.claim_express().map(claim), None)
+                        }
                     }
                 };
                 // A parked stream's notices are written by the delivery,
