@@ -479,13 +479,14 @@ impl Drop for Delivery {
                         Flush::Hold
                     };
                     connection.locked(flush, &mut |writes| {
-                        for (k, claim) in hold.iter().enumerate() {
-                            // The next stream's first line (outside its
-                            // lock) and its connection state, read ahead.
-                            if let Some(next) = hold.get(k + 1) {
-                                std::hint::black_box(next.sub.id);
-                                writes.look_ahead(next.stream);
-                            }
+                        // Every stream's state on the connection first, in
+                        // a pass that takes no lock: its cache misses
+                        // overlap one another instead of each waiting
+                        // behind a stream's write (a lock is a full fence).
+                        for claim in hold {
+                            writes.look_ahead(claim.stream);
+                        }
+                        for claim in hold {
                             claim.sub.express(
                                 &metrics,
                                 writes,
@@ -635,9 +636,10 @@ pub trait StreamWrites {
         next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
     ) -> Wrote;
 
-    /// A write to `stream` follows the next one: reading its state now,
-    /// before the next write's locks, overlaps its cache misses with that
-    /// write's instead of waiting for them after. Does nothing by default.
+    /// A write to `stream` follows soon: reading its state now, in a pass
+    /// over the writes to come that takes no lock, overlaps its cache
+    /// misses with theirs instead of waiting for each one behind the write
+    /// before it. Does nothing by default.
     fn look_ahead(&mut self, _stream: u32) {}
 }
 
