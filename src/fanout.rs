@@ -214,10 +214,13 @@ impl State {
 }
 
 /// A stream's queue. In declaration order (`repr(C)`): what a fan-out
-/// reads and writes for every stream it reaches comes first, so that with
-/// the [`Subscriber`]'s own first fields it spans three cache lines, not
-/// one line per field scattered over the struct; with a thousand streams
-/// per publish, each line is a cache miss per stream.
+/// and its delivery read and write for a stream they reach with one
+/// notice comes first, so that with the [`Subscriber`]'s own first fields
+/// it spans two cache lines, not one line per field scattered over the
+/// struct; with a thousand streams per publish, each line is a cache miss
+/// per stream. The first line (the lock, the state) the fan-out reads ahead
+/// for every stream before it takes any lock; the second (the writer and
+/// the sent record) is the one miss it waits for under the lock.
 #[repr(C)]
 struct Queue {
     /// Someone is writing the stream's messages: its task, from its start
@@ -231,21 +234,24 @@ struct Queue {
     /// reads on every wake, so checking it touches no other memory.
     client_news: bool,
     indexed: bool,
+    /// Notices queued (at most `queue_notices`, and never past `u32::MAX`:
+    /// four bytes that keep `drained_through` in the first line).
+    live: u32,
     state: State,
-    live: usize,
-    bytes: usize,
+    /// The highest seq handed to the stream's writer.
+    drained_through: u64,
     /// The stream's writer, when a fan-out may write through it
     /// ([`Subscriber::set_express`]).
     express: Option<ExpressWriter>,
+    /// The newest batch written and not yet acknowledged: kept under the
+    /// lock a writer holds anyway when it takes the batch, in the line a
+    /// fan-out's claim reads for `express`, where the delivery's write
+    /// costs no cache miss.
+    sent: Sent,
+    bytes: usize,
     items: VecDeque<Option<Arc<Notice>>>,
     /// Absolute position of `items[0]`.
     base: u64,
-    /// The highest seq handed to the stream's writer.
-    drained_through: u64,
-    /// The newest batch written and not yet acknowledged: kept under the
-    /// lock a writer holds anyway when it takes the batch, beside the
-    /// queue, where writing it costs no cache miss.
-    sent: Sent,
     /// Key -> absolute position of its queued notice, kept only while the
     /// queue is `indexed`; a short queue is searched instead, which spares
     /// the common case (a notice queued and drained before the next) three
@@ -268,10 +274,6 @@ impl Queue {
         }
         let express = self.express.as_ref()?;
         self.busy = true;
-        // The delivery writes `sent`, the one line of the queue this pass
-        // has not touched: read now, its miss overlaps this stream's
-        // others instead of stalling the delivery's write on its own.
-        std::hint::black_box(self.sent.newest.is_some());
         Some(express)
     }
 
@@ -287,7 +289,7 @@ impl Queue {
     /// catches up from before it.
     fn requeue(&mut self, notice: &Arc<Notice>) {
         let newer: Vec<Arc<Notice>> = self.items.drain(..).flatten().collect();
-        let (live, bytes) = (self.live, self.bytes);
+        let (live, bytes) = (self.live as usize, self.bytes);
         self.clear();
         // The same bounds as a fan-out's push: the notices were queued
         // behind one that only now counts.
@@ -324,7 +326,9 @@ impl Queue {
             self.conflations += 1;
             pushed = Pushed::Conflated;
         }
-        if self.live >= cap || self.bytes + notice.bytes() > cap_bytes {
+        if self.live as usize >= cap.min(u32::MAX as usize)
+            || self.bytes + notice.bytes() > cap_bytes
+        {
             self.overflows += 1;
             self.state = State::behind(self.drained_through, notice.seq, Behind::SlowConsumer);
             self.clear();
@@ -710,15 +714,18 @@ impl Filters {
 
 /// One Watch stream, as the hub sees it. In declaration order
 /// (`repr(C)`): what a fan-out reads of every stream it reaches first,
-/// beside the reference counts, then the queue (see `Queue`).
+/// beside the reference counts, then the queue (see `Queue`), then the
+/// rest.
 #[repr(C)]
 pub struct Subscriber {
-    id: u64,
-    no_loop: bool,
     /// The principal whose watch scope bounds what the stream may see;
     /// `None` when authentication is off.
     owner: Option<Arc<Principal>>,
+    no_loop: bool,
     queue: Mutex<Queue>,
+    /// Read by route changes and stats, never by a fan-out (which tells
+    /// streams apart by address), so kept out of the lines it touches.
+    id: u64,
     /// The client's id, for no-loop and stats: read only for a notice
     /// whose publisher named a client id, so kept out of the first line.
     pub client_id: Arc<str>,
@@ -1009,9 +1016,12 @@ impl Subscriber {
             let mut queue = self.queue.lock();
             // `bytes` counts more than a notice's encoding takes, so a
             // queue within the limit makes a message within it.
+            // (`bytes` is read only with something queued: it lies beyond
+            // the two lines a lone notice's write touches.)
             let (live, bytes) = match notice {
-                Some(n) => (queue.live + 1, queue.bytes + n.bytes()),
-                None => (queue.live, queue.bytes),
+                Some(n) if queue.live == 0 => (1, n.bytes()),
+                Some(n) => (queue.live as usize + 1, queue.bytes + n.bytes()),
+                None => (queue.live as usize, queue.bytes),
             };
             if live > crate::watch::BATCH || bytes + 64 > max_message || queue.state != State::Live
             {
@@ -1114,7 +1124,7 @@ impl Subscriber {
 
     /// Queued notices right now.
     pub fn queued(&self) -> usize {
-        self.queue.lock().live
+        self.queue.lock().live as usize
     }
 }
 
@@ -1335,7 +1345,9 @@ impl Hub {
         }
         let routes = self.routes.read();
         if !routes.subscribers.is_empty() {
-            let mut targets: Vec<(u64, usize, &Arc<Subscriber>)> = Vec::new();
+            // Each target by its stream's address, which tells streams
+            // apart as well as their ids do without reading them.
+            let mut targets: Vec<(usize, usize, &Arc<Subscriber>)> = Vec::new();
             let mut scratch = Vec::new();
             let mut matched = 0;
             for (i, n) in notices.iter().enumerate() {
@@ -1344,7 +1356,7 @@ impl Hub {
                 targets.reserve(scratch.len());
                 for sub in scratch.drain(..) {
                     if sub.wants_origin(n) && sub.may_see(&n.key) {
-                        targets.push((sub.id, i, sub));
+                        targets.push((Arc::as_ptr(sub) as usize, i, sub));
                     }
                 }
             }
@@ -2198,10 +2210,11 @@ mod tests {
         assert_eq!(written, (0..streams as u32).collect::<Vec<_>>());
     }
 
-    /// What a fan-out reads and writes of every stream it reaches, from
-    /// the subscriber's id through its queue's `drained_through`, lies
-    /// within the first three cache lines of the stream's allocation (after
-    /// the `Arc`'s two counts): fields moved out of that run cost a cache
+    /// What a fan-out and its delivery read and write of a stream they
+    /// reach with one notice, from the subscriber's owner through its
+    /// queue's sent record, lies within the first two cache lines of the
+    /// stream's allocation (after the `Arc`'s two counts), the lock and
+    /// the state in the first: fields moved out of that run cost a cache
     /// miss per stream per publish.
     #[test]
     fn what_a_fan_out_touches_of_a_stream_leads_its_memory() {
@@ -2209,11 +2222,12 @@ mod tests {
         let (sub, _) = hub.subscribe("c", false, None, &[], &[], None).unwrap();
         let start = Arc::as_ptr(&sub) as usize - 2 * std::mem::size_of::<usize>();
         let queue = &*sub.queue.lock() as *const Queue as usize;
-        let hot_end = queue - start
-            + std::mem::offset_of!(Queue, drained_through)
-            + std::mem::size_of::<u64>();
-        assert!(hot_end <= 3 * 64, "the hot fields end at byte {hot_end}");
-        assert_eq!(std::mem::offset_of!(Subscriber, id), 0);
+        let at = |offset: usize| queue - start + offset;
+        let end = at(std::mem::offset_of!(Queue, sent) + std::mem::size_of::<Sent>());
+        assert!(end <= 2 * 64, "the hot fields end at byte {end}");
+        let first = at(std::mem::offset_of!(Queue, drained_through) + std::mem::size_of::<u64>());
+        assert!(first <= 64, "the first line ends at byte {first}");
+        assert_eq!(std::mem::offset_of!(Subscriber, owner), 0);
     }
 
     /// A publish's parked streams that share a connection are written one
@@ -2440,19 +2454,19 @@ mod layout {
     use super::{Queue, Sent, Subscriber};
     use std::mem::{offset_of, size_of};
 
-    /// What a fan-out and its delivery touch of a stream (the reference
-    /// counts, the routing fields, the queue's lock and its fields through
-    /// `sent`) ends within the first three cache lines of the allocation.
+    /// What a fan-out and its delivery touch of a stream with one notice
+    /// (the reference counts, the routing fields, the queue's lock and its
+    /// fields through `sent`) ends within the first two cache lines of the
+    /// allocation, and everything the fan-out reads before its claim's
+    /// lock (through `drained_through`) within the first.
     #[test]
-    fn a_streams_hot_fields_span_three_cache_lines() {
+    fn a_streams_hot_fields_span_two_cache_lines() {
         let counts = 2 * size_of::<usize>();
         let lock = size_of::<parking_lot::Mutex<Queue>>() - size_of::<Queue>();
         let queue = counts + offset_of!(Subscriber, queue) + lock;
         let end = queue + offset_of!(Queue, sent) + size_of::<Sent>();
-        assert!(end <= 3 * 64, "the hot fields end at byte {end}");
-        assert!(
-            queue + offset_of!(Queue, state) + size_of::<usize>() <= 64,
-            "the lock and the state share the first line"
-        );
+        assert!(end <= 2 * 64, "the hot fields end at byte {end}");
+        let first = queue + offset_of!(Queue, drained_through) + size_of::<u64>();
+        assert!(first <= 64, "the first line ends at byte {first}");
     }
 }
