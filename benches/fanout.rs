@@ -93,6 +93,13 @@ impl StreamWrites for Framer<'_> {
         put_heads(&mut self.out[start..], stream, len);
         Wrote::Written
     }
+
+    fn warm_output(&mut self, bytes: usize) {
+        // As freshd's HTTP/2 connection does.
+        let len = self.out.len();
+        self.out.resize(len + bytes, 0);
+        self.out.truncate(len);
+    }
 }
 
 /// A hub with `STREAMS` parked streams tracking [`KEY`] on `connections`

@@ -1351,6 +1351,15 @@ impl StreamWrites for State {
     fn look_ahead(&mut self, stream: u32) {
         std::hint::black_box(self.conn.open_for_data(stream));
     }
+
+    fn warm_output(&mut self, bytes: usize) {
+        // Zeroes the room the writes will take (and moves what is pending
+        // to the front of the buffer, if it must, now rather than midway).
+        let out = self.conn.output();
+        let len = out.len();
+        out.resize(len + bytes, 0);
+        out.truncate(len);
+    }
 }
 
 impl Drop for GrpcOutbox {
