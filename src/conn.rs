@@ -1354,7 +1354,12 @@ impl StreamWrites for State {
 
     fn warm_output(&mut self, bytes: usize) {
         // Zeroes the room the writes will take (and moves what is pending
-        // to the front of the buffer, if it must, now rather than midway).
+        // to the front of the buffer, if it must, now rather than midway);
+        // not past the connection's bound, where writes are refused and
+        // the buffer is not to grow for them.
+        if self.unwritten + self.conn.output().len() + bytes > self.limits.connection_buffer {
+            return;
+        }
         let out = self.conn.output();
         let len = out.len();
         out.resize(len + bytes, 0);
