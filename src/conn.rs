@@ -158,8 +158,13 @@ impl State {
     /// Whether a stream holding `waiting` bytes, on this connection, is
     /// past its room.
     fn over_limits(&mut self, waiting: usize) -> bool {
-        waiting > self.limits.stream_buffer
-            || self.unwritten + self.conn.output().len() > self.limits.connection_buffer
+        waiting > self.limits.stream_buffer || self.pending() > self.limits.connection_buffer
+    }
+
+    /// What the connection holds that the socket has not taken, the bytes
+    /// `connection_buffer` bounds.
+    fn pending(&mut self) -> usize {
+        self.unwritten + self.conn.output().len()
     }
 
     /// Wakes the writers that have room again.
@@ -1357,7 +1362,7 @@ impl StreamWrites for State {
         // to the front of the buffer, if it must, now rather than midway);
         // not past the connection's bound, where writes are refused and
         // the buffer is not to grow for them.
-        if self.unwritten + self.conn.output().len() + bytes > self.limits.connection_buffer {
+        if self.pending() + bytes > self.limits.connection_buffer {
             return;
         }
         let out = self.conn.output();
