@@ -27,8 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use freshd::pb::watch_response::Response as WatchOut;
-use freshd::pb::{Change, FillRequest, PublishRequest, PublishResponse, WatchResponse};
+use freshd::pb::{Change, FillRequest, PublishRequest, PublishResponse};
 use serde_json::json;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -38,7 +37,7 @@ use crate::pace::{self, Tick};
 use crate::resp::{self, AsyncConn, Reply};
 use crate::stats::{Latencies, Report};
 use crate::unary::UnaryConn;
-use crate::watch::WatchStream;
+use crate::watch::{notice_keys, Raw, WatchStream};
 use crate::{connect_nodelay, freshd_client, grpc_channel, parallel, socket_addr, Error, Target};
 
 /// Settings of the write-to-notice workload.
@@ -503,31 +502,30 @@ async fn freshd_subs(
     // Each notice counts from when the read that brought it returned (as
     // the other servers' subscribers count theirs): the messages of one
     // read are taken one after another, and the time taking the first
-    // ones costs is the load tool's, not the server's.
-    let mut take = |i: usize, message: WatchResponse, at: Instant| {
-        if let Some(WatchOut::Notices(batch)) = message.response {
-            for n in &batch.notices {
-                done += usize::from(subs[i].note(n.key.as_bytes(), at));
-            }
-        }
-        done == subs.len()
+    // ones costs is the load tool's, not the server's. Only the notices'
+    // keys are read, off the message's bytes (`notice_keys`).
+    let mut take = |raw: Raw<'_>| -> Result<bool, Error> {
+        let at = raw.read_at.unwrap_or_else(Instant::now);
+        let sub = &mut subs[raw.stream];
+        notice_keys(raw.bytes, |key| done += usize::from(sub.note(key, at)))?;
+        Ok(done == subs.len())
     };
     loop {
         let mut finished = tokio::select! {
             biased;
             _ = stop2.changed() => return Ok(()),
-            message = conn.next() => {
-                let Ok(Some((i, message))) = message else { return Ok(()) };
-                take(i, message, conn.read_at().unwrap_or_else(Instant::now))
-            }
+            taken = conn.next_raw(&mut take) => match taken {
+                Ok(Some(finished)) => finished?,
+                _ => return Ok(()),
+            },
         };
         // What else that read brought, without a wait (or a look at `stop`)
         // per message.
         while !finished {
-            let Ok(Some((i, message))) = conn.buffered() else {
+            let Ok(Some(taken)) = conn.buffered_raw(&mut take) else {
                 break;
             };
-            finished = take(i, message, conn.read_at().unwrap_or_else(Instant::now));
+            finished = taken?;
         }
         if finished {
             wait_stop(stop).await;

@@ -68,7 +68,7 @@ pub struct WatchStream {
     /// Flow-controlled bytes received on the connection and not yet
     /// returned in a window update.
     unreturned: u32,
-    /// The stream whose message [`Self::next_message`] looks at first:
+    /// The stream whose message [`Self::find`] looks at first:
     /// streams take turns.
     turn: usize,
     /// How the first stream to end ended, once one has: what
@@ -97,6 +97,134 @@ struct Stream {
 /// The HTTP/2 stream of the `i`th `Watch`.
 fn stream_id(i: usize) -> u32 {
     2 * i as u32 + 1
+}
+
+/// A message of one of the streams, as its bytes: the protobuf encoding of
+/// a `WatchResponse`, not decoded (see [`notice_keys`]).
+pub struct Raw<'a> {
+    /// The stream's place in [`WatchStream::start_many`]'s list.
+    pub stream: usize,
+    /// The message.
+    pub bytes: &'a [u8],
+    /// When the read that brought the message's last bytes returned.
+    pub read_at: Option<std::time::Instant>,
+}
+
+/// Decodes a message, for [`WatchStream::next`].
+fn decode(raw: Raw<'_>) -> Result<(usize, WatchResponse), Error> {
+    WatchResponse::decode(raw.bytes)
+        .map(|message| (raw.stream, message))
+        .map_err(|e| format!("watch: decode: {e}"))
+}
+
+/// `WatchResponse.notices`, `NoticeBatch.notices` and `Notice.key`: the
+/// fields [`notice_keys`] reads (proto/freshd/v1/coordinator.proto).
+const RESPONSE_NOTICES: u64 = 2;
+const BATCH_NOTICES: u64 = 1;
+const NOTICE_KEY: u64 = 2;
+
+/// Hands `each` the key of every notice in `message` (the encoding of a
+/// `WatchResponse`), in order, without decoding anything else or
+/// allocating; false if `message` holds no batch of notices (it is
+/// `started`, a progress mark, a reset or a refusal). A subscriber of the
+/// notice workload reads nothing of a notice but its key, and decoding
+/// the whole message (a `Vec` and two `String`s per notice, their UTF-8
+/// checked) cost the load tool more per notice than the server's write of
+/// it: with 1,000 subscribers to one load tool, the tool, not the server,
+/// set when the last notice was read.
+pub fn notice_keys(message: &[u8], mut each: impl FnMut(&[u8])) -> Result<bool, Error> {
+    let mut batch = false;
+    for field in Fields(message) {
+        let (number, value) = field?;
+        if number != RESPONSE_NOTICES {
+            continue;
+        }
+        let Value::Bytes(notices) = value else {
+            return Err("watch: `notices` is not a message".into());
+        };
+        batch = true;
+        for field in Fields(notices) {
+            let (number, value) = field?;
+            if number != BATCH_NOTICES {
+                continue;
+            }
+            let Value::Bytes(notice) = value else {
+                return Err("watch: a notice is not a message".into());
+            };
+            // proto3: the last `key` wins, and a notice without one has "".
+            let mut key: &[u8] = &[];
+            for field in Fields(notice) {
+                if let (NOTICE_KEY, Value::Bytes(bytes)) = field? {
+                    key = bytes;
+                }
+            }
+            each(key);
+        }
+    }
+    Ok(batch)
+}
+
+/// A field's value, by wire type (groups are not read).
+enum Value<'a> {
+    Scalar,
+    Bytes(&'a [u8]),
+}
+
+/// The fields of an encoded protobuf message: `(number, value)`.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<(u64, Value<'a>), Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let field = self.field();
+        if field.is_err() {
+            // Nothing after a malformed field is read.
+            self.0 = &[];
+        }
+        Some(field)
+    }
+}
+
+impl<'a> Fields<'a> {
+    fn field(&mut self) -> Result<(u64, Value<'a>), Error> {
+        let tag = self.varint()?;
+        let value = match tag & 7 {
+            0 => self.varint().map(|_| Value::Scalar)?,
+            1 => self.bytes(8).map(|_| Value::Scalar)?,
+            2 => {
+                let len = usize::try_from(self.varint()?).map_err(|_| "watch: a field too long")?;
+                Value::Bytes(self.bytes(len)?)
+            }
+            5 => self.bytes(4).map(|_| Value::Scalar)?,
+            wire => return Err(format!("watch: a field of wire type {wire}")),
+        };
+        Ok((tag >> 3, value))
+    }
+
+    fn varint(&mut self) -> Result<u64, Error> {
+        let mut value = 0u64;
+        for (i, &byte) in self.0.iter().enumerate().take(10) {
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                self.0 = &self.0[i + 1..];
+                return Ok(value);
+            }
+        }
+        Err("watch: a bad varint".into())
+    }
+
+    fn bytes(&mut self, len: usize) -> Result<&'a [u8], Error> {
+        if len > self.0.len() {
+            return Err("watch: a field runs past its message".into());
+        }
+        let (bytes, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Ok(bytes)
+    }
 }
 
 impl WatchStream {
@@ -179,9 +307,20 @@ impl WatchStream {
     /// [`Self::start_many`]'s list); `None` when a stream ends with OK.
     /// Cancel-safe, as [`Self::message`] is.
     pub async fn next(&mut self) -> Result<Option<(usize, WatchResponse)>, Error> {
+        self.next_raw(decode).await?.transpose()
+    }
+
+    /// The next message of any stream, handed to `read` undecoded (see
+    /// [`Raw`]); what `read` answers, or `None` when a stream ends with OK.
+    /// Cancel-safe, as [`Self::message`] is: `read` runs only once a whole
+    /// message is there, and the message is taken as it returns.
+    pub async fn next_raw<R>(
+        &mut self,
+        read: impl FnOnce(Raw<'_>) -> R,
+    ) -> Result<Option<R>, Error> {
         loop {
-            if let Some(message) = self.next_message()? {
-                return Ok(Some(message));
+            if let Some(found) = self.find()? {
+                return Ok(Some(self.take(found, read)));
             }
             if let Some(end) = self.end.take() {
                 if self.streams.iter().any(|s| !s.body.is_empty()) {
@@ -211,13 +350,18 @@ impl WatchStream {
     /// The next message already read, as [`Self::next`] gives it, without
     /// reading or waiting: `None` when the bytes read hold no whole message.
     pub fn buffered(&mut self) -> Result<Option<(usize, WatchResponse)>, Error> {
-        if let Some(message) = self.next_message()? {
-            return Ok(Some(message));
+        self.buffered_raw(decode)?.transpose()
+    }
+
+    /// The next message already read, handed to `read` as
+    /// [`Self::next_raw`] does, without reading or waiting: `None` when the
+    /// bytes read hold no whole message.
+    pub fn buffered_raw<R>(&mut self, read: impl FnOnce(Raw<'_>) -> R) -> Result<Option<R>, Error> {
+        let mut found = self.find()?;
+        if found.is_none() && self.end.is_none() && self.parse_frames()? {
+            found = self.find()?;
         }
-        if self.end.is_none() && self.parse_frames()? {
-            return self.next_message();
-        }
-        Ok(None)
+        Ok(found.map(|found| self.take(found, read)))
     }
 
     /// When the last read from the socket returned: the time the messages
@@ -226,24 +370,34 @@ impl WatchStream {
         self.read_at
     }
 
-    /// A whole message from some stream's body, if one holds one.
-    fn next_message(&mut self) -> Result<Option<(usize, WatchResponse)>, Error> {
+    /// The stream whose body holds a whole message, looking from the one
+    /// whose turn it is, and the message's length.
+    fn find(&self) -> Result<Option<(usize, usize)>, Error> {
         let count = self.streams.len();
         for k in 0..count {
             let i = (self.turn + k) % count;
-            let body = &mut self.streams[i].body;
-            let len = match message_len(body, MAX_MESSAGE) {
-                Ok(Some(len)) if body.len() >= PREFIX_LEN + len => len,
+            let body = &self.streams[i].body;
+            match message_len(body, MAX_MESSAGE) {
+                Ok(Some(len)) if body.len() >= PREFIX_LEN + len => return Ok(Some((i, len))),
                 Ok(_) => continue,
                 Err(e) => return Err(format!("watch: {e}")),
-            };
-            let message = WatchResponse::decode(&body[PREFIX_LEN..PREFIX_LEN + len])
-                .map_err(|e| format!("watch: decode: {e}"))?;
-            body.advance(PREFIX_LEN + len);
-            self.turn = (i + 1) % count;
-            return Ok(Some((i, message)));
+            }
         }
         Ok(None)
+    }
+
+    /// Hands the message [`Self::find`] found to `read`, then takes it off
+    /// its stream's body; the next stream has the next turn.
+    fn take<R>(&mut self, (i, len): (usize, usize), read: impl FnOnce(Raw<'_>) -> R) -> R {
+        let body = &mut self.streams[i].body;
+        let answer = read(Raw {
+            stream: i,
+            bytes: &body[PREFIX_LEN..PREFIX_LEN + len],
+            read_at: self.read_at,
+        });
+        body.advance(PREFIX_LEN + len);
+        self.turn = (i + 1) % self.streams.len();
+        answer
     }
 
     /// Handles every whole frame read; true if any was.
@@ -502,4 +656,79 @@ pub(crate) fn response_head(
         _ => {}
     })?;
     Ok((status, grpc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freshd::pb::{Notice, NoticeBatch, Progress, WatchStarted};
+
+    fn encoded(response: WatchOut) -> Vec<u8> {
+        WatchResponse {
+            response: Some(response),
+        }
+        .encode_to_vec()
+    }
+
+    fn keys_of(message: &[u8]) -> Result<(bool, Vec<Vec<u8>>), Error> {
+        let mut keys = Vec::new();
+        let batch = notice_keys(message, |key| keys.push(key.to_vec()))?;
+        Ok((batch, keys))
+    }
+
+    #[test]
+    fn a_batch_hands_over_every_key_in_order() {
+        let notice = |seq: u64, key: &str| Notice {
+            seq,
+            key: key.into(),
+            version: seq * 7,
+            cause: "follows:1".into(),
+            critical: seq % 2 == 0,
+            event_time_unix_ms: 1_700_000_000_000 + seq,
+        };
+        let message = encoded(WatchOut::Notices(NoticeBatch::new(vec![
+            notice(1, "hot:1"),
+            notice(300, "feed:ä"),
+            notice(2, ""),
+        ])));
+        let (batch, keys) = keys_of(&message).unwrap();
+        assert!(batch);
+        assert_eq!(keys, [&b"hot:1"[..], "feed:ä".as_bytes(), b""]);
+    }
+
+    #[test]
+    fn other_messages_are_not_batches() {
+        for response in [
+            WatchOut::Started(WatchStarted::default()),
+            WatchOut::Progress(Progress {
+                epoch: 9,
+                seq: 1 << 40,
+            }),
+        ] {
+            assert_eq!(keys_of(&encoded(response)).unwrap(), (false, vec![]));
+        }
+        // An empty batch is a batch with no keys.
+        let empty = encoded(WatchOut::Notices(NoticeBatch::default()));
+        assert_eq!(keys_of(&empty).unwrap(), (true, vec![]));
+    }
+
+    #[test]
+    fn a_cut_or_malformed_message_is_an_error() {
+        let message = encoded(WatchOut::Notices(NoticeBatch::new(vec![Notice {
+            key: "hot:12345".into(),
+            ..Default::default()
+        }])));
+        for len in 1..message.len() {
+            assert!(
+                keys_of(&message[..len]).is_err(),
+                "cut at {len} of {}",
+                message.len()
+            );
+        }
+        // A varint that never ends, and a group (wire type 3).
+        assert!(
+            keys_of(&[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err()
+        );
+        assert!(keys_of(&[0x0b]).is_err());
+    }
 }
