@@ -151,11 +151,13 @@ pub fn notice_keys(message: &[u8], mut each: impl FnMut(&[u8])) -> Result<bool, 
             let Value::Bytes(notice) = value else {
                 return Err("watch: a notice is not a message".into());
             };
-            // proto3: the last `key` wins, and a notice without one has "".
+            // The first `key` (freshd writes one; a notice without one has
+            // ""): the rest of the notice is not read.
             let mut key: &[u8] = &[];
             for field in Fields(notice) {
                 if let (NOTICE_KEY, Value::Bytes(bytes)) = field? {
                     key = bytes;
+                    break;
                 }
             }
             each(key);
