@@ -3,8 +3,8 @@
 //!
 //! A dedicated thread walks the schedule (`start + i / rate`), sleeping with
 //! `thread::sleep` (tens of microseconds of precision, where tokio's timer
-//! has one millisecond) and spinning the last stretch to each tick (see
-//! [`SPIN`]), and hands each tick to a connection's queue in turn.
+//! has one millisecond) and spinning the last stretch to each tick (at most
+//! 200 µs), and hands each tick to a connection's queue in turn.
 //! A tick carries its intended time: latency is measured from it, so a
 //! sender that falls behind, or a target that stalls, shows in the
 //! percentiles instead of slowing the schedule down (no coordinated
