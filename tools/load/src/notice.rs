@@ -640,13 +640,18 @@ async fn listen(
 
 impl Arrivals for AsyncConn {
     async fn next(&mut self, note: &mut (dyn FnMut(&[u8]) + Send)) -> bool {
-        let Ok(reply) = self.read_reply().await else {
-            return false;
-        };
-        for key in invalidated(&reply) {
-            note(key);
+        // The keys of an `invalidate` push are read in place, as a freshd
+        // subscriber's are (`watch::notice_keys`).
+        match self.read_invalidation(&mut *note).await {
+            Ok(None) => true,
+            Ok(Some(reply)) => {
+                for key in invalidated(&reply) {
+                    note(key);
+                }
+                true
+            }
+            Err(_) => false,
         }
-        true
     }
 }
 

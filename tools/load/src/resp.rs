@@ -154,6 +154,76 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
 }
 
 /// The line starting at `from` (without its CRLF) and where the next begins.
+/// The client-tracking push that names invalidated keys: `>2`, the bulk
+/// string `invalidate`, then an array of bulk keys (or null: all keys).
+const INVALIDATE_HEAD: &[u8] = b">2\r\n$10\r\ninvalidate\r\n";
+
+/// An `invalidate` push at the start of `buf`, read in place: hands `each`
+/// its keys in order and answers the bytes it takes, or `Ok(None)` when
+/// `buf` starts with anything else or with a push not all read (which
+/// [`parse`] then reads). Nothing is handed over before the whole push is
+/// there. A subscriber reads nothing of a push but its keys, and building a
+/// [`Reply`] for it (five allocations per key) cost as much as the reading.
+pub fn invalidation(buf: &[u8], mut each: impl FnMut(&[u8])) -> Result<Option<usize>, String> {
+    if !buf.starts_with(INVALIDATE_HEAD) {
+        return Ok(None);
+    }
+    let Some((header, mut pos)) = line(buf, INVALIDATE_HEAD.len()) else {
+        return Ok(None);
+    };
+    if header == b"_" || header == b"*-1" {
+        return Ok(Some(pos));
+    }
+    let Some(digits) = header.strip_prefix(b"*") else {
+        return Ok(None);
+    };
+    let count = count(digits)?;
+    let first = pos;
+    // Once to see that every key is in, then again to hand them over.
+    for _ in 0..count {
+        let Some((len, end)) = bulk(buf, pos)? else {
+            return Ok(None);
+        };
+        pos = end + len + 2;
+    }
+    let used = pos;
+    pos = first;
+    for _ in 0..count {
+        let (len, start) = bulk(buf, pos)?.expect("checked above");
+        each(&buf[start..start + len]);
+        pos = start + len + 2;
+    }
+    Ok(Some(used))
+}
+
+/// A bulk string's header at `pos` (`$<len>`): its length and where its
+/// bytes start, once all of it and its `\r\n` are in `buf`.
+fn bulk(buf: &[u8], pos: usize) -> Result<Option<(usize, usize)>, String> {
+    let Some((header, start)) = line(buf, pos) else {
+        return Ok(None);
+    };
+    let Some(digits) = header.strip_prefix(b"$") else {
+        return Err(format!(
+            "an invalidated key is not a bulk string: {:?}",
+            String::from_utf8_lossy(header)
+        ));
+    };
+    let len = count(digits)?;
+    match buf.get(start + len..start + len + 2) {
+        Some(b"\r\n") => Ok(Some((len, start))),
+        Some(_) => Err("a bulk string without its \\r\\n".into()),
+        None => Ok(None),
+    }
+}
+
+/// A RESP length.
+fn count(digits: &[u8]) -> Result<usize, String> {
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad RESP length {:?}", String::from_utf8_lossy(digits)))
+}
+
 fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
     let end = buf[from..].windows(2).position(|w| w == b"\r\n")? + from;
     Some((&buf[from..end], end + 2))
@@ -178,14 +248,31 @@ impl Default for ReadBuf {
 }
 
 impl ReadBuf {
+    /// Takes an `invalidate` push off the front, handing its keys to
+    /// `each` ([`invalidation`]); false if the front holds anything else.
+    fn invalidation(&mut self, each: impl FnMut(&[u8])) -> io::Result<bool> {
+        match invalidation(&self.data[self.start..self.end], each) {
+            Ok(Some(used)) => {
+                self.consume(used);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+
+    fn consume(&mut self, used: usize) {
+        self.start += used;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
     fn next(&mut self) -> io::Result<Option<Reply>> {
         match parse(&self.data[self.start..self.end]) {
             Ok(Some((reply, used))) => {
-                self.start += used;
-                if self.start == self.end {
-                    self.start = 0;
-                    self.end = 0;
-                }
+                self.consume(used);
                 Ok(Some(reply))
             }
             Ok(None) => Ok(None),
@@ -345,6 +432,26 @@ impl AsyncConn {
         self.read_reply().await
     }
 
+    /// Reads the next reply, handing the keys of an `invalidate` push to
+    /// `each` without building it ([`invalidation`]): `None` for such a
+    /// push, and any other reply as [`Self::read_reply`] gives it.
+    pub async fn read_invalidation(
+        &mut self,
+        mut each: impl FnMut(&[u8]),
+    ) -> io::Result<Option<Reply>> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.invalidation(&mut each)? {
+                return Ok(None);
+            }
+            if let Some(reply) = self.buf.next()? {
+                return Ok(Some(reply));
+            }
+            let n = self.stream.read(self.buf.room()).await?;
+            self.buf.filled(n)?;
+        }
+    }
+
     /// Reads the next reply.
     pub async fn read_reply(&mut self) -> io::Result<Reply> {
         use tokio::io::AsyncReadExt;
@@ -399,5 +506,65 @@ impl<R: tokio::io::AsyncRead + Unpin> AsyncReader<R> {
             let n = self.stream.read(self.buf.room()).await?;
             self.buf.filled(n)?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(keys: Option<&[&[u8]]>) -> Vec<u8> {
+        let mut out = b">2\r\n$10\r\ninvalidate\r\n".to_vec();
+        match keys {
+            Some(keys) => encode(keys, &mut out),
+            None => out.extend_from_slice(b"_\r\n"),
+        }
+        out
+    }
+
+    /// The bytes an `invalidate` push takes and its keys.
+    type Read = Option<(usize, Vec<Vec<u8>>)>;
+
+    fn read(buf: &[u8]) -> Result<Read, String> {
+        let mut keys = Vec::new();
+        Ok(invalidation(buf, |k| keys.push(k.to_vec()))?.map(|used| (used, keys)))
+    }
+
+    #[test]
+    fn an_invalidate_push_gives_the_keys_the_parser_does() {
+        let keys: &[&[u8]] = &[b"hot:1", b"", b"feed:\r\n:7"];
+        for shape in [Some(keys), Some(&keys[..1]), Some(&[][..]), None] {
+            let mut buf = push(shape);
+            let whole = buf.len();
+            buf.extend_from_slice(b"+OK\r\n");
+            let (reply, used) = parse(&buf).unwrap().unwrap();
+            let parsed: Vec<Vec<u8>> = crate::notice::invalidated(&reply)
+                .into_iter()
+                .map(<[u8]>::to_vec)
+                .collect();
+            assert_eq!(used, whole);
+            assert_eq!(read(&buf).unwrap(), Some((whole, parsed)));
+        }
+    }
+
+    #[test]
+    fn a_push_not_all_read_hands_over_nothing() {
+        let buf = push(Some(&[b"hot:1", b"hot:22"]));
+        for len in 0..buf.len() {
+            assert_eq!(read(&buf[..len]).unwrap(), None, "cut at {len}");
+        }
+    }
+
+    #[test]
+    fn other_replies_are_left_to_the_parser() {
+        for other in [
+            &b"+OK\r\n"[..],
+            b">3\r\n$7\r\nmessage\r\n$3\r\nfan\r\n$1\r\nx\r\n",
+            b":1\r\n",
+        ] {
+            assert_eq!(read(other).unwrap(), None);
+        }
+        assert!(read(b">2\r\n$10\r\ninvalidate\r\n*1\r\n:5\r\n").is_err());
+        assert!(read(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$2\r\nabcd\r\n").is_err());
     }
 }
