@@ -134,36 +134,31 @@ const NOTICE_KEY: u64 = 2;
 /// set when the last notice was read.
 pub fn notice_keys(message: &[u8], mut each: impl FnMut(&[u8])) -> Result<bool, Error> {
     let mut batch = false;
-    for field in Fields(message) {
-        let (number, value) = field?;
-        if number != RESPONSE_NOTICES {
-            continue;
-        }
-        let Value::Bytes(notices) = value else {
-            return Err("watch: `notices` is not a message".into());
-        };
+    for notices in submessages(message, RESPONSE_NOTICES) {
+        let notices = notices?;
         batch = true;
-        for field in Fields(notices) {
-            let (number, value) = field?;
-            if number != BATCH_NOTICES {
-                continue;
-            }
-            let Value::Bytes(notice) = value else {
-                return Err("watch: a notice is not a message".into());
-            };
+        for notice in submessages(notices, BATCH_NOTICES) {
             // The first `key` (freshd writes one; a notice without one has
             // ""): the rest of the notice is not read.
-            let mut key: &[u8] = &[];
-            for field in Fields(notice) {
-                if let (NOTICE_KEY, Value::Bytes(bytes)) = field? {
-                    key = bytes;
-                    break;
-                }
-            }
-            each(key);
+            let key = submessages(notice?, NOTICE_KEY).next().transpose()?;
+            each(key.unwrap_or_default());
         }
     }
     Ok(batch)
+}
+
+/// The values of field `number` in an encoded message, each itself a
+/// message or a string; an error for one that is neither, or for a
+/// malformed field on the way.
+fn submessages(message: &[u8], number: u64) -> impl Iterator<Item = Result<&[u8], Error>> {
+    Fields(message).filter_map(move |field| match field {
+        Ok((n, _)) if n != number => None,
+        Ok((_, Value::Bytes(bytes))) => Some(Ok(bytes)),
+        Ok((_, Value::Scalar)) => Some(Err(format!(
+            "watch: field {number} is not a message or a string"
+        ))),
+        Err(e) => Some(Err(e)),
+    })
 }
 
 /// A field's value, by wire type (groups are not read).
@@ -732,5 +727,7 @@ mod tests {
             keys_of(&[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err()
         );
         assert!(keys_of(&[0x0b]).is_err());
+        // `notices` as a number.
+        assert!(keys_of(&[0x10, 0x01]).is_err());
     }
 }
