@@ -153,7 +153,6 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
     Ok(Some((reply, pos)))
 }
 
-/// The line starting at `from` (without its CRLF) and where the next begins.
 /// The client-tracking push that names invalidated keys: `>2`, the bulk
 /// string `invalidate`, then an array of bulk keys (or null: all keys).
 const INVALIDATE_HEAD: &[u8] = b">2\r\n$10\r\ninvalidate\r\n";
@@ -224,6 +223,7 @@ fn count(digits: &[u8]) -> Result<usize, String> {
         .ok_or_else(|| format!("bad RESP length {:?}", String::from_utf8_lossy(digits)))
 }
 
+/// The line starting at `from` (without its CRLF) and where the next begins.
 fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
     let end = buf[from..].windows(2).position(|w| w == b"\r\n")? + from;
     Some((&buf[from..end], end + 2))
@@ -538,10 +538,23 @@ mod tests {
             let whole = buf.len();
             buf.extend_from_slice(b"+OK\r\n");
             let (reply, used) = parse(&buf).unwrap().unwrap();
-            let parsed: Vec<Vec<u8>> = crate::notice::invalidated(&reply)
-                .into_iter()
-                .map(<[u8]>::to_vec)
-                .collect();
+            let parsed: Vec<Vec<u8>> = match reply {
+                Reply::Push(items) => match &items[..] {
+                    [Reply::Bulk(Some(kind)), Reply::Array(Some(keys))]
+                        if kind == b"invalidate" =>
+                    {
+                        keys.iter()
+                            .map(|k| match k {
+                                Reply::Bulk(Some(k)) => k.clone(),
+                                other => panic!("a key parsed as {other:?}"),
+                            })
+                            .collect()
+                    }
+                    [Reply::Bulk(Some(kind)), Reply::Null] if kind == b"invalidate" => vec![],
+                    other => panic!("parsed as {other:?}"),
+                },
+                other => panic!("parsed as {other:?}"),
+            };
             assert_eq!(used, whole);
             assert_eq!(read(&buf).unwrap(), Some((whole, parsed)));
         }
