@@ -12,6 +12,12 @@ if ! command -v promtool >/dev/null 2>&1; then
   exit 1
 fi
 
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "redis-server is missing: the load tool's tests run its Redis side against a real one" >&2
+  echo "(apt-get install redis-server), or run .ci/run, which installs it." >&2
+  exit 1
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The public API's docs: every link resolves and none points at a private item.

@@ -1,9 +1,13 @@
 //! A short run of every freshd workload of the load tool against a real
-//! freshd started in-process on a loopback port: each must complete
+//! freshd started in-process on a loopback port, and of the notice
+//! workload's Redis side against a real `redis-server`: each must complete
 //! operations without errors, and its histogram must hold one value per
 //! counted operation. No timing is asserted.
 
 mod common;
+// A `redis-server` child on a free loopback port, as the benches start it.
+#[path = "../../../benches/support/redis.rs"]
+mod redis;
 
 use freshd_load::check::{CheckOpts, RedisBatch, Run};
 use freshd_load::deps::DepsOpts;
@@ -106,6 +110,38 @@ async fn notice_counts(target: Target, addr: String, per_conn: usize) -> Report 
 async fn notice_reaches_every_subscriber() {
     let (_server, addr) = common::server().await;
     assert_clean(&notice_counts(Target::Freshd, addr, 1).await);
+}
+
+/// Redis subscribers (`CLIENT TRACKING`, their `invalidate` pushes read in
+/// place) count the same way, against a real `redis-server`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notice_runs_against_redis() {
+    let server = redis::RedisServer::start().expect("redis-server starts");
+    let r = notice_counts(Target::Redis, format!("127.0.0.1:{}", server.port), 1).await;
+    assert_eq!(r.variant, "SET -> tracking push");
+}
+
+/// A real `redis-server`'s `invalidate` push is read in place (not left to
+/// the reply parser), and hands over the key that was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_invalidate_push_is_read_in_place() {
+    let server = redis::RedisServer::start().expect("redis-server starts");
+    let addr = format!("127.0.0.1:{}", server.port);
+    let keys = vec!["hot:7".to_string(), "hot:8".to_string()];
+    let mut tracking = freshd_load::notice::redis_tracking(&addr, &keys)
+        .await
+        .expect("tracking");
+    let mut writer = freshd_load::resp::AsyncConn::connect(addr.parse().unwrap())
+        .await
+        .unwrap();
+    writer.command(&[b"SET", b"hot:8", b"1"]).await.unwrap();
+    let mut got = Vec::new();
+    let other = tracking
+        .read_invalidation(|key| got.push(key.to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(other, None, "the push went to the parser");
+    assert_eq!(got, [b"hot:8".to_vec()]);
 }
 
 /// Subscribers that share connections (2 and 1 streams on the two) count
