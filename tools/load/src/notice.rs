@@ -37,7 +37,7 @@ use crate::pace::{self, Tick};
 use crate::resp::{self, AsyncConn, Reply};
 use crate::stats::{Latencies, Report};
 use crate::unary::UnaryConn;
-use crate::watch::{notice_keys, Raw, WatchStream};
+use crate::watch::{notice_keys, WatchStream};
 use crate::{connect_nodelay, freshd_client, grpc_channel, parallel, socket_addr, Error, Target};
 
 /// Settings of the write-to-notice workload.
@@ -100,12 +100,12 @@ thread_local! {
 static RUNS: AtomicU64 = AtomicU64::new(0);
 
 impl Shared {
-    /// Records a latency in this thread's histogram. A histogram per
-    /// subscriber (1,000 of them, over 100 KiB apiece) would cost a cache
-    /// miss per notice, and one shared by every thread would stall the
-    /// others whenever the thread holding its lock is preempted: either
-    /// would add the load tool's delays to every server's latency.
-    fn record(&self, latency: Duration) {
+    /// Records `count` notices of `latency` in this thread's histogram. A
+    /// histogram per subscriber (1,000 of them, over 100 KiB apiece) would
+    /// cost a cache miss per notice, and one shared by every thread would
+    /// stall the others whenever the thread holding its lock is preempted:
+    /// either would add the load tool's delays to every server's latency.
+    fn record(&self, latency: Duration, count: u64) {
         RECORDER.with_borrow_mut(|slot| {
             let histogram = match slot {
                 Some((run, histogram)) if *run == self.run => histogram,
@@ -115,7 +115,7 @@ impl Shared {
                     &mut slot.insert((self.run, histogram)).1
                 }
             };
-            histogram.lock().record(latency);
+            histogram.lock().record_n(latency, count);
         });
     }
 
@@ -129,7 +129,7 @@ impl Shared {
     }
 }
 
-/// One subscriber's count; its latencies go to [`Shared::record`].
+/// One subscriber's count of the notices it got.
 struct Sub {
     shared: Arc<Shared>,
     got: u64,
@@ -139,24 +139,86 @@ impl Sub {
     fn new(shared: Arc<Shared>) -> Self {
         Self { shared, got: 0 }
     }
+}
 
-    /// Notes a notice for `key` that arrived at `now`; true once every
-    /// expected notice has come.
-    fn note(&mut self, key: &[u8], now: Instant) -> bool {
-        let Some(i) = index_of(key) else { return false };
-        let Some(&start) = self.shared.start.get() else {
-            return false;
+/// The subscribers one task reads for, and the latencies they noted that
+/// are not yet recorded ([`Shared::record`]). A notice counts from the
+/// read that brought it, so the notices of one change that one read
+/// brings (one per subscriber on a shared connection) have one latency:
+/// they are recorded as one run, and the change's key is parsed and its
+/// intended time worked out once, not per notice. With 100 subscribers to
+/// a connection, doing that per notice cost the load tool as much as
+/// reading the notice, and the load tool's time per notice sets when it
+/// gets to the last connection's.
+struct Group {
+    subs: Vec<Sub>,
+    shared: Arc<Shared>,
+    /// Subscribers that got every expected notice.
+    done: usize,
+    /// The last key noted, and its change's index and intended time.
+    key: Vec<u8>,
+    change: Option<(u64, Instant)>,
+    /// A latency noted `.1` times and not yet recorded.
+    run: (Duration, u64),
+}
+
+impl Group {
+    fn new(shared: Arc<Shared>, subs: Vec<Sub>) -> Self {
+        Self {
+            subs,
+            shared,
+            done: 0,
+            key: Vec::new(),
+            change: None,
+            run: (Duration::ZERO, 0),
+        }
+    }
+
+    /// Notes a notice for `key` to subscriber `i` that arrived at `now`.
+    fn note(&mut self, i: usize, key: &[u8], now: Instant) {
+        if self.change.is_none() || key != self.key.as_slice() {
+            self.key.clear();
+            self.key.extend_from_slice(key);
+            self.change = index_of(key)
+                .zip(self.shared.start.get())
+                .map(|(index, &start)| (index, pace::intended(start, self.shared.rate, index)));
+        }
+        let Some((index, intended)) = self.change else {
+            return;
         };
-        self.got += 1;
-        if i >= self.shared.counted_from {
-            let intended = pace::intended(start, self.shared.rate, i);
-            self.shared.record(now.saturating_duration_since(intended));
-        }
-        if self.got == self.shared.expected {
+        let sub = &mut self.subs[i];
+        sub.got += 1;
+        if sub.got == self.shared.expected {
+            self.done += 1;
             self.shared.finished.fetch_add(1, Ordering::Relaxed);
-            return true;
         }
-        false
+        if index >= self.shared.counted_from {
+            let latency = now.saturating_duration_since(intended);
+            if latency != self.run.0 {
+                self.flush();
+                self.run.0 = latency;
+            }
+            self.run.1 += 1;
+        }
+    }
+
+    /// Records the run noted.
+    fn flush(&mut self) {
+        if self.run.1 > 0 {
+            self.shared.record(self.run.0, self.run.1);
+            self.run.1 = 0;
+        }
+    }
+
+    /// Whether every subscriber got every expected notice.
+    fn finished(&self) -> bool {
+        self.done == self.subs.len()
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -201,7 +263,8 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         // that share it.
         for first in (0..opts.subscribers).step_by(per_conn) {
             let ids = first..(first + per_conn).min(opts.subscribers);
-            let group: Vec<Sub> = ids.clone().map(|_| Sub::new(shared.clone())).collect();
+            let members = ids.clone().map(|_| Sub::new(shared.clone())).collect();
+            let group = Group::new(shared.clone(), members);
             let (addr, keys, limit, ready, stop) = (
                 opts.addr.clone(),
                 keys.clone(),
@@ -225,7 +288,7 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
         if grouped {
             break;
         }
-        let sub = Sub::new(shared.clone());
+        let group = Group::new(shared.clone(), vec![Sub::new(shared.clone())]);
         let (opts, keys, limit, ready, stop) = (
             opts.clone(),
             keys.clone(),
@@ -238,8 +301,10 @@ pub async fn run(opts: &NoticeOpts) -> Result<Report, Error> {
                 Target::Freshd | Target::Floor => {
                     unreachable!("grouped subscribers are started above")
                 }
-                Target::Redis => redis_sub(&opts.addr, keys, limit, ready.clone(), stop, sub).await,
-                Target::Etcd => etcd_sub(&opts.addr, limit, ready.clone(), stop, sub).await,
+                Target::Redis => {
+                    redis_sub(&opts.addr, keys, limit, ready.clone(), stop, group).await
+                }
+                Target::Etcd => etcd_sub(&opts.addr, limit, ready.clone(), stop, group).await,
             };
             if let Err(e) = result {
                 let _ = ready.send(Err(e)).await;
@@ -485,7 +550,7 @@ async fn freshd_subs(
     limit: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), Error>>,
     stop: watch::Receiver<bool>,
-    mut subs: Vec<Sub>,
+    mut group: Group,
 ) -> Result<(), Error> {
     let mut conn = {
         let _permit = limit.acquire().await.expect("semaphore");
@@ -494,41 +559,35 @@ async fn freshd_subs(
             .collect();
         WatchStream::start_many(addr, starts).await?
     };
-    for _ in 0..subs.len() {
+    for _ in 0..group.subs.len() {
         let _ = ready.send(Ok(())).await;
     }
     let mut stop2 = stop.clone();
-    let mut done = 0;
-    // Each notice counts from when the read that brought it returned (as
-    // the other servers' subscribers count theirs): the messages of one
-    // read are taken one after another, and the time taking the first
-    // ones costs is the load tool's, not the server's. Only the notices'
-    // keys are read, off the message's bytes (`notice_keys`).
-    let mut take = |raw: Raw<'_>| -> Result<bool, Error> {
-        let at = raw.read_at.unwrap_or_else(Instant::now);
-        let sub = &mut subs[raw.stream];
-        notice_keys(raw.bytes, |key| done += usize::from(sub.note(key, at)))?;
-        Ok(done == subs.len())
-    };
     loop {
-        let mut finished = tokio::select! {
+        let read = tokio::select! {
             biased;
             _ = stop2.changed() => return Ok(()),
-            taken = conn.next_raw(&mut take) => match taken {
-                Ok(Some(finished)) => finished?,
-                _ => return Ok(()),
-            },
+            read = conn.read_more() => read,
         };
-        // What else that read brought, without a wait (or a look at `stop`)
-        // per message.
-        while !finished {
-            let Ok(Some(taken)) = conn.buffered_raw(&mut take) else {
-                break;
-            };
-            finished = taken?;
+        if read.is_err() {
+            // The notices this connection still owed count as missing.
+            return Ok(());
         }
-        if finished {
+        // Each notice counts from when the read that brought it returned
+        // (as the other servers' subscribers count theirs): the messages
+        // of one read are taken one after another, and the time taking
+        // the first ones costs is the load tool's, not the server's. Only
+        // the notices' keys are read, off the message's bytes
+        // (`notice_keys`), as they lie in what was read (`drain_raw`).
+        let open = conn.drain_raw(|raw| {
+            let at = raw.read_at.unwrap_or_else(Instant::now);
+            notice_keys(raw.bytes, |key| group.note(raw.stream, key, at)).map(|_| ())
+        })?;
+        if group.finished() {
             wait_stop(stop).await;
+            return Ok(());
+        }
+        if !open {
             return Ok(());
         }
     }
@@ -605,30 +664,31 @@ trait Arrivals: Send {
     ) -> impl std::future::Future<Output = bool> + Send;
 }
 
-/// Reads `conn`, which carries `subs` (one, or several that share it and
-/// get each change once apiece, in turn), until every expected notice has
-/// come (then waits for the stop), the connection ends, or the run stops.
-/// Each notice counts from when the read that brought it returned.
+/// Reads `conn`, which carries `group`'s subscribers (one, or several that
+/// share it and get each change once apiece, in turn), until every
+/// expected notice has come (then waits for the stop), the connection
+/// ends, or the run stops. Each notice counts from when the read that
+/// brought it returned.
 async fn listen(
     mut conn: impl Arrivals,
     stop: watch::Receiver<bool>,
-    mut subs: Vec<Sub>,
+    mut group: Group,
 ) -> Result<(), Error> {
     let mut stop2 = stop.clone();
-    let (mut next, mut done) = (0, 0);
+    let mut next = 0;
     loop {
         let mut at = None;
         let mut note = |key: &[u8]| {
             let now = *at.get_or_insert_with(Instant::now);
-            done += usize::from(subs[next].note(key, now));
-            next = (next + 1) % subs.len();
+            group.note(next, key, now);
+            next = (next + 1) % group.subs.len();
         };
         let open = tokio::select! {
             biased;
             _ = stop2.changed() => return Ok(()),
             open = conn.next(&mut note) => open,
         };
-        if done == subs.len() {
+        if group.finished() {
             wait_stop(stop).await;
             return Ok(());
         }
@@ -700,14 +760,14 @@ async fn redis_sub(
     limit: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), Error>>,
     stop: watch::Receiver<bool>,
-    sub: Sub,
+    group: Group,
 ) -> Result<(), Error> {
     let conn = {
         let _permit = limit.acquire().await.expect("semaphore");
         redis_tracking(addr, &keys).await?
     };
     let _ = ready.send(Ok(())).await;
-    listen(conn, stop, vec![sub]).await
+    listen(conn, stop, group).await
 }
 
 /// Subscribers on one connection to the floor (`S<n>`), which writes each
@@ -717,18 +777,18 @@ async fn floor_subs(
     limit: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), Error>>,
     stop: watch::Receiver<bool>,
-    subs: Vec<Sub>,
+    group: Group,
 ) -> Result<(), Error> {
     use tokio::io::AsyncWriteExt;
     let conn = {
         let _permit = limit.acquire().await.expect("semaphore");
         let mut conn = connect_nodelay(addr).await?;
-        conn.write_all(format!("S{}\n", subs.len()).as_bytes())
+        conn.write_all(format!("S{}\n", group.subs.len()).as_bytes())
             .await
             .map_err(|e| format!("floor: {e}"))?;
         conn
     };
-    for _ in 0..subs.len() {
+    for _ in 0..group.subs.len() {
         let _ = ready.send(Ok(())).await;
     }
     let lines = FloorLines {
@@ -736,7 +796,7 @@ async fn floor_subs(
         buf: vec![0u8; 64 << 10],
         filled: 0,
     };
-    listen(lines, stop, subs).await
+    listen(lines, stop, group).await
 }
 
 async fn etcd_sub(
@@ -744,14 +804,14 @@ async fn etcd_sub(
     limit: Arc<Semaphore>,
     ready: mpsc::Sender<Result<(), Error>>,
     stop: watch::Receiver<bool>,
-    sub: Sub,
+    group: Group,
 ) -> Result<(), Error> {
     let (_requests, responses) = {
         let _permit = limit.acquire().await.expect("semaphore");
         etcd_watch(addr, b"hot:").await?
     };
     let _ = ready.send(Ok(())).await;
-    listen(responses, stop, vec![sub]).await
+    listen(responses, stop, group).await
 }
 
 /// An etcd Watch stream on every key starting with `prefix`, created.
@@ -788,5 +848,53 @@ pub async fn etcd_watch(
     match responses.message().await {
         Ok(Some(r)) if r.created => Ok((tx, responses)),
         other => Err(format!("expected an etcd watch `created`, got {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every notice a group notes is counted to its subscriber and its
+    /// latency recorded once, runs of equal ones as well as lone ones;
+    /// warm-up changes are counted but not timed, other keys neither.
+    #[test]
+    fn a_group_records_each_timed_notice_once() {
+        let start = Instant::now();
+        let shared = Arc::new(Shared {
+            start: OnceLock::from(start),
+            rate: 1000.0,
+            counted_from: 1,
+            expected: 3,
+            finished: AtomicUsize::new(0),
+            received: AtomicU64::new(0),
+            run: RUNS.fetch_add(1, Ordering::Relaxed),
+            latencies: Mutex::new(Vec::new()),
+        });
+        let subs = (0..2).map(|_| Sub::new(shared.clone())).collect();
+        let mut group = Group::new(shared.clone(), subs);
+        let ms = Duration::from_millis;
+        // Change i is intended at start + i ms.
+        group.note(0, b"hot:0", start + ms(5));
+        group.note(1, b"hot:0", start + ms(5));
+        group.note(0, b"hot:1", start + ms(5));
+        group.note(1, b"hot:1", start + ms(7));
+        group.note(0, b"not-a-change", start + ms(7));
+        assert!(!group.finished());
+        group.note(0, b"hot:2", start + ms(6));
+        group.note(1, b"hot:2", start + ms(6));
+        assert!(group.finished());
+        assert_eq!(shared.finished.load(Ordering::Relaxed), 2);
+        drop(group);
+
+        assert_eq!(shared.received.load(Ordering::Relaxed), 6);
+        let latencies = shared.latencies().summary();
+        // hot:1 at 4 and 6 ms, hot:2 at 4 and 4 ms.
+        assert_eq!(latencies.count, 4);
+        // (Within the histogram's three significant digits.)
+        let about = |us: u64, want: u64| us.abs_diff(want) <= want / 500;
+        assert!(about(latencies.min_us, 4000), "{latencies:?}");
+        assert!(about(latencies.p50_us, 4000), "{latencies:?}");
+        assert!(about(latencies.max_us, 6000), "{latencies:?}");
     }
 }

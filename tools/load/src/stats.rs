@@ -26,8 +26,13 @@ impl Default for Latencies {
 impl Latencies {
     /// Records one latency (clamped to 1 µs .. 60 s).
     pub fn record(&mut self, latency: Duration) {
+        self.record_n(latency, 1);
+    }
+
+    /// Records `count` equal latencies (clamped to 1 µs .. 60 s).
+    pub fn record_n(&mut self, latency: Duration, count: u64) {
         let us = (latency.as_micros() as u64).clamp(1, MAX_US);
-        self.hist.record(us).expect("clamped into bounds");
+        self.hist.record_n(us, count).expect("clamped into bounds");
     }
 
     /// Adds every value of `other`.

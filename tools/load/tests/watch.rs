@@ -1,7 +1,8 @@
 //! The load tool's own `Watch` reader ([`freshd_load::watch`]) against a
 //! real freshd on a loopback port: it must keep reading past its receive
 //! windows (so it returns them), keep streams that share a connection
-//! apart, and end with the server's status.
+//! apart, hand over messages in place (`drain_raw`) as it does one by one,
+//! and end with the server's status.
 
 mod common;
 
@@ -9,8 +10,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use freshd::pb::watch_response::Response as WatchOut;
-use freshd::pb::{Change, PublishRequest};
+use freshd::pb::{Change, PublishRequest, WatchResponse};
 use freshd_load::watch::WatchStream;
+use prost::Message;
 
 /// Long keys, so that a few thousand notices pass the 2 MiB stream window.
 fn key(i: usize) -> String {
@@ -142,4 +144,108 @@ async fn streams_on_one_connection_keep_to_their_own_notices() {
     for (s, got) in seen.iter().enumerate() {
         assert_eq!(got.len(), 2100, "stream {s}");
     }
+}
+
+/// Three streams on one connection, each tracking short keys, published a
+/// few at a time (a lone notice to a stream: a message in a frame of its
+/// own, which `drain_raw` hands over from the bytes read), and long ones,
+/// published 100 to a call (batches of about 200 KiB, split across DATA
+/// frames, which wait in the stream's body until whole). Every notice must
+/// come out under its own stream, once, each stream's in seq order, past
+/// the receive windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_hands_over_every_message_once_in_order() {
+    let (_server, addr) = common::server().await;
+    let short: Vec<Vec<String>> = (0..3)
+        .map(|s| (0..300).map(|i| format!("small:{s}:{i}")).collect())
+        .collect();
+    let long: Vec<Vec<String>> = (0..3)
+        .map(|s| (0..1500).map(|i| key(s * 10_000 + i)).collect())
+        .collect();
+    let tracked: Vec<Vec<String>> = (0..3)
+        .map(|s| [&short[s][..], &long[s][..]].concat())
+        .collect();
+    let starts = tracked
+        .iter()
+        .enumerate()
+        .map(|(s, k)| (format!("drain-{s}"), k.clone()))
+        .collect();
+    let mut conn = WatchStream::start_many(&addr, starts)
+        .await
+        .expect("the streams start");
+
+    let publisher = {
+        let addr = addr.clone();
+        let (short, long) = (short.clone(), long.concat());
+        tokio::spawn(async move {
+            for i in 0..300 {
+                let keys: Vec<String> = short.iter().map(|k| k[i].clone()).collect();
+                publish_all(&addr, &keys).await;
+            }
+            publish_all(&addr, &long).await;
+        })
+    };
+
+    let expected = tracked.iter().map(Vec::len).sum::<usize>();
+    let mut seen: Vec<HashSet<String>> = vec![HashSet::new(); 3];
+    let mut last_seq = [0u64; 3];
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        while seen.iter().map(HashSet::len).sum::<usize>() < expected {
+            conn.read_more().await.expect("reads");
+            let open = conn
+                .drain_raw(|raw| {
+                    assert!(raw.read_at.is_some(), "a read was timed");
+                    let message = WatchResponse::decode(raw.bytes).map_err(|e| e.to_string())?;
+                    let s = raw.stream;
+                    if let Some(WatchOut::Notices(batch)) = message.response {
+                        for n in batch.notices {
+                            assert!(
+                                tracked[s].contains(&n.key),
+                                "stream {s} got {}",
+                                &n.key[..12]
+                            );
+                            assert!(
+                                n.seq >= last_seq[s],
+                                "stream {s}: seq {} after {}",
+                                n.seq,
+                                last_seq[s]
+                            );
+                            last_seq[s] = n.seq;
+                            assert!(seen[s].insert(n.key), "a notice came twice");
+                        }
+                    }
+                    Ok(())
+                })
+                .expect("parses");
+            assert!(open, "a stream ended");
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "stalled at {:?}",
+        seen.iter().map(HashSet::len).collect::<Vec<_>>()
+    );
+    for (s, got) in seen.iter().enumerate() {
+        assert_eq!(got.len(), tracked[s].len(), "stream {s}");
+    }
+    publisher.await.expect("publishes");
+}
+
+/// An error from what `drain_raw` hands messages to ends the call with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_ends_with_its_readers_error() {
+    let (_server, addr) = common::server().await;
+    let mut conn = WatchStream::start(&addr, "drain-error".into(), vec!["k".into()])
+        .await
+        .expect("the stream starts");
+    publish_all(&addr, &["k".to_string()]).await;
+    let error = loop {
+        conn.read_more().await.expect("reads");
+        match conn.drain_raw(|_| Err("no thanks".to_string())) {
+            Ok(open) => assert!(open, "the stream ended"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(error, "no thanks");
 }
