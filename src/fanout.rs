@@ -457,6 +457,12 @@ fn recycle<T, U>(mut buffer: Vec<T>) -> Vec<U> {
     buffer.into_iter().map(|_| unreachable!("empty")).collect()
 }
 
+/// Puts room back in this thread's [`SPARE`] (not once the thread's
+/// locals are being torn down: a delivery dropped then frees its own).
+fn give_back(put: impl FnOnce(&mut Spare)) {
+    let _ = SPARE.try_with(|spare| put(&mut spare.borrow_mut()));
+}
+
 thread_local! {
     /// This thread's spare fan-out buffers.
     static SPARE: std::cell::RefCell<Spare> = std::cell::RefCell::default();
@@ -537,7 +543,7 @@ impl Drop for Delivery {
             claimed.clear();
             if claimed.capacity() <= SPARE_ENTRIES {
                 let claims = std::mem::take(claimed);
-                SPARE.with_borrow_mut(|spare| spare.claims = claims);
+                give_back(|spare| spare.claims = claims);
             }
             written.store(micros(), Ordering::Relaxed);
         }
@@ -1392,12 +1398,15 @@ impl Hub {
         if !routes.subscribers.is_empty() {
             // Each target by its stream's address, which tells streams
             // apart as well as their ids do without reading them.
-            let (spare_targets, claims) = SPARE.with_borrow_mut(|spare| {
-                (
-                    std::mem::take(&mut spare.targets),
-                    std::mem::take(&mut spare.claims),
-                )
-            });
+            let (spare_targets, claims) = SPARE
+                .try_with(|spare| {
+                    let mut spare = spare.borrow_mut();
+                    (
+                        std::mem::take(&mut spare.targets),
+                        std::mem::take(&mut spare.claims),
+                    )
+                })
+                .unwrap_or_default();
             let mut targets: Vec<(usize, usize, &Arc<Subscriber>)> = recycle(spare_targets);
             let mut scratch = Vec::new();
             let mut matched = 0;
@@ -1554,7 +1563,7 @@ impl Hub {
             let claims = (delivery.claimed.is_empty()
                 && delivery.claimed.capacity() <= SPARE_ENTRIES)
                 .then(|| std::mem::take(&mut delivery.claimed));
-            SPARE.with_borrow_mut(|spare| {
+            give_back(|spare| {
                 spare.targets = targets.unwrap_or_default();
                 if let Some(claims) = claims {
                     spare.claims = claims;
