@@ -515,7 +515,9 @@ pub enum WatchEvent {
 
 /// Sends requests on a Watch stream; cheap to clone. Sending never waits.
 /// Each send returns the request's number on the stream (`start` was 1),
-/// the number a [`WatchEvent::Refused`] names.
+/// the number a [`WatchEvent::Refused`] names. Once the stream has ended a
+/// send fails with [`Error::Closed`]; the stream's next event says why (the
+/// server's error, or its end).
 #[derive(Debug, Clone)]
 pub struct WatchSender {
     tx: mpsc::UnboundedSender<pb::WatchRequest>,

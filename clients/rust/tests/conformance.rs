@@ -271,7 +271,21 @@ impl Runner {
             }
             "watch_sync" => {
                 let stream = self.stream(step)?;
-                stream.progress().map_err(|e| e.to_string())?;
+                if let Err(closed) = stream.progress() {
+                    // The stream ended before the request went out (a
+                    // request before it was refused, say): why is its last
+                    // event.
+                    return loop {
+                        let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                            .await
+                            .map_err(|_| "no end within 10 s".to_owned())?;
+                        match event {
+                            Some(Ok(_)) => continue,
+                            Some(Err(e)) => break outcome::<()>(Err(e)),
+                            None => break Err(closed.to_string()),
+                        }
+                    };
+                }
                 let mut notices = Vec::new();
                 let mut resets = Vec::new();
                 let mut refused = Vec::new();
