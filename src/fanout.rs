@@ -2416,6 +2416,8 @@ mod tests {
         assert_eq!(kept[0], kept[1], "the same room both times");
     }
 
+    /// `recycle` hands the same allocation back, emptied: the spare
+    /// buffers rely on it.
     #[test]
     fn recycling_keeps_a_buffers_room() {
         let mut buffer: Vec<(usize, usize, usize)> = Vec::with_capacity(100);
