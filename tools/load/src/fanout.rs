@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use freshd::pb::watch_response::Response as WatchOut;
 use freshd::pb::{Change, PublishRequest};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -25,6 +24,7 @@ use tokio::sync::Semaphore;
 use crate::notice::freshd_watch;
 use crate::resp::{self, AsyncConn, Reply};
 use crate::stats::Report;
+use crate::watch::notice_keys;
 use crate::{freshd_client, secs, socket_addr, Error, Target};
 
 /// Settings of the fan-out workload.
@@ -105,27 +105,38 @@ pub async fn run(opts: &FanoutOpts) -> Result<Report, Error> {
         readers.push(tokio::spawn(async move {
             match sub {
                 Sub::Freshd(mut responses) => {
+                    // Notices counted off the messages' bytes, as they lie
+                    // in what was read (`drain_raw`, `notice_keys`): the
+                    // Redis side counts its messages without building them.
                     while !stop.load(Ordering::Relaxed) {
-                        match tokio::time::timeout(Duration::from_millis(200), responses.message()).await {
-                            Ok(Ok(Some(m))) => {
-                                if let Some(WatchOut::Notices(b)) = m.response {
-                                    counts.add(b.notices.len() as u64);
+                        match tokio::time::timeout(
+                            Duration::from_millis(200),
+                            responses.read_more(),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => {
+                                let mut n = 0;
+                                let drained = responses.drain_raw(|raw| {
+                                    notice_keys(raw.bytes, |_| n += 1).map(|_| ())
+                                });
+                                counts.add(n);
+                                if !matches!(drained, Ok(true)) {
+                                    return;
                                 }
                             }
-                            Ok(_) => return,
+                            Ok(Err(_)) => return,
                             Err(_) => {}
                         }
                     }
                 }
                 Sub::Redis(mut conn) => {
                     while !stop.load(Ordering::Relaxed) {
-                        match tokio::time::timeout(Duration::from_millis(200), conn.read_reply()).await {
-                            Ok(Ok(Reply::Array(Some(items)))) | Ok(Ok(Reply::Push(items)))
-                                if matches!(items.first(), Some(Reply::Bulk(Some(k))) if k == b"message") =>
-                            {
-                                counts.add(1)
-                            }
-                            Ok(Ok(_)) => {}
+                        match tokio::time::timeout(Duration::from_millis(200), conn.read_message())
+                            .await
+                        {
+                            Ok(Ok(None)) => counts.add(1),
+                            Ok(Ok(Some(_))) => {}
                             Ok(Err(_)) => return,
                             Err(_) => {}
                         }

@@ -195,6 +195,31 @@ pub fn invalidation(buf: &[u8], mut each: impl FnMut(&[u8])) -> Result<Option<us
     Ok(Some(used))
 }
 
+/// The heads of a pub/sub `message`: a push in RESP3, an array in RESP2,
+/// of three bulk strings (`message`, the channel, the payload).
+const MESSAGE_HEADS: [&[u8]; 2] = [b">3\r\n$7\r\nmessage\r\n", b"*3\r\n$7\r\nmessage\r\n"];
+
+/// A pub/sub `message` at the start of `buf`, read in place: the bytes it
+/// takes once all of it is there, or `Ok(None)` when `buf` starts with
+/// anything else or with a message not all read (which [`parse`] then
+/// reads). A subscriber of the fan-out workload counts messages and reads
+/// nothing of them, as its freshd side counts notices without decoding
+/// them.
+pub fn message(buf: &[u8]) -> Result<Option<usize>, String> {
+    let Some(head) = MESSAGE_HEADS.iter().find(|head| buf.starts_with(head)) else {
+        return Ok(None);
+    };
+    let mut pos = head.len();
+    // The channel, then the payload.
+    for _ in 0..2 {
+        let Some((len, start)) = bulk(buf, pos)? else {
+            return Ok(None);
+        };
+        pos = start + len + 2;
+    }
+    Ok(Some(pos))
+}
+
 /// A bulk string's header at `pos` (`$<len>`): its length and where its
 /// bytes start, once all of it and its `\r\n` are in `buf`.
 fn bulk(buf: &[u8], pos: usize) -> Result<Option<(usize, usize)>, String> {
@@ -203,7 +228,7 @@ fn bulk(buf: &[u8], pos: usize) -> Result<Option<(usize, usize)>, String> {
     };
     let Some(digits) = header.strip_prefix(b"$") else {
         return Err(format!(
-            "an invalidated key is not a bulk string: {:?}",
+            "a bulk string expected, got {:?}",
             String::from_utf8_lossy(header)
         ));
     };
@@ -248,10 +273,14 @@ impl Default for ReadBuf {
 }
 
 impl ReadBuf {
-    /// Takes an `invalidate` push off the front, handing its keys to
-    /// `each` ([`invalidation`]); false if the front holds anything else.
-    fn invalidation(&mut self, each: impl FnMut(&[u8])) -> io::Result<bool> {
-        match invalidation(&self.data[self.start..self.end], each) {
+    /// Takes what `read` reads in place off the front (`read` answers the
+    /// bytes it took, as [`invalidation`] and [`message`] do); false if it
+    /// took nothing.
+    fn take_in_place(
+        &mut self,
+        read: impl FnOnce(&[u8]) -> Result<Option<usize>, String>,
+    ) -> io::Result<bool> {
+        match read(&self.data[self.start..self.end]) {
             Ok(Some(used)) => {
                 self.consume(used);
                 Ok(true)
@@ -439,9 +468,24 @@ impl AsyncConn {
         &mut self,
         mut each: impl FnMut(&[u8]),
     ) -> io::Result<Option<Reply>> {
+        self.read_in_place(|buf| invalidation(buf, &mut each)).await
+    }
+
+    /// Reads the next reply, taking a pub/sub `message` without building
+    /// it ([`message`]): `None` for such a message, and any other reply as
+    /// [`Self::read_reply`] gives it.
+    pub async fn read_message(&mut self) -> io::Result<Option<Reply>> {
+        self.read_in_place(message).await
+    }
+
+    /// Reads the next reply, or takes what `read` reads in place (`None`).
+    async fn read_in_place(
+        &mut self,
+        mut read: impl FnMut(&[u8]) -> Result<Option<usize>, String>,
+    ) -> io::Result<Option<Reply>> {
         use tokio::io::AsyncReadExt;
         loop {
-            if self.buf.invalidation(&mut each)? {
+            if self.buf.take_in_place(&mut read)? {
                 return Ok(None);
             }
             if let Some(reply) = self.buf.next()? {
@@ -512,6 +556,35 @@ impl<R: tokio::io::AsyncRead + Unpin> AsyncReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pub/sub `message` is taken in place, in RESP2 and RESP3 alike,
+    /// as many bytes as the parser reads for it; a cut one, and any other
+    /// reply, is left to the parser.
+    #[test]
+    fn a_message_takes_the_bytes_the_parser_does() {
+        for head in [&b">3\r\n"[..], &b"*3\r\n"[..]] {
+            let mut buf = head.to_vec();
+            for part in [&b"message"[..], b"fan", b"12\r\n3"] {
+                buf.extend_from_slice(format!("${}\r\n", part.len()).as_bytes());
+                buf.extend_from_slice(part);
+                buf.extend_from_slice(b"\r\n");
+            }
+            let whole = buf.len();
+            buf.extend_from_slice(b"+OK\r\n");
+            let (_, used) = parse(&buf).unwrap().unwrap();
+            assert_eq!(used, whole);
+            assert_eq!(message(&buf), Ok(Some(whole)));
+            for cut in 0..whole {
+                assert_eq!(message(&buf[..cut]), Ok(None), "cut at {cut}");
+            }
+        }
+        let mut other = Vec::new();
+        encode(&[b"subscribe", b"fan"], &mut other);
+        assert_eq!(message(&other), Ok(None));
+        assert_eq!(message(b"+OK\r\n"), Ok(None));
+        assert_eq!(message(&push(Some(&[b"k"]))), Ok(None));
+        assert!(message(b"*3\r\n$7\r\nmessage\r\n:1\r\n").is_err());
+    }
 
     fn push(keys: Option<&[&[u8]]>) -> Vec<u8> {
         let mut out = b">2\r\n$10\r\ninvalidate\r\n".to_vec();

@@ -191,6 +191,41 @@ async fn fanout_delivers() {
     let r = freshd_load::fanout::run(&opts).await.expect("fanout runs");
     assert_clean(&r);
     assert!(r.extra["changes"].as_u64().unwrap() > 0);
+    // Counted off the messages' bytes: no more than were sent (a stream
+    // behind on a key gets its newest notice only).
+    let received = r.extra["notices_received"].as_u64().unwrap();
+    assert!(received >= r.ops, "{}", r.human());
+    assert!(
+        received <= r.extra["notices_expected"].as_u64().unwrap(),
+        "{}",
+        r.human()
+    );
+}
+
+/// Redis pub/sub subscribers count their messages read in place, against
+/// a real `redis-server`: every message published reaches every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_runs_against_redis() {
+    let server = redis::RedisServer::start().expect("redis-server starts");
+    let opts = FanoutOpts {
+        target: Target::Redis,
+        addr: format!("127.0.0.1:{}", server.port),
+        subscribers: 3,
+        keys: 20,
+        per_call: 5,
+        warmup: 0.1,
+        secs: 0.3,
+    };
+    let r = freshd_load::fanout::run(&opts).await.expect("fanout runs");
+    assert!(r.ops > 0, "{}", r.human());
+    assert_eq!(r.errors, 0, "{}", r.human());
+    assert_eq!(r.variant, "PUBLISH -> SUBSCRIBE");
+    assert_eq!(
+        r.extra["notices_received"],
+        r.extra["notices_expected"],
+        "{}",
+        r.human()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
