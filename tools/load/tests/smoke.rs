@@ -176,11 +176,10 @@ async fn notice_runs_against_the_floor_on_shared_connections() {
     assert_eq!(r.variant, "line -> N writes, shared conns");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fanout_delivers() {
-    let (_server, addr) = common::server().await;
+/// A short fan-out run: 3 subscribers, 5 changes a call, 0.3 s counted.
+async fn short_fanout(target: Target, addr: String) -> Report {
     let opts = FanoutOpts {
-        target: Target::Freshd,
+        target,
         addr,
         subscribers: 3,
         keys: 20,
@@ -188,7 +187,13 @@ async fn fanout_delivers() {
         warmup: 0.1,
         secs: 0.3,
     };
-    let r = freshd_load::fanout::run(&opts).await.expect("fanout runs");
+    freshd_load::fanout::run(&opts).await.expect("fanout runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_delivers() {
+    let (_server, addr) = common::server().await;
+    let r = short_fanout(Target::Freshd, addr).await;
     assert_clean(&r);
     assert!(r.extra["changes"].as_u64().unwrap() > 0);
     // Counted off the messages' bytes: no more than were sent (a stream
@@ -207,16 +212,7 @@ async fn fanout_delivers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_runs_against_redis() {
     let server = redis::RedisServer::start().expect("redis-server starts");
-    let opts = FanoutOpts {
-        target: Target::Redis,
-        addr: format!("127.0.0.1:{}", server.port),
-        subscribers: 3,
-        keys: 20,
-        per_call: 5,
-        warmup: 0.1,
-        secs: 0.3,
-    };
-    let r = freshd_load::fanout::run(&opts).await.expect("fanout runs");
+    let r = short_fanout(Target::Redis, format!("127.0.0.1:{}", server.port)).await;
     assert!(r.ops > 0, "{}", r.human());
     assert_eq!(r.errors, 0, "{}", r.human());
     assert_eq!(r.variant, "PUBLISH -> SUBSCRIBE");
