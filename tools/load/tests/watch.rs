@@ -39,6 +39,32 @@ async fn publish_all(addr: &str, keys: &[String]) {
     }
 }
 
+/// One connection with a stream per list in `tracked`, each tracking its
+/// list, started (client ids `<name>-0`, `<name>-1`...).
+async fn start_tracking(addr: &str, name: &str, tracked: &[Vec<String>]) -> WatchStream {
+    let starts = tracked
+        .iter()
+        .enumerate()
+        .map(|(s, k)| (format!("{name}-{s}"), k.clone()))
+        .collect();
+    WatchStream::start_many(addr, starts)
+        .await
+        .expect("the streams start")
+}
+
+/// The read finished in time and each stream saw a notice for every key
+/// it tracks.
+fn assert_every_notice(in_time: bool, seen: &[HashSet<String>], tracked: &[Vec<String>]) {
+    assert!(
+        in_time,
+        "stalled at {:?}",
+        seen.iter().map(HashSet::len).collect::<Vec<_>>()
+    );
+    for (s, got) in seen.iter().enumerate() {
+        assert_eq!(got.len(), tracked[s].len(), "stream {s}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_past_its_receive_windows() {
     let (_server, addr) = common::server().await;
@@ -108,14 +134,7 @@ async fn streams_on_one_connection_keep_to_their_own_notices() {
     let keys: Vec<Vec<String>> = (0..3)
         .map(|s| (0..2100).map(|i| key(s * 10_000 + i)).collect())
         .collect();
-    let starts = keys
-        .iter()
-        .enumerate()
-        .map(|(s, k)| (format!("shared-{s}"), k.clone()))
-        .collect();
-    let mut conn = WatchStream::start_many(&addr, starts)
-        .await
-        .expect("the streams start");
+    let mut conn = start_tracking(&addr, "shared", &keys).await;
 
     publish_all(&addr, &keys.concat()).await;
 
@@ -136,14 +155,7 @@ async fn streams_on_one_connection_keep_to_their_own_notices() {
         }
     })
     .await;
-    assert!(
-        read.is_ok(),
-        "stalled at {:?}",
-        seen.iter().map(HashSet::len).collect::<Vec<_>>()
-    );
-    for (s, got) in seen.iter().enumerate() {
-        assert_eq!(got.len(), 2100, "stream {s}");
-    }
+    assert_every_notice(read.is_ok(), &seen, &keys);
 }
 
 /// Three streams on one connection, each tracking short keys, published a
@@ -165,14 +177,7 @@ async fn drain_hands_over_every_message_once_in_order() {
     let tracked: Vec<Vec<String>> = (0..3)
         .map(|s| [&short[s][..], &long[s][..]].concat())
         .collect();
-    let starts = tracked
-        .iter()
-        .enumerate()
-        .map(|(s, k)| (format!("drain-{s}"), k.clone()))
-        .collect();
-    let mut conn = WatchStream::start_many(&addr, starts)
-        .await
-        .expect("the streams start");
+    let mut conn = start_tracking(&addr, "drain", &tracked).await;
 
     let publisher = {
         let addr = addr.clone();
@@ -221,14 +226,7 @@ async fn drain_hands_over_every_message_once_in_order() {
         }
     })
     .await;
-    assert!(
-        read.is_ok(),
-        "stalled at {:?}",
-        seen.iter().map(HashSet::len).collect::<Vec<_>>()
-    );
-    for (s, got) in seen.iter().enumerate() {
-        assert_eq!(got.len(), tracked[s].len(), "stream {s}");
-    }
+    assert_every_notice(read.is_ok(), &seen, &tracked);
     publisher.await.expect("publishes");
 }
 
