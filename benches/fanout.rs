@@ -29,6 +29,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use freshd::fanout::{Express, ExpressWriter, Flush, Hub, HubConfig, Notice, StreamWrites, Wrote};
 use freshd::metrics::{Metrics, MetricsConfig};
@@ -43,7 +44,7 @@ const EVICT: usize = 64 << 20;
 /// A connection that frames into memory and "sends" by clearing it.
 #[derive(Default)]
 struct Memory {
-    out: Mutex<Vec<u8>>,
+    out: Mutex<BytesMut>,
 }
 
 impl Express for Memory {
@@ -59,7 +60,7 @@ impl Express for Memory {
 
 /// A [`Memory`] connection, locked.
 struct Framer<'a> {
-    out: &'a mut Vec<u8>,
+    out: &'a mut BytesMut,
 }
 
 /// HTTP/2 frame head and gRPC prefix.
@@ -81,7 +82,7 @@ impl StreamWrites for Framer<'_> {
         &mut self,
         stream: u32,
         max_message: usize,
-        next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
+        next: &mut dyn FnMut(usize, &mut BytesMut) -> bool,
     ) -> Wrote {
         let start = self.out.len();
         self.out.resize(start + HEADS, 0);

@@ -138,10 +138,6 @@ struct State {
     /// the socket in order either way. None under TLS, and once the driver
     /// is done.
     socket: Option<Arc<tokio::net::TcpStream>>,
-    /// Where a fan-out encodes a message before it is framed
-    /// ([`Express`]): one buffer, reused, for every stream of the
-    /// connection.
-    message: Vec<u8>,
 }
 
 impl State {
@@ -158,7 +154,8 @@ impl State {
     /// Whether a stream holding `waiting` bytes, on this connection, is
     /// past its room.
     fn over_limits(&mut self, waiting: usize) -> bool {
-        waiting > self.limits.stream_buffer || self.pending() > self.limits.connection_buffer
+        let pending = self.pending();
+        past_room(&self.limits, waiting, pending)
     }
 
     /// What the connection holds that the socket has not taken, the bytes
@@ -427,7 +424,6 @@ impl Shared {
                 unwritten: 0,
                 limits,
                 socket,
-                message: Vec::new(),
             }),
         })
     }
@@ -1220,6 +1216,12 @@ fn put_prefix(out: &mut impl BufMut, len: usize) {
     out.put_u32(len as u32);
 }
 
+/// Whether a stream holding `waiting` bytes, on a connection holding
+/// `pending` that the socket has not taken, is past its room.
+fn past_room(limits: &ConnLimits, waiting: usize, pending: usize) -> bool {
+    waiting > limits.stream_buffer || pending > limits.connection_buffer
+}
+
 /// Refuses a message of `len` bytes over `max`, naming the limit.
 fn within(len: usize, max: usize, what: &str) -> Result<(), Status> {
     if len > max {
@@ -1315,42 +1317,54 @@ impl StreamWrites for State {
         &mut self,
         stream: u32,
         max_message: usize,
-        next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
+        next: &mut dyn FnMut(usize, &mut BytesMut) -> bool,
     ) -> Wrote {
         let state = self;
+        // What the connection holds counts against its bound whatever the
+        // stream.
+        let pending = state.pending();
+        let limits = &state.limits;
+        let mut outcome = Wrote::Written;
         // The connection's own record of the stream says whether it still
         // takes data (a finished or reset stream does not), in the one
-        // lookup a notice needs.
-        let Some(waiting) = state.conn.open_for_data(stream) else {
-            return Wrote::Gone;
-        };
-        if state.over_limits(waiting) {
-            return Wrote::NoRoom;
+        // lookup a notice needs; the message is encoded straight into the
+        // connection's output, after room for its frame head and gRPC
+        // prefix, which are filled in once its length is known.
+        let wrote = state.conn.send_data_in_place(stream, |waiting, out| {
+            if past_room(limits, waiting, pending) {
+                outcome = Wrote::NoRoom;
+                return false;
+            }
+            let start = out.len();
+            out.put_bytes(0, GRPC_PREFIX);
+            if !next(max_message, out) {
+                out.truncate(start);
+                outcome = Wrote::Nothing;
+                return false;
+            }
+            let len = out.len() - start - GRPC_PREFIX;
+            if let Err(status) = within(len, max_message, "a Watch message") {
+                // `next` keeps within the limit, so this does not happen;
+                // were it to, the notices taken would be lost to the
+                // stream, so the stream is reset and the client resumes
+                // from its token, which the history covers.
+                tracing::error!(%status, "a fan-out's Watch message was refused; the stream is reset");
+                out.truncate(start);
+                outcome = Wrote::Gone;
+                return false;
+            }
+            put_prefix(&mut &mut out[start..start + GRPC_PREFIX], len);
+            true
+        });
+        match wrote {
+            None => Wrote::Gone,
+            Some(_) if outcome == Wrote::Gone => {
+                state.conn.cancel(stream, code::INTERNAL_ERROR);
+                state.forget(stream);
+                Wrote::Gone
+            }
+            Some(_) => outcome,
         }
-        let message = &mut state.message;
-        message.clear();
-        if !next(max_message, message) {
-            return Wrote::Nothing;
-        }
-        let len = message.len();
-        if let Err(status) = within(len, max_message, "a Watch message") {
-            // `next` keeps within the limit, so this does not happen; were
-            // it to, the notices taken would be lost to the stream, so the
-            // stream is reset and the client resumes from its token, which
-            // the history covers.
-            tracing::error!(%status, "a fan-out's Watch message was refused; the stream is reset");
-            state.conn.cancel(stream, code::INTERNAL_ERROR);
-            state.forget(stream);
-            return Wrote::Gone;
-        }
-        // Framed straight into the connection's output.
-        state
-            .conn
-            .send_data_encoded(stream, GRPC_PREFIX + len, |out| {
-                put_prefix(out, len);
-                out.extend_from_slice(&state.message);
-            });
-        Wrote::Written
     }
 
     fn look_ahead(&mut self, stream: u32) {

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use bytes::BytesMut;
 use hashbrown::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -677,7 +678,7 @@ pub trait StreamWrites {
         &mut self,
         stream: u32,
         max_message: usize,
-        next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
+        next: &mut dyn FnMut(usize, &mut BytesMut) -> bool,
     ) -> Wrote;
 
     /// A write to `stream` follows soon: reading its state now, in a pass
@@ -2085,9 +2086,9 @@ mod tests {
             &mut self,
             stream: u32,
             max_message: usize,
-            next: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
+            next: &mut dyn FnMut(usize, &mut BytesMut) -> bool,
         ) -> Wrote {
-            let mut out = Vec::new();
+            let mut out = BytesMut::new();
             if !next(max_message, &mut out) {
                 return Wrote::Nothing;
             }
@@ -2121,7 +2122,7 @@ mod tests {
             &mut self,
             _: u32,
             _: usize,
-            _: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
+            _: &mut dyn FnMut(usize, &mut BytesMut) -> bool,
         ) -> Wrote {
             self.0
         }

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use bytes::BufMut;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
@@ -101,12 +102,12 @@ pub(crate) fn live_batch(notices: &[Arc<Notice>], sub: &Subscriber) -> pb::Watch
 
 /// Appends [`live_batch`]'s encoding to `out`, building no message: a
 /// fan-out writes it straight to the stream.
-pub(crate) fn encode_live_batch(notices: &[Arc<Notice>], sub: &Subscriber, out: &mut Vec<u8>) {
+pub(crate) fn encode_live_batch(notices: &[Arc<Notice>], sub: &Subscriber, out: &mut impl BufMut) {
     // `WatchResponse.notices` (field 2): its length, then the entries.
-    let head = |len: usize, out: &mut Vec<u8>| {
+    fn head(len: usize, out: &mut impl BufMut) {
         prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, out);
         prost::encoding::encode_varint(len as u64, out);
-    };
+    }
     let mut len = 0;
     for n in notices {
         if sub.visible_cause(&n.cause).len() != n.cause.len() {
@@ -116,14 +117,14 @@ pub(crate) fn encode_live_batch(notices: &[Arc<Notice>], sub: &Subscriber, out: 
             let mut entries = Vec::new();
             put_entries(notices, sub, &mut entries);
             head(entries.len(), out);
-            out.extend_from_slice(&entries);
+            out.put_slice(&entries);
             return;
         }
         len += n.entry().len();
     }
     head(len, out);
     for n in notices {
-        out.extend_from_slice(n.entry());
+        out.put_slice(n.entry());
     }
 }
 

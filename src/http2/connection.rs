@@ -21,7 +21,7 @@
 
 use std::collections::VecDeque;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::frame::{self, code, setting, Frame, FrameError, Head, HEAD_LEN, PREFACE};
 use super::head::{Block, RequestHead};
@@ -777,30 +777,47 @@ impl Connection {
         }
     }
 
-    /// As [`Connection::send_data`], for `len` bytes that `encode` appends
-    /// to a buffer: straight into the output when they go out at once, so
-    /// a small message costs no buffer of its own. `encode` appends exactly
-    /// `len` bytes.
-    pub fn send_data_encoded(
+    /// Writes one DATA frame on `stream` whose payload `encode` appends
+    /// straight to the output, in one lookup of the stream: a message costs
+    /// no buffer of its own and no copy. `encode` is given the bytes already
+    /// waiting for the stream's windows ([`Connection::waiting`]) and the
+    /// output, after room left for the frame's head; it appends the payload,
+    /// or answers false having appended nothing. The payload goes out at
+    /// once when nothing of the stream waits and the windows cover it, and
+    /// otherwise waits behind what does, as [`Connection::send_data`]'s
+    /// does. `None` for a stream that takes no data (see
+    /// [`Connection::open_for_data`]); otherwise whether `encode` wrote.
+    pub fn send_data_in_place(
         &mut self,
         stream: u32,
-        len: usize,
-        encode: impl FnOnce(&mut BytesMut),
-    ) {
-        match self.take_windows(stream, len) {
-            Some(true) => {
-                frame::put_head(&mut self.out, len, frame::kind::DATA, 0, stream);
-                let start = self.out.len();
-                encode(&mut self.out);
-                debug_assert_eq!(self.out.len() - start, len, "encoded length");
-            }
-            Some(false) => {
-                let mut data = BytesMut::with_capacity(len);
-                encode(&mut data);
-                self.wait_with(stream, data.freeze());
-            }
-            None => {}
+        encode: impl FnOnce(usize, &mut BytesMut) -> bool,
+    ) -> Option<bool> {
+        let s = self
+            .streams
+            .get_mut(&stream)
+            .filter(|s| s.responded && !s.ending())?;
+        let start = self.out.len();
+        self.out.put_bytes(0, frame::HEAD_LEN);
+        if !encode(s.waiting(), &mut self.out) {
+            self.out.truncate(start);
+            return Some(false);
         }
+        debug_assert!(self.out.len() >= start + frame::HEAD_LEN, "the head kept");
+        let len = self.out.len() - start - frame::HEAD_LEN;
+        let n = len as i64;
+        if s.idle() && n <= s.send_window && n <= self.send_window && len <= self.peer_max_frame {
+            // (A stream still waiting for the connection's window would
+            // mean that window is spent.)
+            s.send_window -= n;
+            self.send_window -= n;
+            let mut head = &mut self.out[start..start + frame::HEAD_LEN];
+            frame::put_head(&mut head, len, frame::kind::DATA, 0, stream);
+        } else {
+            let data = Bytes::copy_from_slice(&self.out[start + frame::HEAD_LEN..]);
+            self.out.truncate(start);
+            self.wait_with(stream, data);
+        }
+        Some(true)
     }
 
     /// For `len` bytes of data on `stream`: `Some(true)` when nothing of
@@ -1576,18 +1593,35 @@ mod tests {
         conn.output().clear();
         assert_eq!(conn.open_for_data(1), Some(0));
         // Within the window: one DATA frame, as send_data writes it.
-        conn.send_data_encoded(1, 4, |out| out.extend_from_slice(b"0123"));
+        let wrote = conn.send_data_in_place(1, |waiting, out| {
+            assert_eq!(waiting, 0);
+            out.extend_from_slice(b"0123");
+            true
+        });
+        assert_eq!(wrote, Some(true));
         let mut expected = BytesMut::new();
         frame::put_data(&mut expected, 1, b"0123", false);
         assert_eq!(conn.output().split(), expected);
         // Past it: the bytes wait, in order, behind nothing else.
-        conn.send_data_encoded(1, 8, |out| out.extend_from_slice(b"456789ab"));
+        let wrote = conn.send_data_in_place(1, |_, out| {
+            out.extend_from_slice(b"456789ab");
+            true
+        });
+        assert_eq!(wrote, Some(true));
         assert_eq!(conn.open_for_data(1), Some(2));
+        // Nothing encoded: nothing written, not even a head.
+        let before = conn.output().len();
+        assert_eq!(
+            conn.send_data_in_place(1, |waiting, _| waiting == 0),
+            Some(false)
+        );
+        assert_eq!(conn.output().len(), before);
         let written = conn.output().split();
         assert!(written.ends_with(b"456789"), "{written:?}");
         // Once its end is queued, the stream takes no more.
         conn.send_trailers(1, &[(b"grpc-status", b"0")]);
         assert_eq!(conn.open_for_data(1), None);
+        assert_eq!(conn.send_data_in_place(1, |_, _| unreachable!()), None);
         let mut input = BytesMut::new();
         frame::put_settings(&mut input, &[(setting::INITIAL_WINDOW_SIZE, 100)], false);
         conn.receive(&mut input, &mut events).unwrap();
