@@ -61,6 +61,7 @@ fn notice(n: &Notice, sub: &Subscriber) -> pb::Notice {
         cause: sub.visible_cause(&n.cause).to_owned(),
         critical: n.critical,
         event_time_unix_ms: n.event_time_ms,
+        repair: false,
     }
 }
 
@@ -331,6 +332,7 @@ fn catch_up(store: &Store, sub: &Subscriber) -> (Vec<pb::WatchResponse>, pb::Res
                                 cause: String::new(),
                                 critical,
                                 event_time_unix_ms: 0,
+                                repair: true,
                             })
                         })
                         .collect();

@@ -392,6 +392,7 @@ mod tests {
             cause: cause.into(),
             critical,
             event_time_unix_ms: event,
+            repair: false,
         }
     }
 

@@ -955,7 +955,7 @@ func (c *NearCache[V]) untrackIfUnused(key string) {
 
 func (c *NearCache[V]) applyNotice(n *Notice, epoch uint64) {
 	c.stats.NoticesApplied++
-	if n.GetCause() == "" {
+	if n.GetRepair() {
 		c.stats.Repairs++
 	}
 	if v, ok := c.loading[n.GetKey()]; ok && n.GetVersion() > v {

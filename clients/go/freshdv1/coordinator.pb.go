@@ -2935,8 +2935,14 @@ type Notice struct {
 	Critical bool   `protobuf:"varint,5,opt,name=critical,proto3" json:"critical,omitempty"`
 	// The producer's event time of the cause, Unix ms.
 	EventTimeUnixMs uint64 `protobuf:"varint,6,opt,name=event_time_unix_ms,json=eventTimeUnixMs,proto3" json:"event_time_unix_ms,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Sent by a repair: the stream resumed, or fell behind, from before what
+	// the history holds, and this tracked key changed in what it missed. `version` is the
+	// key's current one; the change itself (its cause, its event time) is no
+	// longer known. A client counts repairs by this flag, not by an empty
+	// `cause`, which a scoped stream also sees for causes it may not read.
+	Repair        bool `protobuf:"varint,7,opt,name=repair,proto3" json:"repair,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Notice) Reset() {
@@ -3009,6 +3015,13 @@ func (x *Notice) GetEventTimeUnixMs() uint64 {
 		return x.EventTimeUnixMs
 	}
 	return 0
+}
+
+func (x *Notice) GetRepair() bool {
+	if x != nil {
+		return x.Repair
+	}
+	return false
 }
 
 type NoticeBatch struct {
@@ -3630,14 +3643,15 @@ const file_freshd_v1_coordinator_proto_rawDesc = "" +
 	"\vunsubscribe\x18\x05 \x01(\v2\x12.freshd.v1.KeyListH\x00R\vunsubscribe\x12\"\n" +
 	"\x03ack\x18\x06 \x01(\v2\x0e.freshd.v1.AckH\x00R\x03ack\x128\n" +
 	"\bprogress\x18\a \x01(\v2\x1a.freshd.v1.ProgressRequestH\x00R\bprogressB\t\n" +
-	"\arequest\"\xa5\x01\n" +
+	"\arequest\"\xbd\x01\n" +
 	"\x06Notice\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x18\n" +
 	"\aversion\x18\x03 \x01(\x04R\aversion\x12\x14\n" +
 	"\x05cause\x18\x04 \x01(\tR\x05cause\x12\x1a\n" +
 	"\bcritical\x18\x05 \x01(\bR\bcritical\x12+\n" +
-	"\x12event_time_unix_ms\x18\x06 \x01(\x04R\x0feventTimeUnixMs\":\n" +
+	"\x12event_time_unix_ms\x18\x06 \x01(\x04R\x0feventTimeUnixMs\x12\x16\n" +
+	"\x06repair\x18\a \x01(\bR\x06repair\":\n" +
 	"\vNoticeBatch\x12+\n" +
 	"\anotices\x18\x01 \x03(\v2\x11.freshd.v1.NoticeR\anotices\"2\n" +
 	"\bProgress\x12\x14\n" +

@@ -460,17 +460,20 @@ class Notice:
     key: str
     #: The key's version after the change.
     version: int
-    #: The published key whose change reached this one; empty in a repair.
+    #: The published key whose change reached this one; empty in a repair,
+    #: and when it lies outside the stream's watch scope.
     cause: str
     critical: bool
     event_time_unix_ms: int
+    #: Sent by a repair after a resume or an overflow older than the
+    #: history, where the change itself is no longer known.
+    repair: bool = False
     raw: pb.Notice = _raw()
 
     @property
     def is_repair(self) -> bool:
-        """Sent by a repair after a resume older than the history or an
-        overflow, where the cause is no longer known."""
-        return self.cause == ""
+        """Sent by a repair (the ``repair`` flag)."""
+        return self.repair
 
     @classmethod
     def from_pb(cls, m: pb.Notice) -> "Notice":
@@ -481,6 +484,7 @@ class Notice:
             cause=m.cause,
             critical=m.critical,
             event_time_unix_ms=m.event_time_unix_ms,
+            repair=m.repair,
             raw=m,
         )
 

@@ -1144,7 +1144,7 @@ impl<V: Clone + Send + Sync + 'static> Shared<V> {
                 load.noticed_version = load.noticed_version.max(n.version);
             }
             bump(&self.counters.notices_applied);
-            if n.cause.is_empty() {
+            if n.repair {
                 bump(&self.counters.repairs);
             }
         }

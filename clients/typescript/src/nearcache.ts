@@ -689,7 +689,7 @@ export class NearCache<V> {
   /** @internal */
   applyNotice(notice: Notice, epoch: number): void {
     this.counters.noticesApplied += 1;
-    if (notice.cause === "") this.counters.repairs += 1;
+    if (notice.repair) this.counters.repairs += 1;
     const loading = this.loading.get(notice.key);
     if (loading !== undefined) this.loading.set(notice.key, Math.max(loading, notice.version));
     const entry = this.entries.get(notice.key);

@@ -322,12 +322,20 @@ export interface Notice {
   key: string;
   /** The key's version after the change. */
   version: number;
-  /** The published key whose change reached this one; empty in a repair. */
+  /**
+   * The published key whose change reached this one; empty in a repair, and
+   * when it lies outside the stream's watch scope.
+   */
   cause: string;
   /** Whether the change was critical. */
   critical: boolean;
   /** The producer's event time of the cause, Unix ms. */
   eventTimeUnixMs: number;
+  /**
+   * Sent by a repair after a resume or an overflow older than the history,
+   * where the change itself is no longer known.
+   */
+  repair: boolean;
 }
 
 /** The first event of a stream. */
@@ -623,6 +631,7 @@ export function watchEventFromPb(r: pb.WatchResponse): WatchEvent | undefined {
           cause: n.cause,
           critical: n.critical,
           eventTimeUnixMs: num(n.eventTimeUnixMs),
+          repair: n.repair,
         })),
       };
     case "progress":

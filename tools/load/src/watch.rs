@@ -764,6 +764,7 @@ mod tests {
             cause: "follows:1".into(),
             critical: seq % 2 == 0,
             event_time_unix_ms: 1_700_000_000_000 + seq,
+            repair: seq == 2,
         };
         let message = encoded(WatchOut::Notices(NoticeBatch::new(vec![
             notice(1, "hot:1"),

@@ -975,8 +975,10 @@ fn print_policy(out: &Out, p: &pb::NamespacePolicy) {
 }
 
 fn print_notice(out: &Out, n: &pb::Notice) {
-    let cause = if n.cause.is_empty() {
+    let cause = if n.repair {
         out.yellow("repair")
+    } else if n.cause.is_empty() {
+        "changed (cause out of scope)".to_owned()
     } else if n.cause == n.key {
         "changed".to_owned()
     } else {

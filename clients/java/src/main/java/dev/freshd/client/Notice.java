@@ -8,27 +8,30 @@ import freshd.v1.CoordinatorOuterClass;
  * @param seq the seq of the change
  * @param key the key
  * @param version the key's version after the change
- * @param cause the published key whose change reached this one; empty in a repair
+ * @param cause the published key whose change reached this one; empty in a repair, and when it
+ *     lies outside the stream's watch scope
  * @param critical the critical bit
  * @param eventTimeUnixMs the producer's event time of the cause, Unix ms
+ * @param repair whether a repair sent it
  * @param raw the notice message
  */
 public record Notice(
         long seq, String key, long version, String cause, boolean critical, long eventTimeUnixMs,
-        CoordinatorOuterClass.Notice raw) {
+        boolean repair, CoordinatorOuterClass.Notice raw) {
 
     /**
-     * Whether a repair sent it (after a resume older than the history, or an overflow), where the
-     * cause is no longer known.
+     * Whether a repair sent it (after a resume or an overflow older than the history), where the
+     * change itself is no longer known.
      *
-     * @return true when the cause is empty
+     * @return the notice's {@code repair} flag
      */
     public boolean isRepair() {
-        return cause.isEmpty();
+        return repair;
     }
 
     static Notice fromProto(CoordinatorOuterClass.Notice m) {
         return new Notice(
-                m.getSeq(), m.getKey(), m.getVersion(), m.getCause(), m.getCritical(), m.getEventTimeUnixMs(), m);
+                m.getSeq(), m.getKey(), m.getVersion(), m.getCause(), m.getCritical(), m.getEventTimeUnixMs(),
+                m.getRepair(), m);
     }
 }
