@@ -360,6 +360,23 @@ def test_a_watch_stream_over_tls_with_a_token_gets_notices(
             assert stream.sync(timeout=5).notices == ()
 
 
+def test_a_cause_past_the_scope_is_hidden_and_is_not_a_repair(authed: FreshdServer) -> None:
+    # feed:1 depends on posts:1, which the feed principal may not see: its
+    # notice comes with the cause hidden, and is an ordinary change.
+    with (
+        freshd.Client(authed.addr, token=TOKENS["admin"], timeout=5) as writer,
+        freshd.Client(authed.addr, token=TOKENS["feed"], timeout=5) as reader,
+    ):
+        writer.fill("feed:1", ["posts:1"])
+        with reader.watch(client_id="reader", track=["feed:1"]) as stream:
+            published = writer.publish(["posts:1"])
+            synced = stream.sync(timeout=5)
+            assert [(n.key, n.seq, n.cause, n.repair) for n in synced.notices] == [
+                ("feed:1", published.seq, "", False)
+            ]
+            assert not synced.notices[0].is_repair
+
+
 def test_a_near_cache_works_over_tls_with_a_token(tls_server: FreshdServer, pki: Files) -> None:
     origin = {"posts:1": "hello"}
 
