@@ -236,16 +236,25 @@ func TestNearCacheACriticalChangeRefetchesAtOnce(t *testing.T) {
 	}
 }
 
-func TestNearCacheStaleWhileRevalidateServesTheStaleCopyOnce(t *testing.T) {
+// cachedUnderStaleWhileRevalidate starts a server whose feed namespace
+// serves stale copies for a minute while they are refreshed, and a cache
+// without a Watch stream holding feed:1 at "feed v1".
+func cachedUnderStaleWhileRevalidate(t *testing.T) (*freshd.Client, *freshd.NearCache[string], *origin) {
+	t.Helper()
 	srv := startServer(t, nil)
 	client := connect(t, srv.Addr)
-	ctx := context.Background()
-	if _, err := client.SetPolicy(ctx, "feed", &freshd.FreshnessPolicy{StaleWhileRevalidateMs: 60000}); err != nil {
+	if _, err := client.SetPolicy(context.Background(), "feed", &freshd.FreshnessPolicy{StaleWhileRevalidateMs: 60000}); err != nil {
 		t.Fatal(err)
 	}
 	cache := newCache(t, client, freshd.NearCacheConfig{NoWatch: true})
 	o := newOrigin()
 	mustGet(t, cache, "feed:1", o.loader("feed:1", nil), "feed v1")
+	return client, cache, o
+}
+
+func TestNearCacheStaleWhileRevalidateServesTheStaleCopyOnce(t *testing.T) {
+	ctx := context.Background()
+	client, cache, o := cachedUnderStaleWhileRevalidate(t)
 	o.set("feed:1", "feed v2", "posts:1")
 	if _, err := client.PublishKeys(ctx, "posts:1"); err != nil {
 		t.Fatal(err)
@@ -266,15 +275,8 @@ func TestNearCacheStaleWhileRevalidateServesTheStaleCopyOnce(t *testing.T) {
 }
 
 func TestNearCacheOneBackgroundRefreshPerKey(t *testing.T) {
-	srv := startServer(t, nil)
-	client := connect(t, srv.Addr)
 	ctx := context.Background()
-	if _, err := client.SetPolicy(ctx, "feed", &freshd.FreshnessPolicy{StaleWhileRevalidateMs: 60000}); err != nil {
-		t.Fatal(err)
-	}
-	cache := newCache(t, client, freshd.NearCacheConfig{NoWatch: true})
-	o := newOrigin()
-	mustGet(t, cache, "feed:1", o.loader("feed:1", nil), "feed v1")
+	client, cache, o := cachedUnderStaleWhileRevalidate(t)
 	if _, err := client.PublishKeys(ctx, "posts:1"); err != nil {
 		t.Fatal(err)
 	}

@@ -288,6 +288,13 @@ test("serve before check: served at once, dropped by the check after it", async 
   assert.equal(await c.get("feed:1", origin.loader("feed:1")), "feed v2");
 });
 
+/** Cuts the cache's Watch stream and holds it down until `proxy.blocked` is cleared. */
+async function disconnect(proxy: TcpProxy, c: NearCache<string>): Promise<void> {
+  proxy.blocked = true;
+  proxy.cut();
+  await waitUntil(() => !c.watching, "the disconnect");
+}
+
 test("the Watch resumes after a disconnect without losing a notice", async () => {
   const server = await servers.start();
   const admin = client(server.addr);
@@ -296,9 +303,7 @@ test("the Watch resumes after a disconnect without losing a notice", async () =>
   const c = cache(proxy.addr, { reconnectBackoffMs: [20, 200] });
   assert.ok(await c.waitWatching(10_000));
   assert.equal(await c.get("feed:1", origin.loader("feed:1")), "feed v1");
-  proxy.blocked = true;
-  proxy.cut();
-  await waitUntil(() => !c.watching, "the disconnect");
+  await disconnect(proxy, c);
   await admin.publish(["posts:1"]); // while the stream is down
   assert.ok(c.has("feed:1"));
   proxy.blocked = false;
@@ -317,9 +322,7 @@ test("a resume older than the history is repaired", async () => {
   const c = cache(proxy.addr, { reconnectBackoffMs: [20, 200] });
   assert.ok(await c.waitWatching(10_000));
   assert.equal(await c.get("feed:1", origin.loader("feed:1")), "feed v1");
-  proxy.blocked = true;
-  proxy.cut();
-  await waitUntil(() => !c.watching, "the disconnect");
+  await disconnect(proxy, c);
   await admin.publish(["posts:1"]);
   await admin.publish(["x:1"]);
   await admin.publish(["x:2"]); // the history now starts after posts:1
